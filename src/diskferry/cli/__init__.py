@@ -1,0 +1,1 @@
+"""The ``diskferry`` command line; one module per group of subcommands."""

@@ -1,0 +1,59 @@
+"""Entry point of the ``diskferry`` command.
+
+Each module listed in ``COMMAND_MODULES`` adds its subcommands through a
+``register(subparsers)`` function; a subcommand sets ``func(args) -> int``.
+"""
+
+import argparse
+import importlib
+import sys
+
+from diskferry import __version__
+
+COMMAND_MODULES = (
+    "diskferry.cli.serve",
+    "diskferry.cli.ticket",
+    "diskferry.cli.transfer",
+)
+
+DESCRIPTION = """\
+Move virtual disk images in and out of a host over HTTP.
+
+  diskferry serve                      run the daemon (default configuration)
+  diskferry ticket add ID FILE         authorize access to an image
+  diskferry upload FILE URL            upload a local image to a transfer URL
+  diskferry download URL FILE          download a transfer URL to a local file
+
+Run 'diskferry COMMAND --help' for the options of a command.
+"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="diskferry",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    subparsers = parser.add_subparsers(metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Errors of the daemon, each carrying the HTTP status it maps to.
+
+Two kinds, kept apart as the connection loop treats them differently:
+
+- ``RequestError`` and subclasses: this request failed; the server answers
+  with the status and a short text message, and the connection goes on
+  (unless ``close_connection`` says the stream is no longer in sync).
+- ``ConnectionGone``: the peer broke the stream or went away; nothing can
+  be answered, the connection is closed.
+
+HTTP statuses are assigned here and only here.
+"""
+
+
+class DiskferryError(Exception):
+    """Base of every error raised by diskferry."""
+
+
+class ConnectionGone(DiskferryError):
+    """Raised when the peer closed or reset the connection mid-request."""
+
+
+class RequestError(DiskferryError):
+    """Raised when a request cannot be served; answered with ``status``."""
+
+    status = 500
+    #: True when the request body was not consumed, so the byte stream is
+    #: out of sync and the connection must close after the answer.
+    close_connection = False
+
+    def __init__(self, message, *, close_connection=None):
+        super().__init__(message)
+        if close_connection is not None:
+            self.close_connection = close_connection
+
+    @property
+    def message(self):
+        return self.args[0]
+
+
+class BadRequest(RequestError):
+    """Raised for a malformed request: bad header, JSON, query or body."""
+
+    status = 400
+
+
+class Forbidden(RequestError):
+    """Raised for an unknown, expired or canceled ticket or a denied op."""
+
+    status = 403
+    close_connection = True
+
+
+class NotFound(RequestError):
+    """Raised when the resource does not exist."""
+
+    status = 404
+
+
+class MethodNotAllowed(RequestError):
+    """Raised when the resource does not support the method."""
+
+    status = 405
+
+
+class Conflict(RequestError):
+    """Raised when a ticket cannot be removed because it is still in use."""
+
+    status = 409
+
+
+class PayloadTooLarge(RequestError):
+    """Raised when a JSON body is larger than allowed."""
+
+    status = 413
+    close_connection = True
+
+
+class URITooLong(RequestError):
+    """Raised when the request line is longer than allowed."""
+
+    status = 414
+    close_connection = True
+
+
+class RangeNotSatisfiable(RequestError):
+    """Raised when a range lies outside the image.
+
+    ``size`` is the image size, reported as ``Content-Range: bytes */SIZE``.
+    """
+
+    status = 416
+
+    def __init__(self, message, size=None, **kw):
+        super().__init__(message, **kw)
+        self.size = size
+
+
+class HeadersTooLarge(RequestError):
+    """Raised when a header line is too long or there are too many."""
+
+    status = 431
+    close_connection = True
+
+
+class ServerError(RequestError):
+    """Raised when the server failed; for PUT, resend since the last flush."""
+
+    status = 500
+    close_connection = True
+
+
+class BackendError(DiskferryError):
+    """Raised by a backend when the storage under it failed."""
+
+
+# Ticket errors, raised by the ticket store.
+
+class TicketNotFound(NotFound):
+    """Raised when the control service is asked for an unknown ticket."""
+
+
+class TicketForbidden(Forbidden):
+    """Raised when an images request names an unusable ticket."""
+
+
+class TicketInUse(Conflict):
+    """Raised when deleting a ticket timed out waiting for its operations."""
