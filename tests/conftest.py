@@ -1,0 +1,168 @@
+"""Shared fixtures: test PKI, real daemons, sparse files and image tickets.
+
+Starting a daemon takes a fraction of a second to a few seconds, so
+daemons are shared by the whole session (``daemons`` fixture) and a test
+isolates itself with a fresh ticket id and a fresh image file.
+
+Fixtures:
+
+- ``pki``: a session CA and a server certificate for localhost.
+- ``daemons``: a pool that starts a daemon per (kind, tls, local socket)
+  on first use and stops them all at the end of the session.
+- ``server``: parametrized over both kinds (TLS, abstract local socket).
+- ``endpoint``: parametrized over both kinds and the three transports a
+  client uses for images: TLS over TCP, the abstract UNIX socket and a
+  pathname UNIX socket.
+- ``make_ticket``: installs an image ticket on a server and removes it at
+  teardown.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import servers  # noqa: E402
+
+KINDS = servers.KINDS
+TRANSPORTS = ("tls", "abstract", "path")
+
+
+# --- PKI ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory) -> servers.PKI:
+    directory = tmp_path_factory.mktemp("pki")
+    try:
+        from diskferry.pki import ensure_pki
+    except ImportError:
+        return servers.make_pki(directory)
+    r = ensure_pki(directory, hostnames=["localhost"], ips=["127.0.0.1", "::1"])
+    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
+    return servers.PKI(
+        ca_file=str(get("ca_file")),
+        cert_file=str(get("cert_file")),
+        key_file=str(get("key_file")),
+    )
+
+
+# --- daemons -----------------------------------------------------------------
+
+
+class DaemonPool:
+    """Starts each daemon variant once; remembers start failures so that a
+    daemon that cannot start fails every test using it quickly."""
+
+    def __init__(self, tmp_path_factory, pki):
+        self._tmp = tmp_path_factory
+        self._pki = pki
+        self._servers: dict[tuple, servers.Server] = {}
+        self._failures: dict[tuple, str] = {}
+
+    def get(self, kind, *, tls=True, local_socket="abstract") -> servers.Server:
+        key = (kind, tls, local_socket)
+        if key in self._failures:
+            raise RuntimeError(self._failures[key])
+        srv = self._servers.get(key)
+        if srv is not None and not srv.alive():
+            self._failures[key] = (
+                f"{kind} died (exit {srv.proc.returncode}); log:\n"
+                f"{srv.log_text()[-4000:]}"
+            )
+            raise RuntimeError(self._failures[key])
+        if srv is None:
+            workdir = self._tmp.mktemp(f"{kind}-{'tls' if tls else 'plain'}")
+            try:
+                srv = servers.start_server(
+                    kind, workdir, tls=tls, local_socket=local_socket, pki=self._pki
+                )
+            except Exception as e:
+                self._failures[key] = f"cannot start {kind}: {e}"[-6000:]
+                raise
+            self._servers[key] = srv
+        return srv
+
+    def stop_all(self):
+        for srv in self._servers.values():
+            srv.stop()
+        self._servers.clear()
+
+
+@pytest.fixture(scope="session")
+def daemons(tmp_path_factory, pki):
+    pool = DaemonPool(tmp_path_factory, pki)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(params=KINDS)
+def server(request, daemons) -> servers.Server:
+    return daemons.get(request.param)
+
+
+@dataclass
+class Endpoint:
+    """A server reached through one transport."""
+
+    server: servers.Server
+    transport: str
+
+    @property
+    def name(self):
+        return f"{self.server.name}-{self.transport}"
+
+    def connect(self, timeout: float | None = 30.0) -> http.client.HTTPConnection:
+        if self.transport == "tls":
+            return self.server.remote_connection(timeout=timeout)
+        return self.server.local_connection(timeout=timeout)
+
+    def raw_socket(self, timeout: float | None = 30.0):
+        if self.transport == "tls":
+            return self.server.raw_remote_socket(timeout=timeout)
+        return self.server.raw_local_socket(timeout=timeout)
+
+
+@pytest.fixture(
+    params=[(k, t) for k in KINDS for t in TRANSPORTS],
+    ids=[f"{k}-{t}" for k in KINDS for t in TRANSPORTS],
+)
+def endpoint(request, daemons) -> Endpoint:
+    kind, transport = request.param
+    local = "path" if transport == "path" else "abstract"
+    return Endpoint(daemons.get(kind, local_socket=local), transport)
+
+
+# --- images and tickets ------------------------------------------------------
+
+
+make_sparse_file = servers.make_sparse_file
+ticket_dict = servers.ticket_dict
+
+
+@pytest.fixture
+def make_ticket():
+    """make_ticket(server, path, size, ops=..., **fields) -> ticket dict.
+
+    The ticket is installed on the server now and deleted at teardown."""
+    added = []
+
+    def make(server, path, size, ops=("read", "write"), **extra):
+        t = ticket_dict(path, size, ops, **extra)
+        server.add_ticket(t)
+        added.append((server, t["uuid"]))
+        return t
+
+    yield make
+    for srv, tid in added:
+        if srv.alive():
+            try:
+                srv.control("DELETE", f"/tickets/{tid}", timeout=10)
+            except OSError:
+                pass
