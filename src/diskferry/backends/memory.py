@@ -1,0 +1,101 @@
+"""An image held in memory, for tests of everything above the backend layer.
+
+It behaves like a fixed-size block device: reads past the end are short,
+writes past the end fail. Extents are found by looking at the content
+in ``ZERO_GRANULARITY`` chunks, the way a file system reports allocation
+per block: an all-zero chunk is zero, any other chunk is data. Like a raw
+file, it never reports holes (``hole`` is for ranges a backing chain
+provides).
+"""
+
+from ..errors import BackendError
+from .base import Extent
+
+#: Size of the chunks extents are reported in, as a file system block.
+ZERO_GRANULARITY = 4096
+
+_ZERO_CHUNK = bytes(ZERO_GRANULARITY)
+
+
+class MemoryBackend:
+    """A ``Backend`` over a bytearray; ``content`` is a size or initial bytes."""
+
+    def __init__(self, content=0):
+        if isinstance(content, int):
+            if content < 0:
+                raise ValueError(f"negative image size: {content}")
+            self._data = bytearray(content)
+        else:
+            self._data = bytearray(content)
+        self._closed = False
+
+    @property
+    def data(self):
+        """The image content, for tests to inspect."""
+        return bytes(self._data)
+
+    def size(self):
+        self._check_open()
+        return len(self._data)
+
+    def readinto(self, offset, buf):
+        self._check_open()
+        with memoryview(buf).cast("B") as view:
+            count = max(0, min(len(view), len(self._data) - offset))
+            view[:count] = self._data[offset:offset + count]
+        return count
+
+    def write(self, offset, data):
+        self._check_open()
+        with memoryview(data).cast("B") as view:
+            self._check_range(offset, len(view))
+            self._data[offset:offset + len(view)] = view
+            return len(view)
+
+    def zero(self, offset, length, punch_hole):
+        self._check_open()
+        self._check_range(offset, length)
+        self._data[offset:offset + length] = bytes(length)
+
+    def flush(self):
+        self._check_open()
+
+    def extents(self, start, length):
+        self._check_open()
+        end = min(start + length, len(self._data))
+        result = []
+        offset = start
+        while offset < end:
+            chunk_end = min(_next_chunk_boundary(offset), end)
+            zero = self._is_zero(offset, chunk_end)
+            if result and result[-1].zero == zero:
+                last = result.pop()
+                result.append(Extent(last.start, chunk_end - last.start, zero))
+            else:
+                result.append(Extent(offset, chunk_end - offset, zero))
+            offset = chunk_end
+        return result
+
+    def fileno(self):
+        return None
+
+    def close(self):
+        self._closed = True
+
+    def _is_zero(self, start, end):
+        with memoryview(self._data)[start:end] as view:
+            return _ZERO_CHUNK.startswith(view)
+
+    def _check_range(self, offset, length):
+        if offset < 0 or offset + length > len(self._data):
+            raise BackendError(
+                f"range {offset}+{length} is outside the image "
+                f"of {len(self._data)} bytes")
+
+    def _check_open(self):
+        if self._closed:
+            raise BackendError("the backend is closed")
+
+
+def _next_chunk_boundary(offset):
+    return (offset // ZERO_GRANULARITY + 1) * ZERO_GRANULARITY
