@@ -128,6 +128,9 @@ class Endpoint:
             return self.server.raw_remote_socket(timeout=timeout)
         return self.server.raw_local_socket(timeout=timeout)
 
+    def raw(self, timeout: float | None = 30.0) -> servers.RawConnection:
+        return servers.RawConnection(self.raw_socket(timeout=timeout))
+
 
 @pytest.fixture(
     params=[(k, t) for k in KINDS for t in TRANSPORTS],

@@ -511,3 +511,131 @@ def start_server(
         if advertised:
             server.local_socket = advertised
     return server
+
+
+# --- raw HTTP ----------------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class RawConnection:
+    """Byte-level HTTP/1.1 on one socket: send exactly the bytes given,
+    parse responses strictly (status line, headers, Content-Length body).
+
+    Unlike http.client this never reconnects behind the caller's back, so
+    tests can prove that many requests used one connection.
+    """
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self._buf = b""
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 20)
+        if not chunk:
+            return False
+        self._buf += chunk
+        return True
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self._buf:
+            if not self._fill():
+                raise ConnectionError(f"EOF before {marker!r}; got {self._buf!r}")
+        head, _, self._buf = self._buf.partition(marker)
+        return head
+
+    def _read_exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            if not self._fill():
+                raise ConnectionError(
+                    f"EOF after {len(self._buf)} of {n} body bytes"
+                )
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def response(self, method: str = "GET") -> RawResponse:
+        head = self._read_until(b"\r\n\r\n").decode("iso-8859-1")
+        lines = head.split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        if not version.startswith("HTTP/1."):
+            raise ValueError(f"bad status line {lines[0]!r}")
+        code, _, reason = rest.partition(" ")
+        headers = []
+        for line in lines[1:]:
+            k, sep, v = line.partition(":")
+            if not sep:
+                raise ValueError(f"bad header line {line!r}")
+            headers.append((k.strip(), v.strip()))
+        res = RawResponse(int(code), reason, headers, b"")
+        status = res.status
+        if status < 200 or status in (204, 304) or method == "HEAD":
+            length = res.header("content-length")
+            if length and int(length) and status >= 200 and method != "HEAD":
+                res.body = self._read_exactly(int(length))
+            return res
+        length = res.header("content-length")
+        if length is not None:
+            res.body = self._read_exactly(int(length))
+        else:
+            while self._fill():
+                pass
+            res.body, self._buf = self._buf, b""
+        return res
+
+    def request(self, method: str, path: str, headers=None, body: bytes = b""):
+        """Send a well-formed request and return the final response."""
+        hdrs = {"Host": "localhost"}
+        if body or method in ("PUT", "PATCH", "POST"):
+            hdrs["Content-Length"] = str(len(body))
+        hdrs.update(headers or {})
+        head = f"{method} {path} HTTP/1.1\r\n" + "".join(
+            f"{k}: {v}\r\n" for k, v in hdrs.items()
+        )
+        self.send(head.encode("latin-1") + b"\r\n" + body)
+        return self.response(method)
+
+    def at_eof(self, timeout: float = 5.0) -> bool:
+        """True if the peer closed the connection (no more bytes pending)."""
+        if self._buf:
+            return False
+        old = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            return not self._fill()
+        except TimeoutError:
+            return False
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            return True
+        finally:
+            try:
+                self.sock.settimeout(old)
+            except OSError:
+                pass
