@@ -1,0 +1,357 @@
+"""Conformance: the tickets API on the control service.
+
+Written from PROTOCOL.md and from what ovirt-imageio 2.5.1 answers.
+Differences observed in ovirt-imageio 2.5.1 (its behaviour is the
+contract where PROTOCOL.md is silent or differs):
+
+- ``transferred`` appears in the ticket info only for tickets with a
+  single op (``["read"]`` or ``["write"]``); a read-write ticket has no
+  ``transferred`` key.  The tests check ``transferred`` on a read-only
+  ticket only.
+- An expired ticket is still listed by ``GET /tickets/{id}`` (200) while
+  the images API answers 403 for it; ``PATCH`` with a new timeout revives
+  it; ``PATCH {"timeout": 0}`` expires it at once.
+- ``GET /tickets/`` (no id) is a 400 ("Ticket id is required");
+  ``DELETE /tickets`` without the trailing slash is a 404.
+- The control service does not serve ``/images`` nor ``/info/`` (404).
+- ovirt-imageio accepts some values PROTOCOL.md would call invalid
+  (``size: -1``, ``ops: ["bogus"]``, a ``uuid`` different from the URL
+  id) with a 200; these cases are not tested either way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from servers import TicketError, make_sparse_file, ticket_dict
+
+SIZE = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    return make_sparse_file(tmp_path / "image.raw", SIZE, {0: b"x" * 4096})
+
+
+def control_json(server, method, path, body=None):
+    status, headers, data = server.control(method, path, body)
+    return status, headers, data
+
+
+def assert_text_error(headers, data, status, expected_status):
+    assert status == expected_status, data
+    assert headers["Content-Type"].startswith("text/plain"), headers
+    assert int(headers["Content-Length"]) == len(data)
+    assert data.strip(), "error body must say what was wrong"
+
+
+def test_add_and_get(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE, ops=["read", "write"], transfer_id="tx-1")
+    status, headers, data = server.control("GET", f"/tickets/{t['uuid']}")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Content-Length"]) == len(data)
+    info = json.loads(data)
+    assert info["uuid"] == t["uuid"]
+    assert info["size"] == SIZE
+    assert info["url"] == t["url"]
+    assert info["ops"] == ["read", "write"]
+    assert info["timeout"] == 300
+    assert info["transfer_id"] == "tx-1"
+    assert info["active"] is False
+    assert info["canceled"] is False
+    assert info["connections"] == 0
+    assert isinstance(info["expires"], int)
+    assert isinstance(info["idle_time"], int | float)
+    assert info["idle_time"] >= 0
+    assert info["inactivity_timeout"] == 60
+    assert info["sparse"] is False
+    assert info["dirty"] is False
+
+
+def test_put_answers_200_with_empty_body(server, image):
+    t = ticket_dict(image, SIZE)
+    status, headers, data = server.control("PUT", f"/tickets/{t['uuid']}", t)
+    try:
+        assert status == 200
+        assert headers["Content-Length"] == "0"
+        assert data == b""
+    finally:
+        server.control("DELETE", f"/tickets/{t['uuid']}")
+
+
+def test_expires_follows_timeout(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    before = server.get_ticket(t["uuid"])["expires"]
+    server.extend_ticket(t["uuid"], 1300)
+    after = server.get_ticket(t["uuid"])["expires"]
+    # 300 s then 1300 s from (about) now: expires moved by about 1000 s.
+    assert 995 <= after - before <= 1005
+
+
+def test_add_replaces_existing(server, tmp_path, make_ticket):
+    image = make_sparse_file(tmp_path / "image.raw", 2 * SIZE, {SIZE: b"y" * 10})
+    t = make_ticket(server, image, SIZE, ops=["read"])
+    t2 = dict(t, size=2 * SIZE, ops=["read", "write"], sparse=True)
+    server.add_ticket(t2)
+    info = server.get_ticket(t["uuid"])
+    assert info["size"] == 2 * SIZE
+    assert info["ops"] == ["read", "write"]
+    assert info["sparse"] is True
+    con = server.remote_connection()
+    try:
+        con.request(
+            "GET", f"/images/{t['uuid']}", headers={"Range": f"bytes={SIZE}-{SIZE + 9}"}
+        )
+        res = con.getresponse()
+        assert res.status == 206
+        assert res.read() == b"y" * 10
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("field", ["uuid", "size", "url", "ops", "timeout"])
+def test_missing_field_400(server, image, field):
+    t = ticket_dict(image, SIZE)
+    tid = t["uuid"]
+    del t[field]
+    status, headers, data = server.control("PUT", f"/tickets/{tid}", t)
+    assert_text_error(headers, data, status, 400)
+    assert field.encode() in data
+    status, _, _ = server.control("GET", f"/tickets/{tid}")
+    assert status == 404
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("uuid", 5),
+        ("size", "big"),
+        ("url", 5),
+        ("url", "ftp://host/image"),
+        ("ops", "read"),
+        ("timeout", "soon"),
+        ("sparse", "yes"),
+        ("dirty", 1),
+        ("inactivity_timeout", "x"),
+        ("transfer_id", 5),
+        ("filename", 5),
+    ],
+)
+def test_ill_typed_field_400(server, image, field, value):
+    t = ticket_dict(image, SIZE)
+    tid = t["uuid"]
+    t[field] = value
+    status, headers, data = server.control("PUT", f"/tickets/{tid}", t)
+    assert_text_error(headers, data, status, 400)
+    assert field.encode() in data
+    status, _, _ = server.control("GET", f"/tickets/{tid}")
+    assert status == 404
+
+
+@pytest.mark.parametrize("body", [b"not json", b"{", b"[1, 2]", b'"ticket"'])
+def test_invalid_json_400(server, body):
+    status, headers, data = server.control("PUT", "/tickets/bad-json", body)
+    assert_text_error(headers, data, status, 400)
+
+
+def test_get_unknown_404(server):
+    status, headers, data = server.control("GET", "/tickets/no-such-ticket")
+    assert_text_error(headers, data, status, 404)
+
+
+def test_get_without_id_400(server):
+    status, headers, data = server.control("GET", "/tickets/")
+    assert_text_error(headers, data, status, 400)
+
+
+def test_patch_unknown_404(server):
+    status, headers, data = server.control(
+        "PATCH", "/tickets/no-such-ticket", {"timeout": 10}
+    )
+    assert_text_error(headers, data, status, 404)
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"{}", b'{"timeout": "x"}'], ids=["json", "missing", "type"]
+)
+def test_patch_bad_body_400(server, image, make_ticket, body):
+    t = make_ticket(server, image, SIZE)
+    before = server.get_ticket(t["uuid"])
+    status, headers, data = server.control("PATCH", f"/tickets/{t['uuid']}", body)
+    assert_text_error(headers, data, status, 400)
+    assert server.get_ticket(t["uuid"])["timeout"] == before["timeout"]
+
+
+def test_patch_answers_200_with_empty_body(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    status, headers, data = server.control(
+        "PATCH", f"/tickets/{t['uuid']}", {"timeout": 500}
+    )
+    assert status == 200
+    assert headers["Content-Length"] == "0"
+    assert data == b""
+
+
+def options_status(server, tid):
+    con = server.remote_connection()
+    try:
+        con.request("OPTIONS", f"/images/{tid}")
+        res = con.getresponse()
+        res.read()
+        return res.status
+    finally:
+        con.close()
+
+
+def test_expired_ticket_403_and_revived_by_patch(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE, timeout=1)
+    assert options_status(server, t["uuid"]) == 200
+    time.sleep(2.1)
+    assert options_status(server, t["uuid"]) == 403
+    # Still known to the control service.
+    assert server.get_ticket(t["uuid"])["uuid"] == t["uuid"]
+    server.extend_ticket(t["uuid"], 300)
+    assert options_status(server, t["uuid"]) == 200
+
+
+def test_patch_timeout_zero_expires_now(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    assert options_status(server, t["uuid"]) == 200
+    server.extend_ticket(t["uuid"], 0)
+    assert options_status(server, t["uuid"]) == 403
+
+
+def test_delete_is_idempotent(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    path = f"/tickets/{t['uuid']}"
+    status, headers, data = server.control("DELETE", path)
+    assert status == 204
+    assert headers["Content-Length"] == "0"
+    assert data == b""
+    status, _, _ = server.control("GET", path)
+    assert status == 404
+    status, headers, _ = server.control("DELETE", path)
+    assert status == 204
+    assert headers["Content-Length"] == "0"
+    assert options_status(server, t["uuid"]) == 403
+
+
+def test_delete_unknown_204(server):
+    status, headers, data = server.control("DELETE", "/tickets/never-added")
+    assert status == 204
+    assert headers["Content-Length"] == "0"
+
+
+def test_delete_all(server, image, make_ticket):
+    ids = [make_ticket(server, image, SIZE)["uuid"] for _ in range(3)]
+    status, headers, _ = server.control("DELETE", "/tickets/")
+    assert status == 204
+    assert headers["Content-Length"] == "0"
+    for tid in ids:
+        with pytest.raises(TicketError) as e:
+            server.get_ticket(tid)
+        assert e.value.status == 404
+
+
+def test_delete_cancels_open_connection(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    con = server.remote_connection()
+    try:
+        path = f"/images/{t['uuid']}"
+        con.request("GET", path, headers={"Range": "bytes=0-9"})
+        res = con.getresponse()
+        assert res.status == 206
+        res.read()
+        server.delete_ticket(t["uuid"])
+        con.request("GET", path, headers={"Range": "bytes=0-9"})
+        res = con.getresponse()
+        assert res.status == 403
+        res.read()
+    finally:
+        con.close()
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_connections_counted(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE, ops=["read"])
+    cons = [server.remote_connection() for _ in range(2)]
+    if server.local_socket:
+        cons.append(server.local_connection())
+    try:
+        for con in cons:
+            con.request("OPTIONS", f"/images/{t['uuid']}")
+            res = con.getresponse()
+            assert res.status == 200
+            res.read()
+        info = server.get_ticket(t["uuid"])
+        assert info["connections"] == len(cons)
+        assert info["active"] is False
+    finally:
+        for con in cons:
+            con.close()
+    assert wait_for(lambda: server.get_ticket(t["uuid"])["connections"] == 0)
+
+
+def test_transferred_counts_overlaps_once(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE, ops=["read"])
+    con = server.remote_connection()
+    try:
+        for rng in ("bytes=0-99", "bytes=50-149", "bytes=1000-1099"):
+            con.request("GET", f"/images/{t['uuid']}", headers={"Range": rng})
+            res = con.getresponse()
+            assert res.status == 206
+            res.read()
+    finally:
+        con.close()
+    assert wait_for(lambda: server.get_ticket(t["uuid"])["connections"] == 0)
+    assert server.get_ticket(t["uuid"])["transferred"] == 250
+
+
+def test_transferred_counts_writes(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE, ops=["write"])
+    con = server.remote_connection()
+    try:
+        for first in (0, 4096):
+            con.request(
+                "PUT",
+                f"/images/{t['uuid']}?flush=n",
+                body=b"w" * 8192,
+                headers={"Content-Range": f"bytes {first}-{first + 8191}/*"},
+            )
+            res = con.getresponse()
+            assert res.status == 200
+            res.read()
+    finally:
+        con.close()
+    assert wait_for(lambda: server.get_ticket(t["uuid"])["connections"] == 0)
+    assert server.get_ticket(t["uuid"])["transferred"] == 4096 + 8192
+
+
+def test_idle_time_grows(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    time.sleep(1.2)
+    assert server.get_ticket(t["uuid"])["idle_time"] >= 1
+
+
+def test_control_does_not_serve_images(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    status, headers, data = server.control("GET", f"/images/{t['uuid']}")
+    assert_text_error(headers, data, status, 404)
+
+
+def test_unknown_method_on_ticket_405(server, image, make_ticket):
+    t = make_ticket(server, image, SIZE)
+    status, headers, data = server.control("POST", f"/tickets/{t['uuid']}", t)
+    assert_text_error(headers, data, status, 405)
