@@ -1,0 +1,168 @@
+"""Daemon configuration: TOML, every option defaulted.
+
+Sections and names follow ovirt-imageio's ``daemon.conf`` where an option
+means the same, so that an operator can carry a configuration over.
+With no file at all the daemon runs from a local state folder
+(``$DISKFERRY_STATE_DIR``, else ``./.diskferry``): sockets, and a CA and
+server certificate generated there on first start.
+
+See docs/configuration.md for every option.
+"""
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from diskferry.errors import DiskferryError
+
+
+class ConfigError(DiskferryError):
+    """Raised when the configuration file is unreadable or invalid."""
+
+
+@dataclass
+class Daemon:
+    #: Most connections per image: caps the max_readers/max_writers that
+    #: OPTIONS advertises.
+    max_connections: int = 8
+    #: Seconds an idle client connection is kept when its ticket has no
+    #: inactivity_timeout of its own.
+    inactivity_timeout: int = 60
+    #: Where sockets and run-time files go (default: STATE_DIR/run).
+    run_dir: str = ""
+    #: Where generated certificates go (default: ./.diskferry).
+    state_dir: str = ""
+    #: Seconds running requests get to finish when the daemon stops.
+    shutdown_timeout: int = 30
+
+
+@dataclass
+class Tls:
+    enable: bool = True
+    #: Empty: generated under STATE_DIR/pki on first start.
+    key_file: str = ""
+    cert_file: str = ""
+    ca_file: str = ""
+
+
+@dataclass
+class Remote:
+    host: str = "127.0.0.1"
+    port: int = 54322
+
+
+@dataclass
+class Local:
+    enable: bool = True
+    #: "@name" or "\0name": abstract address; anything else: a path.
+    socket: str = "\0/org/ovirt/imageio"
+
+
+@dataclass
+class Control:
+    #: "unix" (socket file, mode 0660) or "tcp" (localhost only).
+    transport: str = "unix"
+    #: Default: RUN_DIR/control.sock.
+    socket: str = ""
+    port: int = 54324
+    #: Seconds DELETE /tickets/{id} waits for running requests before 409.
+    remove_timeout: int = 60
+
+
+@dataclass
+class BackendFile:
+    #: Bytes per read or write when data is copied through a buffer.
+    buffer_size: int = 8 * 1024**2
+    #: Open images with O_DIRECT (bypass the host page cache).
+    direct: bool = False
+
+
+@dataclass
+class Logging:
+    level: str = "INFO"
+
+
+@dataclass
+class Config:
+    daemon: Daemon = field(default_factory=Daemon)
+    tls: Tls = field(default_factory=Tls)
+    remote: Remote = field(default_factory=Remote)
+    local: Local = field(default_factory=Local)
+    control: Control = field(default_factory=Control)
+    backend_file: BackendFile = field(default_factory=BackendFile)
+    logging: Logging = field(default_factory=Logging)
+
+    @property
+    def state_dir(self):
+        return os.path.abspath(self.daemon.state_dir or
+                               os.environ.get("DISKFERRY_STATE_DIR") or
+                               ".diskferry")
+
+    @property
+    def run_dir(self):
+        return os.path.abspath(self.daemon.run_dir or
+                               os.path.join(self.state_dir, "run"))
+
+    @property
+    def control_socket(self):
+        return self.control.socket or os.path.join(self.run_dir,
+                                                   "control.sock")
+
+    @property
+    def local_socket(self):
+        """The local address with an abstract name spelled with NUL."""
+        address = self.local.socket
+        return "\0" + address[1:] if address.startswith("@") else address
+
+
+def load(path=None):
+    """The configuration in ``path`` over the defaults; defaults if None."""
+    config = Config()
+    if path is None:
+        return config
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"Cannot read {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"Invalid TOML in {path}: {e}") from e
+    for section_name, values in data.items():
+        section = getattr(config, section_name, None)
+        if section is None or not dataclasses.is_dataclass(section):
+            raise ConfigError(f"{path}: unknown section [{section_name}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section_name}] must be a table")
+        _apply(path, section_name, section, values)
+    _check(path, config)
+    return config
+
+
+def _apply(path, section_name, section, values):
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown option {key!r} in "
+                              f"[{section_name}]")
+        expected = type(getattr(section, key))
+        if expected is int and isinstance(value, bool) or \
+                not isinstance(value, expected):
+            raise ConfigError(
+                f"{path}: [{section_name}] {key} must be "
+                f"{expected.__name__}, got {value!r}")
+        setattr(section, key, value)
+
+
+def _check(path, config):
+    if config.control.transport not in ("unix", "tcp"):
+        raise ConfigError(f"{path}: [control] transport must be 'unix' or "
+                          f"'tcp', got {config.control.transport!r}")
+    if config.backend_file.buffer_size < 4096 or \
+            config.backend_file.buffer_size % 4096:
+        raise ConfigError(f"{path}: [backend_file] buffer_size must be a "
+                          f"multiple of 4096")
+    for name, value in (("[remote] port", config.remote.port),
+                        ("[control] port", config.control.port)):
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{path}: {name} must be 0-65535")

@@ -1,0 +1,40 @@
+"""The two applications the daemon serves, as routing tables."""
+
+from diskferry.handlers import checksum, extents, images, info, tickets
+from diskferry.handlers.context import release_connection
+from diskferry.http.router import Router
+
+TICKET = r"/images/([^/]+)"
+
+
+class App:
+    """What the HTTP server calls: dispatch a request, release a connection."""
+
+    def __init__(self, routes):
+        self._router = Router(routes)
+
+    def handle(self, request):
+        self._router.dispatch(request)
+
+    def connection_closed(self, context):
+        release_connection(context)
+
+
+def images_app(store, config, options):
+    """The images API. ``options`` holds what OPTIONS advertises."""
+    return App([
+        (TICKET + "/extents", extents.ExtentsHandler(store, config)),
+        (TICKET + "/checksum/algorithms", checksum.AlgorithmsHandler()),
+        (TICKET + "/checksum", checksum.ChecksumHandler(store, config)),
+        (TICKET, images.ImageHandler(store, config, options)),
+        (r"/images/?", images.NoTicketHandler()),
+        (r"/info/?", info.InfoHandler()),
+    ])
+
+
+def control_app(store):
+    """The tickets API."""
+    return App([
+        (r"/tickets/([^/]*)", tickets.TicketsHandler(store)),
+        (r"/info/?", info.InfoHandler()),
+    ])

@@ -1,0 +1,89 @@
+"""Per-connection image state: the backends a connection has open.
+
+A connection that uses a ticket opens the ticket's backend once and keeps
+it for its next requests; the ticket counts the connection while it does.
+Closing the connection, or canceling the ticket, releases the backend.
+"""
+
+import logging
+import mmap
+import threading
+
+from diskferry.backends import open_backend
+from diskferry.backends.file import aligned_buffer
+from diskferry.errors import BackendError, ServerError
+
+log = logging.getLogger("diskferry.images")
+
+
+class OpenImage:
+    """A ticket's backend as one connection uses it."""
+
+    def __init__(self, ticket, backend):
+        self.ticket = ticket
+        self.backend = backend
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def close(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.backend.close()
+
+
+def open_image(request, store, config, ticket_id, op):
+    """Authorize ``op`` on the ticket and return the connection's backend.
+
+    The first use of a ticket on a connection opens the backend and
+    switches the connection to the ticket's inactivity timeout.
+    """
+    ticket = store.authorize(ticket_id, op)
+    request.log["transfer_id"] = ticket.transfer_id
+    images = request.context.setdefault("images", {})
+    image = images.get(ticket_id)
+    if image is not None and image.ticket is ticket:
+        return image
+    if image is not None:  # the ticket was replaced
+        _release(request.context["id"], image)
+    try:
+        backend = open_backend(ticket, direct=config.backend_file.direct)
+    except BackendError as e:
+        log.error("Opening %s failed: %s", ticket.spec.url, e)
+        raise ServerError(f"Cannot open the image of transfer "
+                          f"{ticket.transfer_id}") from e
+    image = OpenImage(ticket, backend)
+    try:
+        ticket.add_connection(request.context["id"], image.close)
+    except BaseException:
+        image.close()
+        raise
+    images[ticket_id] = image
+    request.context["idle_timeout"] = ticket.spec.inactivity_timeout
+    return image
+
+
+def connection_buffer(request, size):
+    """One aligned buffer per connection, reused by every request."""
+    buf = request.context.get("buffer")
+    if buf is None or len(buf) < size:
+        buf = aligned_buffer(size)
+        request.context["buffer"] = buf
+    return buf
+
+
+def _release(conn_id, image):
+    image.ticket.remove_connection(conn_id)
+    image.close()
+
+
+def release_connection(context):
+    for image in context.pop("images", {}).values():
+        _release(context["id"], image)
+    buf = context.pop("buffer", None)
+    if isinstance(buf, mmap.mmap):
+        try:
+            buf.close()
+        except BufferError:  # a view is still referenced; GC frees it
+            pass

@@ -1,0 +1,71 @@
+"""``/images/{ticket}/extents``: which parts of the image hold data.
+
+Answers the whole image by default, as ovirt-imageio does; ``start`` and
+``length`` (an extension) limit the answer so that a client of a huge
+image can walk it in parts.
+"""
+
+from diskferry.backends.base import Extent
+from diskferry.errors import BadRequest, NotFound, RangeNotSatisfiable
+from diskferry.handlers.context import open_image
+from diskferry.handlers.jsonbody import send_json
+from diskferry.http import parse
+
+CONTEXTS = ("zero", "dirty")
+
+
+def merge(extents):
+    """Join adjacent extents with equal flags."""
+    merged = []
+    for ext in extents:
+        if ext.length == 0:
+            continue
+        if merged:
+            last = merged[-1]
+            if (last.zero, last.hole, last.dirty) == (ext.zero, ext.hole,
+                                                      ext.dirty):
+                merged[-1] = Extent(last.start, last.length + ext.length,
+                                    last.zero, last.hole, last.dirty)
+                continue
+        merged.append(ext)
+    return merged
+
+
+def zero_extents(backend, start, length):
+    """Backend extents of the range, padded with a hole past its end."""
+    extents = backend.extents(start, length)
+    covered = extents[-1].end if extents else start
+    if covered < start + length:
+        extents.append(Extent(covered, start + length - covered, zero=True,
+                              hole=True))
+    return merge(extents)
+
+
+class ExtentsHandler:
+
+    def __init__(self, store, config):
+        self.store = store
+        self.config = config
+
+    def get(self, request, ticket_id):
+        context = request.query.get("context", "zero")
+        if context not in CONTEXTS:
+            raise BadRequest(f"Invalid 'context' query parameter: "
+                             f"{context!r:.40}; expected zero or dirty")
+        image = open_image(request, self.store, self.config, ticket_id, "read")
+        ticket = image.ticket
+        if context == "dirty":
+            raise NotFound(f"Dirty extents are not available for transfer "
+                           f"{ticket.transfer_id}")
+        start = parse.query_int(request.query, "start", 0)
+        length = parse.query_int(request.query, "length", ticket.size - start)
+        if start + length > ticket.size or (start >= ticket.size and
+                                            ticket.size):
+            raise RangeNotSatisfiable(
+                f"Range {start}+{length} is outside the image (size "
+                f"{ticket.size})", size=ticket.size)
+        with ticket.operation():
+            extents = zero_extents(image.backend, start, length)
+        send_json(request, [
+            {"start": e.start, "length": e.length, "zero": e.zero,
+             "hole": e.hole} for e in extents])

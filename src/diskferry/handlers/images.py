@@ -1,0 +1,178 @@
+"""``/images/{ticket}``: OPTIONS, GET, PUT and PATCH.
+
+The data path: GET sends file ranges with ``sendfile`` when the
+connection and backend allow it, otherwise reads into the connection's
+buffer and sends from it; PUT receives into the buffer and writes it.
+Each request checks between chunks whether its ticket was canceled.
+"""
+
+from diskferry.errors import BadRequest, RangeNotSatisfiable
+from diskferry.handlers.context import connection_buffer, open_image
+from diskferry.handlers.jsonbody import field, read_json, send_json
+from diskferry.http import parse
+
+BASE_FEATURES = ["checksum", "extents"]
+WRITE_FEATURES = BASE_FEATURES + ["flush", "zero"]
+
+#: Bytes sent per sendfile call between cancellation checks.
+SENDFILE_CHUNK = 64 * 1024**2
+
+
+def check_range(ticket, offset, length):
+    if offset + length > ticket.size:
+        raise RangeNotSatisfiable(
+            f"Range {offset}-{offset + length - 1} is outside the image "
+            f"(size {ticket.size})", size=ticket.size)
+
+
+class ImageHandler:
+
+    def __init__(self, store, config, server_options):
+        self.store = store
+        self.config = config
+        self.server_options = server_options
+
+    def options(self, request, ticket_id):
+        body = dict(self.server_options)
+        if ticket_id == "*":
+            allow = "OPTIONS,GET,PUT,PATCH"
+            body["features"] = WRITE_FEATURES
+        else:
+            image = open_image(request, self.store, self.config, ticket_id,
+                               "read")
+            ticket = image.ticket
+            with ticket.operation():
+                pass  # counts as activity: extends the ticket
+            if ticket.may("write"):
+                allow = "OPTIONS,GET,PUT,PATCH"
+                body["features"] = WRITE_FEATURES
+            else:
+                allow = "OPTIONS,GET"
+                body["features"] = BASE_FEATURES
+            body["max_readers"] = image.backend.max_readers
+            body["max_writers"] = image.backend.max_writers
+        send_json(request, body, headers={"Allow": allow})
+
+    def get(self, request, ticket_id):
+        image = open_image(request, self.store, self.config, ticket_id, "read")
+        ticket = image.ticket
+        range_header = request.headers.get("range")
+        if range_header is not None:
+            offset, length = parse.parse_range(range_header, ticket.size)
+            status = 206
+            headers = {"Content-Range":
+                       f"bytes {offset}-{offset + length - 1}/{ticket.size}"}
+        else:
+            offset, length, status, headers = 0, ticket.size, 200, {}
+        headers["Content-Type"] = "application/octet-stream"
+        if ticket.spec.filename:
+            headers["Content-Disposition"] = (
+                f'attachment; filename="{ticket.spec.filename}"')
+        request.log.update(offset=offset, size=length)
+        conn = request.conn
+        backend = image.backend
+        with ticket.operation(offset) as op:
+            conn.start_response(status, length, headers)
+            fd = backend.fileno() if conn.zero_copy else None
+            if fd is not None:
+                self._send_file(conn, fd, op, offset, length)
+            else:
+                self._send_buffered(request, backend, op, offset, length)
+
+    def _send_file(self, conn, fd, op, offset, length):
+        end = offset + length
+        while offset < end:
+            op.check()
+            n = min(SENDFILE_CHUNK, end - offset)
+            conn.sendfile(fd, offset, n)
+            offset += n
+            op.done += n
+
+    def _send_buffered(self, request, backend, op, offset, length):
+        buf = connection_buffer(request, self.config.backend_file.buffer_size)
+        view = memoryview(buf)
+        try:
+            end = offset + length
+            while offset < end:
+                op.check()
+                want = min(len(view), end - offset)
+                n = backend.readinto(offset, view[:want])
+                if n < want:
+                    raise OSError(f"Unexpected end of image at {offset + n}")
+                request.conn.write(view[:n])
+                offset += n
+                op.done += n
+        finally:
+            view.release()
+
+    def put(self, request, ticket_id):
+        image = open_image(request, self.store, self.config, ticket_id,
+                           "write")
+        ticket = image.ticket
+        length = request.head.content_length
+        if length is None:
+            raise BadRequest("Content-Length header is required",
+                             close_connection=True)
+        content_range = request.headers.get("content-range")
+        offset = parse.parse_content_range(content_range) if content_range \
+            else 0
+        flush = parse.query_bool(request.query, "flush", True)
+        check_range(ticket, offset, length)
+        request.log.update(offset=offset, size=length)
+        buf = connection_buffer(request, self.config.backend_file.buffer_size)
+        view = memoryview(buf)
+        conn = request.conn
+        backend = image.backend
+        try:
+            with ticket.operation(offset) as op:
+                pos, end = offset, offset + length
+                while pos < end:
+                    op.check()
+                    want = min(len(view), end - pos)
+                    got = 0
+                    while got < want:
+                        got += conn.readinto(view[got:want])
+                    backend.write(pos, view[:got])
+                    pos += got
+                    op.done += got
+                if flush:
+                    backend.flush()
+        finally:
+            view.release()
+        conn.send_response(200)
+
+    def patch(self, request, ticket_id):
+        image = open_image(request, self.store, self.config, ticket_id,
+                           "write")
+        ticket = image.ticket
+        msg = read_json(request)
+        if not isinstance(msg, dict):
+            raise BadRequest("PATCH body must be a JSON object")
+        op_name = msg.get("op")
+        if op_name == "zero":
+            size = field(msg, "size", int, required=True, minimum=0)
+            offset = field(msg, "offset", int, default=0, minimum=0)
+            flush = field(msg, "flush", bool, default=False)
+            check_range(ticket, offset, size)
+            request.log.update(offset=offset, size=size)
+            with ticket.operation(offset) as op:
+                image.backend.zero(offset, size, punch_hole=ticket.spec.sparse)
+                op.done = size
+                if flush:
+                    image.backend.flush()
+        elif op_name == "flush":
+            with ticket.operation():
+                image.backend.flush()
+        else:
+            raise BadRequest(f"Invalid field 'op': {op_name!r:.40}; "
+                             f"expected 'zero' or 'flush'")
+        request.conn.send_response(200)
+
+
+class NoTicketHandler:
+    """``/images/`` without a ticket id."""
+
+    def options(self, request):
+        raise BadRequest("Ticket id is required")
+
+    get = put = patch = options

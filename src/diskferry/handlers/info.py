@@ -1,0 +1,10 @@
+"""``/info/``: the daemon's version."""
+
+from diskferry import __version__
+from diskferry.handlers.jsonbody import send_json
+
+
+class InfoHandler:
+
+    def get(self, request):
+        send_json(request, {"version": __version__})

@@ -1,0 +1,38 @@
+"""``/tickets/{id}``: the management plane's view of tickets."""
+
+from diskferry.errors import BadRequest
+from diskferry.handlers.jsonbody import field, read_json, send_json
+
+
+class TicketsHandler:
+
+    def __init__(self, store):
+        self.store = store
+
+    def get(self, request, ticket_id):
+        if not ticket_id:
+            raise BadRequest("Ticket id is required")
+        send_json(request, self.store.get(ticket_id).info())
+
+    def put(self, request, ticket_id):
+        if not ticket_id:
+            raise BadRequest("Ticket id is required")
+        self.store.add(read_json(request), ticket_id)
+        request.conn.send_response(200)
+
+    def patch(self, request, ticket_id):
+        if not ticket_id:
+            raise BadRequest("Ticket id is required")
+        msg = read_json(request)
+        if not isinstance(msg, dict):
+            raise BadRequest("Body must be a JSON object")
+        timeout = field(msg, "timeout", int, required=True, minimum=0)
+        self.store.get(ticket_id).extend(timeout)
+        request.conn.send_response(200)
+
+    def delete(self, request, ticket_id):
+        if ticket_id:
+            self.store.remove(ticket_id)
+        else:
+            self.store.clear()
+        request.conn.send_response(204)

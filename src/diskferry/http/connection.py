@@ -1,0 +1,222 @@
+"""One client connection: reading request heads and bodies, writing responses.
+
+A connection owns a socket and a small receive buffer. The head of each
+request is read into the buffer; bytes past the head (the start of a
+body) stay there and are handed out first when the body is read. Large
+bodies and responses bypass the buffer: ``readinto`` receives straight
+into the caller's buffer, and ``sendfile`` moves file data to the socket
+in the kernel when the transport allows it (not TLS).
+
+Timeouts: plain sockets stay in blocking mode with kernel timeouts
+(``SO_RCVTIMEO``/``SO_SNDTIMEO``), so that ``os.sendfile`` can send a
+whole range in one call; TLS sockets use Python's socket timeout.
+
+State of the body of the current request (a small table, as h11 keeps):
+
+    body_left > 0, continue pending   Expect: 100-continue not answered yet
+    body_left > 0                     body being read
+    body_left == 0                    body consumed; next head may be read
+
+A response is complete when its declared Content-Length was sent. If a
+handler leaves body bytes unread, the stream is out of sync and the
+connection is closed after the response.
+"""
+
+import os
+import socket
+import ssl
+import struct
+from http import HTTPStatus
+
+from diskferry.errors import BadRequest, ConnectionGone, HeadersTooLarge
+from diskferry.http import parse
+
+#: Bytes asked of recv() when reading a head; also bounds how much of a
+#: body can land in the head buffer.
+HEAD_RECV_SIZE = 64 * 1024
+
+#: Errors of a socket operation meaning the peer is gone or timed out
+#: (EAGAIN is how a kernel socket timeout shows on a blocking socket).
+PEER_ERRORS = (ConnectionError, TimeoutError, BlockingIOError, ssl.SSLError)
+
+
+class Connection:
+    """A client connection, used by one thread at a time."""
+
+    def __init__(self, sock, *, tls=False, timeout=60.0):
+        self.sock = sock
+        self.tls = tls
+        self._buf = bytearray()
+        self.body_left = 0
+        self._continue_pending = False
+        self._response_left = 0
+        self.response_started = False
+        self.closed = False
+        self.timeout = None
+        self.set_timeout(timeout)
+
+    # Timeouts
+
+    def set_timeout(self, seconds):
+        """Bound every blocking receive and send on this connection."""
+        if seconds == self.timeout:
+            return
+        self.timeout = seconds
+        if self.tls:
+            self.sock.settimeout(seconds)
+            return
+        sec = int(seconds)
+        usec = int((seconds - sec) * 1e6)
+        tv = struct.pack("ll", sec, usec)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+    # Reading
+
+    def read_head(self):
+        """Read the next request head; None if the peer closed cleanly.
+
+        Enforces the head limits while reading, so that a peer cannot make
+        the server buffer more than ``parse.MAX_HEAD`` bytes.
+        """
+        self.response_started = False
+        start = 0
+        while True:
+            end = self._buf.find(b"\r\n\r\n", max(0, start - 3))
+            if end != -1:
+                head = bytes(self._buf[:end])
+                del self._buf[:end + 4]
+                return head
+            if b"\r\n" not in self._buf:
+                parse.check_request_line_length(len(self._buf))
+            if len(self._buf) > parse.MAX_HEAD:
+                raise HeadersTooLarge(
+                    f"Request head longer than {parse.MAX_HEAD} bytes")
+            start = len(self._buf)
+            chunk = self._recv(HEAD_RECV_SIZE)
+            if not chunk:
+                if self._buf:
+                    raise ConnectionGone("Peer closed in the middle of a head")
+                return None
+            self._buf += chunk
+
+    def start_body(self, length, expect_continue):
+        self.body_left = length
+        self._continue_pending = expect_continue and length > 0
+
+    def readinto(self, buf):
+        """Receive up to ``len(buf)`` bytes of the body into ``buf``.
+
+        Raises ConnectionGone if the peer closes before the whole body
+        came: a short body is never taken for a complete one.
+        """
+        if self.body_left == 0:
+            return 0
+        self._send_continue()
+        want = min(len(buf), self.body_left)
+        if self._buf:
+            n = min(want, len(self._buf))
+            buf[:n] = self._buf[:n]
+            del self._buf[:n]
+        else:
+            try:
+                n = self.sock.recv_into(buf, want)
+            except PEER_ERRORS as e:
+                raise ConnectionGone(f"Receiving body failed: {e}") from e
+            if n == 0:
+                raise ConnectionGone(
+                    f"Peer closed with {self.body_left} body bytes missing")
+        self.body_left -= n
+        return n
+
+    def read_body(self, limit):
+        """The whole body as bytes, for small (JSON) bodies."""
+        if self.body_left > limit:
+            raise BadRequest(f"Body larger than {limit} bytes")
+        data = bytearray(self.body_left)
+        view = memoryview(data)
+        pos = 0
+        while pos < len(data):
+            pos += self.readinto(view[pos:])
+        return bytes(data)
+
+    def _send_continue(self):
+        if self._continue_pending:
+            self._continue_pending = False
+            self._sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _recv(self, size):
+        try:
+            return self.sock.recv(size)
+        except PEER_ERRORS as e:
+            raise ConnectionGone(f"Receiving failed: {e}") from e
+
+    # Writing
+
+    def send_response(self, status, body=b"", content_type="text/plain",
+                      headers=None):
+        """Send a whole response with a small body."""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if body or status >= 400:
+            headers = {"Content-Type": content_type, **(headers or {})}
+        self.start_response(status, len(body), headers)
+        if body:
+            self.write(body)
+
+    def start_response(self, status, content_length, headers=None):
+        """Send the status line and headers; the body follows with write()."""
+        if self.response_started:
+            raise RuntimeError("Response already started")
+        self.response_started = True
+        reason = HTTPStatus(status).phrase
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        lines.append(f"Content-Length: {content_length}")
+        lines.append("\r\n")
+        self._response_left = content_length
+        self._sendall("\r\n".join(lines).encode("latin-1"))
+
+    def write(self, data):
+        self._response_left -= len(data)
+        self._sendall(data)
+
+    def sendfile(self, fd, offset, count):
+        """Send ``count`` bytes of file ``fd`` from ``offset`` in the kernel."""
+        sockfd = self.sock.fileno()
+        while count:
+            try:
+                n = os.sendfile(sockfd, fd, offset, count)
+            except PEER_ERRORS as e:
+                raise ConnectionGone(f"Sending failed: {e}") from e
+            if n == 0:
+                raise OSError(f"Unexpected end of file at offset {offset}")
+            offset += n
+            count -= n
+            self._response_left -= n
+
+    @property
+    def response_complete(self):
+        return self.response_started and self._response_left == 0
+
+    def _sendall(self, data):
+        try:
+            self.sock.sendall(data)
+        except PEER_ERRORS as e:
+            raise ConnectionGone(f"Sending failed: {e}") from e
+
+    @property
+    def zero_copy(self):
+        """True when sendfile() can be used (plain TCP and UNIX sockets)."""
+        return not self.tls
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()

@@ -1,0 +1,91 @@
+"""Listening sockets for the three services: TCP, UNIX pathname, abstract.
+
+TLS is never wrapped on the listening socket (one silent client would
+stall every accept); the server wraps each accepted socket in its own
+thread.
+"""
+
+import os
+import socket
+import stat
+
+#: Pending connections the kernel queues per listener. Clients open
+#: dozens of connections at once on the local socket (parallel imports and
+#: backups); the kernel caps this at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 1024
+
+
+def is_abstract(address):
+    """True for a UNIX address in Linux's abstract namespace."""
+    return address.startswith(("\0", "@"))
+
+
+def unix_address(address):
+    """The address to bind: "@name" is written "\\0name" for the kernel."""
+    if address.startswith("@"):
+        return "\0" + address[1:]
+    return address
+
+
+def tcp_listener(host, port):
+    """A listening TCP socket; "" or "::" listen on every address."""
+    if host in ("", "::"):
+        family, addr = socket.AF_INET6, ("::", port)
+    else:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = info[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("", "::"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def unix_listener(address, mode=None):
+    """A listening UNIX stream socket, abstract or at a path.
+
+    A stale socket file at the path is removed first; a path holding
+    anything else is refused rather than deleted.
+    """
+    address = unix_address(address)
+    if not is_abstract(address):
+        remove_socket_file(address)
+        os.makedirs(os.path.dirname(os.path.abspath(address)), exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+        if mode is not None and not is_abstract(address):
+            os.chmod(address, mode)
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def remove_socket_file(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    os.unlink(path)
+
+
+def describe(sock):
+    """A printable address: host:port, a path, or @name when abstract."""
+    addr = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(addr, bytes):
+            addr = addr.decode("utf-8", "replace")
+        return "@" + addr[1:] if addr.startswith("\0") else addr
+    host, port = addr[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,243 @@
+"""Parsing of the request head and of the headers diskferry uses.
+
+Pure functions over bytes and strings, with no I/O, so that every limit
+and every malformed input can be tested with tables.
+"""
+
+import urllib.parse
+from dataclasses import dataclass, field
+
+from diskferry.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    RangeNotSatisfiable,
+    URITooLong,
+)
+
+#: Longest request line accepted. Image URLs are ~60 bytes; 8 KiB is what
+#: most servers allow (nginx, Apache) and what http.server's 65536 caps.
+MAX_REQUEST_LINE = 8192
+
+#: Longest header line accepted; http.client and http.server use 65536,
+#: nginx 8 KiB. No header diskferry reads needs more than a few hundred.
+MAX_HEADER_LINE = 8192
+
+#: Most header lines accepted; the same as http.client's _MAXHEADERS.
+MAX_HEADERS = 100
+
+#: Largest whole head (request line + headers), bounding memory per
+#: connection before any authorization.
+MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * 256
+
+METHODS = frozenset({"GET", "PUT", "PATCH", "OPTIONS", "DELETE", "POST", "HEAD"})
+
+
+@dataclass
+class RequestHead:
+    """The parsed request line and headers of one request."""
+
+    method: str
+    target: str
+    version: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def keep_alive(self):
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return conn == "keep-alive"
+        return conn != "close"
+
+    @property
+    def content_length(self):
+        """Body length, or None when the header is absent."""
+        value = self.headers.get("content-length")
+        if value is None:
+            return None
+        return parse_int_header("Content-Length", value)
+
+    @property
+    def expects_continue(self):
+        return self.headers.get("expect", "").lower() == "100-continue"
+
+
+def check_request_line_length(line_length):
+    if line_length > MAX_REQUEST_LINE:
+        raise URITooLong(
+            f"Request line longer than {MAX_REQUEST_LINE} bytes")
+
+
+def parse_head(head: bytes) -> RequestHead:
+    """Parse a request head: request line and headers, without the blank line.
+
+    Raises the error each limit maps to: 414 for the request line, 431 for
+    headers, 400 for anything malformed.
+    """
+    lines = head.split(b"\r\n")
+    request_line = lines[0]
+    check_request_line_length(len(request_line))
+    method, target, version = parse_request_line(request_line)
+    header_lines = lines[1:]
+    if len(header_lines) > MAX_HEADERS:
+        raise HeadersTooLarge(f"More than {MAX_HEADERS} header lines")
+    headers = parse_headers(header_lines)
+    path, query = split_target(target)
+    return RequestHead(method, target, version, path, query, headers)
+
+
+def parse_request_line(line: bytes):
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadRequest("Request line is not ASCII",
+                         close_connection=True) from None
+    parts = text.split(" ")
+    if len(parts) != 3:
+        raise BadRequest(f"Malformed request line: {text[:100]!r}",
+                         close_connection=True)
+    method, target, version = parts
+    if version not in ("HTTP/1.1", "HTTP/1.0"):
+        raise BadRequest(f"Unsupported HTTP version: {version[:20]!r}",
+                         close_connection=True)
+    if not method.isalpha() or not method.isupper():
+        raise BadRequest(f"Malformed method: {method[:20]!r}",
+                         close_connection=True)
+    if not target.startswith("/") and target != "*":
+        raise BadRequest(f"Malformed request target: {target[:100]!r}",
+                         close_connection=True)
+    return method, target, version
+
+
+def parse_headers(lines) -> dict[str, str]:
+    """Header lines to a dict keyed by lower-case name.
+
+    Repeated headers are joined with ", " as RFC 9110 allows; obsolete
+    line folding is refused.
+    """
+    headers = {}
+    for line in lines:
+        if len(line) > MAX_HEADER_LINE:
+            raise HeadersTooLarge(
+                f"Header line longer than {MAX_HEADER_LINE} bytes")
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or line[:1] in b" \t":
+            raise BadRequest(f"Malformed header line: {line[:100]!r}",
+                             close_connection=True)
+        try:
+            key = name.decode("ascii").lower()
+        except UnicodeDecodeError:
+            raise BadRequest("Header name is not ASCII",
+                             close_connection=True) from None
+        text = value.strip().decode("latin-1")
+        if key in headers:
+            if key == "content-length" and headers[key] != text:
+                raise BadRequest("Conflicting Content-Length headers",
+                                 close_connection=True)
+            if key != "content-length":
+                text = headers[key] + ", " + text
+        headers[key] = text
+    if "transfer-encoding" in headers:
+        raise BadRequest("Transfer-Encoding is not supported; "
+                         "send Content-Length", close_connection=True)
+    return headers
+
+
+def split_target(target: str):
+    """Split a request target into an unquoted path and a query dict."""
+    raw_path, _, raw_query = target.partition("?")
+    path = urllib.parse.unquote(raw_path)
+    try:
+        pairs = urllib.parse.parse_qsl(raw_query, keep_blank_values=True,
+                                       strict_parsing=False)
+    except ValueError as e:
+        raise BadRequest(f"Malformed query string: {e}") from None
+    return path, dict(pairs)
+
+
+def parse_int_header(name, value):
+    if not value.isdigit() or not value.isascii():
+        raise BadRequest(f"Invalid {name} header: {value[:40]!r}",
+                         close_connection=True)
+    return int(value)
+
+
+def parse_range(value: str, size: int):
+    """``Range: bytes=FIRST-LAST`` or ``bytes=FIRST-`` to (offset, length).
+
+    Multiple ranges and suffix ranges are not supported (416), as in
+    ovirt-imageio. A range that starts past the image is 416.
+    """
+    unit, sep, spec = value.partition("=")
+    if unit.strip() != "bytes" or not sep:
+        raise BadRequest(f"Invalid Range header: {value[:60]!r}")
+    if "," in spec:
+        raise RangeNotSatisfiable("Multiple ranges are not supported",
+                                  size=size)
+    first_s, sep, last_s = spec.strip().partition("-")
+    if not sep:
+        raise BadRequest(f"Invalid Range header: {value[:60]!r}")
+    if not first_s:
+        raise RangeNotSatisfiable("Suffix ranges are not supported", size=size)
+    first = _parse_range_int(first_s, value)
+    if last_s:
+        last = _parse_range_int(last_s, value)
+        if last < first:
+            raise BadRequest(f"Invalid Range header: {value[:60]!r}")
+    else:
+        last = size - 1
+    if first >= size:
+        raise RangeNotSatisfiable(
+            f"Range {first}-{last} is outside the image (size {size})",
+            size=size)
+    last = min(last, size - 1)
+    return first, last - first + 1
+
+
+def parse_content_range(value: str):
+    """``Content-Range: bytes FIRST-LAST/TOTAL`` to FIRST (the rest unused).
+
+    Clients send ``bytes FIRST-LAST/*``; only FIRST is used, as the length
+    comes from Content-Length.
+    """
+    unit, _, spec = value.strip().partition(" ")
+    span, sep, _total = spec.partition("/")
+    first_s, dash, last_s = span.partition("-")
+    if unit != "bytes" or not sep or not dash:
+        raise BadRequest(f"Invalid Content-Range header: {value[:60]!r}")
+    first = _parse_range_int(first_s, value, header="Content-Range")
+    last = _parse_range_int(last_s, value, header="Content-Range")
+    if last < first:
+        raise BadRequest(f"Invalid Content-Range header: {value[:60]!r}")
+    return first
+
+
+def _parse_range_int(text, value, header="Range"):
+    text = text.strip()
+    if not text.isdigit() or not text.isascii():
+        raise BadRequest(f"Invalid {header} header: {value[:60]!r}")
+    return int(text)
+
+
+def query_int(query, name, default=None, minimum=0):
+    """An integer query parameter, 400 naming it when invalid."""
+    value = query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or not value.isascii() or int(value) < minimum:
+        raise BadRequest(f"Invalid {name!r} query parameter: {value[:40]!r}")
+    return int(value)
+
+
+def query_bool(query, name, default):
+    """A y/n query parameter (ovirt-imageio style ``flush=y|n``)."""
+    value = query.get(name)
+    if value is None:
+        return default
+    if value in ("y", "yes", "true", "1"):
+        return True
+    if value in ("n", "no", "false", "0"):
+        return False
+    raise BadRequest(f"Invalid {name!r} query parameter: {value[:40]!r}, "
+                     f"expected y or n")

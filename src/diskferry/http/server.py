@@ -1,0 +1,321 @@
+"""A threaded HTTP/1.1 server: one accept thread, one thread per connection.
+
+    listening socket --accept--> worker thread
+                                   TLS handshake (bounded by a timeout)
+                                   loop: read head -> app.handle(request)
+                                         -> access log line
+                                   app.connection_closed(context)
+
+Blocking I/O in threads is enough here: a server moves bulk data over a
+few dozen connections, and every syscall releases the GIL.
+
+Error handling is in one place, ``_serve_request``: a ``RequestError``
+becomes its status and a text body; ``ConnectionGone`` closes the
+connection silently; anything else is logged and answered with a 500
+whose body says nothing of the internals.
+"""
+
+import errno
+import logging
+import socket
+import threading
+import time
+
+from diskferry.errors import ConnectionGone, RequestError, ServerError
+from diskferry.http import parse
+from diskferry.http.connection import Connection
+from diskferry.http.listener import describe
+
+log = logging.getLogger("diskferry.http")
+
+#: Seconds a new TLS connection has to complete its handshake.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+#: Seconds the accept loop sleeps when out of descriptors, instead of
+#: spinning or dying; connections finishing will free some.
+ACCEPT_BACKOFF = 0.1
+
+ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Request:
+    """One request: its parsed head, its connection and per-connection state.
+
+    ``context`` lives as long as the connection (handlers keep open
+    backends there); ``log`` collects fields for the access log line.
+    """
+
+    def __init__(self, head, conn, context, client):
+        self.head = head
+        self.conn = conn
+        self.context = context
+        self.client = client
+        self.log = {}
+
+    @property
+    def method(self):
+        return self.head.method
+
+    @property
+    def path(self):
+        return self.head.path
+
+    @property
+    def query(self):
+        return self.head.query
+
+    @property
+    def headers(self):
+        return self.head.headers
+
+
+class Server:
+    """Serves ``app`` on one listening socket until ``stop()``.
+
+    ``app`` has ``handle(request)`` and ``connection_closed(context)``.
+    ``tls_context``, when given, wraps every accepted socket.
+    """
+
+    def __init__(self, name, sock, app, *, tls_context=None,
+                 idle_timeout=60.0, max_connections=None):
+        self.name = name
+        self.sock = sock
+        self.app = app
+        self.tls_context = tls_context
+        self.idle_timeout = idle_timeout
+        self.address = describe(sock)
+        self._max_connections = max_connections
+        self._lock = threading.Lock()
+        self._connections = {}  # Connection -> busy (bool)
+        self._threads = set()
+        self._stopping = False
+        self._accept_thread = None
+        self._next_id = 0
+
+    def start(self):
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        self._accept_thread.start()
+
+    # Accepting
+
+    def _accept_loop(self):
+        while not self._stopping:
+            try:
+                sock, addr = self.sock.accept()
+            except OSError as e:
+                if self._stopping:
+                    return
+                if e.errno in ACCEPT_EXHAUSTED:
+                    log.warning("%s: accept failed (%s), backing off",
+                                self.name, e)
+                    time.sleep(ACCEPT_BACKOFF)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EINTR):
+                    continue
+                log.exception("%s: accept failed", self.name)
+                time.sleep(ACCEPT_BACKOFF)
+                continue
+            self._start_worker(sock, addr)
+
+    def _start_worker(self, sock, addr):
+        with self._lock:
+            if self._stopping or (self._max_connections and
+                                  len(self._threads) >= self._max_connections):
+                sock.close()
+                if not self._stopping:
+                    log.warning("%s: refusing connection: %d connections open",
+                                self.name, self._max_connections)
+                return
+            self._next_id += 1
+            conn_id = self._next_id
+            thread = threading.Thread(
+                target=self._serve_connection, args=(sock, addr, conn_id),
+                name=f"{self.name}/{conn_id}", daemon=True)
+            self._threads.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:
+            with self._lock:
+                self._threads.discard(thread)
+            sock.close()
+            log.warning("%s: cannot start a thread, connection dropped",
+                        self.name)
+
+    # Serving one connection
+
+    def _serve_connection(self, sock, addr, conn_id):
+        conn = None
+        context = {"id": f"{self.name}/{conn_id}"}
+        client = _client_name(self.name, addr)
+        try:
+            if self.tls_context is not None:
+                sock = self._handshake(sock)
+                if sock is None:
+                    return
+            conn = Connection(sock, tls=self.tls_context is not None,
+                              timeout=self.idle_timeout)
+            with self._lock:
+                if self._stopping:
+                    return
+                self._connections[conn] = False
+            while self._serve_request(conn, context, client):
+                pass
+        except Exception:
+            log.exception("%s: connection %s failed", self.name, context["id"])
+        finally:
+            try:
+                self.app.connection_closed(context)
+            except Exception:
+                log.exception("%s: releasing connection %s failed",
+                              self.name, context["id"])
+            with self._lock:
+                if conn is not None:
+                    self._connections.pop(conn, None)
+                self._threads.discard(threading.current_thread())
+            if conn is not None:
+                conn.close()
+            else:
+                sock.close()
+
+    def _handshake(self, sock):
+        sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        try:
+            return self.tls_context.wrap_socket(sock, server_side=True)
+        except (OSError, ValueError) as e:
+            log.debug("%s: TLS handshake failed: %s", self.name, e)
+            sock.close()
+            return None
+
+    def _serve_request(self, conn, context, client):
+        """Serve one request; returns False when the connection must close."""
+        conn.set_timeout(context.get("idle_timeout", self.idle_timeout))
+        try:
+            raw = conn.read_head()
+        except ConnectionGone:
+            return False
+        except RequestError as e:
+            self._send_error(conn, e)
+            return False
+        if raw is None:
+            return False
+        started = time.monotonic()
+        self._set_busy(conn, True)
+        request = None
+        keep = False
+        try:
+            head = parse.parse_head(raw)
+            length = head.content_length
+            conn.start_body(length or 0, head.expects_continue)
+            request = Request(head, conn, context, client)
+            self.app.handle(request)
+            keep = head.keep_alive and conn.body_left == 0
+            if not conn.response_complete:
+                raise ServerError("Handler did not complete its response")
+        except ConnectionGone as e:
+            log.info("%s: %s: %s", self.name, context["id"], e)
+            keep = False
+        except RequestError as e:
+            keep = (not e.close_connection and conn.body_left == 0 and
+                    request is not None and request.head.keep_alive)
+            if not self._send_error(conn, e):
+                keep = False
+        except Exception:
+            log.exception("%s: request failed", self.name)
+            self._send_error(conn, ServerError("Internal server error"))
+            keep = False
+        finally:
+            self._set_busy(conn, False)
+            if request is not None:
+                self._log_request(request, started)
+        return keep and not self._stopping
+
+    def _send_error(self, conn, error):
+        """Answer ``error`` if no response was started; False if it could not."""
+        if conn.response_started:
+            return False
+        headers = {}
+        if getattr(error, "size", None) is not None:
+            headers["Content-Range"] = f"bytes */{error.size}"
+        if error.close_connection:
+            headers["Connection"] = "close"
+        try:
+            conn.send_response(error.status, error.message + "\n",
+                               headers=headers)
+        except ConnectionGone:
+            return False
+        return True
+
+    def _set_busy(self, conn, busy):
+        with self._lock:
+            if conn in self._connections:
+                self._connections[conn] = busy
+
+    def _log_request(self, request, started):
+        elapsed = time.monotonic() - started
+        fields = request.log
+        size = fields.get("size")
+        parts = [f"[{request.context['id']}]", request.client,
+                 request.method, request.path]
+        if "transfer_id" in fields:
+            parts.append(f"transfer={fields['transfer_id']}")
+        if "offset" in fields:
+            parts.append(f"offset={fields['offset']}")
+        if size is not None:
+            parts.append(f"size={size}")
+        parts.append(f"{elapsed:.3f}s")
+        if size and elapsed > 0:
+            parts.append(f"{size / elapsed / 1024**2:.1f}MiB/s")
+        log.info("%s", " ".join(parts))
+
+    # Stopping
+
+    def stop(self, timeout=30.0):
+        """Stop accepting, let running requests finish, close the rest.
+
+        Idle connections are closed at once; busy ones get up to
+        ``timeout`` seconds to finish their current request.
+        """
+        with self._lock:
+            self._stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                idle = [c for c, busy in self._connections.items() if not busy]
+                threads = list(self._threads)
+            for conn in idle:
+                _shutdown(conn.sock)
+            if not threads or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        with self._lock:
+            leftover = list(self._connections)
+        for conn in leftover:
+            _shutdown(conn.sock)
+        for thread in threads:
+            thread.join(1.0)
+
+    @property
+    def connection_count(self):
+        with self._lock:
+            return len(self._threads)
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _client_name(service, addr):
+    if isinstance(addr, tuple) and addr:
+        return f"{addr[0]}:{addr[1]}"
+    return "local"

@@ -1,0 +1,376 @@
+"""Tickets: what a client may do with an image, and for how long.
+
+A ticket is installed by the management plane on the control service and
+names one image (a backend URL), its size, the allowed ops and a timeout.
+Its id is the bearer secret in ``/images/{id}``.
+
+Lifecycle (every transition is here, the rest of the code only asks):
+
+    state      how it is entered                  new requests
+    --------   --------------------------------   ---------------------
+    ready      added (or replaced)                served
+    active     an operation started               served
+    ready      last operation ended (expiry       served
+               is extended by ``timeout``)
+    expired    monotonic time passed ``expires``  403
+    canceled   DELETE /tickets/{id}               403; the delete waits
+                                                  for running operations
+    removed    cancel completed                   403 (unknown ticket)
+
+Operations check ``canceled`` between chunks, so a delete stops a
+transfer after its current chunk rather than after the whole request.
+"""
+
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from diskferry.errors import (
+    BadRequest,
+    Forbidden,
+    TicketForbidden,
+    TicketInUse,
+    TicketNotFound,
+)
+from diskferry.ranges import RangeSet
+
+VALID_OPS = ("read", "write")
+SUPPORTED_SCHEMES = ("file",)
+
+#: Default seconds an idle client connection is kept (config may change).
+DEFAULT_INACTIVITY_TIMEOUT = 60
+
+
+def monotonic():
+    return int(time.monotonic())
+
+
+# Validation
+
+
+def _field(d, name, kind, required, default=None, minimum=None):
+    if name not in d:
+        if required:
+            raise BadRequest(f"Missing required ticket field {name!r}")
+        return default
+    value = d[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python, never in a ticket.
+    if not isinstance(value, kinds) or (
+            isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise BadRequest(
+            f"Invalid ticket field {name!r}: expected {names}, "
+            f"got {value!r:.100}")
+    if minimum is not None and value < minimum:
+        raise BadRequest(
+            f"Invalid ticket field {name!r}: must be >= {minimum}, "
+            f"got {value!r}")
+    return value
+
+
+def parse_ticket_url(value):
+    try:
+        url = urllib.parse.urlsplit(value)
+    except ValueError as e:
+        raise BadRequest(f"Invalid ticket field 'url': {e}") from None
+    if url.scheme not in SUPPORTED_SCHEMES:
+        raise BadRequest(
+            f"Invalid ticket field 'url': unsupported scheme {url.scheme!r}; "
+            f"supported: {', '.join(SUPPORTED_SCHEMES)}")
+    if url.scheme == "file" and not url.path.startswith("/"):
+        raise BadRequest(
+            f"Invalid ticket field 'url': {value!r} is not an absolute "
+            f"file:// URL")
+    return url
+
+
+@dataclass(frozen=True)
+class TicketSpec:
+    """The validated fields of a ticket, as the management plane sent them."""
+
+    uuid: str
+    size: int
+    url: str
+    ops: tuple
+    timeout: int
+    inactivity_timeout: int
+    sparse: bool = False
+    dirty: bool = False
+    transfer_id: str | None = None
+    filename: str | None = None
+
+    @classmethod
+    def from_dict(cls, d, default_inactivity=DEFAULT_INACTIVITY_TIMEOUT):
+        if not isinstance(d, dict):
+            raise BadRequest("Ticket must be a JSON object")
+        ops = _field(d, "ops", list, True)
+        for op in ops:
+            if op not in VALID_OPS:
+                raise BadRequest(
+                    f"Invalid ticket field 'ops': unknown op {op!r:.40}; "
+                    f"valid ops: {', '.join(VALID_OPS)}")
+        url = _field(d, "url", str, True)
+        parse_ticket_url(url)
+        return cls(
+            uuid=_field(d, "uuid", str, True),
+            size=_field(d, "size", int, True, minimum=0),
+            url=url,
+            ops=tuple(ops),
+            timeout=_field(d, "timeout", int, True, minimum=0),
+            inactivity_timeout=_field(d, "inactivity_timeout", int, False,
+                                      default_inactivity, minimum=0),
+            sparse=_field(d, "sparse", bool, False, False),
+            dirty=_field(d, "dirty", bool, False, False),
+            transfer_id=_field(d, "transfer_id", str, False),
+            filename=_field(d, "filename", str, False),
+        )
+
+
+# Tickets
+
+
+class Operation:
+    """A request in progress on a ticket; ``done`` counts bytes moved."""
+
+    __slots__ = ("ticket", "offset", "done")
+
+    def __init__(self, ticket, offset):
+        self.ticket = ticket
+        self.offset = offset
+        self.done = 0
+
+    def check(self):
+        """Raise if the ticket was canceled since the operation started."""
+        if self.ticket.canceled:
+            raise Forbidden(f"Transfer {self.ticket.transfer_id} was canceled")
+
+
+class Ticket:
+    """A ticket and its run-time state; thread-safe."""
+
+    def __init__(self, spec: TicketSpec):
+        self.spec = spec
+        self._lock = threading.Lock()
+        self._ongoing = set()
+        self._idle = threading.Condition(self._lock)
+        self._completed = RangeSet()
+        self._connections = {}  # connection id -> closer of its resources
+        self.canceled = False
+        now = monotonic()
+        self.expires = now + spec.timeout
+        self._access_time = now
+
+    @property
+    def uuid(self):
+        return self.spec.uuid
+
+    @property
+    def size(self):
+        return self.spec.size
+
+    @property
+    def transfer_id(self):
+        return self.spec.transfer_id or f"(ticket/{self.spec.uuid[:18]})"
+
+    def may(self, op):
+        """``write`` implies ``read``."""
+        if op == "read":
+            return bool(self.spec.ops)
+        return op in self.spec.ops
+
+    @property
+    def expired(self):
+        return monotonic() > self.expires
+
+    def extend(self, timeout):
+        self.expires = monotonic() + timeout
+
+    # Operations
+
+    def operation(self, offset=0):
+        """Context manager registering an operation for its duration."""
+        return _OperationScope(self, offset)
+
+    def _begin(self, offset):
+        op = Operation(self, offset)
+        with self._lock:
+            if self.canceled:
+                raise TicketForbidden(
+                    f"Transfer {self.transfer_id} was canceled")
+            self._ongoing.add(op)
+        return op
+
+    def _end(self, op, completed):
+        with self._lock:
+            self._ongoing.discard(op)
+            if completed and len(self.spec.ops) == 1:
+                self._completed.add(op.offset, op.offset + op.done)
+            if not self._ongoing:
+                self._idle.notify_all()
+            now = monotonic()
+            self._access_time = now
+            if completed:
+                self.expires = now + self.spec.timeout
+
+    @property
+    def active(self):
+        return bool(self._ongoing)
+
+    def transferred(self):
+        """Bytes moved, overlaps once; None for read-write tickets.
+
+        A read-write ticket mixes both directions, so no single figure
+        means anything (ovirt-imageio omits it too).
+        """
+        if len(self.spec.ops) != 1:
+            return None
+        with self._lock:
+            ongoing = [(op.offset, op.offset + op.done) for op in self._ongoing]
+            return self._completed.total(ongoing)
+
+    # Connections
+
+    def add_connection(self, conn_id, closer: Callable[[], None]):
+        with self._lock:
+            if self.canceled:
+                raise TicketForbidden(
+                    f"Transfer {self.transfer_id} was canceled")
+            self._connections[conn_id] = closer
+
+    def remove_connection(self, conn_id):
+        with self._lock:
+            self._connections.pop(conn_id, None)
+
+    # Canceling
+
+    def cancel(self, timeout):
+        """Refuse new requests, wait up to ``timeout`` for running ones.
+
+        Returns when no operation runs, having released the resources of
+        idle connections; raises TicketInUse if operations outlast it.
+        """
+        with self._lock:
+            self.canceled = True
+            if not self._idle.wait_for(lambda: not self._ongoing, timeout):
+                raise TicketInUse(
+                    f"Transfer {self.transfer_id} still has "
+                    f"{len(self._ongoing)} operations running; retry later")
+            closers = list(self._connections.values())
+        for close in closers:
+            close()
+
+    def info(self):
+        spec = self.spec
+        with self._lock:
+            active = bool(self._ongoing)
+            idle_time = 0 if active else monotonic() - self._access_time
+            connections = len(self._connections)
+        info = {
+            "active": active,
+            "canceled": self.canceled,
+            "connections": connections,
+            "expires": self.expires,
+            "idle_time": idle_time,
+            "inactivity_timeout": spec.inactivity_timeout,
+            "ops": list(spec.ops),
+            "size": spec.size,
+            "sparse": spec.sparse,
+            "dirty": spec.dirty,
+            "timeout": spec.timeout,
+            "url": spec.url,
+            "uuid": spec.uuid,
+            "transfer_id": self.transfer_id,
+        }
+        if spec.filename:
+            info["filename"] = spec.filename
+        transferred = self.transferred()
+        if transferred is not None:
+            info["transferred"] = transferred
+        return info
+
+
+class _OperationScope:
+    __slots__ = ("ticket", "offset", "op")
+
+    def __init__(self, ticket, offset):
+        self.ticket = ticket
+        self.offset = offset
+
+    def __enter__(self):
+        self.op = self.ticket._begin(self.offset)
+        return self.op
+
+    def __exit__(self, exc_type, exc, tb):
+        self.ticket._end(self.op, completed=exc_type is None)
+
+
+class TicketStore:
+    """The daemon's tickets, by id; thread-safe."""
+
+    def __init__(self, remove_timeout=60, default_inactivity=60):
+        self.remove_timeout = remove_timeout
+        self.default_inactivity = default_inactivity
+        self._lock = threading.Lock()
+        self._tickets = {}
+
+    def add(self, ticket_dict, ticket_id=None):
+        spec = TicketSpec.from_dict(ticket_dict, self.default_inactivity)
+        if ticket_id is not None and spec.uuid != ticket_id:
+            raise BadRequest(
+                f"Invalid ticket field 'uuid': {spec.uuid!r} does not match "
+                f"the id in the URL {ticket_id!r}")
+        ticket = Ticket(spec)
+        with self._lock:
+            self._tickets[spec.uuid] = ticket
+        return ticket
+
+    def get(self, ticket_id):
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            raise TicketNotFound(f"No such ticket {ticket_id!r}")
+        return ticket
+
+    def authorize(self, ticket_id, op):
+        """The ticket if it allows ``op`` now; 403 otherwise."""
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            raise TicketForbidden(f"No such ticket {ticket_id!r}")
+        if ticket.canceled:
+            raise TicketForbidden(
+                f"Transfer {ticket.transfer_id} was canceled")
+        if ticket.expired:
+            raise TicketForbidden(f"Ticket {ticket_id!r} expired")
+        if not ticket.may(op):
+            raise TicketForbidden(
+                f"Ticket {ticket_id!r} does not allow {op!r}")
+        return ticket
+
+    def remove(self, ticket_id):
+        """Cancel and remove; idempotent. Raises TicketInUse (409)."""
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            return
+        ticket.cancel(self.remove_timeout)
+        with self._lock:
+            if self._tickets.get(ticket_id) is ticket:
+                del self._tickets[ticket_id]
+
+    def clear(self):
+        with self._lock:
+            tickets = list(self._tickets.values())
+            self._tickets.clear()
+        for ticket in tickets:
+            try:
+                ticket.cancel(0)
+            except TicketInUse:
+                pass
+
+    def __len__(self):
+        with self._lock:
+            return len(self._tickets)
