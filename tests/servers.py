@@ -619,7 +619,14 @@ class RawConnection:
         head = f"{method} {path} HTTP/1.1\r\n" + "".join(
             f"{k}: {v}\r\n" for k, v in hdrs.items()
         )
-        self.send(head.encode("latin-1") + b"\r\n" + body)
+        self.send(head.encode("latin-1") + b"\r\n")
+        if body:
+            try:
+                self.send(body)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                # The server may answer early (403, 416) and close without
+                # reading the body; its answer is still readable.
+                pass
         return self.response(method)
 
     def at_eof(self, timeout: float = 5.0) -> bool:

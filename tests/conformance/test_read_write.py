@@ -1,0 +1,359 @@
+"""Conformance: GET and PUT on /images/{id}, over TLS and both UNIX sockets.
+
+Observed in ovirt-imageio 2.5.1 beyond PROTOCOL.md:
+
+- GET answers carry ``Content-Disposition: attachment`` (with
+  ``; filename=NAME`` when the ticket has ``filename``).
+- A syntactically bad Range (``bytes=a-b``, ``items=0-1``, ``5-1``) is a
+  416 like a multiple or suffix range, without ``Content-Range``; only a
+  range past the image size carries ``Content-Range: bytes */SIZE``.
+- PUT errors found before the body is read (403, 416, bad Content-Range,
+  bad ``flush``) close the connection (``Connection: close``).
+- ``Content-Range: bytes FIRST-LAST/SIZE`` (a numeric total) is accepted
+  like ``/*``; LAST is ignored: the body length decides how much is
+  written.
+- A PUT with no Content-Range and a Content-Length larger than the image
+  is a 416.
+- ``Expect: 100-continue`` is answered with ``100 Continue`` before the
+  ticket is checked: a PUT on a read-only ticket gets 100, then 403.
+- ``Transfer-Encoding: chunked`` on PUT is refused with 400 (Content-Length
+  is required).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from servers import make_sparse_file
+
+SIZE = 1 << 20
+CHUNKS = {
+    0: os.urandom(4096),
+    65536: b"middle" * 100,
+    SIZE - 8192: os.urandom(8192),
+}
+
+
+def expected_content(size=SIZE, chunks=CHUNKS) -> bytearray:
+    buf = bytearray(size)
+    for off, data in chunks.items():
+        buf[off : off + len(data)] = data
+    return buf
+
+
+@pytest.fixture
+def image(tmp_path):
+    return make_sparse_file(tmp_path / "image.raw", SIZE, CHUNKS)
+
+
+def read_file(path, offset=0, length=None):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read() if length is None else f.read(length)
+
+
+# --- GET ---------------------------------------------------------------------
+
+
+def test_get_whole_image(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}")
+    assert res.status == 200
+    assert res.header("Content-Type") == "application/octet-stream"
+    assert res.header("Content-Length") == str(SIZE)
+    assert res.header("Content-Range") is None
+    assert res.body == expected_content()
+
+
+@pytest.mark.parametrize(
+    "spec,first,last",
+    [
+        ("0-9", 0, 9),
+        ("65536-66135", 65536, 66135),
+        (f"{SIZE - 100}-", SIZE - 100, SIZE - 1),
+        (f"{SIZE - 1}-{SIZE - 1}", SIZE - 1, SIZE - 1),
+        ("4000-70000", 4000, 70000),
+    ],
+)
+def test_get_range(endpoint, image, make_ticket, spec, first, last):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": f"bytes={spec}"})
+    assert res.status == 206
+    assert res.header("Content-Range") == f"bytes {first}-{last}/{SIZE}"
+    assert res.header("Content-Length") == str(last - first + 1)
+    assert res.header("Content-Type") == "application/octet-stream"
+    assert res.body == expected_content()[first : last + 1]
+
+
+@pytest.mark.parametrize(
+    "spec", [f"{SIZE - 10}-{SIZE}", f"{SIZE}-{SIZE + 10}", f"0-{SIZE * 2}"]
+)
+def test_get_range_past_end_416(endpoint, image, make_ticket, spec):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": f"bytes={spec}"})
+    assert res.status == 416
+    assert res.header("Content-Range") == f"bytes */{SIZE}"
+    assert res.header("Content-Type").startswith("text/plain")
+    assert int(res.header("Content-Length")) == len(res.body)
+
+
+@pytest.mark.parametrize(
+    "spec", ["bytes=0-1,4-5", "bytes=-5", "bytes=a-b", "items=0-1", "bytes=9-1"]
+)
+def test_get_unsatisfiable_range_416(endpoint, image, make_ticket, spec):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": spec})
+        assert res.status == 416
+        assert res.header("Content-Type").startswith("text/plain")
+        assert int(res.header("Content-Length")) == len(res.body) > 0
+
+
+def test_get_filename(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"], filename="disk.raw")
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": "bytes=0-0"})
+    assert res.status == 206
+    disposition = res.header("Content-Disposition")
+    assert disposition is not None
+    assert disposition.startswith("attachment")
+    assert "disk.raw" in disposition
+
+
+def test_get_unknown_ticket_403_closes(endpoint):
+    with endpoint.raw() as con:
+        res = con.request("GET", "/images/no-such-ticket")
+        assert res.status == 403
+        assert res.header("Content-Type").startswith("text/plain")
+        assert con.at_eof()
+
+
+def test_get_expired_ticket_403(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE)
+    endpoint.server.extend_ticket(t["uuid"], 0)
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": "bytes=0-9"})
+    assert res.status == 403
+
+
+def test_write_ticket_can_read(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["write"])
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": "bytes=0-99"})
+    assert res.status == 206
+    assert res.body == CHUNKS[0][:100]
+
+
+# --- PUT ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flush", [None, "y", "n"])
+def test_put_at_offset(endpoint, image, make_ticket, flush):
+    t = make_ticket(endpoint.server, image, SIZE)
+    data = os.urandom(10000)
+    offset = 65536 + 100
+    query = "" if flush is None else f"?flush={flush}"
+    before = read_file(image)
+    with endpoint.raw() as con:
+        res = con.request(
+            "PUT",
+            f"/images/{t['uuid']}{query}",
+            {"Content-Range": f"bytes {offset}-{offset + len(data) - 1}/*"},
+            data,
+        )
+    assert res.status == 200
+    assert res.header("Content-Length") == "0"
+    after = read_file(image)
+    assert after[offset : offset + len(data)] == data
+    assert after[:offset] == before[:offset]
+    assert after[offset + len(data) :] == before[offset + len(data) :]
+
+
+def test_put_without_range_writes_at_zero(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE)
+    data = b"head" * 1024
+    with endpoint.raw() as con:
+        res = con.request("PUT", f"/images/{t['uuid']}", body=data)
+    assert res.status == 200
+    after = read_file(image)
+    assert after[: len(data)] == data
+    assert after[len(data) : 4096 + len(data)] == expected_content()[len(data) :][
+        :4096
+    ]
+
+
+def test_put_range_with_total_and_last_ignored(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE)
+    with endpoint.raw() as con:
+        res = con.request(
+            "PUT",
+            f"/images/{t['uuid']}",
+            {"Content-Range": f"bytes 300-301/{SIZE}"},
+            b"abc",
+        )
+    assert res.status == 200
+    assert read_file(image, 299, 5) == CHUNKS[0][299:300] + b"abc" + CHUNKS[0][303:304]
+
+
+def test_put_whole_image_then_get(endpoint, tmp_path, make_ticket):
+    image = make_sparse_file(tmp_path / "empty.raw", SIZE)
+    t = make_ticket(endpoint.server, image, SIZE)
+    data = os.urandom(SIZE)
+    with endpoint.raw() as con:
+        assert con.request("PUT", f"/images/{t['uuid']}", body=data).status == 200
+        res = con.request("GET", f"/images/{t['uuid']}")
+    assert res.status == 200
+    assert res.body == data
+    assert read_file(image) == data
+
+
+def test_put_missing_content_length_400(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE)
+    before = read_file(image)
+    with endpoint.raw() as con:
+        con.send(
+            f"PUT /images/{t['uuid']} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+        )
+        res = con.response("PUT")
+    assert res.status == 400
+    assert res.header("Content-Type").startswith("text/plain")
+    assert b"Content-Length" in res.body
+    assert read_file(image) == before
+
+
+def test_put_chunked_refused_400(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE)
+    before = read_file(image)
+    with endpoint.raw() as con:
+        con.send(
+            f"PUT /images/{t['uuid']} HTTP/1.1\r\nHost: localhost\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".encode()
+        )
+        res = con.response("PUT")
+    assert res.status == 400
+    assert read_file(image) == before
+
+
+@pytest.mark.parametrize("value", ["x", "-3", "1.5"])
+def test_put_bad_content_length_400(endpoint, image, make_ticket, value):
+    t = make_ticket(endpoint.server, image, SIZE)
+    before = read_file(image)
+    with endpoint.raw() as con:
+        con.send(
+            f"PUT /images/{t['uuid']} HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Length: {value}\r\n\r\nabc".encode()
+        )
+        res = con.response("PUT")
+    assert res.status == 400
+    assert read_file(image) == before
+
+
+@pytest.mark.parametrize(
+    "content_range,length",
+    [
+        (f"bytes {SIZE - 1}-{SIZE + 1}/*", 3),
+        (f"bytes {SIZE}-{SIZE + 9}/*", 10),
+        (None, SIZE + 1),
+    ],
+    ids=["straddle", "after", "no-range"],
+)
+def test_put_past_end_416(endpoint, image, make_ticket, content_range, length):
+    t = make_ticket(endpoint.server, image, SIZE)
+    before = read_file(image)
+    headers = {} if content_range is None else {"Content-Range": content_range}
+    with endpoint.raw() as con:
+        res = con.request("PUT", f"/images/{t['uuid']}", headers, b"z" * length)
+    assert res.status == 416
+    assert res.header("Content-Range") == f"bytes */{SIZE}"
+    assert os.path.getsize(image) == SIZE
+    assert read_file(image) == before
+
+
+@pytest.mark.parametrize("value", ["garbage", "bytes x-y/*", "bytes */100"])
+def test_put_bad_content_range_400(endpoint, image, make_ticket, value):
+    t = make_ticket(endpoint.server, image, SIZE)
+    before = read_file(image)
+    with endpoint.raw() as con:
+        res = con.request(
+            "PUT", f"/images/{t['uuid']}", {"Content-Range": value}, b"abc"
+        )
+    assert res.status == 400
+    assert res.header("Content-Type").startswith("text/plain")
+    assert read_file(image) == before
+
+
+def test_put_bad_flush_400(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE)
+    before = read_file(image)
+    with endpoint.raw() as con:
+        res = con.request("PUT", f"/images/{t['uuid']}?flush=x", body=b"abc")
+    assert res.status == 400
+    assert b"flush" in res.body
+    assert read_file(image) == before
+
+
+def test_put_read_only_ticket_403(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    before = read_file(image)
+    with endpoint.raw() as con:
+        res = con.request("PUT", f"/images/{t['uuid']}", body=b"abc")
+        assert res.status == 403
+        assert res.header("Content-Type").startswith("text/plain")
+        assert con.at_eof()
+    assert read_file(image) == before
+
+
+def test_put_unknown_ticket_403(endpoint):
+    with endpoint.raw() as con:
+        res = con.request("PUT", "/images/no-such-ticket", body=b"abc")
+        assert res.status == 403
+        assert con.at_eof()
+
+
+def test_put_expect_100_continue(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE)
+    data = b"continued" * 100
+    with endpoint.raw() as con:
+        con.send(
+            (
+                f"PUT /images/{t['uuid']} HTTP/1.1\r\nHost: localhost\r\n"
+                f"Content-Length: {len(data)}\r\nExpect: 100-continue\r\n"
+                f"Content-Range: bytes 8192-{8192 + len(data) - 1}/*\r\n\r\n"
+            ).encode()
+        )
+        interim = con.response("PUT")
+        assert interim.status == 100
+        con.send(data)
+        res = con.response("PUT")
+        assert res.status == 200
+        # The connection is still usable.
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": "bytes=8192-9091"})
+        assert res.status == 206
+        assert res.body == data
+    assert read_file(image, 8192, len(data)) == data
+
+
+def test_put_expect_100_continue_refused_ticket(endpoint, image, make_ticket):
+    """A forbidden upload is refused; ovirt-imageio sends 100 Continue before
+    it looks at the ticket, so a 100 before the 403 is allowed."""
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    before = read_file(image)
+    with endpoint.raw() as con:
+        con.send(
+            f"PUT /images/{t['uuid']} HTTP/1.1\r\nHost: localhost\r\n"
+            "Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        res = con.response("PUT")
+        if res.status == 100:
+            try:
+                con.send(b"q" * 1000)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            res = con.response("PUT")
+    assert res.status == 403
+    assert read_file(image) == before
