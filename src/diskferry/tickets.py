@@ -183,7 +183,7 @@ class Ticket:
 
     @property
     def expired(self):
-        return monotonic() > self.expires
+        return monotonic() >= self.expires
 
     def extend(self, timeout):
         self.expires = monotonic() + timeout

@@ -166,32 +166,36 @@ def parse_int_header(name, value):
 def parse_range(value: str, size: int):
     """``Range: bytes=FIRST-LAST`` or ``bytes=FIRST-`` to (offset, length).
 
-    Multiple ranges and suffix ranges are not supported (416), as in
-    ovirt-imageio. A range that starts past the image is 416.
+    Multiple ranges and suffix ranges are not supported, nor is a range
+    that ends past the image; like ovirt-imageio, every Range header that
+    cannot be served, malformed ones included, is answered 416.
     """
     unit, sep, spec = value.partition("=")
     if unit.strip() != "bytes" or not sep:
-        raise BadRequest(f"Invalid Range header: {value[:60]!r}")
+        raise RangeNotSatisfiable(f"Invalid Range header: {value[:60]!r}",
+                                  size=size)
     if "," in spec:
         raise RangeNotSatisfiable("Multiple ranges are not supported",
                                   size=size)
     first_s, sep, last_s = spec.strip().partition("-")
-    if not sep:
-        raise BadRequest(f"Invalid Range header: {value[:60]!r}")
     if not first_s:
         raise RangeNotSatisfiable("Suffix ranges are not supported", size=size)
-    first = _parse_range_int(first_s, value)
+    first = _range_int(first_s, value, size)
+    if not sep:
+        raise RangeNotSatisfiable(f"Invalid Range header: {value[:60]!r}",
+                                  size=size)
     if last_s:
-        last = _parse_range_int(last_s, value)
+        last = _range_int(last_s, value, size)
         if last < first:
-            raise BadRequest(f"Invalid Range header: {value[:60]!r}")
+            raise RangeNotSatisfiable(
+                f"Invalid Range header: {value[:60]!r}", size=size)
     else:
         last = size - 1
-    if first >= size:
+    if last >= size:
+        # ovirt-imageio refuses a range past the end rather than clip it.
         raise RangeNotSatisfiable(
             f"Range {first}-{last} is outside the image (size {size})",
             size=size)
-    last = min(last, size - 1)
     return first, last - first + 1
 
 
@@ -206,17 +210,25 @@ def parse_content_range(value: str):
     first_s, dash, last_s = span.partition("-")
     if unit != "bytes" or not sep or not dash:
         raise BadRequest(f"Invalid Content-Range header: {value[:60]!r}")
-    first = _parse_range_int(first_s, value, header="Content-Range")
-    last = _parse_range_int(last_s, value, header="Content-Range")
+    first = _content_range_int(first_s, value)
+    last = _content_range_int(last_s, value)
     if last < first:
         raise BadRequest(f"Invalid Content-Range header: {value[:60]!r}")
     return first
 
 
-def _parse_range_int(text, value, header="Range"):
+def _range_int(text, value, size):
     text = text.strip()
     if not text.isdigit() or not text.isascii():
-        raise BadRequest(f"Invalid {header} header: {value[:60]!r}")
+        raise RangeNotSatisfiable(f"Invalid Range header: {value[:60]!r}",
+                                  size=size)
+    return int(text)
+
+
+def _content_range_int(text, value):
+    text = text.strip()
+    if not text.isdigit() or not text.isascii():
+        raise BadRequest(f"Invalid Content-Range header: {value[:60]!r}")
     return int(text)
 
 
