@@ -182,9 +182,7 @@ def test_put_without_range_writes_at_zero(endpoint, image, make_ticket):
     assert res.status == 200
     after = read_file(image)
     assert after[: len(data)] == data
-    assert after[len(data) : 4096 + len(data)] == expected_content()[len(data) :][
-        :4096
-    ]
+    assert after[len(data) : 4096 + len(data)] == expected_content()[len(data) :][:4096]
 
 
 def test_put_range_with_total_and_last_ignored(endpoint, image, make_ticket):
