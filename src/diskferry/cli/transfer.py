@@ -1,0 +1,232 @@
+"""``diskferry upload`` and ``diskferry download``: whole raw images.
+
+Output: a progress bar on a terminal, then a one-line summary. When
+standard output is not a terminal (scripts, benchmarks), the summary is
+one JSON object instead, with at least ``bytes`` and ``seconds``.
+"""
+
+import argparse
+import json
+import logging
+import re
+import sys
+
+from diskferry import client
+from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS
+
+UPLOAD_EPILOG = """\
+example:
+  diskferry upload --cafile ca.pem disk.raw \\
+      https://host.example.com:54322/images/0f6c7e4a-5b1e-4c8e-9d2f-3a1b2c3d4e5f
+
+On the server's host the transfer switches to the server's UNIX socket by
+itself (see --unix). Holes of a sparse source are not sent.
+"""
+
+DOWNLOAD_EPILOG = """\
+example:
+  diskferry download --cafile ca.pem \\
+      https://host.example.com:54322/images/0f6c7e4a-5b1e-4c8e-9d2f-3a1b2c3d4e5f \\
+      disk.raw
+
+FILE is created or truncated as a sparse file: zero ranges of the image
+are not transferred and stay holes. A block device is written in place.
+"""
+
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def size_arg(text):
+    """Parse "8M", "8MiB", "4k" or "1048576" into bytes."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.I)
+    if not match or int(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size: {text!r}")
+    return int(match[1]) * _UNITS[match[2].lower()]
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _add_common(parser):
+    parser.add_argument(
+        "--cafile", metavar="FILE",
+        help="CA certificate to verify the server with (default: system CAs)")
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help="do not verify the server's certificate")
+    parser.add_argument(
+        "--workers", type=positive_int, default=DEFAULT_WORKERS, metavar="N",
+        help="connections in parallel, at most what the server allows "
+             f"(default {DEFAULT_WORKERS})")
+    parser.add_argument(
+        "--request-size", type=size_arg, default=DEFAULT_REQUEST_SIZE,
+        metavar="SIZE",
+        help="bytes per request, e.g. 4M (default "
+             f"{DEFAULT_REQUEST_SIZE // 1024**2}M)")
+    parser.add_argument(
+        "--unix", choices=client.session.UNIX_MODES, default="auto",
+        help="use the server's UNIX socket: auto (when the server is on "
+             "this host), always (fail without it) or never")
+    parser.add_argument(
+        "--retries", type=int, default=client.Retry().total, metavar="N",
+        help="times a request is resent after a broken connection "
+             f"(default {client.Retry().total})")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=client.Timeout().connect,
+        metavar="SECONDS", help="seconds to wait for a connection")
+    parser.add_argument(
+        "--read-timeout", type=float, default=client.Timeout().read,
+        metavar="SECONDS", help="seconds to wait for each socket operation")
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="compare the server's checksum of the image with the local "
+             "one afterwards")
+    parser.add_argument(
+        "--quiet", "-q", action="store_true",
+        help="print nothing but errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="log what the client decides")
+
+
+def register(subparsers):
+    up = subparsers.add_parser(
+        "upload", help="upload a local raw image to a transfer URL",
+        description="Upload a local raw file or block device to a transfer "
+                    "URL (https://HOST:PORT/images/TICKET).",
+        epilog=UPLOAD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    up.add_argument("file", metavar="FILE", help="raw image or block device")
+    up.add_argument("url", metavar="URL", help="transfer URL")
+    _add_common(up)
+    up.set_defaults(func=run_upload)
+
+    down = subparsers.add_parser(
+        "download", help="download a transfer URL to a local raw image",
+        description="Download a transfer URL (https://HOST:PORT/images/"
+                    "TICKET) to a raw file or block device.",
+        epilog=DOWNLOAD_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    down.add_argument("url", metavar="URL", help="transfer URL")
+    down.add_argument("file", metavar="FILE",
+                      help="raw file to create, or block device")
+    _add_common(down)
+    down.set_defaults(func=run_download)
+
+
+def run_upload(args):
+    return _run(args, "upload", client.upload, args.file, args.url)
+
+
+def run_download(args):
+    return _run(args, "download", client.download, args.url, args.file)
+
+
+def _run(args, command, copy, src, dst):
+    _setup_logging(args)
+    bar = _progress_bar(args, command)
+    try:
+        result = copy(
+            src, dst, workers=args.workers, request_size=args.request_size,
+            cafile=args.cafile, secure=not args.insecure, unix=args.unix,
+            timeout=client.Timeout(args.connect_timeout, args.read_timeout),
+            retry=client.Retry(total=max(0, args.retries)),
+            progress=bar.update if bar else None,
+            on_start=_set_total(bar) if bar else None)
+    except (client.ClientError, OSError, ValueError) as e:
+        if bar:
+            bar.close()
+        print(f"diskferry {command}: error: {e}", file=sys.stderr)
+        return 1
+    if bar:
+        bar.close()
+    verified = None
+    if args.verify:
+        try:
+            verified = _verify(args, command)
+        except (client.ClientError, OSError, ValueError) as e:
+            print(f"diskferry {command}: verify failed: {e}", file=sys.stderr)
+            return 1
+    _summary(args, result, verified)
+    return 0
+
+
+def _setup_logging(args):
+    level = logging.DEBUG if args.debug else (
+        logging.ERROR if args.quiet else logging.WARNING)
+    logging.basicConfig(level=level, format="diskferry: %(message)s")
+
+
+def _progress_bar(args, command):
+    if args.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(desc=command, unit="B", unit_scale=True, unit_divisor=1024,
+                dynamic_ncols=True, file=sys.stderr, total=None)
+
+
+def _set_total(bar):
+    def on_start(size):
+        bar.total = size
+        bar.refresh()
+    return on_start
+
+
+def _verify(args, command):
+    """Compare the server's checksum with the local file's; raise on a
+    mismatch."""
+    from diskferry import checksum
+
+    url = args.url
+    with client.open(url, "r", cafile=args.cafile, secure=not args.insecure,
+                     unix=args.unix) as sess:
+        remote = sess.checksum()
+    local = checksum.compute_file(args.file, remote["algorithm"],
+                                  remote["block_size"])
+    if local["checksum"] != remote["checksum"]:
+        raise client.ClientError(
+            f"checksums differ: server {remote['checksum']}, "
+            f"local {local['checksum']} ({remote['algorithm']}, "
+            f"block size {remote['block_size']})")
+    return remote
+
+
+def _summary(args, result, verified):
+    if sys.stdout.isatty():
+        if args.quiet:
+            return
+        line = (f"{result.direction}ed {_human(result.image_size)} "
+                f"({_human(result.data_bytes)} data) in {result.seconds:.2f} s, "
+                f"{result.gib_per_second:.2f} GiB/s via {result.transport} "
+                f"({result.connections} connection"
+                f"{'s' if result.connections > 1 else ''})")
+        if result.transport != "unix":
+            line += f"; {result.transport_reason}"
+        if verified:
+            line += ", checksum verified"
+        print(line)
+        return
+    print(json.dumps({
+        "op": result.direction,
+        "bytes": result.data_bytes,
+        "image_bytes": result.image_size,
+        "zero_bytes": result.zero_bytes,
+        "skipped_bytes": result.skipped_bytes,
+        "seconds": round(result.seconds, 6),
+        "gib_s": round(result.gib_per_second, 3),
+        "transport": result.transport,
+        "transport_reason": result.transport_reason,
+        "connections": result.connections,
+        "verified": bool(verified),
+    }))
+
+
+def _human(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n} B"

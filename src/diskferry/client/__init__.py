@@ -1,0 +1,53 @@
+"""Client for image servers speaking the ovirt-imageio images API.
+
+Works with diskferry's daemon and with ovirt-imageio 2.x. Layers, lowest
+first, each usable alone:
+
+- ``UnixHTTPConnection`` (``uhttp``): ``http.client`` over a UNIX socket.
+- ``open()`` -> ``Session`` (``session``): one image URL; OPTIONS,
+  locality, the switch to the server's UNIX socket, and the images API
+  as methods (read, write, zero, flush, extents, checksum).
+- ``upload()`` / ``download()`` (``copy``): whole raw images, in
+  parallel, sparse-aware, with retries and progress.
+
+Policies (``Timeout``, ``Retry``) are immutable values; errors derive
+from ``ClientError``.
+"""
+
+from diskferry.client.copy import TransferResult, download, upload
+from diskferry.client.errors import (
+    ClientError,
+    ConnectionFailed,
+    HTTPError,
+    ProtocolError,
+    RetryExhausted,
+    TransferError,
+    TunnelNotSupported,
+    UnixSocketUnavailable,
+    UnsupportedOperation,
+)
+from diskferry.client.extents import Extent
+from diskferry.client.policy import Retry, Timeout
+from diskferry.client.session import Session, open
+from diskferry.client.uhttp import UnixHTTPConnection
+
+__all__ = [
+    "ClientError",
+    "ConnectionFailed",
+    "Extent",
+    "HTTPError",
+    "ProtocolError",
+    "Retry",
+    "RetryExhausted",
+    "Session",
+    "Timeout",
+    "TransferError",
+    "TransferResult",
+    "TunnelNotSupported",
+    "UnixHTTPConnection",
+    "UnixSocketUnavailable",
+    "UnsupportedOperation",
+    "download",
+    "open",
+    "upload",
+]

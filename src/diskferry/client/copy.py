@@ -1,0 +1,315 @@
+"""The parallel copy engine: whole images between a local file and a URL.
+
+A copy is planned first, then run::
+
+    extents of the source ──> plan: data pieces of request_size,
+                                     zero ranges (or nothing, when the
+                                     destination already reads zeros)
+                          ──> N workers, each with its own keep-alive
+                              connection, take pieces in order
+                          ──> one flush (upload) / fsync (download)
+
+N is ``min(workers, max_writers)`` for an upload and ``min(workers,
+max_readers)`` for a download, as the server asks. A piece whose
+connection breaks is sent again on a new connection from the last
+offset the server acknowledged (a download resumes mid-piece), as the
+``Retry`` policy allows; any other failure stops every worker and is
+raised as ``TransferError`` naming the offset.
+"""
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from diskferry.client import extents as _extents
+from diskferry.client import localfile, session
+from diskferry.client.connection import BUFFER_SIZE
+from diskferry.client.errors import ConnectionFailed, TransferError
+from diskferry.client.extents import Extent
+from diskferry.client.policy import Retry, Timeout
+
+log = logging.getLogger("diskferry.client")
+
+DEFAULT_WORKERS = 4
+DEFAULT_REQUEST_SIZE = BUFFER_SIZE
+
+#: Largest zero request: big enough that a huge hole costs a few requests,
+#: small enough that each completes well within a read timeout.
+MAX_ZERO_SIZE = 1024**3
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What a copy did: sizes in bytes, time in seconds, transport used."""
+
+    direction: str
+    image_size: int
+    data_bytes: int
+    zero_bytes: int
+    skipped_bytes: int
+    seconds: float
+    transport: str
+    transport_reason: str
+    connections: int
+
+    @property
+    def gib_per_second(self):
+        return self.image_size / self.seconds / 1024**3 if self.seconds else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One request's worth of work: ``op`` is "data" or "zero"."""
+
+    op: str
+    offset: int
+    length: int
+
+
+class _Progress:
+    """Serializes calls of the user's progress callback across workers."""
+
+    def __init__(self, callback):
+        self._callback = callback
+        self._lock = threading.Lock()
+
+    def __call__(self, n):
+        if self._callback is not None and n:
+            with self._lock:
+                self._callback(n)
+
+
+def plan(extents, request_size, zero_ranges=None):
+    """Cut data extents into pieces; zero ranges into zero pieces.
+
+    ``zero_ranges`` (default: the zero extents) are the ranges that must
+    be zeroed; pass fewer when the destination already reads zeros there.
+    Pieces come out in image order, so workers move through the image
+    roughly sequentially.
+    """
+    if zero_ranges is None:
+        zero_ranges = _extents.ranges(extents, zero=True)
+    pieces = [Piece("data", off, n)
+              for start, end in _extents.ranges(extents, zero=False)
+              for off, n in _extents.split(start, end, request_size)]
+    pieces += [Piece("zero", off, n)
+               for start, end in zero_ranges
+               for off, n in _extents.split(start, end, MAX_ZERO_SIZE)]
+    pieces.sort(key=lambda p: p.offset)
+    return pieces
+
+
+def _run(pieces, connections, do_piece, retry):
+    """Run pieces on the connections, one thread each; raise the first
+    failure as TransferError."""
+    lock = threading.Lock()
+    queue = iter(pieces)
+    failed = []
+
+    def next_piece():
+        with lock:
+            if failed:
+                return None
+            return next(queue, None)
+
+    def worker(con):
+        try:
+            while (piece := next_piece()) is not None:
+                _with_retries(con, piece, do_piece, retry)
+        except BaseException as e:
+            with lock:
+                failed.append(e)
+        finally:
+            con.close()
+
+    threads = [threading.Thread(target=worker, args=(con,),
+                                name=f"diskferry-copy-{i}", daemon=True)
+               for i, con in enumerate(connections[1:], 1)]
+    for t in threads:
+        t.start()
+    # The calling thread is a worker too, on the session's own connection,
+    # which must survive for the final flush: keep it open.
+    try:
+        while (piece := next_piece()) is not None:
+            _with_retries(connections[0], piece, do_piece, retry)
+    except BaseException as e:
+        with lock:
+            failed.append(e)
+    for t in threads:
+        t.join()
+    if failed:
+        error = failed[0]
+        if isinstance(error, TransferError):
+            raise error
+        raise TransferError(str(error), getattr(error, "offset", 0)) from error
+
+
+def _with_retries(con, piece, do_piece, retry):
+    """Do one piece, resending from the last acknowledged offset when the
+    connection breaks, within the retry budget."""
+    state = {"offset": piece.offset}
+    end = piece.offset + piece.length
+    while True:
+        try:
+            do_piece(con, piece.op, state, end)
+            return
+        except ConnectionFailed as e:
+            try:
+                retry = retry.increment(e)
+            except Exception as spent:
+                raise TransferError(
+                    f"{piece.op} failed: {spent}", state["offset"]) from e
+            log.warning("%s at offset %d failed (%s); retrying",
+                        piece.op, state["offset"], e)
+            retry.sleep()
+        except Exception as e:
+            raise TransferError(f"{piece.op} failed: {e}",
+                                state["offset"]) from e
+
+
+def _open_connections(sess, count):
+    return [sess.primary] + [sess.connection() for _ in range(count - 1)]
+
+
+def upload(path, url, *, workers=DEFAULT_WORKERS,
+           request_size=DEFAULT_REQUEST_SIZE, cafile=None, secure=True,
+           unix="auto", timeout=Timeout(), retry=Retry(), progress=None,
+           on_start=None):
+    """Upload local raw file or block device ``path`` to transfer ``url``.
+
+    Holes of the source are zeroed with PATCH zero, except where the
+    destination already reads zeros (its extents say so). ``progress(n)``
+    is called as ``n`` more bytes of the image are done, ``on_start(size)``
+    once the image size is known.
+    """
+    started = time.monotonic()
+    report = _Progress(progress)
+    src = localfile.open_source(path)
+    try:
+        with session.open(url, "w", cafile=cafile, secure=secure, unix=unix,
+                          timeout=timeout, buffer_size=request_size) as sess:
+            size = sess.size()
+            if on_start:
+                on_start(size)
+            if src.size > size:
+                raise TransferError(
+                    f"{path} ({src.size} bytes) is larger than the image "
+                    f"({size} bytes)", size)
+            src_extents = (_extents.file_extents(src.fd, src.size)
+                           if src.kind == "file"
+                           else [Extent(0, src.size, False)])
+            zero_ranges = _extents.ranges(src_extents, zero=True)
+            known = _destination_zeros(sess)
+            needed = _extents.subtract(zero_ranges, known)
+            pieces = plan(src_extents, request_size, needed)
+            skipped = sum(e - s for s, e in zero_ranges) - sum(
+                e - s for s, e in needed)
+            report(skipped)
+
+            def do_piece(con, op, state, end):
+                offset = state["offset"]
+                if op == "data":
+                    con.write_from_fd(src.fd, offset, end - offset,
+                                      flush=sess._put_flush(False))
+                elif "zero" in sess.features:
+                    con.zero(offset, end - offset)
+                else:
+                    _put_zeros(con, offset, end - offset)
+                state["offset"] = end
+                report(end - offset)
+
+            count = max(1, min(workers, sess.max_writers))
+            _run(pieces, _open_connections(sess, count), do_piece, retry)
+            try:
+                sess.flush()
+            except Exception as e:
+                raise TransferError(f"flush failed: {e}", size) from e
+            return _result("upload", size, pieces, skipped, started, sess,
+                           count)
+    finally:
+        src.close()
+
+
+def download(url, path, *, workers=DEFAULT_WORKERS,
+             request_size=DEFAULT_REQUEST_SIZE, cafile=None, secure=True,
+             unix="auto", timeout=Timeout(), retry=Retry(), progress=None,
+           on_start=None):
+    """Download transfer ``url`` to local raw file or block device ``path``.
+
+    A regular file is created (or truncated) sparse: zero ranges of the
+    image are not transferred and stay holes. A block device gets its
+    zero ranges zeroed locally. ``progress`` and ``on_start`` as for
+    ``upload()``.
+    """
+    started = time.monotonic()
+    report = _Progress(progress)
+    with session.open(url, "r", cafile=cafile, secure=secure, unix=unix,
+                      timeout=timeout, buffer_size=request_size) as sess:
+        size = sess.size()
+        if "extents" in sess.features:
+            image_extents = sess.extents("zero")
+        else:
+            image_extents = [Extent(0, size, False)] if size else []
+        if on_start:
+            on_start(size)
+        dst = localfile.open_destination(path, size)
+        try:
+            zero_ranges = ([] if dst.zeroed
+                           else _extents.ranges(image_extents, zero=True))
+            pieces = plan(image_extents, request_size, zero_ranges)
+            skipped = sum(e.length for e in image_extents if e.zero) - sum(
+                e - s for s, e in zero_ranges)
+            report(skipped)
+
+            def do_piece(con, op, state, end):
+                offset = state["offset"]
+                if op == "data":
+                    def ack(n):
+                        state["offset"] += n
+                        report(n)
+                    con.read_to_fd(dst.fd, offset, end - offset, ack)
+                else:
+                    localfile.zero_range(dst, offset, end - offset)
+                    state["offset"] = end
+                    report(end - offset)
+
+            count = max(1, min(workers, sess.max_readers))
+            _run(pieces, _open_connections(sess, count), do_piece, retry)
+            if dst.kind != "other":
+                os.fsync(dst.fd)
+        finally:
+            dst.close()
+        return _result("download", size, pieces, skipped, started, sess,
+                       count)
+
+
+def _destination_zeros(sess):
+    """Ranges the destination already reads as zeros (empty if unknown)."""
+    if "extents" not in sess.features:
+        return []
+    try:
+        return _extents.ranges(sess.extents("zero"), zero=True)
+    except Exception as e:
+        log.info("cannot get destination extents (%s); zeroing all holes", e)
+        return []
+
+
+def _put_zeros(con, offset, length):
+    zeros = memoryview(bytes(min(length, con.buffer_size)))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        con.write(zeros[:n], offset, flush=True)
+        offset += n
+
+
+def _result(direction, size, pieces, skipped, started, sess, count):
+    data = sum(p.length for p in pieces if p.op == "data")
+    zero = sum(p.length for p in pieces if p.op == "zero")
+    return TransferResult(
+        direction=direction, image_size=size, data_bytes=data,
+        zero_bytes=zero, skipped_bytes=skipped,
+        seconds=time.monotonic() - started, transport=sess.transport.kind,
+        transport_reason=sess.transport_reason, connections=count)

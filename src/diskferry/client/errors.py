@@ -1,0 +1,76 @@
+"""Errors raised by the client, in one place.
+
+Two families, because the copy engine treats them differently:
+
+- ``ConnectionFailed``: the transport broke (reset, timeout, a body cut
+  short). Transient: the request may be sent again on a new connection,
+  as the ``Retry`` policy allows.
+- Everything else (``HTTPError``, ``TransferError``, ...): retrying
+  cannot help; the transfer stops and the error says why and where.
+"""
+
+from diskferry.errors import DiskferryError
+
+
+class ClientError(DiskferryError):
+    """Base of every error raised by ``diskferry.client``."""
+
+
+class ConnectionFailed(ClientError):
+    """Raised when the connection broke before a request completed."""
+
+
+class HTTPError(ClientError):
+    """Raised when the server answered a request with an error status.
+
+    ``status`` is the HTTP status, ``message`` the server's explanation.
+    """
+
+    def __init__(self, method, target, status, reason, message):
+        self.method = method
+        self.target = target
+        self.status = status
+        self.reason = reason
+        self.message = message
+        text = f"{method} {target}: {status} {reason}"
+        if message:
+            text += f": {message}"
+        super().__init__(text)
+
+
+class ProtocolError(ClientError):
+    """Raised when the server's answer does not follow the protocol."""
+
+
+class UnsupportedOperation(ClientError):
+    """Raised when the server or ticket does not offer what was asked."""
+
+
+class UnixSocketUnavailable(ClientError):
+    """Raised when ``unix="always"`` was asked but the socket is unusable."""
+
+
+class TunnelNotSupported(ClientError, NotImplementedError):
+    """Raised by ``UnixHTTPConnection.set_tunnel``: no proxy on a socket."""
+
+
+class RetryExhausted(ClientError):
+    """Raised when a request failed more times than the ``Retry`` allows.
+
+    ``last_error`` is the failure that used up the budget.
+    """
+
+    def __init__(self, message, last_error=None):
+        super().__init__(message)
+        self.last_error = last_error
+
+
+class TransferError(ClientError):
+    """Raised when copying an image failed; ``offset`` is where.
+
+    The cause (``__cause__``) is the underlying error.
+    """
+
+    def __init__(self, message, offset):
+        super().__init__(f"{message} (at offset {offset})")
+        self.offset = offset

@@ -1,0 +1,125 @@
+"""Extents: which parts of an image hold data, and the work they make.
+
+Pure functions over ``(start, length)`` ranges, kept apart from I/O so
+they can be tested with tables: parsing the server's extents, mapping a
+local file with ``SEEK_DATA``/``SEEK_HOLE``, and cutting data into
+requests.
+"""
+
+import errno
+import os
+from dataclasses import dataclass
+
+from diskferry.client.errors import ProtocolError
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of an image that is all data or all zeros (``zero``)."""
+
+    start: int
+    length: int
+    zero: bool
+    hole: bool = False
+    dirty: bool = False
+
+    @property
+    def end(self):
+        return self.start + self.length
+
+
+def parse_extents(items, size=None):
+    """Check the server's extents JSON and return a list of ``Extent``.
+
+    They must be contiguous from 0 and, when ``size`` is known, end there.
+    """
+    extents = []
+    pos = 0
+    try:
+        for item in items:
+            ext = Extent(int(item["start"]), int(item["length"]),
+                         bool(item.get("zero", False)),
+                         bool(item.get("hole", False)),
+                         bool(item.get("dirty", False)))
+            if ext.start != pos or ext.length < 0:
+                raise ProtocolError(
+                    f"extents not contiguous at offset {pos}: {item}")
+            extents.append(ext)
+            pos = ext.end
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"malformed extent: {e}") from None
+    if size is not None and pos != size:
+        raise ProtocolError(f"extents end at {pos}, image size is {size}")
+    return extents
+
+
+def file_extents(fd, size):
+    """Map a local file with ``SEEK_DATA``/``SEEK_HOLE``.
+
+    Holes are reported as zero; where the file system cannot tell (or
+    ``fd`` is a block device), everything is data.
+    """
+    extents = []
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                data = size
+            elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return [Extent(0, size, False)] if size else []
+            else:
+                raise
+        data = min(data, size)
+        if data > pos:
+            extents.append(Extent(pos, data - pos, True, True))
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        extents.append(Extent(data, hole - data, False))
+        pos = hole
+    return extents
+
+
+def ranges(extents, zero):
+    """Return the ``(start, end)`` ranges of extents whose zero flag is
+    ``zero``, adjacent ones merged."""
+    out = []
+    for ext in extents:
+        if ext.zero != zero or not ext.length:
+            continue
+        if out and out[-1][1] == ext.start:
+            out[-1] = (out[-1][0], ext.end)
+        else:
+            out.append((ext.start, ext.end))
+    return out
+
+
+def subtract(wanted, known):
+    """Return the parts of ranges ``wanted`` not covered by ``known``.
+
+    Both are sorted, non-overlapping ``(start, end)`` lists; used to skip
+    zeroing what the destination already reads as zeros.
+    """
+    out = []
+    i = 0
+    for start, end in wanted:
+        while i < len(known) and known[i][1] <= start:
+            i += 1
+        j = i
+        pos = start
+        while j < len(known) and known[j][0] < end:
+            k_start, k_end = known[j]
+            if k_start > pos:
+                out.append((pos, k_start))
+            pos = max(pos, k_end)
+            j += 1
+        if pos < end:
+            out.append((pos, end))
+    return out
+
+
+def split(start, end, step):
+    """Cut ``[start, end)`` into ``(offset, length)`` pieces of ``step``."""
+    return [(pos, min(step, end - pos)) for pos in range(start, end, step)]

@@ -1,0 +1,96 @@
+"""The local side of a copy: raw files and block devices.
+
+A download into a regular file starts from a fresh sparse file of the
+image's size (so ranges that are zero need no writing and holes stay
+holes); a block device keeps its size and gets its zero ranges zeroed.
+"""
+
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+#: ioctl numbers from <linux/fs.h>: _IO(0x12, 127) and _IO(0x12, 96).
+BLKZEROOUT = 0x127F
+
+#: Zero-filled buffer for zeroing without an ioctl.
+ZERO_CHUNK = 4 * 1024**2
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An open local raw image: ``fd``, ``size`` and what kind it is."""
+
+    fd: int
+    size: int
+    kind: str  # "file", "block" or "other" (a character device such as null)
+    #: True when every byte reads as zero now (a fresh sparse file).
+    zeroed: bool = False
+
+    def close(self):
+        os.close(self.fd)
+
+
+def _kind(mode):
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISBLK(mode):
+        return "block"
+    return "other"
+
+
+def open_source(path):
+    """Open a raw file or block device for reading."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        kind = _kind(st.st_mode)
+        if kind == "other":
+            raise ValueError(f"{path}: not a regular file or block device")
+        size = st.st_size if kind == "file" else os.lseek(fd, 0, os.SEEK_END)
+    except BaseException:
+        os.close(fd)
+        raise
+    return LocalImage(fd, size, kind)
+
+
+def open_destination(path, size):
+    """Open (creating if needed) where a download of ``size`` bytes goes.
+
+    A regular file is truncated to a fresh sparse file of ``size``; a
+    block device must be at least ``size`` bytes.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        st = os.fstat(fd)
+        kind = _kind(st.st_mode)
+        if kind == "file":
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            return LocalImage(fd, size, kind, zeroed=True)
+        if kind == "block":
+            dev_size = os.lseek(fd, 0, os.SEEK_END)
+            if dev_size < size:
+                raise ValueError(
+                    f"{path}: device of {dev_size} bytes is smaller than "
+                    f"the image ({size} bytes)")
+            return LocalImage(fd, size, kind)
+        return LocalImage(fd, size, kind, zeroed=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def zero_range(image, offset, length):
+    """Make ``[offset, offset+length)`` of a local image read as zeros."""
+    if image.kind == "block":
+        try:
+            fcntl.ioctl(image.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        except OSError:
+            pass
+    zeros = bytes(min(length, ZERO_CHUNK))
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(image.fd, zeros[:end - offset], offset)

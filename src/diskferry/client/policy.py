@@ -1,0 +1,64 @@
+"""Immutable policies bounding how long the client waits and retries.
+
+A ``Timeout`` or ``Retry`` is a value: configure it once, share it
+between threads; ``Retry.increment()`` returns a new object instead of
+counting in place, so one transfer's failures never leak into another.
+"""
+
+import time
+from dataclasses import dataclass, replace
+
+from diskferry.client.errors import RetryExhausted
+
+
+@dataclass(frozen=True)
+class Timeout:
+    """Seconds to wait for a connection and for each read or write.
+
+    ``connect`` bounds the TCP connect and TLS handshake (or the UNIX
+    socket connect); ``read`` bounds each socket operation afterwards,
+    including the wait for a response while the server writes a request
+    to storage. ``None`` waits forever.
+    """
+
+    connect: float | None = 10.0
+    read: float | None = 120.0
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How often a request that lost its connection is sent again.
+
+    ``total`` is the number of retries of one request (0 disables them).
+    Between attempts the client sleeps ``backoff_factor * 2**(n - 1)``
+    seconds (no sleep before the first retry), at most ``backoff_max``.
+    Only transient failures are retried (``ConnectionFailed``); an HTTP
+    error answer never is.
+    """
+
+    total: int = 3
+    backoff_factor: float = 0.2
+    backoff_max: float = 10.0
+    #: Failures seen so far, newest last (for the final error message).
+    history: tuple = ()
+
+    def increment(self, error):
+        """Return the policy after one more failure, or raise when spent."""
+        history = self.history + (error,)
+        if len(history) > self.total:
+            raise RetryExhausted(
+                f"gave up after {len(history)} attempts: {error}", error
+            ) from error
+        return replace(self, history=history)
+
+    def backoff(self):
+        """Seconds to wait before the next attempt."""
+        retries = len(self.history)
+        if retries <= 1:
+            return 0.0
+        return min(self.backoff_max, self.backoff_factor * 2 ** (retries - 1))
+
+    def sleep(self):
+        delay = self.backoff()
+        if delay:
+            time.sleep(delay)

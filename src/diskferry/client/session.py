@@ -1,0 +1,303 @@
+"""A transfer session: one image URL, the best transport to reach it.
+
+``open()`` sends ``OPTIONS`` on the URL's TCP/TLS connection, learns
+what the server offers, and decides whether to switch to the server's
+UNIX socket::
+
+    unix="never"  -> stay on TCP/TLS
+    unix="always" -> use the socket or fail (UnixSocketUnavailable)
+    unix="auto"   -> use the socket when the server is on this host:
+                       host_id extension equal to ours, or (servers
+                       without it) the peer address is one of ours;
+                     and OPTIONS over the socket knows the ticket (and
+                     reports the same server_id) -- else stay, and say why
+
+The reason is kept in ``Session.transport_reason`` and logged, so that a
+slow transfer on TLS can be explained.
+"""
+
+import logging
+import urllib.parse
+from dataclasses import dataclass, field
+
+from diskferry.client import locality
+from diskferry.client.connection import BUFFER_SIZE, ImageConnection
+from diskferry.client.errors import (
+    ClientError,
+    ProtocolError,
+    UnixSocketUnavailable,
+    UnsupportedOperation,
+)
+from diskferry.client.extents import parse_extents
+from diskferry.client.policy import Timeout
+from diskferry.client.transport import Transport
+from diskferry.client.uhttp import display_address, normalize_address
+
+log = logging.getLogger("diskferry.client")
+
+UNIX_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What ``OPTIONS`` told about the image and the server."""
+
+    features: frozenset = frozenset()
+    allow: frozenset | None = None
+    max_readers: int = 1
+    max_writers: int = 1
+    unix_socket: str | None = None
+    host_id: str | None = None
+    server_id: str | None = None
+    #: False for old servers that answer OPTIONS with 405 or 204.
+    known: bool = field(default=True)
+
+    @classmethod
+    def parse(cls, answer):
+        if answer is None:
+            return cls(known=False)
+        allow, data = answer
+        unix_socket = data.get("unix_socket")
+        return cls(
+            features=frozenset(data.get("features") or ()),
+            allow=frozenset(allow) if allow else None,
+            max_readers=_positive(data.get("max_readers")),
+            max_writers=_positive(data.get("max_writers")),
+            unix_socket=normalize_address(unix_socket) if unix_socket else None,
+            host_id=data.get("host_id") or None,
+            server_id=data.get("server_id") or None,
+        )
+
+
+def _positive(value):
+    return value if isinstance(value, int) and value > 0 else 1
+
+
+class Session:
+    """Operations on one image through the chosen transport.
+
+    Methods use one connection and are not thread-safe; call
+    ``connection()`` for more connections (one per thread).
+    """
+
+    def __init__(self, url, mode, path, options, transport, con, reason):
+        self.url = url
+        self.mode = mode
+        self.path = path
+        self.options = options
+        self.transport = transport
+        self.transport_reason = reason
+        self._con = con
+        self._size = None
+
+    # -- facts
+
+    @property
+    def features(self):
+        return self.options.features
+
+    @property
+    def max_readers(self):
+        return self.options.max_readers
+
+    @property
+    def max_writers(self):
+        return self.options.max_writers
+
+    def connection(self):
+        """A new connection to the image on the session's transport."""
+        return ImageConnection(self.transport, self.path,
+                               self._con.buffer_size)
+
+    @property
+    def primary(self):
+        """The session's own connection (for a worker of a copy)."""
+        return self._con
+
+    # -- operations
+
+    def size(self):
+        if self._size is None:
+            self._size = self._con.probe_size()
+        return self._size
+
+    def extents(self, context="zero"):
+        """The image's extents (``Extent`` list) in context zero or dirty."""
+        self._require("extents")
+        extents = parse_extents(self._con.extents(context))
+        if extents:
+            self._size = extents[-1].end
+        return extents
+
+    def checksum(self, algorithm=None, block_size=None):
+        """The server's checksum answer: dict with checksum, algorithm,
+        block_size."""
+        self._require("checksum")
+        return self._con.checksum(algorithm, block_size)
+
+    def read(self, offset, length):
+        buf = bytearray(length)
+        self._con.readinto(buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buf, offset):
+        """Fill ``buf`` with the image's bytes at ``offset``."""
+        return self._con.readinto(buf, offset)
+
+    def write(self, data, offset, flush=False):
+        """Write ``data`` at ``offset`` (durable after ``flush()``)."""
+        self._require_write()
+        self._con.write(data, offset, flush=self._put_flush(flush))
+
+    def write_from(self, file, offset, length, src_offset=None, flush=False):
+        """Write ``length`` bytes of a local file (object or descriptor),
+        read at ``src_offset`` (default ``offset``), to the image."""
+        self._require_write()
+        fd = file if isinstance(file, int) else file.fileno()
+        self._con.write_from_fd(fd, offset, length, self._put_flush(flush),
+                                src_offset)
+
+    def zero(self, offset, length, flush=False):
+        """Make a range read as zeros (PUT of zeros on servers without
+        the zero feature)."""
+        self._require_write()
+        if "zero" in self.features:
+            self._con.zero(offset, length, flush)
+            return
+        zeros = bytes(min(length, self._con.buffer_size))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self._con.write(memoryview(zeros)[:n], offset,
+                            flush=self._put_flush(flush))
+            offset += n
+
+    def flush(self):
+        """Make every write so far durable (on every connection)."""
+        self._require_write()
+        if "flush" in self.features:
+            self._con.flush()
+
+    def _put_flush(self, flush):
+        # Servers without the flush feature flush every PUT anyway.
+        return flush or "flush" not in self.features
+
+    def _require(self, feature):
+        if self.options.known and feature not in self.features:
+            raise UnsupportedOperation(
+                f"the server does not offer {feature} for this image")
+        if not self.options.known:
+            raise UnsupportedOperation(
+                f"the server is too old for {feature} (no OPTIONS)")
+
+    def _require_write(self):
+        if self.mode != "w":
+            raise UnsupportedOperation("session opened for reading (mode='r')")
+
+    # -- lifetime
+
+    def close(self):
+        self._con.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return (f"<Session {self.path} via {self.transport.describe()} "
+                f"mode={self.mode}>")
+
+
+def open(url, mode="r", *, cafile=None, secure=True, unix="auto",
+         timeout=Timeout(), buffer_size=BUFFER_SIZE):
+    """Open a transfer URL ``https://host:port/images/TICKET``.
+
+    ``mode`` is "r" or "w"; ``cafile`` verifies the server's certificate
+    (``secure=False`` skips verification); ``unix`` chooses the UNIX
+    socket policy (see the module docstring); ``timeout`` is a
+    ``Timeout``. Returns a ``Session``; use it as a context manager.
+    """
+    if mode not in ("r", "w"):
+        raise ValueError(f"mode must be 'r' or 'w', not {mode!r}")
+    if unix not in UNIX_MODES:
+        raise ValueError(f"unix must be one of {UNIX_MODES}, not {unix!r}")
+    path = urllib.parse.urlsplit(url).path
+    if not path.startswith("/images/") or path == "/images/":
+        raise ClientError(f"not a transfer URL (no /images/TICKET): {url!r}")
+    remote = Transport.from_url(url, cafile=cafile, secure=secure,
+                                timeout=timeout)
+    con = ImageConnection(remote, path, buffer_size)
+    try:
+        options = ServerOptions.parse(con.options())
+        if mode == "w" and options.allow is not None and \
+                "PUT" not in options.allow:
+            raise UnsupportedOperation(
+                "the ticket does not allow writing (OPTIONS allows "
+                f"{','.join(sorted(options.allow))})")
+        transport, con, reason = _choose_transport(con, options, unix)
+    except BaseException:
+        con.close()
+        raise
+    log.info("using %s: %s", transport.describe(), reason)
+    return Session(url, mode, path, options, transport, con, reason)
+
+
+def _choose_transport(con, options, unix):
+    """Return (transport, connection, reason) per the module docstring."""
+    remote = con.transport
+    if unix == "never":
+        return remote, con, "UNIX socket not wanted (unix=never)"
+    if not options.unix_socket:
+        if unix == "always":
+            raise UnixSocketUnavailable(
+                "unix=always, but the server offers no UNIX socket")
+        return remote, con, "the server offers no UNIX socket"
+
+    if unix == "auto":
+        local, why = _server_is_local(con, options)
+        if not local:
+            return remote, con, why
+    else:
+        why = "unix=always"
+
+    socket_transport = Transport.unix(options.unix_socket, remote.timeout)
+    local_con = ImageConnection(socket_transport, con.path, con.buffer_size)
+    shown = display_address(options.unix_socket)
+    try:
+        answer = local_con.options()
+        if answer is None:
+            raise ProtocolError("no OPTIONS answer on the socket")
+        server_id = answer[1].get("server_id")
+        if options.server_id and server_id != options.server_id:
+            raise ProtocolError(
+                "the socket reaches another daemon (server_id "
+                f"{server_id!r}, expected {options.server_id!r})")
+    except ClientError as e:
+        local_con.close()
+        if unix == "always":
+            raise UnixSocketUnavailable(
+                f"cannot use UNIX socket {shown}: {e}") from e
+        reason = (f"UNIX socket {shown} unusable ({e}); "
+                  f"falling back to {remote.kind}")
+        log.warning("%s", reason)
+        return remote, con, reason
+    con.close()
+    return socket_transport, local_con, f"server is local ({why})"
+
+
+def _server_is_local(con, options):
+    """Return (is_local, reason) from host ids or the peer address."""
+    if options.host_id:
+        mine = locality.host_id()
+        if mine == options.host_id:
+            return True, "host id matches"
+        return False, (f"server runs on another host (host id "
+                       f"{options.host_id}, ours {mine})")
+    peer = con.peer_address()
+    if peer is None:
+        return False, "peer address unknown"
+    if locality.is_own_address(peer):
+        return True, f"peer address {peer} is ours"
+    return False, f"peer address {peer} is not an address of this host"

@@ -1,0 +1,144 @@
+"""Helpers for client tests: images with real holes, a relay that breaks a
+connection, and the server's own word on which transport carried data."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+
+MiB = 1024**2
+
+KINDS = ("ovirt-imageio", "diskferry")
+
+
+def make_image(path, size, layout):
+    """Write a raw image; ``layout`` "full" (all data) or "sparse" (a few
+    data runs, real holes between). Returns its bytes."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if layout == "full":
+            f.write(os.urandom(size))
+        else:
+            for offset, length in sparse_runs(size):
+                f.seek(offset)
+                f.write(os.urandom(length))
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def sparse_runs(size):
+    """Data runs of a sparse image: unaligned starts and ends on purpose."""
+    return [(0, MiB + 4096), (5 * MiB + 512, 3 * MiB), (size - MiB - 12345,
+                                                       MiB + 12345)]
+
+
+def allocated(path):
+    return os.stat(path).st_blocks * 512
+
+
+def empty_image(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+# --- server-side evidence -------------------------------------------------
+
+_OVIRT_DATA = re.compile(r"CLOSE connection=\d+ client=(\S+) .*\[(read|write) \d+ ops")
+
+
+def data_transports(srv, log_offset, ticket_id, wait=3.0):
+    """Transports ("local" / "remote") that carried image data since
+    ``log_offset`` of the server's log, as the server itself logged them."""
+    deadline = time.monotonic() + wait
+    while True:
+        text = srv.log_text()[log_offset:]
+        found = set()
+        if srv.name == "ovirt-imageio":
+            # Data ops are counted per connection when it closes.
+            for client, _ in _OVIRT_DATA.findall(text):
+                found.add("local" if client == "local" else "remote")
+        else:
+            for line in text.splitlines():
+                if ticket_id in line and re.search(r" (GET|PUT) /images/", line):
+                    found.add("local" if "[local/" in line else "remote")
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def log_offset(srv):
+    return len(srv.log_text())
+
+
+# --- a TCP relay that breaks a connection -----------------------------------
+
+
+class CuttingRelay:
+    """Forwards TCP connections to ``target``; resets the first one after
+    ``cut_after`` bytes went in ``direction`` ("up": client to server,
+    "down": server to client). TLS passes through untouched."""
+
+    def __init__(self, target, cut_after, direction="up"):
+        self.target = target
+        self.cut_after = cut_after
+        self.direction = direction
+        self.cuts = 0
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            first = self.connections == 1
+            server = socket.create_connection(self.target)
+            budget = [self.cut_after if first else None]
+            pair = (client, server)
+            up = threading.Thread(target=self._pump, daemon=True, args=(
+                client, server, budget if self.direction == "up" else [None],
+                pair))
+            down = threading.Thread(target=self._pump, daemon=True, args=(
+                server, client, budget if self.direction == "down" else [None],
+                pair))
+            up.start()
+            down.start()
+
+    def _pump(self, src, dst, budget, pair):
+        try:
+            while True:
+                data = src.recv(256 * 1024)
+                if not data:
+                    break
+                if budget[0] is not None:
+                    if len(data) >= budget[0]:
+                        dst.sendall(data[:budget[0]])
+                        self.cuts += 1
+                        break
+                    budget[0] -= len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in pair:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for s in pair:
+            s.close()
+
+    def close(self):
+        self._stop = True
+        self._listener.close()
+
+
