@@ -447,14 +447,16 @@ CHECKSUM_QUERIES = [
 @pytest.fixture(scope="module")
 def checksum_images(tmp_path_factory):
     """Images whose content exercises blkhash's cases: data blocks, holes,
-    allocated zero blocks, and a partial last block."""
+    allocated zero blocks, and a partial last block.  Sizes are multiples of
+    4096: ovirt-imageio reads with O_DIRECT and fails (500) on an image whose
+    size is not a multiple of the sector size."""
     d = tmp_path_factory.mktemp("checksum")
-    size = 9 * MiB + 4096 + 123
+    size = 9 * MiB + 3 * 4096
     data = {
         0: os.urandom(MiB),
         3 * MiB: bytes(MiB),  # allocated zeros
         5 * MiB + 17: os.urandom(3000),
-        9 * MiB: os.urandom(4096 + 123),
+        9 * MiB + 4096: os.urandom(2 * 4096),
     }
     return {
         "mixed": (make_sparse_file(d / "mixed.raw", size, data), size),
@@ -463,7 +465,7 @@ def checksum_images(tmp_path_factory):
             make_sparse_file(d / "zeros.raw", 6 * MiB, {0: bytes(6 * MiB)}),
             6 * MiB,
         ),
-        "small": (make_sparse_file(d / "small.raw", 1000, {0: b"s" * 1000}), 1000),
+        "small": (make_sparse_file(d / "small.raw", 8192, {0: b"s" * 1000}), 8192),
     }
 
 
