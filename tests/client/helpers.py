@@ -31,8 +31,8 @@ def make_image(path, size, layout):
 
 def sparse_runs(size):
     """Data runs of a sparse image: unaligned starts and ends on purpose."""
-    return [(0, MiB + 4096), (5 * MiB + 512, 3 * MiB), (size - MiB - 12345,
-                                                       MiB + 12345)]
+    return [(0, MiB + 4096), (size // 2 + 512, size // 8),
+            (size - MiB - 12345, MiB + 12345)]
 
 
 def allocated(path):

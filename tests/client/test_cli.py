@@ -1,0 +1,99 @@
+"""The upload and download commands, run as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .helpers import KINDS, MiB, data_transports, empty_image, log_offset, make_image
+
+SIZE = 8 * MiB
+
+
+def diskferry(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "diskferry", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("command", ["upload", "download"])
+def test_help_shows_an_example(command):
+    out = diskferry(command, "--help").stdout
+    assert "example:" in out
+    assert f"diskferry {command} --cafile" in out
+    for option in ("--cafile", "--insecure", "--workers", "--request-size",
+                   "--unix", "--verify", "--quiet"):
+        assert option in out
+
+
+@pytest.mark.parametrize("unix", ["auto", "never"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_upload_and_download_print_json_when_not_a_terminal(
+        daemons, make_ticket, tmp_path, kind, unix):
+    srv = daemons.get(kind)
+    content = make_image(tmp_path / "src.raw", SIZE, "sparse")
+    target = empty_image(tmp_path / "target.raw", SIZE)
+    ticket = make_ticket(srv, target, SIZE)
+    url = srv.image_url(ticket["uuid"])
+    expected = "unix" if unix == "auto" else "tls"
+
+    mark = log_offset(srv)
+    up = diskferry("upload", "--cafile", srv.ca_file, "--unix", unix,
+                   "--verify", "--request-size", "2M", tmp_path / "src.raw", url)
+    summary = json.loads(up.stdout)
+    assert summary["transport"] == expected
+    assert summary["seconds"] > 0
+    assert 0 < summary["bytes"] < SIZE
+    assert summary["verified"] is True
+    assert up.stderr == ""  # no progress bar when not on a terminal
+    assert target.read_bytes() == content
+    side = "local" if unix == "auto" else "remote"
+    assert data_transports(srv, mark, ticket["uuid"]) == {side}
+
+    down = diskferry("download", "--cafile", srv.ca_file, "--unix", unix,
+                     "--verify", "--workers", "2", url, tmp_path / "dst.raw")
+    summary = json.loads(down.stdout)
+    assert summary["transport"] == expected
+    assert summary["image_bytes"] == SIZE
+    assert (tmp_path / "dst.raw").read_bytes() == content
+
+
+def test_errors_are_one_line_and_exit_1(daemons, tmp_path):
+    srv = daemons.get("diskferry")
+    proc = diskferry("download", "--cafile", srv.ca_file,
+                     srv.image_url("no-such-ticket"), tmp_path / "x",
+                     check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("diskferry download: error: ")
+    assert "403" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_untrusted_certificate_is_refused_unless_insecure(daemons, make_ticket,
+                                                          tmp_path):
+    srv = daemons.get("diskferry")
+    make_image(tmp_path / "img.raw", MiB, "full")
+    ticket = make_ticket(srv, tmp_path / "img.raw", MiB, ops=["read"])
+    url = srv.image_url(ticket["uuid"])
+    refused = diskferry("download", "--unix", "never", url, tmp_path / "a",
+                        check=False)
+    assert refused.returncode == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+    diskferry("download", "--insecure", "--unix", "never", url, tmp_path / "b")
+    assert (tmp_path / "b").read_bytes() == (tmp_path / "img.raw").read_bytes()
+
+
+def test_verify_detects_a_difference(daemons, make_ticket, tmp_path):
+    srv = daemons.get("diskferry")
+    make_image(tmp_path / "src.raw", MiB, "full")
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\1" * (2 * MiB))  # bigger image: tail differs
+    ticket = make_ticket(srv, target, 2 * MiB)
+    proc = diskferry("upload", "--cafile", srv.ca_file, "--verify",
+                     tmp_path / "src.raw", srv.image_url(ticket["uuid"]),
+                     check=False)
+    assert proc.returncode == 1
+    assert "checksums differ" in proc.stderr
