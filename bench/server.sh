@@ -1,0 +1,29 @@
+#!/bin/sh
+# Runs the diskferry daemon under the transfer benchmark's server contract
+# (BENCH_* variables; see the harness README, "Plugging in a server").
+# DISKFERRY_DIRECT=1 opens images with O_DIRECT.
+set -eu
+root=$(cd "$(dirname "$0")/.." && pwd)
+tls=false; [ "$BENCH_TLS" = 1 ] && tls=true
+direct=false; [ "${DISKFERRY_DIRECT:-0}" = 1 ] && direct=true
+cat >"$BENCH_WORKDIR/diskferry.toml" <<CONF
+[daemon]
+state_dir = "$BENCH_WORKDIR"
+[remote]
+host = "$BENCH_HOST"
+port = $BENCH_PORT
+[tls]
+enable = $tls
+cert_file = "$BENCH_CERT_FILE"
+key_file = "$BENCH_KEY_FILE"
+ca_file = "$BENCH_CA_FILE"
+[local]
+enable = true
+socket = "$BENCH_LOCAL_SOCKET"
+[control]
+transport = "unix"
+socket = "$BENCH_CONTROL_SOCKET"
+[backend_file]
+direct = $direct
+CONF
+exec "${DISKFERRY_VENV:-$root/.venv}/bin/diskferry" serve --config "$BENCH_WORKDIR/diskferry.toml"
