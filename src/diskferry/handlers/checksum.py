@@ -3,7 +3,6 @@
 from diskferry import checksum
 from diskferry.handlers.context import open_image
 from diskferry.handlers.jsonbody import send_json
-from diskferry.http import parse
 
 
 class ChecksumHandler:
@@ -13,18 +12,17 @@ class ChecksumHandler:
         self.config = config
 
     def get(self, request, ticket_id):
-        algorithm = request.query.get("algorithm", checksum.DEFAULT_ALGORITHM)
-        block_size = parse.query_int(request.query, "block_size",
-                                     checksum.DEFAULT_BLOCK_SIZE, minimum=1)
-        checksum.validate(algorithm, block_size)
+        algorithm, block_size = checksum.validate(
+            request.query.get("algorithm"), request.query.get("block_size"))
         image = open_image(request, self.store, self.config, ticket_id, "read")
-        with image.ticket.operation():
+        with image.ticket.operation() as op:
             result = checksum.compute(image.backend, algorithm=algorithm,
-                                      block_size=block_size)
+                                      block_size=block_size,
+                                      progress=lambda _: op.check())
         send_json(request, result)
 
 
 class AlgorithmsHandler:
 
     def get(self, request, ticket_id):
-        send_json(request, {"algorithms": list(checksum.ALGORITHMS)})
+        send_json(request, checksum.algorithms())
