@@ -12,6 +12,7 @@ import threading
 from diskferry.backends import open_backend
 from diskferry.backends.file import aligned_buffer
 from diskferry.errors import BackendError, ServerError
+from diskferry.http.connection import Pipe
 
 log = logging.getLogger("diskferry.images")
 
@@ -73,6 +74,20 @@ def connection_buffer(request, size):
     return buf
 
 
+def connection_pipe(request):
+    """One pipe per connection for splicing request bodies to files."""
+    pipe = request.context.get("pipe")
+    if pipe is None:
+        pipe = request.context["pipe"] = Pipe()
+    return pipe
+
+
+def discard_pipe(request):
+    pipe = request.context.pop("pipe", None)
+    if pipe is not None:
+        pipe.close()
+
+
 def _release(conn_id, image):
     image.ticket.remove_connection(conn_id)
     image.close()
@@ -81,6 +96,9 @@ def _release(conn_id, image):
 def release_connection(context):
     for image in context.pop("images", {}).values():
         _release(context["id"], image)
+    pipe = context.pop("pipe", None)
+    if pipe is not None:
+        pipe.close()
     buf = context.pop("buffer", None)
     if isinstance(buf, mmap.mmap):
         try:

@@ -7,7 +7,12 @@ Each request checks between chunks whether its ticket was canceled.
 """
 
 from diskferry.errors import BadRequest, RangeNotSatisfiable
-from diskferry.handlers.context import connection_buffer, open_image
+from diskferry.handlers.context import (
+    connection_buffer,
+    connection_pipe,
+    discard_pipe,
+    open_image,
+)
 from diskferry.handlers.jsonbody import field, read_json, send_json
 from diskferry.http import parse
 
@@ -119,27 +124,50 @@ class ImageHandler:
         flush = parse.query_bool(request.query, "flush", True)
         check_range(ticket, offset, length)
         request.log.update(offset=offset, size=length)
-        buf = connection_buffer(request, self.config.backend_file.buffer_size)
-        view = memoryview(buf)
         conn = request.conn
         backend = image.backend
+        fd = backend.fileno() if conn.zero_copy else None
+        with ticket.operation(offset) as op:
+            if fd is not None:
+                self._receive_spliced(request, fd, op, offset, length)
+            else:
+                self._receive_buffered(request, backend, op, offset, length)
+            if flush:
+                backend.flush()
+        conn.send_response(200)
+
+    def _receive_spliced(self, request, fd, op, offset, length):
+        chunk = self.config.backend_file.buffer_size
+        pipe = connection_pipe(request)
         try:
-            with ticket.operation(offset) as op:
-                pos, end = offset, offset + length
-                while pos < end:
-                    op.check()
-                    want = min(len(view), end - pos)
-                    got = 0
-                    while got < want:
-                        got += conn.readinto(view[got:want])
-                    backend.write(pos, view[:got])
-                    pos += got
-                    op.done += got
-                if flush:
-                    backend.flush()
+            pos, end = offset, offset + length
+            while pos < end:
+                op.check()
+                n = request.conn.splice_body(fd, pos, min(chunk, end - pos),
+                                             pipe)
+                pos += n
+                op.done += n
+        except BaseException:
+            # The pipe may hold bytes of this body: never reuse it.
+            discard_pipe(request)
+            raise
+
+    def _receive_buffered(self, request, backend, op, offset, length):
+        buf = connection_buffer(request, self.config.backend_file.buffer_size)
+        view = memoryview(buf)
+        try:
+            pos, end = offset, offset + length
+            while pos < end:
+                op.check()
+                want = min(len(view), end - pos)
+                got = 0
+                while got < want:
+                    got += request.conn.readinto(view[got:want])
+                backend.write(pos, view[:got])
+                pos += got
+                op.done += got
         finally:
             view.release()
-        conn.send_response(200)
 
     def patch(self, request, ticket_id):
         image = open_image(request, self.store, self.config, ticket_id,

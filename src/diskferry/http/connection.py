@@ -22,6 +22,7 @@ handler leaves body bytes unread, the stream is out of sync and the
 connection is closed after the response.
 """
 
+import fcntl
 import os
 import socket
 import ssl
@@ -129,6 +130,39 @@ class Connection:
         self.body_left -= n
         return n
 
+    def splice_body(self, fd, offset, count, pipe):
+        """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
+
+        socket -> pipe -> file with ``os.splice``: the bytes are never
+        copied to user space. ``pipe`` is a ``Pipe``; after an error it
+        may hold bytes and must be closed.
+        """
+        self._send_continue()
+        done = 0
+        if self._buf:
+            head = bytes(self._buf[:count])
+            del self._buf[:len(head)]
+            _pwrite_all(fd, head, offset)
+            done = len(head)
+            self.body_left -= done
+        sockfd = self.sock.fileno()
+        while done < count:
+            want = min(pipe.size, count - done)
+            try:
+                n = os.splice(sockfd, pipe.w, want)
+            except PEER_ERRORS as e:
+                raise ConnectionGone(f"Receiving body failed: {e}") from e
+            if n == 0:
+                raise ConnectionGone(
+                    f"Peer closed with {self.body_left} body bytes missing")
+            self.body_left -= n
+            left = n
+            while left:
+                left -= os.splice(pipe.r, fd, left,
+                                  offset_dst=offset + done + n - left)
+            done += n
+        return done
+
     def read_body(self, limit):
         """The whole body as bytes, for small (JSON) bodies."""
         if self.body_left > limit:
@@ -139,6 +173,22 @@ class Connection:
         while pos < len(data):
             pos += self.readinto(view[pos:])
         return bytes(data)
+
+    def discard_body(self, limit):
+        """Read and drop an unread body of at most ``limit`` bytes.
+
+        Keeps the connection in sync after a request was refused. Returns
+        False, reading nothing, when the body is larger or the client
+        still waits for 100 Continue (it may never send the body).
+        """
+        if self.body_left == 0:
+            return True
+        if self.body_left > limit or self._continue_pending:
+            return False
+        scratch = memoryview(bytearray(min(self.body_left, 65536)))
+        while self.body_left:
+            self.readinto(scratch)
+        return True
 
     def _send_continue(self):
         if self._continue_pending:
@@ -220,3 +270,34 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+
+class Pipe:
+    """A pipe sized for splicing large bodies; one per connection."""
+
+    #: Bytes per splice: the pipe's capacity. 1 MiB is the default
+    #: unprivileged maximum (/proc/sys/fs/pipe-max-size).
+    SIZE = 1024 * 1024
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, self.SIZE)
+        except OSError:
+            self.size = 64 * 1024  # the kernel's default pipe size
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
+
+
+#: fcntl command to resize a pipe (Linux); not in the fcntl module of 3.11.
+F_SETPIPE_SZ = 1031
+
+
+def _pwrite_all(fd, data, offset):
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n

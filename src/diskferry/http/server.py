@@ -35,6 +35,10 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 #: spinning or dying; connections finishing will free some.
 ACCEPT_BACKOFF = 0.1
 
+#: Largest unread body drained after a refused request to keep the
+#: connection; a larger one (refused image data) closes it instead.
+MAX_DISCARDED_BODY = 64 * 1024
+
 ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -216,8 +220,9 @@ class Server:
             log.info("%s: %s: %s", self.name, context["id"], e)
             keep = False
         except RequestError as e:
-            keep = (not e.close_connection and conn.body_left == 0 and
-                    request is not None and request.head.keep_alive)
+            keep = (not e.close_connection and request is not None and
+                    request.head.keep_alive and
+                    self._discard_body(conn))
             if not self._send_error(conn, e):
                 keep = False
         except Exception:
@@ -229,6 +234,12 @@ class Server:
             if request is not None:
                 self._log_request(request, started)
         return keep and not self._stopping
+
+    def _discard_body(self, conn):
+        try:
+            return conn.discard_body(MAX_DISCARDED_BODY)
+        except ConnectionGone:
+            return False
 
     def _send_error(self, conn, error):
         """Answer ``error`` if no response was started; False if it could not."""
