@@ -54,8 +54,9 @@ class ImageHandler:
             else:
                 allow = "OPTIONS,GET"
                 body["features"] = BASE_FEATURES
-            body["max_readers"] = image.backend.max_readers
-            body["max_writers"] = image.backend.max_writers
+            cap = self.config.daemon.max_connections
+            body["max_readers"] = min(image.backend.max_readers, cap)
+            body["max_writers"] = min(image.backend.max_writers, cap)
         send_json(request, body, headers={"Allow": allow})
 
     def get(self, request, ticket_id):
