@@ -127,3 +127,15 @@ def test_query_int():
         parse.query_int({"start": "-1"}, "start")
     with pytest.raises(BadRequest, match="block_size"):
         parse.query_int({"block_size": "0"}, "block_size", minimum=1)
+
+
+@pytest.mark.parametrize("data,ok", [
+    (b"", True), (b"GE", True), (b"GET", True), (b"GET /images", True),
+    (b"\x16\x03\x01\x02\x00", False), (b"get /", False), (b"{json", False),
+])
+def test_check_request_line_start(data, ok):
+    if ok:
+        parse.check_request_line_start(data)
+    else:
+        with pytest.raises(BadRequest):
+            parse.check_request_line_start(data)

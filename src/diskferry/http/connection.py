@@ -89,7 +89,7 @@ class Connection:
                 del self._buf[:end + 4]
                 return head
             if b"\r\n" not in self._buf:
-                parse.check_request_line_length(len(self._buf))
+                parse.check_request_line_start(self._buf)
             if len(self._buf) > parse.MAX_HEAD:
                 raise HeadersTooLarge(
                     f"Request head longer than {parse.MAX_HEAD} bytes")

@@ -71,6 +71,23 @@ def check_request_line_length(line_length):
             f"Request line longer than {MAX_REQUEST_LINE} bytes")
 
 
+#: What a request line can start with: a method and a space.
+REQUEST_LINE_START = re.compile(rb"[A-Z]{0,20}( |\Z)")
+
+
+def check_request_line_start(data):
+    """Refuse early what cannot become a request line.
+
+    Called while the line is still incomplete, so that a peer speaking
+    another protocol (a TLS hello on the plain port) gets its 400 at once
+    instead of waiting for a line end that never comes.
+    """
+    check_request_line_length(len(data))
+    if not REQUEST_LINE_START.match(data):
+        raise BadRequest("Not an HTTP request; is this a TLS client on "
+                         "a plain HTTP service?", close_connection=True)
+
+
 def parse_head(head: bytes) -> RequestHead:
     """Parse a request head: request line and headers, without the blank line.
 

@@ -154,7 +154,7 @@ class Server:
         client = _client_name(self.name, addr)
         try:
             if self.tls_context is not None:
-                sock = self._handshake(sock)
+                sock = self._handshake(sock)  # closes it on failure
                 if sock is None:
                     return
             conn = Connection(sock, tls=self.tls_context is not None,
@@ -179,7 +179,7 @@ class Server:
                 self._threads.discard(threading.current_thread())
             if conn is not None:
                 conn.close()
-            else:
+            elif sock is not None:
                 sock.close()
 
     def _handshake(self, sock):
