@@ -388,3 +388,12 @@ def test_sigterm_stops_cleanly(tmp_path, pki):
     assert code == 0, srv.log_text()[-3000:]
     assert not os.path.exists(local)
     assert not os.path.exists(srv.control_socket)
+
+
+def test_tls_hello_on_plain_socket_refused(diskferry):
+    """A TLS client on the plain UNIX socket gets a 400, not a hang."""
+    with RawConnection(diskferry.raw_local_socket(timeout=10)) as con:
+        con.send(client_hello())
+        res = con.response()
+    assert res.status == 400
+    assert serves(diskferry)
