@@ -66,8 +66,10 @@ class DaemonPool:
         self._servers: dict[tuple, servers.Server] = {}
         self._failures: dict[tuple, str] = {}
 
-    def get(self, kind, *, tls=True, local_socket="abstract") -> servers.Server:
-        key = (kind, tls, local_socket)
+    def get(
+        self, kind, *, tls=True, local_socket="abstract", remove_timeout=None
+    ) -> servers.Server:
+        key = (kind, tls, local_socket, remove_timeout)
         if key in self._failures:
             raise RuntimeError(self._failures[key])
         srv = self._servers.get(key)
@@ -81,7 +83,12 @@ class DaemonPool:
             workdir = self._tmp.mktemp(f"{kind}-{'tls' if tls else 'plain'}")
             try:
                 srv = servers.start_server(
-                    kind, workdir, tls=tls, local_socket=local_socket, pki=self._pki
+                    kind,
+                    workdir,
+                    tls=tls,
+                    local_socket=local_socket,
+                    pki=self._pki,
+                    remove_timeout=remove_timeout,
                 )
             except Exception as e:
                 self._failures[key] = f"cannot start {kind}: {e}"[-6000:]

@@ -281,7 +281,7 @@ class Server:
 
 
 def _ovirt_imageio_conf(
-    workdir: Path, pki, tls, host, port, local_addr, control
+    workdir: Path, pki, tls, host, port, local_addr, control, remove_timeout=None
 ) -> list[str]:
     conf_dir = workdir / "conf"
     (conf_dir / "conf.d").mkdir(parents=True, exist_ok=True)
@@ -310,6 +310,8 @@ def _ovirt_imageio_conf(
         "\n[local]\n" + local_section + "\n[control]\n"
         "transport = unix\n"
         f"socket = {control}\n"
+        + (f"remove_timeout = {remove_timeout}\n" if remove_timeout else "")
+        +
         "\n[handlers]\nkeys = stderr\n"
         "\n[logger_root]\nlevel = INFO\nhandlers = stderr\n"
     )
@@ -322,7 +324,7 @@ def _toml_str(s: str) -> str:
 
 
 def _diskferry_conf(
-    workdir: Path, pki, tls, host, port, local_addr, control
+    workdir: Path, pki, tls, host, port, local_addr, control, remove_timeout=None
 ) -> list[str]:
     lines = [
         "[remote]",
@@ -350,8 +352,10 @@ def _diskferry_conf(
         "[control]",
         'transport = "unix"',
         f"socket = {_toml_str(control)}",
-        "",
     ]
+    if remove_timeout:
+        lines.append(f"remove_timeout = {remove_timeout}")
+    lines.append("")
     path = workdir / "diskferry.toml"
     path.write_text("\n".join(lines))
     return [sys.executable, "-m", "diskferry", "serve", "--config", str(path)]
@@ -436,11 +440,15 @@ def start_server(
     local_socket: str | None = "abstract",
     host: str = "127.0.0.1",
     pki: PKI | None = None,
+    remove_timeout: int | None = None,
 ) -> Server:
     """Start a daemon of the given kind and wait until it serves.
 
     local_socket: "abstract" (a unique abstract address), "path" (a socket
     file in workdir) or None (local service disabled).
+    remove_timeout: [control] remove_timeout, how long a ticket delete waits
+    for ongoing operations (not one of the keys test harnesses set; only
+    for tests of the 409 answer).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown server kind {kind!r}")
@@ -466,7 +474,9 @@ def start_server(
     attempts = 3
     for attempt in range(attempts):
         port = free_port(host)
-        argv = configure(workdir, pki, tls, host, port, local_addr, control)
+        argv = configure(
+            workdir, pki, tls, host, port, local_addr, control, remove_timeout
+        )
         log = open(log_path, "ab")
         try:
             proc = subprocess.Popen(

@@ -355,3 +355,93 @@ def test_unknown_method_on_ticket_405(server, image, make_ticket):
     t = make_ticket(server, image, SIZE)
     status, headers, data = server.control("POST", f"/tickets/{t['uuid']}", t)
     assert_text_error(headers, data, status, 405)
+
+
+# --- cancel while in use -----------------------------------------------------
+
+REMOVE_TIMEOUT = 1
+
+
+def start_stalled_put(srv, tid, length=100_000, sent=1000):
+    """A PUT whose body is only partly sent: an operation in progress."""
+    import servers
+
+    con = servers.RawConnection(srv.raw_remote_socket(timeout=15))
+    con.send(
+        (
+            f"PUT /images/{tid} HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Length: {length}\r\n\r\n"
+        ).encode()
+        + b"a" * sent
+    )
+    assert wait_for(lambda: server_info(srv, tid)["active"]), "PUT not active"
+    return con
+
+
+def server_info(srv, tid):
+    return srv.get_ticket(tid)
+
+
+@pytest.fixture(params=["ovirt-imageio", "diskferry"])
+def busy_server(request, daemons):
+    return daemons.get(request.param, remove_timeout=REMOVE_TIMEOUT)
+
+
+def test_delete_busy_ticket_409_then_204(busy_server, image, make_ticket):
+    srv = busy_server
+    t = make_ticket(srv, image, SIZE, inactivity_timeout=30)
+    con = start_stalled_put(srv, t["uuid"])
+    try:
+        start = time.monotonic()
+        status, headers, data = srv.control("DELETE", f"/tickets/{t['uuid']}")
+        elapsed = time.monotonic() - start
+        assert_text_error(headers, data, status, 409)
+        assert elapsed >= REMOVE_TIMEOUT * 0.9
+        info = srv.get_ticket(t["uuid"])
+        assert info["canceled"] is True
+        assert info["active"] is True
+        # Canceled at once: new requests are refused.
+        assert options_status(srv, t["uuid"]) == 403
+    finally:
+        con.close()
+    assert wait_for(lambda: not srv.get_ticket(t["uuid"])["active"])
+    status, _, _ = srv.control("DELETE", f"/tickets/{t['uuid']}")
+    assert status == 204
+    status, _, _ = srv.control("GET", f"/tickets/{t['uuid']}")
+    assert status == 404
+
+
+def test_cancel_fails_ongoing_put(busy_server, image, make_ticket):
+    """An upload in progress when its ticket is canceled is not acknowledged
+    (ovirt-imageio answers 403 "was canceled" once the body arrives)."""
+    srv = busy_server
+    t = make_ticket(srv, image, SIZE, inactivity_timeout=30)
+    con = start_stalled_put(srv, t["uuid"])
+    try:
+        status, _, _ = srv.control("DELETE", f"/tickets/{t['uuid']}")
+        assert status == 409
+        try:
+            con.send(b"a" * 99_000)
+            res = con.response("PUT")
+        except OSError:
+            res = None
+        assert res is None or res.status == 403, res
+    finally:
+        con.close()
+
+
+def test_inactivity_timeout_closes_idle_connection(server, image, make_ticket):
+    import servers
+
+    t = make_ticket(server, image, SIZE, inactivity_timeout=2)
+    with servers.RawConnection(server.raw_remote_socket(timeout=15)) as busy:
+        with servers.RawConnection(server.raw_remote_socket(timeout=15)) as idle:
+            assert idle.request("OPTIONS", f"/images/{t['uuid']}").status == 200
+            # A connection with a request every half second stays open.
+            for _ in range(7):
+                res = busy.request("OPTIONS", f"/images/{t['uuid']}")
+                assert res.status == 200
+                time.sleep(0.5)
+            # The idle one was closed after about 2 seconds.
+            assert idle.at_eof(timeout=2.5)
+        assert not busy.at_eof(timeout=0.1)
