@@ -397,3 +397,39 @@ def test_tls_hello_on_plain_socket_refused(diskferry):
         res = con.response()
     assert res.status == 400
     assert serves(diskferry)
+
+
+# --- bursts ------------------------------------------------------------------
+
+
+def test_unix_socket_burst_not_refused(diskferry):
+    """Dozens of clients connecting at once to the UNIX socket, without
+    waiting (non-blocking connect, as event-loop clients do), are all
+    accepted and served.  (ovirt-imageio 2.5.1 refuses more than half of
+    100 such connections with EAGAIN: its listen backlog is small.)"""
+    count = 100
+    socks = []
+    refused = 0
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(diskferry.local_socket)
+            except BlockingIOError:
+                refused += 1
+                s.close()
+                continue
+            socks.append(s)
+        assert refused == 0, f"{refused} of {count} connections refused"
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(20)
+            s.sendall(b"OPTIONS /images/* HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        for s in socks:
+            res = RawConnection(s).response("OPTIONS")
+            assert res.status == 200
+    finally:
+        for s in socks:
+            s.close()
+    assert serves(diskferry)
