@@ -355,3 +355,34 @@ def test_put_expect_100_continue_refused_ticket(endpoint, image, make_ticket):
             res = con.response("PUT")
     assert res.status == 403
     assert read_file(image) == before
+
+
+def test_parallel_readers(endpoint, tmp_path, make_ticket):
+    import threading
+
+    size = 8 * (1 << 20)
+    content = os.urandom(size)
+    image = make_sparse_file(tmp_path / "big.raw", size, {0: content})
+    t = make_ticket(endpoint.server, image, size, ops=["read"])
+    part = size // 8
+    results = {}
+
+    def read(i):
+        with endpoint.raw() as con:
+            first = i * part
+            res = con.request(
+                "GET",
+                f"/images/{t['uuid']}",
+                {"Range": f"bytes={first}-{first + part - 1}"},
+            )
+            results[i] = (res.status, res.body)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert sorted(results) == list(range(8))
+    for i, (status, body) in results.items():
+        assert status == 206
+        assert body == content[i * part : (i + 1) * part]
