@@ -229,6 +229,7 @@ class Server:
         """A connected (and, with TLS, handshaken) socket to the remote
         service, for byte-level tests."""
         s = socket.create_connection((self.host, self.port), timeout=timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:
             s = self.ssl_context().wrap_socket(s, server_hostname=self.host)
         return s
@@ -629,7 +630,11 @@ class RawConnection:
         head = f"{method} {path} HTTP/1.1\r\n" + "".join(
             f"{k}: {v}\r\n" for k, v in hdrs.items()
         )
-        self.send(head.encode("latin-1") + b"\r\n")
+        head = head.encode("latin-1") + b"\r\n"
+        if len(body) <= 65536:
+            # One write, so that no TCP small-packet delay is measured.
+            head, body = head + body, b""
+        self.send(head)
         if body:
             try:
                 self.send(body)

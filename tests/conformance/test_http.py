@@ -242,3 +242,22 @@ def test_ext_request_limits_text_plain(daemons, kind, make, status):
         res = con.response()
     assert res.status == status
     assert res.header("Content-Type").startswith("text/plain")
+
+
+def test_small_requests_answered_promptly(endpoint, image, make_ticket):
+    """Small requests on a keep-alive connection are not held back by TCP
+    small-packet delays (a response written in pieces without TCP_NODELAY
+    waits for the client's delayed ACK, about 40 ms per request)."""
+    import time
+
+    t = make_ticket(endpoint.server, image, SIZE)
+    path = f"/images/{t['uuid']}"
+    with endpoint.raw() as con:
+        con.request("OPTIONS", path)
+        start = time.monotonic()
+        for i in range(20):
+            assert con.request("OPTIONS", path).status == 200
+            res = con.request("GET", path, {"Range": f"bytes={i}-{i}"})
+            assert res.status == 206
+        mean = (time.monotonic() - start) / 40
+    assert mean < 0.015, f"{mean * 1000:.1f} ms per request"
