@@ -19,6 +19,10 @@ Observed in ovirt-imageio 2.5.1 beyond PROTOCOL.md:
   (400 otherwise) and ``algorithm`` from hashlib's guaranteed set (400
   otherwise); a 403 for checksum of an unknown ticket does not close the
   connection.
+- ovirt-imageio opens file images with O_DIRECT: any read of an image
+  whose size is not a multiple of 512 that touches the tail (the
+  checksum of such an image, for one) fails with a 500.  Checksum images
+  here are sized in whole 4 KiB blocks.
 - ``/info/`` is served on the remote (TCP) service only; on the local UNIX
   socket ovirt-imageio answers 404.  It is tested over TLS.
 """

@@ -14,6 +14,14 @@ contract where PROTOCOL.md is silent or differs):
 - ``GET /tickets/`` (no id) is a 400 ("Ticket id is required");
   ``DELETE /tickets`` without the trailing slash is a 404.
 - The control service does not serve ``/images`` nor ``/info/`` (404).
+- ``DELETE`` of a ticket with an operation in progress waits
+  ``[control] remove_timeout`` and answers 409 (text/plain); the ticket
+  stays listed with ``canceled: true, active: true`` until the operation
+  ends, and a later ``DELETE`` answers 204.  New requests get 403 at once.
+  The operation in progress itself fails: a PUT whose body arrives after
+  the cancel is answered 403 ("was canceled"), not 200.
+- ``inactivity_timeout`` closes a connection idle that long (the server
+  closes it, about on time); a connection with regular requests stays.
 - ovirt-imageio accepts some values PROTOCOL.md would call invalid
   (``size: -1``, ``ops: ["bogus"]``, a ``uuid`` different from the URL
   id) with a 200; these cases are not tested either way.
