@@ -433,3 +433,78 @@ def test_unix_socket_burst_not_refused(diskferry):
         for s in socks:
             s.close()
     assert serves(diskferry)
+
+
+# --- slow and silent peers ---------------------------------------------------
+
+
+def test_silent_tcp_client_does_not_stall_tls(diskferry):
+    """A client that connects to the TLS port and says nothing does not
+    delay the TLS handshake of the next clients.  (ovirt-imageio 2.5.1 does
+    the handshake in its accept loop, so one silent client stalls all.)"""
+    silent = [
+        socket.create_connection((diskferry.host, diskferry.port), timeout=10)
+        for _ in range(3)
+    ]
+    try:
+        start = time.monotonic()
+        for _ in range(5):
+            with RawConnection(diskferry.raw_remote_socket(timeout=10)) as con:
+                assert con.request("OPTIONS", "/images/*").status == 200
+        assert time.monotonic() - start < 2.0
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_slow_clients_do_not_block_others(daemon):
+    """Clients stuck halfway through their headers do not delay others."""
+    stuck = []
+    try:
+        for i in range(20):
+            s = (
+                daemon.raw_remote_socket(timeout=10)
+                if i % 2
+                else daemon.raw_local_socket(timeout=10)
+            )
+            s.sendall(b"GET /images/* HTTP/1.1\r\nHost: loc")
+            stuck.append(s)
+        start = time.monotonic()
+        for _ in range(10):
+            assert serves(daemon)
+        assert time.monotonic() - start < 5.0
+    finally:
+        for s in stuck:
+            s.close()
+
+
+@pytest.mark.parametrize("transport", ["tls", "unix"])
+def test_get_client_disappears(daemon, tmp_path, transport):
+    """A download abandoned midway ends the operation and leaves the daemon
+    and the ticket usable."""
+    size = 64 * MiB
+    image = make_sparse_file(tmp_path / "img", size, {0: pattern(size)})
+    t = add_ticket(daemon, image, size, ops=["read"])
+    sock = (
+        daemon.raw_remote_socket(timeout=10)
+        if transport == "tls"
+        else daemon.raw_local_socket(timeout=10)
+    )
+    sock.sendall(
+        f"GET /images/{t['uuid']} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+    )
+    got = 0
+    while got < 2 * MiB:
+        chunk = sock.recv(256 * 1024)
+        assert chunk
+        got += len(chunk)
+    sock.close()
+    deadline = time.monotonic() + 10
+    while daemon.get_ticket(t["uuid"])["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert daemon.get_ticket(t["uuid"])["active"] is False
+    with RawConnection(daemon.raw_local_socket(timeout=10)) as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": "bytes=0-4095"})
+    assert res.status == 206
+    assert res.body == pattern(4096)
+    assert serves(daemon)
