@@ -10,15 +10,23 @@ from .helpers import KINDS, MiB, empty_image, make_image
 SIZE = 12 * MiB
 
 
+def relay_url(srv, proxy, ticket):
+    scheme = "https" if srv.tls else "http"
+    return f"{scheme}://127.0.0.1:{proxy.port}/images/{ticket['uuid']}"
+
+
+# Plain TCP exercises the zero-copy paths (sendfile, splice), TLS the
+# buffered ones.
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "tcp"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_upload_survives_a_cut_connection(daemons, make_ticket, relay,
-                                          tmp_path, kind):
-    srv = daemons.get(kind)
+                                          tmp_path, kind, tls):
+    srv = daemons.get(kind, tls=tls)
     content = make_image(tmp_path / "src.raw", SIZE, "full")
     target = empty_image(tmp_path / "target.raw", SIZE)
     ticket = make_ticket(srv, target, SIZE)
     proxy = relay(srv, cut_after=5 * MiB + 1234)
-    url = f"https://127.0.0.1:{proxy.port}/images/{ticket['uuid']}"
+    url = relay_url(srv, proxy, ticket)
 
     result = client.upload(tmp_path / "src.raw", url, cafile=srv.ca_file,
                            unix="never", request_size=MiB,
@@ -30,14 +38,15 @@ def test_upload_survives_a_cut_connection(daemons, make_ticket, relay,
     assert target.read_bytes() == content
 
 
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "tcp"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_download_resumes_after_a_cut_connection(daemons, make_ticket, relay,
-                                                 tmp_path, kind):
-    srv = daemons.get(kind)
+                                                 tmp_path, kind, tls):
+    srv = daemons.get(kind, tls=tls)
     content = make_image(tmp_path / "img.raw", SIZE, "full")
     ticket = make_ticket(srv, tmp_path / "img.raw", SIZE, ops=["read"])
-    proxy = relay(srv, cut_after=3 * MiB + 777, direction="down")
-    url = f"https://127.0.0.1:{proxy.port}/images/{ticket['uuid']}"
+    proxy = relay(srv, cut_after=MiB + 777, direction="down")
+    url = relay_url(srv, proxy, ticket)
 
     client.download(url, tmp_path / "dst.raw", cafile=srv.ca_file,
                     unix="never", request_size=2 * MiB, workers=2,

@@ -22,6 +22,7 @@ import select
 import ssl
 import urllib.parse
 
+from diskferry.client import splice
 from diskferry.client.errors import (
     ConnectionFailed,
     HTTPError,
@@ -53,6 +54,7 @@ class ImageConnection:
         self.buffer_size = buffer_size
         self._con = None
         self._buf = None
+        self._pipe = None
 
     # -- connection management
 
@@ -60,6 +62,10 @@ class ImageConnection:
         if self._con is not None:
             self._con.close()
             self._con = None
+        if self._pipe is not None:
+            # Bytes may be left in it after a failure; start clean.
+            self._pipe.close()
+            self._pipe = None
 
     def peer_address(self):
         """The IP address of the connected server (None on a UNIX socket)."""
@@ -216,12 +222,17 @@ class ImageConnection:
             raise self._failed(f"GET at offset {offset + got}", e) from e
         return got
 
-    def read_to_fd(self, fd, offset, length, ack):
+    def read_to_fd(self, fd, offset, length, ack, positional=True):
         """Copy ``length`` bytes at ``offset`` to ``fd`` at the same offset.
 
         ``ack(n)`` is called after each ``n`` bytes are written, so that a
         caller can resume after a failure from the last byte written.
+        ``positional=False`` for a destination without offsets (a pipe,
+        /dev/null).
         """
+        if splice.AVAILABLE and not self.transport.encrypted:
+            self._splice_to_fd(fd, offset, length, ack, positional)
+            return
         view = self._buffer()
         pos = offset
         try:
@@ -241,6 +252,32 @@ class ImageConnection:
             if isinstance(e, OSError) and not _is_network_error(e):
                 raise
             raise self._failed(f"GET at offset {pos}", e) from e
+
+    def _splice_to_fd(self, fd, offset, length, ack, positional):
+        pos = offset
+
+        def acked(n):
+            nonlocal pos
+            pos += n
+            ack(n)
+
+        try:
+            con = self._connection()
+            if self._pipe is None:
+                self._pipe = splice.Pipe()
+            keep = splice.get_to_fd(con.sock, self._pipe, self.path, fd,
+                                    offset, length, acked, positional)
+        except (HTTPError, ProtocolError):
+            self.close()
+            raise
+        except (OSError, ConnectionFailed) as e:
+            if splice.is_local_error(e) or (
+                    isinstance(e, OSError) and not _is_network_error(e)):
+                self.close()
+                raise
+            raise self._failed(f"GET at offset {pos}", e) from e
+        if not keep:
+            self.close()
 
     def write(self, data, offset, flush=True):
         """PUT ``data`` (bytes-like) at ``offset``."""

@@ -269,7 +269,8 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
                     def ack(n):
                         state["offset"] += n
                         report(n)
-                    con.read_to_fd(dst.fd, offset, end - offset, ack)
+                    con.read_to_fd(dst.fd, offset, end - offset, ack,
+                                   positional=dst.kind != "other")
                 else:
                     localfile.zero_range(dst, offset, end - offset)
                     state["offset"] = end
