@@ -167,3 +167,12 @@ def test_ext_server_id_differs_between_daemons(daemons, kind, image, make_ticket
         finally:
             con.close()
     assert ids[0] and ids[1] and ids[0] != ids[1]
+
+
+def test_write_only_ticket_implies_read(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["write"])
+    with endpoint.raw() as con:
+        res = con.request("OPTIONS", f"/images/{t['uuid']}")
+    assert res.status == 200
+    assert allow_set(res) == {"OPTIONS", "GET", "PUT", "PATCH"}
+    assert set(res.json()["features"]) == ALL_FEATURES

@@ -523,3 +523,32 @@ def test_info(server):
     assert res.headers["Content-Type"] == "application/json"
     info = json.loads(body)
     assert isinstance(info["version"], str) and info["version"]
+
+
+def allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize("kind", ["diskferry"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "allocated"])
+def test_ext_zero_deallocates_only_on_sparse_ticket(
+    daemons, kind, tmp_path, make_ticket, sparse
+):
+    srv = daemons.get(kind)
+    size = 4 * MiB
+    image = make_sparse_file(tmp_path / "img.raw", size, {0: os.urandom(size)})
+    os.sync()
+    t = make_ticket(srv, image, size, sparse=sparse)
+    before = allocated(image)
+    assert before >= size
+    with servers_raw(srv) as con:
+        res = patch(con, t["uuid"], {"op": "zero", "offset": MiB, "size": 2 * MiB})
+        assert res.status == 200
+        extents = con.request("GET", f"/images/{t['uuid']}/extents").json()
+    assert read_file(image, MiB, 2 * MiB) == bytes(2 * MiB)
+    mid = [e for e in extents if e["start"] <= 2 * MiB < e["start"] + e["length"]]
+    if sparse:
+        assert allocated(image) <= before - 2 * MiB
+        assert mid[0]["zero"] is True and mid[0]["hole"] is True
+    else:
+        assert allocated(image) >= before
