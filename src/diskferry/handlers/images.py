@@ -160,10 +160,7 @@ class ImageHandler:
             pos, end = offset, offset + length
             while pos < end:
                 op.check()
-                want = min(len(view), end - pos)
-                got = 0
-                while got < want:
-                    got += request.conn.readinto(view[got:want])
+                got = request.conn.readinto_full(view[:min(len(view), end - pos)])
                 backend.write(pos, view[:got])
                 pos += got
                 op.done += got

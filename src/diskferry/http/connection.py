@@ -130,6 +130,28 @@ class Connection:
         self.body_left -= n
         return n
 
+    def readinto_full(self, view):
+        """Fill ``view`` with body bytes; the loop of ``readinto`` kept tight,
+        as a TLS socket hands out one 16 KiB record per call."""
+        want = len(view)
+        if want > self.body_left:
+            raise ValueError("Reading past the end of the body")
+        got = self.readinto(view) if want else 0
+        recv_into = self.sock.recv_into
+        try:
+            while got < want:
+                n = recv_into(view[got:])
+                if n == 0:
+                    break
+                got += n
+                self.body_left -= n
+        except PEER_ERRORS as e:
+            raise ConnectionGone(f"Receiving body failed: {e}") from e
+        if got < want:
+            raise ConnectionGone(
+                f"Peer closed with {self.body_left} body bytes missing")
+        return got
+
     def splice_body(self, fd, offset, count, pipe):
         """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
 
