@@ -162,8 +162,14 @@ def test_huge_json_body_413(diskferry, tmp_path, service):
 # --- a PUT whose client goes away --------------------------------------------
 
 
-@pytest.mark.parametrize("transport", ["tls", "unix"])
-def test_put_client_disappears(daemon, tmp_path, transport):
+@pytest.mark.parametrize(
+    "kind,transport",
+    [("diskferry", "tls"), ("diskferry", "unix"), ("ovirt-imageio", "unix")],
+)
+def test_put_client_disappears(daemons, kind, tmp_path, transport):
+    """(ovirt-imageio 2.5.1 over TLS keeps the abandoned PUT active until
+    the inactivity timeout, so it is checked over the UNIX socket only.)"""
+    daemon = daemons.get(kind)
     size = 8 * MiB
     original = pattern(size)
     image = make_sparse_file(tmp_path / "img", size, {0: original})
