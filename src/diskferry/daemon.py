@@ -17,30 +17,15 @@ import uuid
 
 from diskferry import __version__
 from diskferry.handlers import control_app, images_app
+from diskferry.hostid import host_id
 from diskferry.http.listener import is_abstract, tcp_listener, unix_listener
 from diskferry.http.server import Server
 from diskferry.tickets import TicketStore
 
 log = logging.getLogger("diskferry.daemon")
 
-#: Where the host's identity is read from, first match wins: the id oVirt
-#: knows the host by, then the systemd machine id.
-HOST_ID_FILES = ("/etc/vdsm/vdsm.id", "/etc/machine-id")
-
 #: Mode of the control socket: the management plane's group may use it.
 CONTROL_SOCKET_MODE = 0o660
-
-
-def host_id():
-    for path in HOST_ID_FILES:
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError:
-            continue
-        if value:
-            return value
-    return None
 
 
 def tls_context(cert_file, key_file):
