@@ -43,6 +43,9 @@ def run(args):
         format="%(asctime)s %(levelname)-7s (%(threadName)s) %(name)s: "
                "%(message)s")
     daemon = Daemon(config)
+    # Before start: a stop asked for as soon as the sockets exist counts.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.request_stop())
     try:
         daemon.start()
     except (OSError, DiskferryError) as e:
@@ -50,8 +53,6 @@ def run(args):
         return 1
     for line in daemon.describe():
         logging.getLogger("diskferry").info("%s", line)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: daemon.request_stop())
     notify_systemd("READY=1")
     daemon.wait()
     logging.getLogger("diskferry").info("stopping")
