@@ -81,14 +81,13 @@ class Server:
     """
 
     def __init__(self, name, sock, app, *, tls_context=None,
-                 idle_timeout=60.0, max_connections=None):
+                 idle_timeout=60.0):
         self.name = name
         self.sock = sock
         self.app = app
         self.tls_context = tls_context
         self.idle_timeout = idle_timeout
         self.address = describe(sock)
-        self._max_connections = max_connections
         self._lock = threading.Lock()
         self._connections = {}  # Connection -> busy (bool)
         self._threads = set()
@@ -124,12 +123,8 @@ class Server:
 
     def _start_worker(self, sock, addr):
         with self._lock:
-            if self._stopping or (self._max_connections and
-                                  len(self._threads) >= self._max_connections):
+            if self._stopping:
                 sock.close()
-                if not self._stopping:
-                    log.warning("%s: refusing connection: %d connections open",
-                                self.name, self._max_connections)
                 return
             self._next_id += 1
             conn_id = self._next_id
@@ -151,7 +146,7 @@ class Server:
     def _serve_connection(self, sock, addr, conn_id):
         conn = None
         context = {"id": f"{self.name}/{conn_id}"}
-        client = _client_name(self.name, addr)
+        client = _client_name(addr)
         try:
             if self.tls_context is not None:
                 sock = self._handshake(sock)  # closes it on failure
@@ -326,7 +321,7 @@ def _shutdown(sock):
         pass
 
 
-def _client_name(service, addr):
+def _client_name(addr):
     if isinstance(addr, tuple) and addr:
         return f"{addr[0]}:{addr[1]}"
     return "local"
