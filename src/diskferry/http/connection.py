@@ -232,12 +232,12 @@ class Connection:
             body = body.encode("utf-8")
         if body or status >= 400:
             headers = {"Content-Type": content_type, **(headers or {})}
-        self.start_response(status, len(body), headers)
-        if body:
-            self.write(body)
+        # One send for head and body: one packet, one TLS record.
+        self.start_response(status, len(body), headers, body)
 
-    def start_response(self, status, content_length, headers=None):
-        """Send the status line and headers; the body follows with write()."""
+    def start_response(self, status, content_length, headers=None, body=b""):
+        """Send the status line and headers, and ``body`` if given; the
+        rest of the body follows with write() or sendfile()."""
         if self.response_started:
             raise RuntimeError("Response already started")
         self.response_started = True
@@ -247,8 +247,8 @@ class Connection:
             lines.append(f"{name}: {value}")
         lines.append(f"Content-Length: {content_length}")
         lines.append("\r\n")
-        self._response_left = content_length
-        self._sendall("\r\n".join(lines).encode("latin-1"))
+        self._response_left = content_length - len(body)
+        self._sendall("\r\n".join(lines).encode("latin-1") + body)
 
     def write(self, data):
         self._response_left -= len(data)

@@ -148,6 +148,10 @@ class Server:
         context = {"id": f"{self.name}/{conn_id}"}
         client = _client_name(addr)
         try:
+            if sock.family != socket.AF_UNIX:
+                # A head and a small body sent apart must not wait for the
+                # peer's delayed ACK (~40 ms a request).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls_context is not None:
                 sock = self._handshake(sock)  # closes it on failure
                 if sock is None:
