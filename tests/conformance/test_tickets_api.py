@@ -274,6 +274,8 @@ def test_delete_cancels_open_connection(server, image, make_ticket):
         res = con.getresponse()
         assert res.status == 206
         res.read()
+        # The GET is complete on the server side too before the delete.
+        assert wait_for(lambda: not server.get_ticket(t["uuid"])["active"])
         server.delete_ticket(t["uuid"])
         con.request("GET", path, headers={"Range": "bytes=0-9"})
         res = con.getresponse()
