@@ -1,7 +1,10 @@
 """Choosing the transport: the UNIX socket when local, TLS otherwise."""
 
+import json
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +108,17 @@ def test_host_id_prefers_vdsm_id(tmp_path):
     machine.unlink()
     vdsm.unlink()
     assert locality.host_id(files) is None
+
+
+def test_cli_says_it_falls_back(unreachable, make_ticket, tmp_path):
+    srv = unreachable
+    ticket = make_ticket(srv, empty_image(tmp_path / "img.raw", MiB), MiB,
+                         ops=["read"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "diskferry", "download", "--cafile",
+         srv.ca_file, srv.image_url(ticket["uuid"]), tmp_path / "out.raw"],
+        capture_output=True, text=True, timeout=60, check=True)
+    assert "falling back to tls" in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["transport"] == "tls"
+    assert "unusable" in summary["transport_reason"]

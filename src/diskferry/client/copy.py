@@ -141,7 +141,7 @@ def _run(pieces, connections, do_piece, retry):
         t.join()
     if failed:
         error = failed[0]
-        if isinstance(error, TransferError):
+        if isinstance(error, TransferError) or not isinstance(error, Exception):
             raise error
         raise TransferError(str(error), getattr(error, "offset", 0)) from error
 
