@@ -455,3 +455,18 @@ def test_inactivity_timeout_closes_idle_connection(server, image, make_ticket):
             # The idle one was closed after about 2 seconds.
             assert idle.at_eof(timeout=2.5)
         assert not busy.at_eof(timeout=0.1)
+
+
+def test_completed_requests_extend_expiry(server, image, make_ticket):
+    """Each completed request moves the expiry to timeout seconds later, so
+    a ticket in use outlives its timeout."""
+    import servers
+
+    t = make_ticket(server, image, SIZE, timeout=2)
+    first = server.get_ticket(t["uuid"])["expires"]
+    with servers.RawConnection(server.raw_remote_socket(timeout=10)) as con:
+        for _ in range(7):
+            res = con.request("GET", f"/images/{t['uuid']}", {"Range": "bytes=0-9"})
+            assert res.status == 206
+            time.sleep(0.5)
+    assert server.get_ticket(t["uuid"])["expires"] >= first + 2
