@@ -1,6 +1,9 @@
 """The upload and download commands, run as a user runs them."""
 
 import json
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 
@@ -97,3 +100,23 @@ def test_verify_detects_a_difference(daemons, make_ticket, tmp_path):
                      check=False)
     assert proc.returncode == 1
     assert "checksums differ" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1)")
+def test_terminal_gets_a_progress_bar_and_a_summary(daemons, make_ticket,
+                                                    tmp_path):
+    srv = daemons.get("diskferry")
+    make_image(tmp_path / "img.raw", SIZE, "sparse")
+    ticket = make_ticket(srv, tmp_path / "img.raw", SIZE, ops=["read"])
+    command = " ".join(shlex.quote(str(a)) for a in (
+        sys.executable, "-m", "diskferry", "download", "--cafile",
+        srv.ca_file, srv.image_url(ticket["uuid"]), tmp_path / "out.raw"))
+    # script(1) runs the command on a pseudo-terminal of a known width.
+    proc = subprocess.run(["script", "-qec", f"stty cols 120 rows 40; {command}",
+                           "/dev/null"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout
+    screen = proc.stdout.replace("\r", "\n")
+    assert "download: 100%" in screen
+    assert re.search(r"downloaded 8.00 MiB \(.* data\) in [\d.]+ s, "
+                     r"[\d.]+ GiB/s via unix", screen)

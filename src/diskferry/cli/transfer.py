@@ -127,21 +127,21 @@ def run_download(args):
 
 def _run(args, command, copy, src, dst):
     _setup_logging(args)
-    bar = _progress_bar(args, command)
+    bar = None if args.quiet or not sys.stderr.isatty() else ProgressBar(command)
     try:
         result = copy(
             src, dst, workers=args.workers, request_size=args.request_size,
             cafile=args.cafile, secure=not args.insecure, unix=args.unix,
             timeout=client.Timeout(args.connect_timeout, args.read_timeout),
             retry=client.Retry(total=max(0, args.retries)),
-            progress=bar.update if bar else None,
-            on_start=_set_total(bar) if bar else None)
+            progress=bar.update if bar is not None else None,
+            on_start=bar.start if bar is not None else None)
     except (client.ClientError, OSError, ValueError) as e:
-        if bar:
+        if bar is not None:
             bar.close()
         print(f"diskferry {command}: error: {e}", file=sys.stderr)
         return 1
-    if bar:
+    if bar is not None:
         bar.close()
     verified = None
     if args.verify:
@@ -160,19 +160,27 @@ def _setup_logging(args):
     logging.basicConfig(level=level, format="diskferry: %(message)s")
 
 
-def _progress_bar(args, command):
-    if args.quiet or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(desc=command, unit="B", unit_scale=True, unit_divisor=1024,
-                dynamic_ncols=True, file=sys.stderr, total=None)
+class ProgressBar:
+    """A tqdm bar shown once the image size is known (throughput, ETA)."""
 
+    def __init__(self, command):
+        self._command = command
+        self._bar = None
 
-def _set_total(bar):
-    def on_start(size):
-        bar.total = size
-        bar.refresh()
-    return on_start
+    def start(self, size):
+        from tqdm import tqdm
+
+        self._bar = tqdm(desc=self._command, total=size, unit="B",
+                         unit_scale=True, unit_divisor=1024,
+                         dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, n):
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _verify(args, command):
