@@ -152,14 +152,16 @@ def test_connections_counted_and_closed_on_cancel():
 def test_cancel_waits_for_operation_then_409():
     store = TicketStore(remove_timeout=0.2)
     t = store.add(ticket())
-    with t.operation(0) as op:
-        with pytest.raises(TicketInUse):
-            store.remove("t1")
-        # Canceled at once: new requests and further chunks are refused.
-        with pytest.raises(TicketForbidden):
-            store.authorize("t1", "read")
-        with pytest.raises(Forbidden):
-            op.check()
+    with pytest.raises(Forbidden, match="canceled"):
+        with t.operation(0) as op:
+            with pytest.raises(TicketInUse):
+                store.remove("t1")
+            # Canceled at once: new requests and further chunks are refused.
+            with pytest.raises(TicketForbidden):
+                store.authorize("t1", "read")
+            with pytest.raises(Forbidden):
+                op.check()
+        # Ending a canceled operation raises: its work is not acknowledged.
     # Still there until a delete succeeds.
     assert store.get("t1").canceled
     store.remove("t1")
@@ -171,11 +173,15 @@ def test_cancel_returns_when_operation_ends():
     store = TicketStore(remove_timeout=5)
     t = store.add(ticket())
     started = threading.Event()
+    outcome = []
 
     def work():
-        with t.operation(0):
-            started.set()
-            time.sleep(0.2)
+        try:
+            with t.operation(0):
+                started.set()
+                time.sleep(0.2)
+        except Forbidden as e:
+            outcome.append(e)
 
     worker = threading.Thread(target=work)
     worker.start()
@@ -185,6 +191,7 @@ def test_cancel_returns_when_operation_ends():
     assert 0.05 < time.monotonic() - begin < 4
     worker.join()
     assert len(store) == 0
+    assert outcome, "an operation canceled while running must fail"
 
 
 def test_clear():

@@ -305,6 +305,9 @@ class _OperationScope:
 
     def __exit__(self, exc_type, exc, tb):
         self.ticket._end(self.op, completed=exc_type is None)
+        if exc_type is None:
+            # Canceled while running: the work is not acknowledged.
+            self.op.check()
 
 
 class TicketStore:
