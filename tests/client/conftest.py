@@ -1,5 +1,9 @@
 """Fixtures for client tests (helpers live in ``helpers.py``)."""
 
+import os
+import shutil
+import subprocess
+
 import pytest
 
 from .helpers import CuttingRelay
@@ -18,3 +22,25 @@ def relay():
     yield make
     for r in made:
         r.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    """loop_device(size) -> path of a loop device over random data."""
+    if os.geteuid() != 0 or shutil.which("losetup") is None:
+        pytest.skip("loop devices need root and losetup")
+    attached = []
+
+    def make(size):
+        backing = tmp_path / f"backing-{len(attached)}.raw"
+        backing.write_bytes(os.urandom(size))
+        run = subprocess.run(["losetup", "--find", "--show", str(backing)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            pytest.skip(f"cannot attach a loop device here: {run.stderr}")
+        attached.append(run.stdout.strip())
+        return attached[-1]
+
+    yield make
+    for dev in attached:
+        subprocess.run(["losetup", "-d", dev], check=False)
