@@ -39,18 +39,7 @@ TRANSPORTS = ("tls", "abstract", "path")
 
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory) -> servers.PKI:
-    directory = tmp_path_factory.mktemp("pki")
-    try:
-        from diskferry.pki import ensure_pki
-    except ImportError:
-        return servers.make_pki(directory)
-    r = ensure_pki(directory, hostnames=["localhost"], ips=["127.0.0.1", "::1"])
-    get = r.get if isinstance(r, dict) else lambda k: getattr(r, k)
-    return servers.PKI(
-        ca_file=str(get("ca_file")),
-        cert_file=str(get("cert_file")),
-        key_file=str(get("key_file")),
-    )
+    return servers.make_pki(tmp_path_factory.mktemp("pki"))
 
 
 # --- daemons -----------------------------------------------------------------

@@ -32,6 +32,9 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diskferry.client.uhttp import UnixHTTPConnection
+from diskferry.pki import ensure_pki
+
 KINDS = ("ovirt-imageio", "diskferry")
 
 VENV_BIN = Path(sys.executable).parent
@@ -54,77 +57,15 @@ class PKI:
     key_file: str
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(
-        ["openssl", *args],
-        cwd=cwd,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
 def make_pki(directory: str | os.PathLike) -> PKI:
-    """Create a CA and a server certificate for localhost in directory.
-
-    The server certificate has CN=localhost and SAN DNS:localhost,
-    IP:127.0.0.1, IP:::1, signed by a throw-away CA.
-    """
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = d / "ca.key", d / "ca.pem"
-    key, csr, cert = d / "server.key", d / "server.csr", d / "server.pem"
-    ext = d / "server.ext"
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-        "-subj", "/CN=diskferry test CA",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-keyout", str(ca_key), "-out", str(ca_cert),
-        cwd=d,
-    )
-    _openssl(
-        "req", "-newkey", "rsa:2048", "-nodes",
-        "-subj", "/CN=localhost",
-        "-keyout", str(key), "-out", str(csr),
-        cwd=d,
-    )
-    ext.write_text(
-        "basicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\n"
-        "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1\n"
-    )
-    _openssl(
-        "x509", "-req", "-in", str(csr), "-CA", str(ca_cert),
-        "-CAkey", str(ca_key), "-CAcreateserial", "-days", "30",
-        "-extfile", str(ext), "-out", str(cert),
-        cwd=d,
-    )
-    for p in (key, ca_key):
-        p.chmod(0o600)
-    return PKI(ca_file=str(ca_cert), cert_file=str(cert), key_file=str(key))
+    """A CA and a server certificate for localhost, 127.0.0.1 and ::1."""
+    files = ensure_pki(directory, hostnames=["localhost"],
+                       ips=["127.0.0.1", "::1"])
+    return PKI(ca_file=str(files.ca_file), cert_file=str(files.cert_file),
+               key_file=str(files.key_file))
 
 
 # --- HTTP over UNIX sockets --------------------------------------------------
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP on a UNIX socket; an address starting with NUL is abstract."""
-
-    def __init__(self, address: str, timeout: float | None = 30.0):
-        super().__init__("localhost", timeout=timeout)
-        self.address = address
-
-    def connect(self):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(self.timeout)
-            s.connect(self.address)
-        except BaseException:
-            s.close()
-            raise
-        self.sock = s
 
 
 def free_port(host: str = "127.0.0.1") -> int:
