@@ -85,9 +85,15 @@ def test_file_extents_of_empty_and_full_files(tmp_path):
 
 def test_plan_cuts_data_and_keeps_order():
     exts = [Extent(0, 10, False), Extent(10, 5, True), Extent(15, 3, False)]
-    assert plan(exts, 4) == [
+    assert list(plan(exts, 4)) == [
         Piece("data", 0, 4), Piece("data", 4, 4), Piece("data", 8, 2),
         Piece("zero", 10, 5), Piece("data", 15, 3)]
-    assert plan(exts, 4, zero_ranges=[]) == [
+    assert list(plan(exts, 4, zero_ranges=[])) == [
         Piece("data", 0, 4), Piece("data", 4, 4), Piece("data", 8, 2),
         Piece("data", 15, 3)]
+
+
+def test_plan_merges_given_zero_ranges_in_order():
+    exts = [Extent(0, 10, False), Extent(10, 8, True)]
+    assert list(plan(exts, 8, zero_ranges=[(12, 18)])) == [
+        Piece("data", 0, 8), Piece("data", 8, 2), Piece("zero", 12, 6)]

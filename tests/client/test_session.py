@@ -8,6 +8,7 @@ import pytest
 
 from diskferry import client
 from diskferry.client import Extent
+from diskferry.client.extents import ranges
 
 from .helpers import KINDS, MiB, empty_image, make_image
 
@@ -66,6 +67,21 @@ def test_extents_and_checksum(writable):
     assert answer["block_size"] == 4 * MiB
     from diskferry import checksum
     assert checksum.compute_file(path)["checksum"] == answer["checksum"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_walk_extents_in_windows(daemons, make_ticket, tmp_path, kind):
+    srv = daemons.get(kind)
+    make_image(tmp_path / "img.raw", 16 * MiB, "sparse")
+    ticket = make_ticket(srv, tmp_path / "img.raw", 16 * MiB, ops=["read"])
+    with client.open(srv.image_url(ticket["uuid"]), cafile=srv.ca_file) as s:
+        whole = s.extents()
+        walked = list(s.walk_extents(window=3 * MiB))
+    assert walked[0].start == 0
+    assert walked[-1].end == 16 * MiB
+    assert all(a.end == b.start for a, b in zip(walked, walked[1:], strict=False))
+    for zero in (True, False):
+        assert ranges(walked, zero) == ranges(whole, zero)
 
 
 def test_read_only_session_refuses_writes(daemons, make_ticket, tmp_path):

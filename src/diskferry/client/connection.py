@@ -154,8 +154,11 @@ class ImageConnection:
                  if m.strip()}
         return allow, data
 
-    def extents(self, context="zero"):
-        query = urllib.parse.urlencode({"context": context})
+    def extents(self, context="zero", start=None, length=None):
+        params = {"context": context}
+        if start is not None:
+            params.update(start=start, length=length)
+        query = urllib.parse.urlencode(params)
         _, data = self._json("GET", f"{self.path}/extents?{query}")
         if not isinstance(data, list):
             raise ProtocolError("extents answer is not a list")

@@ -17,6 +17,7 @@ offset the server acknowledged (a download resumes mid-piece), as the
 raised as ``TransferError`` naming the offset.
 """
 
+import heapq
 import logging
 import os
 import threading
@@ -82,31 +83,38 @@ class _Progress:
 
 
 def plan(extents, request_size, zero_ranges=None):
-    """Cut data extents into pieces; zero ranges into zero pieces.
+    """Yield the pieces of a copy in image order, lazily.
 
-    ``zero_ranges`` (default: the zero extents) are the ranges that must
-    be zeroed; pass fewer when the destination already reads zeros there.
-    Pieces come out in image order, so workers move through the image
-    roughly sequentially.
+    Data extents are cut into ``request_size`` pieces. Zero pieces come
+    from ``zero_ranges`` (sorted ``(start, end)``: what must be zeroed)
+    or, when it is None, from the zero extents. Lazy, so that a huge
+    image never has its pieces in memory at once, and in order, so that
+    workers move through the image roughly sequentially.
     """
+    def data_pieces():
+        for ext in extents:
+            if not ext.zero:
+                for off, n in _extents.split(ext.start, ext.end, request_size):
+                    yield Piece("data", off, n)
+            elif zero_ranges is None:
+                for off, n in _extents.split(ext.start, ext.end, MAX_ZERO_SIZE):
+                    yield Piece("zero", off, n)
+
     if zero_ranges is None:
-        zero_ranges = _extents.ranges(extents, zero=True)
-    pieces = [Piece("data", off, n)
-              for start, end in _extents.ranges(extents, zero=False)
-              for off, n in _extents.split(start, end, request_size)]
-    pieces += [Piece("zero", off, n)
-               for start, end in zero_ranges
-               for off, n in _extents.split(start, end, MAX_ZERO_SIZE)]
-    pieces.sort(key=lambda p: p.offset)
-    return pieces
+        return data_pieces()
+    zero_pieces = (Piece("zero", off, n)
+                   for start, end in zero_ranges
+                   for off, n in _extents.split(start, end, MAX_ZERO_SIZE))
+    return heapq.merge(data_pieces(), zero_pieces, key=lambda p: p.offset)
 
 
 def _run(pieces, connections, do_piece, retry):
-    """Run pieces on the connections, one thread each; raise the first
-    failure as TransferError."""
+    """Run pieces on the connections, one thread each; return the bytes
+    done per op; raise the first failure as TransferError."""
     lock = threading.Lock()
     queue = iter(pieces)
     failed = []
+    done = {"data": 0, "zero": 0}
 
     def next_piece():
         with lock:
@@ -114,10 +122,15 @@ def _run(pieces, connections, do_piece, retry):
                 return None
             return next(queue, None)
 
+    def work(con):
+        while (piece := next_piece()) is not None:
+            _with_retries(con, piece, do_piece, retry)
+            with lock:
+                done[piece.op] += piece.length
+
     def worker(con):
         try:
-            while (piece := next_piece()) is not None:
-                _with_retries(con, piece, do_piece, retry)
+            work(con)
         except BaseException as e:
             with lock:
                 failed.append(e)
@@ -132,8 +145,7 @@ def _run(pieces, connections, do_piece, retry):
     # The calling thread is a worker too, on the session's own connection,
     # which must survive for the final flush: keep it open.
     try:
-        while (piece := next_piece()) is not None:
-            _with_retries(connections[0], piece, do_piece, retry)
+        work(connections[0])
     except BaseException as e:
         with lock:
             failed.append(e)
@@ -144,6 +156,7 @@ def _run(pieces, connections, do_piece, retry):
         if isinstance(error, TransferError) or not isinstance(error, Exception):
             raise error
         raise TransferError(str(error), getattr(error, "offset", 0)) from error
+    return done
 
 
 def _with_retries(con, piece, do_piece, retry):
@@ -221,12 +234,13 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
                 report(end - offset)
 
             count = max(1, min(workers, sess.max_writers))
-            _run(pieces, _open_connections(sess, count), do_piece, retry)
+            done = _run(pieces, _open_connections(sess, count), do_piece,
+                        retry)
             try:
                 sess.flush()
             except Exception as e:
                 raise TransferError(f"flush failed: {e}", size) from e
-            return _result("upload", size, pieces, skipped, started, sess,
+            return _result("upload", size, done, skipped, started, sess,
                            count)
     finally:
         src.close()
@@ -248,20 +262,29 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
     with session.open(url, "r", cafile=cafile, secure=secure, unix=unix,
                       timeout=timeout, buffer_size=request_size) as sess:
         size = sess.size()
-        if "extents" in sess.features:
-            image_extents = sess.extents("zero")
-        else:
-            image_extents = [Extent(0, size, False)] if size else []
         if on_start:
             on_start(size)
         dst = localfile.open_destination(path, size)
         try:
-            zero_ranges = ([] if dst.zeroed
-                           else _extents.ranges(image_extents, zero=True))
-            pieces = plan(image_extents, request_size, zero_ranges)
-            skipped = sum(e.length for e in image_extents if e.zero) - sum(
-                e - s for s, e in zero_ranges)
-            report(skipped)
+            if "extents" in sess.features:
+                image_extents = sess.walk_extents("zero")
+            else:
+                image_extents = [Extent(0, size, False)] if size else []
+            skipped = 0
+
+            def skipping_zeros(extents):
+                # A fresh file already reads zeros: count, do not copy.
+                nonlocal skipped
+                for ext in extents:
+                    if ext.zero:
+                        skipped += ext.length
+                        report(ext.length)
+                    yield ext
+
+            if dst.zeroed:
+                pieces = plan(skipping_zeros(image_extents), request_size, [])
+            else:
+                pieces = plan(image_extents, request_size)
 
             def do_piece(con, op, state, end):
                 offset = state["offset"]
@@ -277,12 +300,13 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
                     report(end - offset)
 
             count = max(1, min(workers, sess.max_readers))
-            _run(pieces, _open_connections(sess, count), do_piece, retry)
+            done = _run(pieces, _open_connections(sess, count), do_piece,
+                        retry)
             if dst.kind != "other":
                 os.fsync(dst.fd)
         finally:
             dst.close()
-        return _result("download", size, pieces, skipped, started, sess,
+        return _result("download", size, done, skipped, started, sess,
                        count)
 
 
@@ -306,11 +330,9 @@ def _put_zeros(con, offset, length):
         offset += n
 
 
-def _result(direction, size, pieces, skipped, started, sess, count):
-    data = sum(p.length for p in pieces if p.op == "data")
-    zero = sum(p.length for p in pieces if p.op == "zero")
+def _result(direction, size, done, skipped, started, sess, count):
     return TransferResult(
-        direction=direction, image_size=size, data_bytes=data,
-        zero_bytes=zero, skipped_bytes=skipped,
+        direction=direction, image_size=size, data_bytes=done["data"],
+        zero_bytes=done["zero"], skipped_bytes=skipped,
         seconds=time.monotonic() - started, transport=sess.transport.kind,
         transport_reason=sess.transport_reason, connections=count)

@@ -28,13 +28,14 @@ class Extent:
         return self.start + self.length
 
 
-def parse_extents(items, size=None):
+def parse_extents(items, size=None, start=0):
     """Check the server's extents JSON and return a list of ``Extent``.
 
-    They must be contiguous from 0 and, when ``size`` is known, end there.
+    They must be contiguous from ``start`` and, when ``size`` is known,
+    end there.
     """
     extents = []
-    pos = 0
+    pos = start
     try:
         for item in items:
             ext = Extent(int(item["start"]), int(item["length"]),

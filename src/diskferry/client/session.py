@@ -28,7 +28,7 @@ from diskferry.client.errors import (
     UnixSocketUnavailable,
     UnsupportedOperation,
 )
-from diskferry.client.extents import parse_extents
+from diskferry.client.extents import Extent, parse_extents
 from diskferry.client.policy import Timeout
 from diskferry.client.transport import Transport
 from diskferry.client.uhttp import display_address, normalize_address
@@ -36,6 +36,10 @@ from diskferry.client.uhttp import display_address, normalize_address
 log = logging.getLogger("diskferry.client")
 
 UNIX_MODES = ("auto", "always", "never")
+
+#: Extents asked for per request where the server allows a range: one
+#: answer stays small and quick even on a fragmented multi-TiB image.
+EXTENTS_WINDOW = 64 * 1024**3
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,57 @@ class Session:
         if extents:
             self._size = extents[-1].end
         return extents
+
+    def walk_extents(self, context="zero", window=EXTENTS_WINDOW):
+        """Return an iterator over the image's extents, a window at a time.
+
+        Servers with the ``start``/``length`` extension answer one window
+        per request, so a huge image never needs one slow answer; others
+        ignore the window and answer the whole image at once, which is
+        noticed and used as is. The first window is fetched now on the
+        session's connection; later ones, fetched as the iterator is
+        consumed (from any thread), on a connection of their own.
+        """
+        self._require("extents")
+        size = self.size()
+        first = self._extents_window(self._con, context, 0, window, size)
+        return self._more_extents(first, context, window, size)
+
+    def _more_extents(self, extents, context, window, size):
+        yield from extents
+        pos = extents[-1].end if extents else size
+        if pos >= size:
+            return
+        con = self.connection()
+        try:
+            while pos < size:
+                extents = self._extents_window(con, context, pos, window, size)
+                yield from extents
+                pos = extents[-1].end
+        finally:
+            con.close()
+
+    @staticmethod
+    def _extents_window(con, context, pos, window, size):
+        """Extents of ``[pos, pos+window)`` (or more, if the server ignores
+        the window), clipped to start at ``pos``."""
+        if pos >= size:
+            return []
+        answer = con.extents(context, pos, min(window, size - pos))
+        whole = bool(answer) and answer[0].get("start") == 0
+        extents = parse_extents(answer, start=0 if whole else pos)
+        if not extents or extents[-1].end <= pos:
+            raise ProtocolError(f"no extents for offset {pos}")
+        if extents[-1].end > size:
+            raise ProtocolError(f"extents end past the image size {size}")
+        out = []
+        for ext in extents:
+            if ext.end <= pos:
+                continue
+            if ext.start < pos:
+                ext = Extent(pos, ext.end - pos, ext.zero, ext.hole, ext.dirty)
+            out.append(ext)
+        return out
 
     def checksum(self, algorithm=None, block_size=None):
         """The server's checksum answer: dict with checksum, algorithm,
