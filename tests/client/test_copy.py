@@ -1,6 +1,9 @@
 """Whole-image upload and download against real daemons."""
 
 import os
+import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -119,3 +122,46 @@ def test_unknown_ticket_is_a_clear_error(daemons, kind, tmp_path):
                         cafile=srv.ca_file)
     assert e.value.status == 403
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.fixture
+def qemu_nbd(tmp_path):
+    """qemu_nbd(image) -> socket path of a qemu-nbd serving a raw image."""
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("needs qemu-nbd")
+    procs = []
+
+    def start(image):
+        sock = tmp_path / f"nbd-{len(procs)}.sock"
+        procs.append(subprocess.Popen(
+            ["qemu-nbd", "--format=raw", "--persistent", "--shared=8",
+             f"--socket={sock}", str(image)], stderr=subprocess.PIPE))
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.05)
+        return sock
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait()
+
+
+@pytest.mark.parametrize("unix", ["auto", "never"], ids=["unix", "tls"])
+def test_download_keeps_holes_from_ovirt_imageio_nbd(daemons, make_ticket,
+                                                     qemu_nbd, tmp_path, unix):
+    # ovirt-imageio reports holes only through NBD (its file backend says
+    # "all data"), as oVirt serves images.
+    srv = daemons.get("ovirt-imageio")
+    content = make_image(tmp_path / "img.raw", SIZE, "sparse")
+    sock = qemu_nbd(tmp_path / "img.raw")
+    ticket = make_ticket(srv, tmp_path / "img.raw", SIZE, ops=["read"],
+                         url=f"nbd:unix:{sock}")
+    dst = tmp_path / "dst.raw"
+    result = client.download(srv.image_url(ticket["uuid"]), dst,
+                             cafile=srv.ca_file, unix=unix)
+    assert dst.read_bytes() == content
+    data = sum(length for _, length in sparse_runs(SIZE))
+    assert result.data_bytes < SIZE
+    assert allocated(dst) <= data + 3 * MiB
