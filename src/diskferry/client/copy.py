@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 from diskferry.client import extents as _extents
 from diskferry.client import localfile, session
@@ -41,32 +41,24 @@ DEFAULT_REQUEST_SIZE = BUFFER_SIZE
 MAX_ZERO_SIZE = 1024**3
 
 
-@dataclass(frozen=True)
-class TransferResult:
-    """What a copy did: sizes in bytes, time in seconds, transport used."""
+class TransferResult(namedtuple("TransferResult", (
+        "direction image_size data_bytes zero_bytes skipped_bytes seconds "
+        "transport transport_reason connections"))):
+    """What a copy did: sizes in bytes (``data_bytes`` moved as data,
+    ``zero_bytes`` zeroed by request, ``skipped_bytes`` already zero),
+    time in seconds, the transport used and why."""
 
-    direction: str
-    image_size: int
-    data_bytes: int
-    zero_bytes: int
-    skipped_bytes: int
-    seconds: float
-    transport: str
-    transport_reason: str
-    connections: int
+    __slots__ = ()
 
     @property
     def gib_per_second(self):
         return self.image_size / self.seconds / 1024**3 if self.seconds else 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(namedtuple("Piece", "op offset length")):
     """One request's worth of work: ``op`` is "data" or "zero"."""
 
-    op: str
-    offset: int
-    length: int
+    __slots__ = ()
 
 
 class _Progress:

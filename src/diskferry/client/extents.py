@@ -8,20 +8,16 @@ requests.
 
 import errno
 import os
-from dataclasses import dataclass
+from collections import namedtuple
 
 from diskferry.client.errors import ProtocolError
 
 
-@dataclass(frozen=True, slots=True)
-class Extent:
+class Extent(namedtuple("Extent", "start length zero hole dirty",
+                        defaults=(False, False))):
     """A run of an image that is all data or all zeros (``zero``)."""
 
-    start: int
-    length: int
-    zero: bool
-    hole: bool = False
-    dirty: bool = False
+    __slots__ = ()
 
     @property
     def end(self):

@@ -9,7 +9,7 @@ import fcntl
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from collections import namedtuple
 
 #: ioctl numbers from <linux/fs.h>: _IO(0x12, 127) and _IO(0x12, 96).
 BLKZEROOUT = 0x127F
@@ -18,15 +18,13 @@ BLKZEROOUT = 0x127F
 ZERO_CHUNK = 4 * 1024**2
 
 
-@dataclass(frozen=True)
-class LocalImage:
-    """An open local raw image: ``fd``, ``size`` and what kind it is."""
+class LocalImage(namedtuple("LocalImage", "fd size kind zeroed",
+                            defaults=(False,))):
+    """An open local raw image: ``fd``, ``size``, ``kind`` ("file",
+    "block" or "other", a character device such as null) and ``zeroed``
+    (every byte reads as zero now: a fresh sparse file)."""
 
-    fd: int
-    size: int
-    kind: str  # "file", "block" or "other" (a character device such as null)
-    #: True when every byte reads as zero now (a fresh sparse file).
-    zeroed: bool = False
+    __slots__ = ()
 
     def close(self):
         os.close(self.fd)

@@ -3,16 +3,17 @@
 A ``Timeout`` or ``Retry`` is a value: configure it once, share it
 between threads; ``Retry.increment()`` returns a new object instead of
 counting in place, so one transfer's failures never leak into another.
+Both are named tuples (like ``urllib.parse.SplitResult``): immutable,
+and cheap to define, which keeps the command's start-up short.
 """
 
 import time
-from dataclasses import dataclass, replace
+from collections import namedtuple
 
 from diskferry.client.errors import RetryExhausted
 
 
-@dataclass(frozen=True)
-class Timeout:
+class Timeout(namedtuple("Timeout", "connect read", defaults=(10.0, 120.0))):
     """Seconds to wait for a connection and for each read or write.
 
     ``connect`` bounds the TCP connect and TLS handshake (or the UNIX
@@ -21,26 +22,22 @@ class Timeout:
     to storage. ``None`` waits forever.
     """
 
-    connect: float | None = 10.0
-    read: float | None = 120.0
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Retry:
+class Retry(namedtuple("Retry", "total backoff_factor backoff_max history",
+                       defaults=(3, 0.2, 10.0, ()))):
     """How often a request that lost its connection is sent again.
 
     ``total`` is the number of retries of one request (0 disables them).
     Between attempts the client sleeps ``backoff_factor * 2**(n - 1)``
     seconds (no sleep before the first retry), at most ``backoff_max``.
     Only transient failures are retried (``ConnectionFailed``); an HTTP
-    error answer never is.
+    error answer never is. ``history`` holds the failures seen so far,
+    newest last.
     """
 
-    total: int = 3
-    backoff_factor: float = 0.2
-    backoff_max: float = 10.0
-    #: Failures seen so far, newest last (for the final error message).
-    history: tuple = ()
+    __slots__ = ()
 
     def increment(self, error):
         """Return the policy after one more failure, or raise when spent."""
@@ -49,7 +46,7 @@ class Retry:
             raise RetryExhausted(
                 f"gave up after {len(history)} attempts: {error}", error
             ) from error
-        return replace(self, history=history)
+        return self._replace(history=history)
 
     def backoff(self):
         """Seconds to wait before the next attempt."""

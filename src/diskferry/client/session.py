@@ -18,7 +18,7 @@ slow transfer on TLS can be explained.
 
 import logging
 import urllib.parse
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 from diskferry.client import locality
 from diskferry.client.connection import BUFFER_SIZE, ImageConnection
@@ -42,19 +42,17 @@ UNIX_MODES = ("auto", "always", "never")
 EXTENTS_WINDOW = 64 * 1024**3
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    """What ``OPTIONS`` told about the image and the server."""
+class ServerOptions(namedtuple("ServerOptions", (
+        "features allow max_readers max_writers unix_socket host_id "
+        "server_id known"),
+        defaults=(frozenset(), None, 1, 1, None, None, None, True))):
+    """What ``OPTIONS`` told about the image and the server.
 
-    features: frozenset = frozenset()
-    allow: frozenset | None = None
-    max_readers: int = 1
-    max_writers: int = 1
-    unix_socket: str | None = None
-    host_id: str | None = None
-    server_id: str | None = None
-    #: False for old servers that answer OPTIONS with 405 or 204.
-    known: bool = field(default=True)
+    ``known`` is False for old servers that answer OPTIONS with 405 or
+    204; ``host_id``/``server_id`` are None without the extension.
+    """
+
+    __slots__ = ()
 
     @classmethod
     def parse(cls, answer):

@@ -9,7 +9,7 @@ import http.client
 import socket
 import ssl
 import urllib.parse
-from dataclasses import dataclass
+from collections import namedtuple
 
 from diskferry.client.errors import ClientError
 from diskferry.client.policy import Timeout
@@ -31,16 +31,12 @@ def ssl_context(cafile=None, secure=True):
     return ctx
 
 
-@dataclass(frozen=True)
-class Transport:
-    """How to reach the server: ``kind`` is "unix", "tls" or "tcp"."""
+class Transport(namedtuple("Transport", "kind host port address context timeout",
+                           defaults=(None, None, None, None, Timeout()))):
+    """How to reach the server: ``kind`` is "unix", "tls" or "tcp"; a
+    host and port, or a UNIX socket ``address``; the TLS ``context``."""
 
-    kind: str
-    host: str | None = None
-    port: int | None = None
-    address: str | None = None
-    context: ssl.SSLContext | None = None
-    timeout: Timeout = Timeout()
+    __slots__ = ()
 
     @classmethod
     def from_url(cls, url, *, cafile=None, secure=True, timeout=Timeout()):
