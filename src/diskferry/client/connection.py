@@ -3,8 +3,9 @@
 This is where the bytes move, so the data path avoids per-byte Python
 work and extra copies:
 
-- GET: the response body is read with ``readinto`` into one reused
-  buffer per connection and written with ``os.pwrite`` at its offset.
+- GET on TCP or a UNIX socket: the body goes socket -> pipe -> file with
+  ``splice`` (see ``splice.py``). On TLS it is read with ``readinto``
+  into one reused buffer per connection and written with ``os.pwrite``.
 - PUT on TCP or a UNIX socket: the request head goes through
   ``http.client``, the body straight from the source file to the socket
   with ``os.sendfile`` (no copy through Python). On TLS the kernel cannot
@@ -15,6 +16,7 @@ connection (the next request reconnects); an error status becomes
 ``HTTPError`` and the connection goes on when the server keeps it.
 """
 
+import errno
 import http.client
 import json
 import os
@@ -333,9 +335,9 @@ def _is_network_error(error):
 
 
 _NETWORK_ERRNOS = {
-    getattr(__import__("errno"), name) for name in (
-        "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "EPIPE", "ENOTCONN",
-        "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN", "ESHUTDOWN")
+    errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE,
+    errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH,
+    errno.ENETDOWN, errno.ESHUTDOWN,
 }
 
 

@@ -206,8 +206,10 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
                            if src.kind == "file"
                            else [Extent(0, src.size, False)])
             zero_ranges = _extents.ranges(src_extents, zero=True)
-            known = _destination_zeros(sess)
+            known = _destination_zeros(sess) if zero_ranges else []
             needed = _extents.subtract(zero_ranges, known)
+            # Servers without the flush feature flush every PUT anyway.
+            flush_each = "flush" not in sess.features
             pieces = plan(src_extents, request_size, needed)
             skipped = sum(e - s for s, e in zero_ranges) - sum(
                 e - s for s, e in needed)
@@ -217,7 +219,7 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
                 offset = state["offset"]
                 if op == "data":
                     con.write_from_fd(src.fd, offset, end - offset,
-                                      flush=sess._put_flush(False))
+                                      flush=flush_each)
                 elif "zero" in sess.features:
                     con.zero(offset, end - offset)
                 else:
@@ -228,10 +230,9 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
             count = max(1, min(workers, sess.max_writers))
             done = _run(pieces, _open_connections(sess, count), do_piece,
                         retry)
-            try:
-                sess.flush()
-            except Exception as e:
-                raise TransferError(f"flush failed: {e}", size) from e
+            if not flush_each:
+                _with_retries(sess.primary, Piece("flush", 0, size),
+                              lambda con, *_: con.flush(), retry)
             return _result("upload", size, done, skipped, started, sess,
                            count)
     finally:
@@ -307,7 +308,7 @@ def _destination_zeros(sess):
     if "extents" not in sess.features:
         return []
     try:
-        return _extents.ranges(sess.extents("zero"), zero=True)
+        return _extents.ranges(sess.walk_extents("zero"), zero=True)
     except Exception as e:
         log.info("cannot get destination extents (%s); zeroing all holes", e)
         return []
