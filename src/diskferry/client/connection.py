@@ -270,8 +270,9 @@ class ImageConnection:
             con = self._connection()
             if self._pipe is None:
                 self._pipe = splice.Pipe()
-            keep = splice.get_to_fd(con.sock, self._pipe, self.path, fd,
-                                    offset, length, acked, positional)
+            keep = splice.get_to_fd(con.sock, self.transport.host_header(),
+                                    self._pipe, self.path, fd, offset,
+                                    length, acked, positional)
         except (HTTPError, ProtocolError):
             self.close()
             raise

@@ -52,9 +52,9 @@ class Pipe:
         os.close(self.w)
 
 
-def send_get(sock, path, offset, length):
+def send_get(sock, host, path, offset, length):
     """Send ``GET path`` for ``length`` bytes at ``offset``."""
-    head = (f"GET {path} HTTP/1.1\r\nHost: localhost\r\n"
+    head = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
             f"Range: bytes={offset}-{offset + length - 1}\r\n\r\n")
     sock.sendall(head.encode("ascii"))
 
@@ -90,13 +90,14 @@ def read_head(sock):
     return status, reason.strip(), headers
 
 
-def get_to_fd(sock, pipe, path, fd, offset, length, ack, positional=True):
+def get_to_fd(sock, host, pipe, path, fd, offset, length, ack,
+              positional=True):
     """GET ``length`` bytes at ``offset`` into ``fd`` at the same offset.
 
     Returns True if the connection may be reused. ``ack(n)`` is called as
     bytes land in ``fd``.
     """
-    send_get(sock, path, offset, length)
+    send_get(sock, host, path, offset, length)
     status, reason, headers = read_head(sock)
     content_length = int(headers.get("Content-Length", -1))
     keep = headers.get("Connection", "").lower() != "close"

@@ -63,6 +63,13 @@ class Transport(namedtuple("Transport", "kind host port address context timeout"
             return f"unix socket {display_address(self.address)}"
         return f"{self.kind} {self.host}:{self.port}"
 
+    def host_header(self):
+        """The ``Host`` header value for requests on this transport."""
+        if self.kind == "unix":
+            return "localhost"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
     def connection(self):
         """Return a new, connected ``http.client`` connection.
 
