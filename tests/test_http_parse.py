@@ -139,3 +139,16 @@ def test_check_request_line_start(data, ok):
     else:
         with pytest.raises(BadRequest):
             parse.check_request_line_start(data)
+
+
+@pytest.mark.parametrize("name,value", [
+    (None, "attachment"),
+    ("disk.raw", 'attachment; filename="disk.raw"'),
+    ('a"b\\c\r\n.raw', 'attachment; filename="a\\"b\\\\c.raw"'),
+    ("dísk.raw", "attachment; filename=\"d_sk.raw\"; "
+                 "filename*=UTF-8''d%C3%ADsk.raw"),
+])
+def test_content_disposition(name, value):
+    from diskferry.handlers.images import content_disposition
+    assert content_disposition(name) == value
+    value.encode("latin-1")

@@ -1,10 +1,12 @@
 """``/images/{ticket}``: OPTIONS, GET, PUT and PATCH.
 
-The data path: GET sends file ranges with ``sendfile`` when the
-connection and backend allow it, otherwise reads into the connection's
-buffer and sends from it; PUT receives into the buffer and writes it.
+The data path: on plain sockets (UNIX, TCP) GET sends file ranges with
+``sendfile`` and PUT splices the body from the socket into the file;
+with TLS or O_DIRECT both go through the connection's aligned buffer.
 Each request checks between chunks whether its ticket was canceled.
 """
+
+import urllib.parse
 
 from diskferry.errors import BadRequest, RangeNotSatisfiable
 from diskferry.handlers.context import (
@@ -28,6 +30,23 @@ def check_range(ticket, offset, length):
         raise RangeNotSatisfiable(
             f"Range {offset}-{offset + length - 1} is outside the image "
             f"(size {ticket.size})", size=ticket.size)
+
+
+def content_disposition(filename):
+    """``attachment``, with the ticket's file name when it has one.
+
+    A name that is not plain ASCII also goes in ``filename*`` (RFC 6266);
+    quotes and control characters cannot break the header.
+    """
+    if not filename:
+        return "attachment"
+    printable = "".join(c for c in filename if c.isprintable())
+    ascii_name = "".join(c if c.isascii() else "_" for c in printable)
+    quoted = ascii_name.replace("\\", "\\\\").replace('"', '\\"')
+    value = f'attachment; filename="{quoted}"'
+    if ascii_name != printable:
+        value += "; filename*=UTF-8''" + urllib.parse.quote(printable)
+    return value
 
 
 class ImageHandler:
@@ -71,9 +90,8 @@ class ImageHandler:
         else:
             offset, length, status, headers = 0, ticket.size, 200, {}
         headers["Content-Type"] = "application/octet-stream"
-        if ticket.spec.filename:
-            headers["Content-Disposition"] = (
-                f'attachment; filename="{ticket.spec.filename}"')
+        headers["Content-Disposition"] = content_disposition(
+            ticket.spec.filename)
         request.log.update(offset=offset, size=length)
         conn = request.conn
         backend = image.backend
