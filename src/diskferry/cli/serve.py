@@ -5,10 +5,6 @@ import logging
 import signal
 import sys
 
-from diskferry import config as config_mod
-from diskferry.daemon import Daemon, notify_systemd
-from diskferry.errors import DiskferryError
-
 EPILOG = """\
 examples:
   diskferry serve                       embedded defaults, state in ./.diskferry
@@ -33,6 +29,11 @@ def register(subparsers):
 
 
 def run(args):
+    # Imported here: the client commands need none of the daemon.
+    from diskferry import config as config_mod
+    from diskferry.daemon import Daemon, notify_systemd
+    from diskferry.errors import DiskferryError
+
     try:
         config = config_mod.load(args.config)
     except config_mod.ConfigError as e:

@@ -6,8 +6,7 @@ import os
 import sys
 import uuid
 
-from diskferry import config as config_mod
-from diskferry.client.uhttp import UnixHTTPConnection
+from diskferry.errors import DiskferryError
 
 EPILOG = """\
 examples:
@@ -71,6 +70,9 @@ class ControlError(Exception):
 
 
 def _request(args, method, path, body=None):
+    from diskferry import config as config_mod
+    from diskferry.client.uhttp import UnixHTTPConnection
+
     socket_path = args.socket
     if socket_path is None:
         socket_path = config_mod.load(args.config).control_socket
@@ -97,7 +99,7 @@ def _run(func):
     def wrapper(args):
         try:
             func(args)
-        except (ControlError, config_mod.ConfigError) as e:
+        except (ControlError, DiskferryError) as e:
             print(f"diskferry ticket: {e}", file=sys.stderr)
             return 1
         return 0
