@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from diskferry import client
+from diskferry import client, hostid
 from diskferry.client import locality
 from servers import start_server
 
@@ -73,7 +73,7 @@ def test_host_id_decides_locality_with_diskferry(daemons, make_ticket,
     srv = daemons.get("diskferry")
     ticket = make_ticket(srv, empty_image(tmp_path / "img.raw", MiB), MiB)
     with client.open(srv.image_url(ticket["uuid"]), cafile=srv.ca_file) as s:
-        assert s.options.host_id == locality.host_id()
+        assert s.options.host_id == hostid.host_id()
         assert s.options.server_id
         assert s.transport_reason == "server is local (host id matches)"
 
@@ -102,12 +102,12 @@ def test_host_id_prefers_vdsm_id(tmp_path):
     machine = tmp_path / "machine-id"
     machine.write_text("machine\n")
     files = (str(vdsm), str(machine))
-    assert locality.host_id(files) == "machine"
+    assert hostid.host_id(files) == "machine"
     vdsm.write_text("host-uuid\n")
-    assert locality.host_id(files) == "host-uuid"
+    assert hostid.host_id(files) == "host-uuid"
     machine.unlink()
     vdsm.unlink()
-    assert locality.host_id(files) is None
+    assert hostid.host_id(files) is None
 
 
 def test_cli_says_it_falls_back(unreachable, make_ticket, tmp_path):

@@ -1,26 +1,10 @@
 """The backend interface and the extent record every backend reports."""
 
-from dataclasses import dataclass
 from typing import Protocol
 
+from diskferry.extent import Extent
 
-@dataclass(frozen=True, slots=True)
-class Extent:
-    """A run of the image with the same allocation state.
-
-    ``zero``: the range reads as zeros. ``hole``: it is not allocated (a
-    hole is always zero). ``dirty`` is only meaningful in the dirty context.
-    """
-
-    start: int
-    length: int
-    zero: bool
-    hole: bool = False
-    dirty: bool = False
-
-    @property
-    def end(self):
-        return self.start + self.length
+__all__ = ["Backend", "Extent"]
 
 
 class Backend(Protocol):

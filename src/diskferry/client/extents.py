@@ -8,20 +8,9 @@ requests.
 
 import errno
 import os
-from collections import namedtuple
 
 from diskferry.client.errors import ProtocolError
-
-
-class Extent(namedtuple("Extent", "start length zero hole dirty",
-                        defaults=(False, False))):
-    """A run of an image that is all data or all zeros (``zero``)."""
-
-    __slots__ = ()
-
-    @property
-    def end(self):
-        return self.start + self.length
+from diskferry.extent import Extent
 
 
 def parse_extents(items, size=None, start=0):

@@ -17,21 +17,6 @@ it reaches the same daemon and that it knows the ticket.
 import ipaddress
 import socket
 
-HOST_ID_FILES = ("/etc/vdsm/vdsm.id", "/etc/machine-id")
-
-
-def host_id(files=HOST_ID_FILES):
-    """Return this host's id, or None when no id file is readable."""
-    for path in files:
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError:
-            continue
-        if value:
-            return value
-    return None
-
 
 def is_own_address(address):
     """True if ``address`` (an IP string, with %scope for IPv6) is ours."""

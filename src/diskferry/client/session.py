@@ -32,6 +32,7 @@ from diskferry.client.extents import Extent, parse_extents
 from diskferry.client.policy import Timeout
 from diskferry.client.transport import Transport
 from diskferry.client.uhttp import display_address, normalize_address
+from diskferry.hostid import host_id
 
 log = logging.getLogger("diskferry.client")
 
@@ -343,7 +344,7 @@ def _choose_transport(con, options, unix):
 def _server_is_local(con, options):
     """Return (is_local, reason) from host ids or the peer address."""
     if options.host_id:
-        mine = locality.host_id()
+        mine = host_id()
         if mine == options.host_id:
             return True, "host id matches"
         return False, (f"server runs on another host (host id "
