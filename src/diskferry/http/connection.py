@@ -119,38 +119,31 @@ class Connection:
             n = min(want, len(self._buf))
             buf[:n] = self._buf[:n]
             del self._buf[:n]
-        else:
-            try:
-                n = self.sock.recv_into(buf, want)
-            except PEER_ERRORS as e:
-                raise ConnectionGone(f"Receiving body failed: {e}") from e
-            if n == 0:
-                raise ConnectionGone(
-                    f"Peer closed with {self.body_left} body bytes missing")
-        self.body_left -= n
-        return n
+            self.body_left -= n
+            return n
+        return self._receive_body(self.sock.recv_into, buf, want)
 
     def readinto_full(self, view):
-        """Fill ``view`` with body bytes; the loop of ``readinto`` kept tight,
-        as a TLS socket hands out one 16 KiB record per call."""
-        want = len(view)
-        if want > self.body_left:
+        """Fill ``view`` with body bytes (a TLS socket hands out one 16 KiB
+        record per receive)."""
+        if len(view) > self.body_left:
             raise ValueError("Reading past the end of the body")
-        got = self.readinto(view) if want else 0
-        recv_into = self.sock.recv_into
+        got = 0
+        while got < len(view):
+            got += self.readinto(view[got:])
+        return got
+
+    def _receive_body(self, receive, *args):
+        """Call ``receive``, the socket to body step of readinto or splice."""
         try:
-            while got < want:
-                n = recv_into(view[got:])
-                if n == 0:
-                    break
-                got += n
-                self.body_left -= n
+            n = receive(*args)
         except PEER_ERRORS as e:
             raise ConnectionGone(f"Receiving body failed: {e}") from e
-        if got < want:
+        if n == 0:
             raise ConnectionGone(
                 f"Peer closed with {self.body_left} body bytes missing")
-        return got
+        self.body_left -= n
+        return n
 
     def splice_body(self, fd, offset, count, pipe):
         """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
@@ -169,15 +162,8 @@ class Connection:
             self.body_left -= done
         sockfd = self.sock.fileno()
         while done < count:
-            want = min(pipe.size, count - done)
-            try:
-                n = os.splice(sockfd, pipe.w, want)
-            except PEER_ERRORS as e:
-                raise ConnectionGone(f"Receiving body failed: {e}") from e
-            if n == 0:
-                raise ConnectionGone(
-                    f"Peer closed with {self.body_left} body bytes missing")
-            self.body_left -= n
+            n = self._receive_body(os.splice, sockfd, pipe.w,
+                                   min(pipe.size, count - done))
             left = n
             while left:
                 left -= os.splice(pipe.r, fd, left,
