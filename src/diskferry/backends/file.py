@@ -18,10 +18,10 @@ Zeroing, from cheapest to most general:
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 import stat
-import threading
 
 from diskferry.backends import fallocate
 from diskferry.backends.base import Extent
@@ -34,16 +34,10 @@ DIRECT_ALIGNMENT = 4096
 #: Largest single write of zeros when nothing faster works.
 ZERO_CHUNK = 8 * 1024**2
 
-_ZERO_CHUNK_BUF = None
-_zero_lock = threading.Lock()
-
-
+@functools.cache
 def _zero_buffer():
-    global _ZERO_CHUNK_BUF
-    with _zero_lock:
-        if _ZERO_CHUNK_BUF is None:
-            _ZERO_CHUNK_BUF = mmap.mmap(-1, ZERO_CHUNK)
-        return _ZERO_CHUNK_BUF
+    """Zeros to write when nothing faster works; shared, never written."""
+    return mmap.mmap(-1, ZERO_CHUNK)
 
 
 def aligned_buffer(size):

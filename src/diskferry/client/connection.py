@@ -30,6 +30,7 @@ from diskferry.client.errors import (
     HTTPError,
     ProtocolError,
 )
+from diskferry.pipe import Pipe
 
 #: Default size of the reused I/O buffer, and of the largest request.
 BUFFER_SIZE = 8 * 1024**2
@@ -269,7 +270,7 @@ class ImageConnection:
         try:
             con = self._connection()
             if self._pipe is None:
-                self._pipe = splice.Pipe()
+                self._pipe = Pipe()
             keep = splice.get_to_fd(con.sock, self.transport.host_header(),
                                     self._pipe, self.path, fd, offset,
                                     length, acked, positional)

@@ -13,7 +13,6 @@ ahead: it peeks at the socket and consumes exactly the head's bytes.
 """
 
 import errno
-import fcntl
 import http.client
 import io
 import os
@@ -29,27 +28,7 @@ MAX_HEAD = 64 * 1024
 #: Bytes looked at per peek: a whole head of an image server, usually.
 PEEK_SIZE = 8192
 
-#: Pipe capacity to ask for; Linux caps it at /proc/sys/fs/pipe-max-size.
-PIPE_SIZE = 1024 * 1024
-
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-
 AVAILABLE = hasattr(os, "splice")
-
-
-class Pipe:
-    """A pipe sized for bulk splicing; one per connection, reused."""
-
-    def __init__(self):
-        self.r, self.w = os.pipe2(os.O_CLOEXEC)
-        try:
-            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            self.size = 64 * 1024  # the default capacity
-
-    def close(self):
-        os.close(self.r)
-        os.close(self.w)
 
 
 def send_get(sock, host, path, offset, length):

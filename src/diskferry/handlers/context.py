@@ -12,7 +12,7 @@ import threading
 from diskferry.backends import open_backend
 from diskferry.backends.file import aligned_buffer
 from diskferry.errors import BackendError, ServerError
-from diskferry.http.connection import Pipe
+from diskferry.pipe import Pipe
 
 log = logging.getLogger("diskferry.images")
 
@@ -82,8 +82,9 @@ def connection_pipe(request):
     return pipe
 
 
-def discard_pipe(request):
-    pipe = request.context.pop("pipe", None)
+def discard_pipe(context):
+    """Close the connection's pipe; the next splice gets a new one."""
+    pipe = context.pop("pipe", None)
     if pipe is not None:
         pipe.close()
 
@@ -96,9 +97,7 @@ def _release(conn_id, image):
 def release_connection(context):
     for image in context.pop("images", {}).values():
         _release(context["id"], image)
-    pipe = context.pop("pipe", None)
-    if pipe is not None:
-        pipe.close()
+    discard_pipe(context)
     buf = context.pop("buffer", None)
     if isinstance(buf, mmap.mmap):
         try:

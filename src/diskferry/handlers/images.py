@@ -168,7 +168,7 @@ class ImageHandler:
                 op.done += n
         except BaseException:
             # The pipe may hold bytes of this body: never reuse it.
-            discard_pipe(request)
+            discard_pipe(request.context)
             raise
 
     def _receive_buffered(self, request, backend, op, offset, length):

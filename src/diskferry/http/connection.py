@@ -22,7 +22,6 @@ handler leaves body bytes unread, the stream is out of sync and the
 connection is closed after the response.
 """
 
-import fcntl
 import os
 import socket
 import ssl
@@ -149,8 +148,7 @@ class Connection:
         """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
 
         socket -> pipe -> file with ``os.splice``: the bytes are never
-        copied to user space. ``pipe`` is a ``Pipe``; after an error it
-        may hold bytes and must be closed.
+        copied to user space. ``pipe`` is a ``diskferry.pipe.Pipe``.
         """
         self._send_continue()
         done = 0
@@ -278,29 +276,6 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
-
-
-class Pipe:
-    """A pipe sized for splicing large bodies; one per connection."""
-
-    #: Bytes per splice: the pipe's capacity. 1 MiB is the default
-    #: unprivileged maximum (/proc/sys/fs/pipe-max-size).
-    SIZE = 1024 * 1024
-
-    def __init__(self):
-        self.r, self.w = os.pipe2(os.O_CLOEXEC)
-        try:
-            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, self.SIZE)
-        except OSError:
-            self.size = 64 * 1024  # the kernel's default pipe size
-
-    def close(self):
-        os.close(self.r)
-        os.close(self.w)
-
-
-#: fcntl command to resize a pipe (Linux); not in the fcntl module of 3.11.
-F_SETPIPE_SZ = 1031
 
 
 def _pwrite_all(fd, data, offset):

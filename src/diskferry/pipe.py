@@ -1,0 +1,35 @@
+"""A kernel pipe sized for splice(2), shared by the daemon and the client.
+
+Moving a body socket -> pipe -> file with ``os.splice`` keeps its bytes
+out of user space; the pipe's capacity bounds each step.
+"""
+
+import fcntl
+import os
+
+#: Capacity asked for: 1 MiB is the default unprivileged maximum
+#: (/proc/sys/fs/pipe-max-size).
+PIPE_SIZE = 1024 * 1024
+
+#: Resize a pipe (Linux); the fcntl module has the name from Python 3.10
+#: on some builds only.
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class Pipe:
+    """A pipe for bulk splicing; one per connection, reused.
+
+    After a failed splice it may hold bytes of the failed transfer: close
+    it rather than reuse it.
+    """
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            self.size = 64 * 1024  # the kernel's default capacity
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
