@@ -5,7 +5,7 @@ import pytest
 from diskferry.client import extents
 from diskferry.client.copy import Piece, plan
 from diskferry.client.errors import ProtocolError
-from diskferry.client.extents import Extent
+from diskferry.extent import Extent
 
 from .helpers import MiB
 

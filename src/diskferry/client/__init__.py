@@ -26,10 +26,10 @@ from diskferry.client.errors import (
     UnixSocketUnavailable,
     UnsupportedOperation,
 )
-from diskferry.client.extents import Extent
 from diskferry.client.policy import Retry, Timeout
 from diskferry.client.session import Session, open
 from diskferry.client.uhttp import UnixHTTPConnection
+from diskferry.extent import Extent
 
 __all__ = [
     "ClientError",

@@ -28,8 +28,8 @@ from diskferry.client import extents as _extents
 from diskferry.client import localfile, session
 from diskferry.client.connection import BUFFER_SIZE
 from diskferry.client.errors import ConnectionFailed, TransferError
-from diskferry.client.extents import Extent
 from diskferry.client.policy import Retry, Timeout
+from diskferry.extent import Extent
 
 log = logging.getLogger("diskferry.client")
 

@@ -28,10 +28,11 @@ from diskferry.client.errors import (
     UnixSocketUnavailable,
     UnsupportedOperation,
 )
-from diskferry.client.extents import Extent, parse_extents
+from diskferry.client.extents import parse_extents
 from diskferry.client.policy import Timeout
 from diskferry.client.transport import Transport
 from diskferry.client.uhttp import display_address, normalize_address
+from diskferry.extent import Extent
 from diskferry.hostid import host_id
 
 log = logging.getLogger("diskferry.client")
