@@ -35,6 +35,12 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 #: spinning or dying; connections finishing will free some.
 ACCEPT_BACKOFF = 0.1
 
+#: Send buffer of a local (UNIX) connection. A UNIX stream socket
+#: queues what its sender may have in flight; the default ~200 KiB makes
+#: a reader of 8 MiB requests wake up dozens of times per request.
+#: Capped by net.core.wmem_max (often 208 KiB, 4 MiB on some hosts).
+UNIX_SEND_BUFFER = 4 * 1024**2
+
 #: Largest unread body drained after a refused request to keep the
 #: connection; a larger one (refused image data) closes it instead.
 MAX_DISCARDED_BODY = 64 * 1024
@@ -148,7 +154,10 @@ class Server:
         context = {"id": f"{self.name}/{conn_id}"}
         client = _client_name(addr)
         try:
-            if sock.family != socket.AF_UNIX:
+            if sock.family == socket.AF_UNIX:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                UNIX_SEND_BUFFER)
+            else:
                 # A head and a small body sent apart must not wait for the
                 # peer's delayed ACK (~40 ms a request).
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
