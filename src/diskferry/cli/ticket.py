@@ -111,8 +111,12 @@ def add_ticket(args):
     path = os.path.abspath(args.path)
     size = args.size
     if size is None:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+        except OSError as e:
+            raise ControlError(f"cannot read the size of {path}: "
+                               f"{e.strerror}; give --size") from e
     ticket = {
         "uuid": args.id or str(uuid.uuid4()),
         "size": size,
