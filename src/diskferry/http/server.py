@@ -207,7 +207,7 @@ class Server:
         except ConnectionGone:
             return False
         except RequestError as e:
-            self._send_error(conn, e)
+            self._send_error(conn, e, close=True)
             return False
         if raw is None:
             return False
@@ -231,11 +231,12 @@ class Server:
             keep = (not e.close_connection and request is not None and
                     request.head.keep_alive and
                     self._discard_body(conn))
-            if not self._send_error(conn, e):
+            if not self._send_error(conn, e, close=not keep):
                 keep = False
         except Exception:
             log.exception("%s: request failed", self.name)
-            self._send_error(conn, ServerError("Internal server error"))
+            self._send_error(conn, ServerError("Internal server error"),
+                             close=True)
             keep = False
         finally:
             self._set_busy(conn, False)
@@ -249,14 +250,17 @@ class Server:
         except ConnectionGone:
             return False
 
-    def _send_error(self, conn, error):
-        """Answer ``error`` if no response was started; False if it could not."""
+    def _send_error(self, conn, error, close):
+        """Answer ``error`` if no response was started; False if it could not.
+
+        ``close`` says the connection closes after it, and the answer says so.
+        """
         if conn.response_started:
             return False
         headers = {}
         if getattr(error, "size", None) is not None:
             headers["Content-Range"] = f"bytes */{error.size}"
-        if error.close_connection:
+        if close:
             headers["Connection"] = "close"
         try:
             conn.send_response(error.status, error.message + "\n",
