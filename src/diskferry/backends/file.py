@@ -19,6 +19,7 @@ Zeroing, from cheapest to most general:
 import ctypes
 import errno
 import functools
+import logging
 import mmap
 import os
 import stat
@@ -26,6 +27,8 @@ import stat
 from diskferry.backends import fallocate
 from diskferry.backends.base import Extent
 from diskferry.errors import BackendError
+
+log = logging.getLogger("diskferry.backends.file")
 
 #: Alignment of offsets, lengths and memory for O_DIRECT; 4096 satisfies
 #: every logical block size in use (512 and 4096).
@@ -72,10 +75,23 @@ class FileBackend:
                     f"{path} is neither a regular file nor a block device")
             self._size = os.lseek(self._fd, 0, os.SEEK_END)
             if direct:
-                self._direct_fd = os.open(path, flags | os.O_DIRECT)
+                self._direct_fd = self._open_direct(path, flags)
+                self.direct = self._direct_fd is not None
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _open_direct(path, flags):
+        """An O_DIRECT descriptor, or None where the file system has none."""
+        try:
+            return os.open(path, flags | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.warning("%s: O_DIRECT not supported here, using buffered I/O",
+                        path)
+            return None
 
     def size(self):
         return self._size
