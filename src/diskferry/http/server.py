@@ -109,6 +109,7 @@ class Server:
     # Accepting
 
     def _accept_loop(self):
+        starved = False  # logged once per episode, not 10 times a second
         while not self._stopping:
             try:
                 sock, addr = self.sock.accept()
@@ -116,8 +117,10 @@ class Server:
                 if self._stopping:
                     return
                 if e.errno in ACCEPT_EXHAUSTED:
-                    log.warning("%s: accept failed (%s), backing off",
-                                self.name, e)
+                    if not starved:
+                        log.warning("%s: accept failed (%s), backing off",
+                                    self.name, e)
+                        starved = True
                     time.sleep(ACCEPT_BACKOFF)
                     continue
                 if e.errno in (errno.ECONNABORTED, errno.EINTR):
@@ -125,6 +128,9 @@ class Server:
                 log.exception("%s: accept failed", self.name)
                 time.sleep(ACCEPT_BACKOFF)
                 continue
+            if starved:
+                log.info("%s: accepting again", self.name)
+                starved = False
             self._start_worker(sock, addr)
 
     def _start_worker(self, sock, addr):
