@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 from diskferry.errors import DiskferryError
+from diskferry.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
 
 
 class ConfigError(DiskferryError):
@@ -28,7 +29,7 @@ class Daemon:
     max_connections: int = 8
     #: Seconds an idle client connection is kept when its ticket has no
     #: inactivity_timeout of its own.
-    inactivity_timeout: int = 60
+    inactivity_timeout: int = DEFAULT_INACTIVITY_TIMEOUT
     #: Where sockets and run-time files go (default: STATE_DIR/run).
     run_dir: str = ""
     #: Where generated certificates go (default: ./.diskferry).
@@ -67,7 +68,7 @@ class Control:
     socket: str = ""
     port: int = 54324
     #: Seconds DELETE /tickets/{id} waits for running requests before 409.
-    remove_timeout: int = 60
+    remove_timeout: int = DEFAULT_REMOVE_TIMEOUT
 
 
 @dataclass

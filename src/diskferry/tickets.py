@@ -39,8 +39,12 @@ from diskferry.ranges import RangeSet
 VALID_OPS = ("read", "write")
 SUPPORTED_SCHEMES = ("file",)
 
-#: Default seconds an idle client connection is kept (config may change).
+#: Seconds an idle client connection is kept when neither the ticket nor
+#: the configuration says otherwise (ovirt-imageio's default too).
 DEFAULT_INACTIVITY_TIMEOUT = 60
+
+#: Seconds a ticket delete waits for running requests before 409.
+DEFAULT_REMOVE_TIMEOUT = 60
 
 
 def monotonic():
@@ -313,7 +317,8 @@ class _OperationScope:
 class TicketStore:
     """The daemon's tickets, by id; thread-safe."""
 
-    def __init__(self, remove_timeout=60, default_inactivity=60):
+    def __init__(self, remove_timeout=DEFAULT_REMOVE_TIMEOUT,
+                 default_inactivity=DEFAULT_INACTIVITY_TIMEOUT):
         self.remove_timeout = remove_timeout
         self.default_inactivity = default_inactivity
         self._lock = threading.Lock()

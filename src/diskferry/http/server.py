@@ -331,11 +331,6 @@ class Server:
         for thread in threads:
             thread.join(1.0)
 
-    @property
-    def connection_count(self):
-        with self._lock:
-            return len(self._threads)
-
 
 def _shutdown(sock):
     try:
