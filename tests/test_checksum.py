@@ -87,7 +87,7 @@ def test_known_digests():
     assert checksum.compute(MemoryBackend(0))["checksum"] == (
         "0e5751c026e543b2e8ab2eb06099daa1d1e5df47778f7787faab45cdf12fe3a8")
     ten_mib = MemoryBackend(10 * MiB)
-    ten_mib.write(5000000, memoryview(b"x"))
+    ten_mib.write(memoryview(b"x"), 5000000)
     assert checksum.compute(ten_mib)["checksum"] == (
         "b1085c2deabd98dd7d5c4c8888c38ea0c78d5da3828ca49f42bc3ca708f8a0c7")
 
@@ -135,11 +135,11 @@ class ExtentsBackend(MemoryBackend):
     def size(self):
         return self._size
 
-    def readinto(self, offset, buf):
+    def readinto(self, buf, offset):
         self.reads.append((offset, len(buf)))
         self.buffers.add(id(buf.obj))
         assert offset + len(buf) <= len(self.data), "read of a zero extent"
-        return super().readinto(offset, buf)
+        return super().readinto(buf, offset)
 
     def extents(self, start, length):
         if self._extents is None:

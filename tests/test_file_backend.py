@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-from diskferry.backends.file import FileBackend, aligned_buffer
+from diskferry.backends.file import FileBackend
+from diskferry.buffers import aligned_buffer
 from diskferry.errors import BackendError
 
 MiB = 1024**2
@@ -107,10 +108,10 @@ def test_write_then_read_unaligned(tmp_path, direct, offset, length):
     buf[:length] = payload
     b = FileBackend(str(path), writable=True, direct=direct)
     try:
-        assert b.write(offset, memoryview(buf)[:length]) == length
+        assert b.write(memoryview(buf)[:length], offset) == length
         b.flush()
         out = aligned_buffer(length)
-        assert b.readinto(offset, memoryview(out)[:length]) == length
+        assert b.readinto(memoryview(out)[:length], offset) == length
         assert bytes(out[:length]) == payload
     finally:
         b.close()
@@ -127,7 +128,7 @@ def test_direct_read_short_at_end(tmp_path):
     b = FileBackend(str(path), direct=True)
     try:
         buf = aligned_buffer(16384)
-        assert b.readinto(4096, memoryview(buf)[:8192]) == 10000 - 4096
+        assert b.readinto(memoryview(buf)[:8192], 4096) == 10000 - 4096
         assert b.fileno() is None  # no sendfile in direct mode
     finally:
         b.close()
@@ -169,7 +170,7 @@ def test_block_device(loop_device):
         assert b.size() == 4 * MiB
         assert [(e.start, e.length, e.zero) for e in b.extents(0, b.size())] \
             == [(0, 4 * MiB, False)]
-        b.write(MiB, memoryview(b"D" * 4096))
+        b.write(memoryview(b"D" * 4096), MiB)
         b.zero(2 * MiB, MiB, punch_hole=True)
         b.flush()
     finally:

@@ -30,24 +30,24 @@ def test_negative_size():
 def test_readinto_reuses_buffer_and_is_short_at_end():
     backend = MemoryBackend(b"0123456789")
     buf = bytearray(4)
-    assert backend.readinto(2, memoryview(buf)) == 4
+    assert backend.readinto(memoryview(buf), 2) == 4
     assert buf == b"2345"
-    assert backend.readinto(8, memoryview(buf)) == 2
+    assert backend.readinto(memoryview(buf), 8) == 2
     assert buf[:2] == b"89"
-    assert backend.readinto(10, memoryview(buf)) == 0
-    assert backend.readinto(20, memoryview(buf)) == 0
+    assert backend.readinto(memoryview(buf), 10) == 0
+    assert backend.readinto(memoryview(buf), 20) == 0
 
 
 def test_write_and_read_back():
     backend = MemoryBackend(10)
-    assert backend.write(3, memoryview(b"xyz")) == 3
+    assert backend.write(memoryview(b"xyz"), 3) == 3
     assert backend.data == b"\0\0\0xyz\0\0\0\0"
 
 
 def test_write_past_end_fails():
     backend = MemoryBackend(10)
     with pytest.raises(BackendError, match="outside"):
-        backend.write(8, memoryview(b"xyz"))
+        backend.write(memoryview(b"xyz"), 8)
     assert backend.data == bytes(10)
 
 
@@ -78,7 +78,7 @@ def test_extents(layout, expected):
     backend = MemoryBackend(len(layout) * G)
     for i, kind in enumerate(layout):
         if kind == "d":
-            backend.write(i * G + G // 2, memoryview(b"x"))
+            backend.write(memoryview(b"x"), i * G + G // 2)
     extents = backend.extents(0, backend.size())
     assert extents == [Extent(s, n, z) for s, n, z in expected]
     assert not any(e.hole for e in extents)
@@ -86,7 +86,7 @@ def test_extents(layout, expected):
 
 def test_extents_of_a_range_are_clipped():
     backend = MemoryBackend(4 * G)
-    backend.write(2 * G, memoryview(b"x"))
+    backend.write(memoryview(b"x"), 2 * G)
     assert backend.extents(G + 100, 2 * G) == [
         Extent(G + 100, G - 100, True), Extent(2 * G, G, False),
         Extent(3 * G, 100, True)]
@@ -94,7 +94,7 @@ def test_extents_of_a_range_are_clipped():
 
 def test_extents_stop_at_end_of_image():
     backend = MemoryBackend(G + 10)
-    backend.write(G, memoryview(b"x"))
+    backend.write(memoryview(b"x"), G)
     assert backend.extents(0, 10 * G) == [
         Extent(0, G, True), Extent(G, 10, False)]
 
@@ -108,4 +108,4 @@ def test_closed_backend_fails():
     backend.flush()
     backend.close()
     with pytest.raises(BackendError, match="closed"):
-        backend.readinto(0, memoryview(bytearray(1)))
+        backend.readinto(memoryview(bytearray(1)), 0)

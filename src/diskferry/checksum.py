@@ -247,7 +247,7 @@ def compute(backend, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
 def _read_fully(backend, offset, view):
     done = 0
     while done < len(view):
-        count = backend.readinto(offset + done, view[done:])
+        count = backend.readinto(view[done:], offset + done)
         if count == 0:
             raise BackendError(
                 f"image ended at {offset + done}, before its size "

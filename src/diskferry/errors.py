@@ -114,6 +114,11 @@ class BackendError(DiskferryError):
     """Raised by a backend when the storage under it failed."""
 
 
+class NotAvailable(BackendError):
+    """Raised by a backend asked for what its storage does not keep, such
+    as dirty extents of a plain file."""
+
+
 # Ticket errors, raised by the ticket store.
 
 class TicketNotFound(NotFound):

@@ -27,6 +27,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from diskferry import backends
 from diskferry.errors import (
     BadRequest,
     Forbidden,
@@ -37,7 +38,6 @@ from diskferry.errors import (
 from diskferry.ranges import RangeSet
 
 VALID_OPS = ("read", "write")
-SUPPORTED_SCHEMES = ("file",)
 
 #: Seconds an idle client connection is kept when neither the ticket nor
 #: the configuration says otherwise (ovirt-imageio's default too).
@@ -80,14 +80,10 @@ def parse_ticket_url(value):
         url = urllib.parse.urlsplit(value)
     except ValueError as e:
         raise BadRequest(f"Invalid ticket field 'url': {e}") from None
-    if url.scheme not in SUPPORTED_SCHEMES:
-        raise BadRequest(
-            f"Invalid ticket field 'url': unsupported scheme {url.scheme!r}; "
-            f"supported: {', '.join(SUPPORTED_SCHEMES)}")
-    if url.scheme == "file" and not url.path.startswith("/"):
-        raise BadRequest(
-            f"Invalid ticket field 'url': {value!r} is not an absolute "
-            f"file:// URL")
+    try:
+        backends.check_url(url)
+    except ValueError as e:
+        raise BadRequest(f"Invalid ticket field 'url': {e}") from None
     return url
 
 

@@ -1,22 +1,49 @@
-"""The backend interface and the extent record every backend reports."""
+"""The backend interface: what a handler needs from an image's storage.
 
-from typing import Protocol
+A backend module (``file``, ``nbd``, ``memory``) provides a
+``BackendKind``: how to check a ticket URL of its schemes when the
+ticket is installed, and how to open the image for one connection. The
+registry in ``diskferry.backends`` maps URL schemes to kinds; nothing
+else in the daemon knows which backends exist.
+"""
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+from urllib.parse import SplitResult
 
 from diskferry.extent import Extent
 
-__all__ = ["Backend", "Extent"]
+if TYPE_CHECKING:
+    from diskferry.config import Config
+    from diskferry.tickets import Ticket
+
+__all__ = ["Backend", "BackendKind", "Extent"]
 
 
 class Backend(Protocol):
-    """What a handler needs from storage; one instance per connection."""
+    """One image, open for one connection.
+
+    Buffers come first and offsets second in every data method, as in
+    ``os.preadv`` and the client library.
+    """
+
+    #: Connections that may read, or write, this image at once (OPTIONS
+    #: ``max_readers``/``max_writers``, capped by the daemon's
+    #: ``max_connections``).
+    max_readers: int
+    max_writers: int
+
+    #: Bytes a handler moves per backend call when data goes through a
+    #: buffer (TLS, or a backend without a descriptor).
+    buffer_size: int
 
     def size(self) -> int:
         """Size of the image in bytes."""
 
-    def readinto(self, offset: int, buf: memoryview) -> int:
+    def readinto(self, buf: memoryview, offset: int) -> int:
         """Read at ``offset`` into ``buf``; returns bytes read (short at EOF)."""
 
-    def write(self, offset: int, data: memoryview) -> int:
+    def write(self, data: memoryview, offset: int) -> int:
         """Write all of ``data`` at ``offset``; returns ``len(data)``."""
 
     def zero(self, offset: int, length: int, punch_hole: bool) -> None:
@@ -28,8 +55,24 @@ class Backend(Protocol):
     def extents(self, start: int, length: int) -> list[Extent]:
         """Zero-context extents covering ``[start, start+length)``, merged."""
 
+    def dirty_extents(self, start: int, length: int) -> list[Extent]:
+        """Dirty-context extents of the range (``dirty`` and ``zero`` set).
+
+        Raises ``NotAvailable`` when the storage keeps no dirty bitmap.
+        """
+
     def fileno(self) -> int | None:
         """A descriptor for ``sendfile``/``splice``, or None if there is none."""
 
     def close(self) -> None:
         """Release the backend's resources."""
+
+
+class BackendKind(NamedTuple):
+    """A backend as the registry knows it."""
+
+    #: Raises ``ValueError`` with a message for a URL this backend cannot
+    #: serve; called when a ticket is installed, so it must not block.
+    check_url: Callable[[SplitResult], None]
+    #: Opens the ticket's image for one connection; raises ``BackendError``.
+    open: "Callable[[Ticket, Config], Backend]"

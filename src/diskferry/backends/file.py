@@ -23,15 +23,17 @@ import logging
 import mmap
 import os
 import stat
+import urllib.parse
 
 from diskferry.backends import fallocate
-from diskferry.backends.base import Extent
-from diskferry.errors import BackendError
+from diskferry.backends.base import BackendKind, Extent
+from diskferry.errors import BackendError, NotAvailable
 
 log = logging.getLogger("diskferry.backends.file")
 
 #: Alignment of offsets, lengths and memory for O_DIRECT; 4096 satisfies
-#: every logical block size in use (512 and 4096).
+#: every logical block size in use (512 and 4096). Buffers from
+#: ``aligned_buffer`` are aligned to it.
 DIRECT_ALIGNMENT = 4096
 
 #: Largest single write of zeros when nothing faster works.
@@ -43,10 +45,19 @@ def _zero_buffer():
     return mmap.mmap(-1, ZERO_CHUNK)
 
 
-def aligned_buffer(size):
-    """Page-aligned memory, as O_DIRECT needs; reused per connection."""
-    size = (size + DIRECT_ALIGNMENT - 1) // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
-    return mmap.mmap(-1, size)
+def check_url(url):
+    if not url.path.startswith("/"):
+        raise ValueError(f"{url.geturl()!r} is not an absolute file:// URL")
+
+
+def open_file(ticket, config):
+    """The ticket's file, with the ``[backend_file]`` configuration."""
+    section = config.backend_file
+    return FileBackend(urllib.parse.unquote(urllib.parse.urlsplit(
+                           ticket.spec.url).path),
+                       writable="write" in ticket.spec.ops,
+                       direct=section.direct, sparse=ticket.spec.sparse,
+                       buffer_size=section.buffer_size)
 
 
 class FileBackend:
@@ -57,8 +68,10 @@ class FileBackend:
     max_readers = 8
     max_writers = 1
 
-    def __init__(self, path, *, writable=False, direct=False, sparse=False):
+    def __init__(self, path, *, writable=False, direct=False, sparse=False,
+                 buffer_size=8 * 1024**2):
         self.path = path
+        self.buffer_size = buffer_size
         self.direct = direct
         self.sparse = sparse
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
@@ -103,12 +116,12 @@ class FileBackend:
 
     # Reading and writing
 
-    def readinto(self, offset, buf):
+    def readinto(self, buf, offset):
         if self._direct_fd is None:
             return _preadv_full(self._fd, buf, offset)
         return self._direct_io(_preadv_full, offset, buf)
 
-    def write(self, offset, data):
+    def write(self, data, offset):
         if self._direct_fd is None:
             return _pwrite_full(self._fd, data, offset)
         return self._direct_io(_pwrite_full, offset, data)
@@ -170,7 +183,7 @@ class FileBackend:
         end = offset + length
         while offset < end:
             n = min(end - offset, len(zeros))
-            self.write(offset, zeros[:n])
+            self.write(zeros[:n], offset)
             offset += n
 
     def flush(self):
@@ -210,6 +223,9 @@ class FileBackend:
             pos = hole
         return result
 
+    def dirty_extents(self, start, length):
+        raise NotAvailable(f"{self.path} has no dirty bitmap")
+
     def close(self):
         for name in ("_direct_fd", "_fd"):
             fd = getattr(self, name, None)
@@ -244,3 +260,6 @@ def _pwrite_full(fd, data, offset):
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
     return done
+
+
+KIND = BackendKind(check_url=check_url, open=open_file)

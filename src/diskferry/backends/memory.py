@@ -3,12 +3,12 @@
 It behaves like a fixed-size block device: reads past the end are short,
 writes past the end fail. Extents are found by looking at the content
 in ``ZERO_GRANULARITY`` chunks, the way a file system reports allocation
-per block: an all-zero chunk is zero, any other chunk is data. Like a raw
-file, it never reports holes (``hole`` is for ranges a backing chain
-provides).
+per block: an all-zero chunk is zero, any other chunk is data. Every byte
+is allocated memory, so it never reports a hole (``Extent.hole``: no
+layer allocates the range); zero chunks are allocated zeros.
 """
 
-from ..errors import BackendError
+from ..errors import BackendError, NotAvailable
 from .base import Extent
 
 #: Size of the chunks extents are reported in, as a file system block.
@@ -19,6 +19,10 @@ _ZERO_CHUNK = bytes(ZERO_GRANULARITY)
 
 class MemoryBackend:
     """A ``Backend`` over a bytearray; ``content`` is a size or initial bytes."""
+
+    max_readers = 8
+    max_writers = 8
+    buffer_size = 1024**2
 
     def __init__(self, content=0):
         if isinstance(content, int):
@@ -38,14 +42,14 @@ class MemoryBackend:
         self._check_open()
         return len(self._data)
 
-    def readinto(self, offset, buf):
+    def readinto(self, buf, offset):
         self._check_open()
         with memoryview(buf).cast("B") as view:
             count = max(0, min(len(view), len(self._data) - offset))
             view[:count] = self._data[offset:offset + count]
         return count
 
-    def write(self, offset, data):
+    def write(self, data, offset):
         self._check_open()
         with memoryview(data).cast("B") as view:
             self._check_range(offset, len(view))
@@ -75,6 +79,9 @@ class MemoryBackend:
                 result.append(Extent(offset, chunk_end - offset, zero))
             offset = chunk_end
         return result
+
+    def dirty_extents(self, start, length):
+        raise NotAvailable("a memory image has no dirty bitmap")
 
     def fileno(self):
         return None

@@ -10,7 +10,7 @@ import mmap
 import threading
 
 from diskferry.backends import open_backend
-from diskferry.backends.file import aligned_buffer
+from diskferry.buffers import aligned_buffer
 from diskferry.errors import BackendError, ServerError
 from diskferry.pipe import Pipe
 
@@ -49,7 +49,7 @@ def open_image(request, store, config, ticket_id, op):
     if image is not None:  # the ticket was replaced
         _release(request.context["id"], image)
     try:
-        backend = open_backend(ticket, direct=config.backend_file.direct)
+        backend = open_backend(ticket, config)
     except BackendError as e:
         log.error("Opening %s failed: %s", ticket.spec.url, e)
         raise ServerError(f"Cannot open the image of transfer "

@@ -2,11 +2,18 @@
 
 Answers the whole image by default, as ovirt-imageio does; ``start`` and
 ``length`` (an extension) limit the answer so that a client of a huge
-image can walk it in parts.
+image can walk it in parts. The zero context comes from every backend;
+the dirty context (incremental backup) only from a ticket with
+``"dirty": true`` whose backend keeps a dirty bitmap, else 404.
 """
 
 from diskferry.backends.base import Extent
-from diskferry.errors import BadRequest, NotFound, RangeNotSatisfiable
+from diskferry.errors import (
+    BadRequest,
+    NotAvailable,
+    NotFound,
+    RangeNotSatisfiable,
+)
 from diskferry.handlers.context import open_image
 from diskferry.handlers.jsonbody import send_json
 from diskferry.http import parse
@@ -31,14 +38,25 @@ def merge(extents):
     return merged
 
 
-def zero_extents(backend, start, length):
-    """Backend extents of the range, padded with a hole past its end."""
-    extents = backend.extents(start, length)
+def covering(extents, start, length):
+    """Backend extents of a range, padded past the image's end.
+
+    An image shorter than its ticket reads as zeros there, unallocated
+    and never dirty.
+    """
     covered = extents[-1].end if extents else start
     if covered < start + length:
         extents.append(Extent(covered, start + length - covered, zero=True,
                               hole=True))
     return merge(extents)
+
+
+def zero_extents(backend, start, length):
+    return covering(backend.extents(start, length), start, length)
+
+
+def dirty_extents(backend, start, length):
+    return covering(backend.dirty_extents(start, length), start, length)
 
 
 class ExtentsHandler:
@@ -54,9 +72,8 @@ class ExtentsHandler:
                              f"{context!r:.40}; expected zero or dirty")
         image = open_image(request, self.store, self.config, ticket_id, "read")
         ticket = image.ticket
-        if context == "dirty":
-            raise NotFound(f"Dirty extents are not available for transfer "
-                           f"{ticket.transfer_id}")
+        if context == "dirty" and not ticket.spec.dirty:
+            raise _no_dirty_extents(ticket)
         start = parse.query_int(request.query, "start", 0)
         length = parse.query_int(request.query, "length", ticket.size - start)
         if start + length > ticket.size or (start >= ticket.size and
@@ -65,7 +82,21 @@ class ExtentsHandler:
                 f"Range {start}+{length} is outside the image (size "
                 f"{ticket.size})", size=ticket.size)
         with ticket.operation():
-            extents = zero_extents(image.backend, start, length)
+            if context == "zero":
+                extents = zero_extents(image.backend, start, length)
+                send_json(request, [
+                    {"start": e.start, "length": e.length, "zero": e.zero,
+                     "hole": e.hole} for e in extents])
+                return
+            try:
+                extents = dirty_extents(image.backend, start, length)
+            except NotAvailable as e:
+                raise _no_dirty_extents(ticket) from e
         send_json(request, [
-            {"start": e.start, "length": e.length, "zero": e.zero,
-             "hole": e.hole} for e in extents])
+            {"start": e.start, "length": e.length, "dirty": e.dirty,
+             "zero": e.zero} for e in extents])
+
+
+def _no_dirty_extents(ticket):
+    return NotFound(f"Dirty extents are not available for transfer "
+                    f"{ticket.transfer_id}")

@@ -113,14 +113,14 @@ class ImageHandler:
             op.done += n
 
     def _send_buffered(self, request, backend, op, offset, length):
-        buf = connection_buffer(request, self.config.backend_file.buffer_size)
+        buf = connection_buffer(request, backend.buffer_size)
         view = memoryview(buf)
         try:
             end = offset + length
             while offset < end:
                 op.check()
                 want = min(len(view), end - offset)
-                n = backend.readinto(offset, view[:want])
+                n = backend.readinto(view[:want], offset)
                 if n < want:
                     raise OSError(f"Unexpected end of image at {offset + n}")
                 request.conn.write(view[:n])
@@ -148,15 +148,16 @@ class ImageHandler:
         fd = backend.fileno() if conn.zero_copy else None
         with ticket.operation(offset) as op:
             if fd is not None:
-                self._receive_spliced(request, fd, op, offset, length)
+                self._receive_spliced(request, backend, fd, op, offset,
+                                      length)
             else:
                 self._receive_buffered(request, backend, op, offset, length)
             if flush:
                 backend.flush()
         conn.send_response(200)
 
-    def _receive_spliced(self, request, fd, op, offset, length):
-        chunk = self.config.backend_file.buffer_size
+    def _receive_spliced(self, request, backend, fd, op, offset, length):
+        chunk = backend.buffer_size
         pipe = connection_pipe(request)
         try:
             pos, end = offset, offset + length
@@ -172,14 +173,14 @@ class ImageHandler:
             raise
 
     def _receive_buffered(self, request, backend, op, offset, length):
-        buf = connection_buffer(request, self.config.backend_file.buffer_size)
+        buf = connection_buffer(request, backend.buffer_size)
         view = memoryview(buf)
         try:
             pos, end = offset, offset + length
             while pos < end:
                 op.check()
                 got = request.conn.readinto_full(view[:min(len(view), end - pos)])
-                backend.write(pos, view[:got])
+                backend.write(view[:got], pos)
                 pos += got
                 op.done += got
         finally:
