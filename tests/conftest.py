@@ -14,20 +14,20 @@ Fixtures:
   client uses for images: TLS over TCP, the abstract UNIX socket and a
   pathname UNIX socket.
 - ``make_ticket``: installs an image ticket on a server and removes it at
-  teardown.
+  teardown; with ``storage`` other than "file", the image is exported by
+  a real NBD server and the ticket names the export.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import sys
-from dataclasses import dataclass
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import nbd_servers  # noqa: E402
 import servers  # noqa: E402
 
 KINDS = servers.KINDS
@@ -103,29 +103,7 @@ def server(request, daemons) -> servers.Server:
     return daemons.get(request.param)
 
 
-@dataclass
-class Endpoint:
-    """A server reached through one transport."""
-
-    server: servers.Server
-    transport: str
-
-    @property
-    def name(self):
-        return f"{self.server.name}-{self.transport}"
-
-    def connect(self, timeout: float | None = 30.0) -> http.client.HTTPConnection:
-        if self.transport == "tls":
-            return self.server.remote_connection(timeout=timeout)
-        return self.server.local_connection(timeout=timeout)
-
-    def raw_socket(self, timeout: float | None = 30.0):
-        if self.transport == "tls":
-            return self.server.raw_remote_socket(timeout=timeout)
-        return self.server.raw_local_socket(timeout=timeout)
-
-    def raw(self, timeout: float | None = 30.0) -> servers.RawConnection:
-        return servers.RawConnection(self.raw_socket(timeout=timeout))
+Endpoint = servers.Endpoint
 
 
 @pytest.fixture(
@@ -146,14 +124,29 @@ ticket_dict = servers.ticket_dict
 
 
 @pytest.fixture
-def make_ticket():
+def storage():
+    """Where ``make_ticket`` keeps images: "file", or an NBD server kind
+    ("qemu-nbd", "nbdkit") exporting the file (tests/conformance runs its
+    images tests on every storage)."""
+    return "file"
+
+
+@pytest.fixture
+def make_ticket(storage):
     """make_ticket(server, path, size, ops=..., **fields) -> ticket dict.
 
-    The ticket is installed on the server now and deleted at teardown."""
+    The ticket is installed on the server now and deleted at teardown.
+    For an NBD storage a fresh NBD server exports ``path`` for the
+    ticket's lifetime, and the ticket's URL names the export."""
     added = []
+    exports = []
 
     def make(server, path, size, ops=("read", "write"), **extra):
         t = ticket_dict(path, size, ops, **extra)
+        if storage != "file":
+            export = nbd_servers.start_export(storage, path)
+            exports.append(export)
+            t["url"] = export.url
         server.add_ticket(t)
         added.append((server, t["uuid"]))
         return t
@@ -165,3 +158,5 @@ def make_ticket():
                 srv.control("DELETE", f"/tickets/{tid}", timeout=10)
             except OSError:
                 pass
+    for export in exports:
+        export.stop()

@@ -602,3 +602,31 @@ class RawConnection:
                 self.sock.settimeout(old)
             except OSError:
                 pass
+
+
+# --- a server through one transport ----------------------------------------
+
+
+@dataclass
+class Endpoint:
+    """A server reached through one transport."""
+
+    server: Server
+    transport: str
+
+    @property
+    def name(self):
+        return f"{self.server.name}-{self.transport}"
+
+    def connect(self, timeout: float | None = 30.0) -> http.client.HTTPConnection:
+        if self.transport == "tls":
+            return self.server.remote_connection(timeout=timeout)
+        return self.server.local_connection(timeout=timeout)
+
+    def raw_socket(self, timeout: float | None = 30.0):
+        if self.transport == "tls":
+            return self.server.raw_remote_socket(timeout=timeout)
+        return self.server.raw_local_socket(timeout=timeout)
+
+    def raw(self, timeout: float | None = 30.0) -> RawConnection:
+        return RawConnection(self.raw_socket(timeout=timeout))

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+from servers import Endpoint
+
 MiB = 1024**2
 SIZE = 16 * MiB
 
@@ -30,8 +32,6 @@ def loop_device(tmp_path):
 @pytest.mark.root
 @pytest.mark.parametrize("transport", ["tls", "abstract"])
 def test_block_device_roundtrip(daemons, make_ticket, loop_device, transport):
-    from conftest import Endpoint
-
     dev, backing = loop_device
     endpoint = Endpoint(daemons.get("diskferry"), transport)
     t = make_ticket(endpoint.server, dev, SIZE, sparse=True)

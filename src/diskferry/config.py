@@ -80,6 +80,13 @@ class BackendFile:
 
 
 @dataclass
+class BackendNbd:
+    #: Bytes per HTTP-side read or write of an NBD image; the NBD client
+    #: splits it at the server's maximum payload and pipelines the parts.
+    buffer_size: int = 8 * 1024**2
+
+
+@dataclass
 class Logging:
     level: str = "INFO"
 
@@ -92,6 +99,7 @@ class Config:
     local: Local = field(default_factory=Local)
     control: Control = field(default_factory=Control)
     backend_file: BackendFile = field(default_factory=BackendFile)
+    backend_nbd: BackendNbd = field(default_factory=BackendNbd)
     logging: Logging = field(default_factory=Logging)
 
     @property
@@ -159,10 +167,11 @@ def _check(path, config):
     if config.control.transport not in ("unix", "tcp"):
         raise ConfigError(f"{path}: [control] transport must be 'unix' or "
                           f"'tcp', got {config.control.transport!r}")
-    if config.backend_file.buffer_size < 4096 or \
-            config.backend_file.buffer_size % 4096:
-        raise ConfigError(f"{path}: [backend_file] buffer_size must be a "
-                          f"multiple of 4096")
+    for name in ("backend_file", "backend_nbd"):
+        size = getattr(config, name).buffer_size
+        if size < 4096 or size % 4096:
+            raise ConfigError(f"{path}: [{name}] buffer_size must be a "
+                              f"multiple of 4096")
     for name, value in (("[remote] port", config.remote.port),
                         ("[control] port", config.control.port)):
         if not 0 <= value <= 65535:

@@ -28,6 +28,8 @@ import pytest
 
 from servers import make_sparse_file
 
+pytestmark = pytest.mark.all_storages
+
 SIZE = 1 << 20
 CHUNKS = {
     0: os.urandom(4096),

@@ -363,7 +363,9 @@ def test_control_does_not_serve_images(server, image, make_ticket):
 
 def test_unknown_method_on_ticket_405(server, image, make_ticket):
     t = make_ticket(server, image, SIZE)
-    status, headers, data = server.control("POST", f"/tickets/{t['uuid']}", t)
+    # No body: ovirt-imageio answers without reading one and closes, and an
+    # unread body makes that close a reset the answer may be lost to.
+    status, headers, data = server.control("POST", f"/tickets/{t['uuid']}")
     assert_text_error(headers, data, status, 405)
 
 

@@ -21,6 +21,7 @@ import uuid
 import pytest
 from ovirt_imageio import client
 
+import nbd_servers
 from servers import make_sparse_file, ticket_dict
 
 MiB = 1 << 20
@@ -191,3 +192,56 @@ def test_upload_qcow2_then_download_qcow2(
     out = tmp_path / "back.qcow2"
     client.download(url, str(out), srv.ca_file, fmt="qcow2")
     qemu_img_compare(qcow2_image, out, "qcow2", "qcow2")
+
+
+# --- NBD tickets: the image is a qcow2 volume exported by qemu-nbd, as vdsm
+# serves every volume and backup.
+
+
+def nbd_ticket(srv, export, size, ops, cleanup):
+    marker = f"interop-{uuid.uuid4().hex[:12]}"
+    t = ticket_dict("/unused", size, ops, transfer_id=marker, url=export.url)
+    srv.add_ticket(t)
+    cleanup.append((srv, t["uuid"]))
+    return t, marker
+
+
+@pytest.mark.parametrize("kind,variant", VARIANTS, ids=IDS)
+def test_upload_qcow2_into_nbd_volume(
+    daemons, kind, variant, raw_image, qcow2_image, tmp_path, cleanup
+):
+    """The virt-v2v import: a disk uploaded into a new thin qcow2 volume."""
+    srv = daemon_for(daemons, kind, variant)
+    volume = tmp_path / "volume.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", volume,
+                    str(SIZE)], check=True)
+    export = nbd_servers.start_export("qemu-nbd", volume, fmt="qcow2")
+    try:
+        t, marker = nbd_ticket(srv, export, SIZE, ["write"], cleanup)
+        log_start = len(srv.log_text())
+        client.upload(str(qcow2_image), srv.image_url(t["uuid"]), srv.ca_file)
+        check_transport(srv, variant, marker, log_start)
+    finally:
+        export.stop()
+    qemu_img_compare(raw_image, volume, "raw", "qcow2")
+    # Holes stay holes: far less is allocated than the disk's size.
+    assert qemu_img_info(volume)["actual-size"] < SIZE // 2
+
+
+@pytest.mark.parametrize("kind,variant", VARIANTS, ids=IDS)
+def test_download_nbd_volume(
+    daemons, kind, variant, raw_image, qcow2_image, tmp_path, cleanup
+):
+    srv = daemon_for(daemons, kind, variant)
+    export = nbd_servers.start_export("qemu-nbd", qcow2_image, fmt="qcow2",
+                                      read_only=True)
+    try:
+        t, marker = nbd_ticket(srv, export, SIZE, ["read"], cleanup)
+        out = tmp_path / "download.qcow2"
+        log_start = len(srv.log_text())
+        client.download(srv.image_url(t["uuid"]), str(out), srv.ca_file,
+                        fmt="qcow2")
+        check_transport(srv, variant, marker, log_start)
+    finally:
+        export.stop()
+    qemu_img_compare(out, raw_image, "qcow2", "raw")

@@ -9,7 +9,7 @@ and one line here. Nothing below here knows HTTP.
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from diskferry.backends import file
+from diskferry.backends import file, nbd
 from diskferry.backends.base import Backend, BackendKind
 from diskferry.errors import BackendError
 
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 #: URL scheme -> backend.
 BACKENDS: dict[str, BackendKind] = {
     "file": file.KIND,
+    "nbd": nbd.KIND,
+    "nbd+unix": nbd.KIND,
 }
 
 

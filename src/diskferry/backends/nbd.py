@@ -1,0 +1,135 @@
+"""The NBD backend: an image served by an NBD server (qemu-nbd, nbdkit).
+
+vdsm exports every qcow2 volume and every backup through qemu-nbd and
+installs tickets whose URL names the export (``nbd:unix:/run/vdsm/nbd/
+UUID.sock``); this backend is how such a ticket is served. Each client
+connection gets its own NBD connection, opened on first use and kept
+while the HTTP connection lives.
+
+- Data goes through one buffer: an HTTP body is received into the
+  connection's buffer and NBD WRITE is sent from it; an NBD READ payload
+  lands in the buffer the HTTP body is sent from. There is no descriptor
+  for ``sendfile`` or ``splice``.
+- ``max_readers``/``max_writers`` follow ``NBD_FLAG_CAN_MULTI_CONN``: 8
+  when the server says connections see each other's writes and flushes,
+  else 1 (qemu-nbd offers it only with ``--shared`` above 1).
+- Zero-context extents: ``zero`` from ``base:allocation``, ``hole`` only
+  from ``qemu:allocation-depth`` 0 (unallocated in the whole chain); an
+  export without allocation depth reports no holes. Dirty-context
+  extents come from the export's ``qemu:dirty-bitmap:`` context, for
+  tickets with ``"dirty": true``.
+- Flush: ``NBD_CMD_FLUSH``, which covers every connection of a
+  multi-conn export; a server without flush has nothing to flush, and
+  that is logged once per connection.
+"""
+
+import logging
+import urllib.parse
+from typing import TYPE_CHECKING, Literal
+
+from diskferry import nbd
+from diskferry.backends.base import BackendKind, Extent
+from diskferry.errors import BackendError, NotAvailable
+
+if TYPE_CHECKING:
+    from diskferry.config import Config
+    from diskferry.tickets import Ticket
+
+log = logging.getLogger("diskferry.backends.nbd")
+
+#: Connections per image when the export allows several (capped by the
+#: daemon's ``max_connections``).
+MULTI_CONN_CONNECTIONS = 8
+
+#: Seconds to connect to the NBD server and finish the handshake.
+CONNECT_TIMEOUT = 10.0
+
+
+def check_url(url: urllib.parse.SplitResult) -> None:
+    address = nbd.parse_url(url.geturl()).address
+    # The daemon's working directory is nobody's business: a socket is
+    # named by an absolute path (or an abstract address).
+    if isinstance(address, str) and not address.startswith(("/", "\0")):
+        raise ValueError(f"{url.geturl()!r}: the socket path is not absolute")
+
+
+def open_nbd(ticket: "Ticket", config: "Config") -> "NbdBackend":
+    """The ticket's export, with the ``[backend_nbd]`` configuration."""
+    return NbdBackend(ticket.spec.url, dirty=ticket.spec.dirty,
+                      buffer_size=config.backend_nbd.buffer_size)
+
+
+class NbdBackend:
+    """One NBD connection to a ticket's export."""
+
+    def __init__(self, url: str, *, dirty: bool = False,
+                 buffer_size: int = 8 * 1024**2) -> None:
+        self.url = url
+        self.buffer_size = buffer_size
+        #: Why there are no dirty extents, when there are none.
+        self._no_dirty = "the ticket is not dirty"
+        if dirty:
+            try:
+                self._client = _connect(url, nbd.ANY_BITMAP)
+            except nbd.DirtyBitmapError as e:
+                # Served as ovirt-imageio does: zero extents, and a 404
+                # for the dirty ones.
+                self._no_dirty = str(e)
+                self._client = _connect(url, None)
+        else:
+            self._client = _connect(url, None)
+        connections = (MULTI_CONN_CONNECTIONS if self._client.can_multi_conn
+                       else 1)
+        self.max_readers = self.max_writers = connections
+        self._flush_logged = False
+
+    def size(self) -> int:
+        return self._client.size
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        count = max(0, min(len(buf), self._client.size - offset))
+        if count:
+            self._client.readinto(buf[:count], offset)
+        return count
+
+    def write(self, data: memoryview, offset: int) -> int:
+        self._client.write(data, offset)
+        return len(data)
+
+    def zero(self, offset: int, length: int, punch_hole: bool) -> None:
+        if length:
+            self._client.zero(offset, length, punch_hole=punch_hole)
+
+    def flush(self) -> None:
+        if not self._client.can_flush and not self._flush_logged:
+            log.info("%s cannot flush: nothing to make durable", self.url)
+            self._flush_logged = True
+        self._client.flush()
+
+    def extents(self, start: int, length: int) -> list[Extent]:
+        return self._client.extents(start, length)
+
+    def dirty_extents(self, start: int, length: int) -> list[Extent]:
+        if self._client.dirty_bitmap is None:
+            raise NotAvailable(f"{self.url}: {self._no_dirty}")
+        return self._client.dirty_extents(start, length)
+
+    def fileno(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _connect(url: str, dirty_bitmap: "str | Literal[True] | None"
+             ) -> nbd.Client:
+    try:
+        return nbd.open_client(url, dirty_bitmap=dirty_bitmap,
+                               connect_timeout=CONNECT_TIMEOUT)
+    except nbd.DirtyBitmapError:
+        raise
+    except (nbd.NbdError, OSError) as e:
+        raise BackendError(f"Cannot open NBD export {url}: {e}") from e
+
+
+KIND = BackendKind(check_url=check_url, open=open_nbd)
