@@ -77,3 +77,28 @@ def test_errors_are_one_line(df, tmp_path):
         capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
     assert "cannot reach the control socket" in run.stderr
+
+
+def test_add_nbd_export_takes_its_size(df, tmp_path):
+    import nbd_servers
+
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image),
+                    "3M"], check=True)
+    with nbd_servers.start_export("qemu-nbd", image, fmt="qcow2") as export:
+        run = ticket_cmd(df, "add", "--ops", "read", "--dirty", export.url)
+        assert run.returncode == 0, run.stderr
+        info = df.get_ticket(run.stdout.strip())
+    assert info["url"] == export.url
+    assert info["size"] == 3 * 1024**2
+    assert info["dirty"] is True
+
+
+def test_add_nbd_errors(df, tmp_path):
+    run = ticket_cmd(df, "add", f"nbd:unix:{tmp_path}/none.sock")
+    assert run.returncode == 1
+    assert "cannot read the size" in run.stderr and "give --size" in run.stderr
+    assert "Traceback" not in run.stderr
+    run = ticket_cmd(df, "add", "--size", "4096", "nbd:unix:relative.sock")
+    assert run.returncode == 1
+    assert "'url'" in run.stderr and "not absolute" in run.stderr

@@ -99,8 +99,10 @@ def test_readme_try_it(default_daemon):
     assert len(blocks) >= 3, blocks
     outputs = [run_block(cwd, b) for b in blocks]
     joined = "\n".join(outputs)
-    # The PUT of "hello" came back with the ranged GET.
+    # The PUT of "hello" came back with the ranged GET, from the raw file
+    # and from the qcow2 through NBD.
     assert "hello" in joined
+    assert "hello, qcow2" in joined
     assert '"checksum"' in joined
     copy = cwd / "copy.raw"
     if "copy.raw" in "".join(blocks):

@@ -11,6 +11,7 @@ from diskferry.errors import DiskferryError
 EPILOG = """\
 examples:
   diskferry ticket add --size 1073741824 --ops read,write disk.raw
+  diskferry ticket add --ops read --dirty nbd:unix:/run/backup/disk.sock
   diskferry ticket show 3f0c...
   diskferry ticket extend 3f0c... 3600
   diskferry ticket del 3f0c...
@@ -31,11 +32,15 @@ def register(subparsers):
                    help="control socket (overrides the configuration)")
     sub = p.add_subparsers(metavar="ACTION", required=True)
 
-    add = sub.add_parser("add", help="authorize access to an image file")
-    add.add_argument("path", help="image file or block device")
+    add = sub.add_parser("add", help="authorize access to an image")
+    add.add_argument("path", metavar="IMAGE",
+                     help="image file, block device, or NBD URL "
+                          "(nbd:unix:/sock, nbd://host/export, "
+                          "nbd+unix:///export?socket=/sock)")
     add.add_argument("--id", help="ticket id (default: a new UUID)")
     add.add_argument("--size", type=int,
-                     help="image size in bytes (default: the file's size)")
+                     help="image size in bytes (default: the file's or the "
+                          "export's size)")
     add.add_argument("--ops", default="read",
                      help="comma separated: read, write (default: read)")
     add.add_argument("--timeout", type=int, default=3600,
@@ -44,6 +49,9 @@ def register(subparsers):
                      help="seconds before idle connections are closed")
     add.add_argument("--sparse", action="store_true",
                      help="zeroing may punch holes")
+    add.add_argument("--dirty", action="store_true",
+                     help="serve dirty extents (an NBD export with a dirty "
+                          "bitmap, for incremental backup)")
     add.add_argument("--transfer-id", help="shown in logs")
     add.set_defaults(func=add_ticket)
 
@@ -106,24 +114,26 @@ def _run(func):
     return wrapper
 
 
+NBD_PREFIXES = ("nbd:", "nbd+unix:")
+
+
 @_run
 def add_ticket(args):
-    path = os.path.abspath(args.path)
-    size = args.size
-    if size is None:
-        try:
-            with open(path, "rb") as f:
-                size = f.seek(0, os.SEEK_END)
-        except OSError as e:
-            raise ControlError(f"cannot read the size of {path}: "
-                               f"{e.strerror}; give --size") from e
+    if args.path.startswith(NBD_PREFIXES):
+        url = args.path
+        size = args.size if args.size is not None else _export_size(url)
+    else:
+        path = os.path.abspath(args.path)
+        url = "file://" + path
+        size = args.size if args.size is not None else _file_size(path)
     ticket = {
         "uuid": args.id or str(uuid.uuid4()),
         "size": size,
-        "url": "file://" + path,
+        "url": url,
         "ops": [op.strip() for op in args.ops.split(",") if op.strip()],
         "timeout": args.timeout,
         "sparse": args.sparse,
+        "dirty": args.dirty,
     }
     if args.inactivity_timeout is not None:
         ticket["inactivity_timeout"] = args.inactivity_timeout
@@ -131,6 +141,29 @@ def add_ticket(args):
         ticket["transfer_id"] = args.transfer_id
     _request(args, "PUT", f"/tickets/{ticket['uuid']}", ticket)
     print(ticket["uuid"])
+
+
+def _file_size(path):
+    try:
+        with open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+    except OSError as e:
+        raise ControlError(f"cannot read the size of {path}: "
+                           f"{e.strerror}; give --size") from e
+
+
+def _export_size(url):
+    from diskferry import nbd
+
+    try:
+        client = nbd.open_client(url)
+    except (ValueError, nbd.NbdError) as e:
+        raise ControlError(f"cannot read the size of {url}: {e}; "
+                           f"give --size") from e
+    try:
+        return client.size
+    finally:
+        client.close()
 
 
 @_run
