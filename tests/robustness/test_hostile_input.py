@@ -97,7 +97,9 @@ def test_range_over_4300_digits_416(diskferry, ticket, service):
             assert b"Range" in res.body
             assert res.header("Content-Range") == f"bytes */{SIZE}"
             # Still in sync: the connection serves the next request.
-            res = con.request("GET", f"/images/{ticket['uuid']}", {"Range": "bytes=0-3"})
+            res = con.request(
+                "GET", f"/images/{ticket['uuid']}", {"Range": "bytes=0-3"}
+            )
             assert res.status == 206 and res.body == b"cccc"
     assert_no_traceback(diskferry)
 
@@ -151,7 +153,8 @@ def test_ticket_number_over_4300_digits_400(diskferry, tmp_path):
 )
 def test_unknown_method_501(diskferry, ticket, method, service, path):
     path = path.format(id=ticket["uuid"])
-    res = exchange(diskferry, service, f"{method} {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    head = f"{method} {path} HTTP/1.1\r\nHost: a\r\n\r\n"
+    res = exchange(diskferry, service, head.encode())
     assert res.status == 501
     assert res.header("Content-Type").startswith("text/plain")
     assert_no_traceback(diskferry)
