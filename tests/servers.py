@@ -19,6 +19,7 @@ socket.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -266,7 +267,8 @@ def _toml_str(s: str) -> str:
 
 
 def _diskferry_conf(
-    workdir: Path, pki, tls, host, port, local_addr, control, remove_timeout=None
+    workdir: Path, pki, tls, host, port, local_addr, control, remove_timeout=None,
+    daemon_options=None,
 ) -> list[str]:
     lines = [
         "[remote]",
@@ -297,6 +299,9 @@ def _diskferry_conf(
     ]
     if remove_timeout:
         lines.append(f"remove_timeout = {remove_timeout}")
+    if daemon_options:
+        lines += ["", "[daemon]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in daemon_options.items()]
     lines.append("")
     path = workdir / "diskferry.toml"
     path.write_text("\n".join(lines))
@@ -383,6 +388,7 @@ def start_server(
     host: str = "127.0.0.1",
     pki: PKI | None = None,
     remove_timeout: int | None = None,
+    daemon_options: dict | None = None,
 ) -> Server:
     """Start a daemon of the given kind and wait until it serves.
 
@@ -391,6 +397,8 @@ def start_server(
     remove_timeout: [control] remove_timeout, how long a ticket delete waits
     for ongoing operations (not one of the keys test harnesses set; only
     for tests of the 409 answer).
+    daemon_options: diskferry only, options of its [daemon] section (limits
+    under test: head_timeout, connection_limit).
     """
     if kind not in KINDS:
         raise ValueError(f"unknown server kind {kind!r}")
@@ -412,6 +420,10 @@ def start_server(
     log_path = workdir / f"{kind}.log"
 
     configure = _ovirt_imageio_conf if kind == "ovirt-imageio" else _diskferry_conf
+    if daemon_options:
+        if kind != "diskferry":
+            raise ValueError("daemon_options are diskferry's [daemon] options")
+        configure = functools.partial(_diskferry_conf, daemon_options=daemon_options)
 
     attempts = 3
     for attempt in range(attempts):

@@ -45,6 +45,11 @@ BLAKE2_DIGEST_SIZE = 32
 #: ovirt-imageio, so the same requests are accepted.
 MIN_BLOCK_SIZE = DEFAULT_BLOCK_SIZE // 4
 MAX_BLOCK_SIZE = DEFAULT_BLOCK_SIZE * 4
+
+#: Longest block_size string converted: a valid one has 8 digits; a
+#: longer one is refused before int(), which is slow on long strings.
+MAX_BLOCK_SIZE_DIGITS = 20
+
 #: Blocks must be whole storage sectors, so reads can use direct I/O.
 BLOCK_SIZE_ALIGNMENT = 4096
 
@@ -104,6 +109,10 @@ def validate(algorithm=None, block_size=None):
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
     else:
+        if isinstance(block_size, str) and \
+                len(block_size) > MAX_BLOCK_SIZE_DIGITS:
+            raise BadRequest(f"Invalid block_size {block_size[:20]!r}...: "
+                             f"too long")
         try:
             block_size = int(block_size)
         except (TypeError, ValueError):

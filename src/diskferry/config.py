@@ -15,6 +15,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from diskferry.errors import DiskferryError
+from diskferry.http.connection import HEAD_TIMEOUT
+from diskferry.http.server import DEFAULT_CONNECTION_LIMIT
 from diskferry.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
 
 
@@ -36,6 +38,12 @@ class Daemon:
     state_dir: str = ""
     #: Seconds running requests get to finish when the daemon stops.
     shutdown_timeout: int = 30
+    #: Client connections open at once on the images services (remote and
+    #: local together; the control service has as many of its own);
+    #: more are answered 503 with Retry-After and closed.
+    connection_limit: int = DEFAULT_CONNECTION_LIMIT
+    #: Seconds a client has to send a whole request head.
+    head_timeout: int = int(HEAD_TIMEOUT)
 
 
 @dataclass
@@ -172,6 +180,10 @@ def _check(path, config):
         if size < 4096 or size % 4096:
             raise ConfigError(f"{path}: [{name}] buffer_size must be a "
                               f"multiple of 4096")
+    for name, value in (("connection_limit", config.daemon.connection_limit),
+                        ("head_timeout", config.daemon.head_timeout)):
+        if value < 1:
+            raise ConfigError(f"{path}: [daemon] {name} must be at least 1")
     for name, value in (("[remote] port", config.remote.port),
                         ("[control] port", config.control.port)):
         if not 0 <= value <= 65535:

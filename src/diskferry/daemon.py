@@ -19,7 +19,7 @@ from diskferry import __version__
 from diskferry.handlers import control_app, images_app
 from diskferry.hostid import host_id
 from diskferry.http.listener import is_abstract, tcp_listener, unix_listener
-from diskferry.http.server import Server
+from diskferry.http.server import ConnectionLimit, Server
 from diskferry.tickets import TicketStore
 
 log = logging.getLogger("diskferry.daemon")
@@ -57,6 +57,11 @@ class Daemon:
             options["unix_socket"] = config.local_socket
         images = images_app(self.store, config, options)
         idle = config.daemon.inactivity_timeout
+        # Image clients share one limit; the control service has its own,
+        # so that they can never lock the management plane out.
+        clients = ConnectionLimit(config.daemon.connection_limit)
+        limits = {"idle_timeout": idle, "limit": clients,
+                  "head_timeout": config.daemon.head_timeout}
         try:
             context = None
             if config.tls.enable:
@@ -64,11 +69,11 @@ class Daemon:
                 context = tls_context(cert_file, key_file)
             self.servers.append(Server(
                 "remote", tcp_listener(config.remote.host, config.remote.port),
-                images, tls_context=context, idle_timeout=idle))
+                images, tls_context=context, **limits))
             if config.local.enable:
                 self.servers.append(Server(
                     "local", unix_listener(config.local_socket), images,
-                    idle_timeout=idle))
+                    **limits))
             if config.control.transport == "unix":
                 control_sock = unix_listener(config.control_socket,
                                              mode=CONTROL_SOCKET_MODE)
@@ -76,7 +81,8 @@ class Daemon:
                 control_sock = tcp_listener("localhost", config.control.port)
             self.servers.append(Server(
                 "control", control_sock, control_app(self.store),
-                idle_timeout=idle))
+                idle_timeout=idle, head_timeout=config.daemon.head_timeout,
+                limit=ConnectionLimit(config.daemon.connection_limit)))
         except BaseException:
             for server in self.servers:
                 server.sock.close()

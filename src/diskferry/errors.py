@@ -28,14 +28,19 @@ class RequestError(DiskferryError):
     #: out of sync and the connection must close after the answer.
     close_connection = False
 
-    def __init__(self, message, *, close_connection=None):
+    def __init__(self, message: str, *,
+                 close_connection: bool | None = None) -> None:
         super().__init__(message)
         if close_connection is not None:
             self.close_connection = close_connection
 
     @property
-    def message(self):
-        return self.args[0]
+    def message(self) -> str:
+        return str(self.args[0])
+
+    def headers(self) -> dict[str, str]:
+        """Headers the answer carries besides the usual ones."""
+        return {}
 
 
 class BadRequest(RequestError):
@@ -58,9 +63,26 @@ class NotFound(RequestError):
 
 
 class MethodNotAllowed(RequestError):
-    """Raised when the resource does not support the method."""
+    """Raised when the resource does not support the method.
+
+    ``allow`` lists the methods it does support, sent as ``Allow``.
+    """
 
     status = 405
+
+    def __init__(self, message: str, allow: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ",".join(self.allow)}
+
+
+class RequestTimeout(RequestError):
+    """Raised when a request head did not arrive within its deadline."""
+
+    status = 408
+    close_connection = True
 
 
 class Conflict(RequestError):
@@ -91,9 +113,15 @@ class RangeNotSatisfiable(RequestError):
 
     status = 416
 
-    def __init__(self, message, size=None, **kw):
-        super().__init__(message, **kw)
+    def __init__(self, message: str, size: int | None = None, *,
+                 close_connection: bool | None = None) -> None:
+        super().__init__(message, close_connection=close_connection)
         self.size = size
+
+    def headers(self) -> dict[str, str]:
+        if self.size is None:
+            return {}
+        return {"Content-Range": f"bytes */{self.size}"}
 
 
 class HeadersTooLarge(RequestError):
@@ -108,6 +136,30 @@ class ServerError(RequestError):
 
     status = 500
     close_connection = True
+
+
+class MethodNotImplemented(RequestError):
+    """Raised for a request method that no resource of the server knows."""
+
+    status = 501
+
+
+class ServiceUnavailable(RequestError):
+    """Raised when the server has no room for another connection now.
+
+    ``retry_after`` is the seconds a client should wait, sent as
+    ``Retry-After``.
+    """
+
+    status = 503
+    close_connection = True
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)}
 
 
 class BackendError(DiskferryError):

@@ -47,6 +47,20 @@ DEFAULT_INACTIVITY_TIMEOUT = 60
 DEFAULT_REMOVE_TIMEOUT = 60
 
 
+#: Largest ticket ``timeout`` (also by PATCH): a year. A ticket is
+#: extended by every request and by PATCH, so no transfer needs more; a
+#: larger value is a mistake, and past ~292 years overflows the clocks.
+MAX_TIMEOUT = 365 * 24 * 3600
+
+#: Largest ticket ``inactivity_timeout``: a week. Clients pause for minutes
+#: (virt-v2v flushes every 15-30 s); the value becomes a socket timeout,
+#: which overflows past ~292 years (``OverflowError``, ``struct.error``).
+MAX_INACTIVITY_TIMEOUT = 7 * 24 * 3600
+
+#: Largest ticket ``size``: the largest offset a file can have (off_t).
+MAX_SIZE = 2**63 - 1
+
+
 def monotonic():
     return int(time.monotonic())
 
@@ -54,7 +68,8 @@ def monotonic():
 # Validation
 
 
-def _field(d, name, kind, required, default=None, minimum=None):
+def _field(d, name, kind, required, default=None, minimum=None,
+           maximum=None):
     if name not in d:
         if required:
             raise BadRequest(f"Missing required ticket field {name!r}")
@@ -71,7 +86,11 @@ def _field(d, name, kind, required, default=None, minimum=None):
     if minimum is not None and value < minimum:
         raise BadRequest(
             f"Invalid ticket field {name!r}: must be >= {minimum}, "
-            f"got {value!r}")
+            f"got {value!r:.40}")
+    if maximum is not None and value > maximum:
+        raise BadRequest(
+            f"Invalid ticket field {name!r}: must be <= {maximum}, "
+            f"got {value!r:.40}")
     return value
 
 
@@ -116,12 +135,14 @@ class TicketSpec:
         parse_ticket_url(url)
         return cls(
             uuid=_field(d, "uuid", str, True),
-            size=_field(d, "size", int, True, minimum=0),
+            size=_field(d, "size", int, True, minimum=0, maximum=MAX_SIZE),
             url=url,
             ops=tuple(ops),
-            timeout=_field(d, "timeout", int, True, minimum=0),
+            timeout=_field(d, "timeout", int, True, minimum=0,
+                           maximum=MAX_TIMEOUT),
             inactivity_timeout=_field(d, "inactivity_timeout", int, False,
-                                      default_inactivity, minimum=0),
+                                      default_inactivity, minimum=0,
+                                      maximum=MAX_INACTIVITY_TIMEOUT),
             sparse=_field(d, "sparse", bool, False, False),
             dirty=_field(d, "dirty", bool, False, False),
             transfer_id=_field(d, "transfer_id", str, False),

@@ -10,7 +10,11 @@ Observed in ovirt-imageio 2.5.1 beyond PROTOCOL.md:
   two is checked on diskferry only (PROTOCOL.md: every error body is
   text/plain).
 - A header line without a colon is ignored (the request succeeds).
-- HEAD, POST and DELETE on an image are 405 with a text/plain body.
+- HEAD, POST, DELETE and TRACE on an image are 405 with a text/plain
+  body (an unknown method such as ``STORE`` is 405 too, where diskferry
+  answers 501: docs/protocol.md).
+- A ``Content-Length`` of thousands of digits is a 400, on the images and
+  the control services.
 - ``GET /images/`` (no ticket id) is a 400; an unknown path is a 404.
 - The images service does not serve ``/tickets/`` (404).
 """
@@ -158,6 +162,7 @@ def test_content_length_on_every_response(endpoint, image, make_ticket):
         ("POST", "/images/{id}"),
         ("DELETE", "/images/{id}"),
         ("HEAD", "/images/{id}"),
+        ("TRACE", "/images/{id}"),
     ],
 )
 def test_error_statuses(endpoint, image, make_ticket, method, path):
@@ -170,6 +175,20 @@ def test_error_statuses(endpoint, image, make_ticket, method, path):
         assert res.header("Content-Length") is not None
         if method != "HEAD":
             assert int(res.header("Content-Length")) == len(res.body) > 0
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH"])
+def test_content_length_over_4300_digits_400(endpoint, method):
+    """Past CPython's int() limit: a 500 had the ValueError escaped."""
+    with endpoint.raw() as con:
+        con.send(
+            f"{method} /images/x HTTP/1.1\r\nHost: a\r\n"
+            f"Content-Length: {'9' * 5000}\r\n\r\n".encode()
+        )
+        res = con.response()
+    assert res.status == 400
+    assert res.header("Content-Type").startswith("text/plain")
+    assert b"Content-Length" in res.body
 
 
 def test_images_without_ticket_id_400(endpoint):

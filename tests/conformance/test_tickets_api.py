@@ -361,6 +361,14 @@ def test_control_does_not_serve_images(server, image, make_ticket):
     assert_text_error(headers, data, status, 404)
 
 
+def test_content_length_over_4300_digits_400(server):
+    status, headers, data = server.control(
+        "PUT", "/tickets/x", headers={"Content-Length": "9" * 5000}
+    )
+    assert_text_error(headers, data, status, 400)
+    assert b"Content-Length" in data
+
+
 def test_unknown_method_on_ticket_405(server, image, make_ticket):
     t = make_ticket(server, image, SIZE)
     # No body: ovirt-imageio answers without reading one and closes, and an

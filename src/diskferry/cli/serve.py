@@ -31,6 +31,7 @@ def register(subparsers):
 def run(args):
     # Imported here: the client commands need none of the daemon.
     from diskferry import config as config_mod
+    from diskferry import logformat
     from diskferry.daemon import Daemon, notify_systemd
     from diskferry.errors import DiskferryError
 
@@ -39,10 +40,7 @@ def run(args):
     except config_mod.ConfigError as e:
         print(f"diskferry: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        stream=sys.stderr, level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)-7s (%(threadName)s) %(name)s: "
-               "%(message)s")
+    logformat.configure(config.logging.level)
     daemon = Daemon(config)
     # Before start: a stop asked for as soon as the sockets exist counts.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,6 +1,7 @@
 """Small JSON request bodies and JSON responses."""
 
 import json
+from typing import Any
 
 from diskferry.errors import BadRequest, PayloadTooLarge
 
@@ -8,29 +9,72 @@ from diskferry.errors import BadRequest, PayloadTooLarge
 #: bytes; 64 KiB leaves room for long URLs and file names.
 MAX_JSON_BODY = 64 * 1024
 
+#: Deepest nesting of arrays and objects accepted. A ticket is two levels
+#: deep (an object holding the ``ops`` list). The parser itself gives up
+#: with RecursionError near Python's recursion limit (~1000), and a value
+#: nested a few hundred deep can still exhaust the stack later (``repr``
+#: in an error message), so depth is bounded well below both.
+MAX_JSON_DEPTH = 32
 
-def read_json(request):
+
+def json_depth(obj: Any) -> int:
+    """How deeply arrays and objects nest in ``obj``; without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def parse_json(data: bytes) -> Any:
+    """Bytes of a JSON body to a value; 400 for anything else."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        obj = None
+        depth_exceeded = True
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"Invalid JSON body: {e}") from None
+    else:
+        depth_exceeded = json_depth(obj) > MAX_JSON_DEPTH
+    if depth_exceeded:
+        raise BadRequest(f"Invalid JSON body: nested deeper than "
+                         f"{MAX_JSON_DEPTH} levels")
+    return obj
+
+
+def read_json(request: Any) -> Any:
     length = request.head.content_length
     if length is None:
         raise BadRequest("Content-Length header is required")
     if length > MAX_JSON_BODY:
         raise PayloadTooLarge(
             f"JSON body of {length} bytes is larger than {MAX_JSON_BODY}")
-    data = request.conn.read_body(MAX_JSON_BODY)
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"Invalid JSON body: {e}") from None
+    return parse_json(request.conn.read_body(MAX_JSON_BODY))
 
 
-def send_json(request, obj, status=200, headers=None):
+def send_json(request: Any, obj: Any, status: int = 200,
+              headers: dict[str, str] | None = None) -> None:
     body = json.dumps(obj).encode("utf-8")
     request.conn.send_response(status, body, content_type="application/json",
                                headers=headers)
 
 
-def field(obj, name, kind, default=None, required=False, minimum=None):
-    """A field of a JSON object, 400 naming it if missing or ill-typed."""
+def field(obj: dict[str, Any], name: str, kind: type[Any], default: Any = None,
+          required: bool = False, minimum: int | None = None,
+          maximum: int | None = None) -> Any:
+    """A field of a JSON object, 400 naming it if missing, ill-typed or out
+    of range."""
     if name not in obj:
         if required:
             raise BadRequest(f"Missing required field {name!r}")
@@ -42,4 +86,6 @@ def field(obj, name, kind, default=None, required=False, minimum=None):
                          f"{kind.__name__}, got {value!r:.60}")
     if minimum is not None and value < minimum:
         raise BadRequest(f"Invalid field {name!r}: must be >= {minimum}")
+    if maximum is not None and value > maximum:
+        raise BadRequest(f"Invalid field {name!r}: must be <= {maximum}")
     return value

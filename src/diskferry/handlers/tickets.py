@@ -2,6 +2,7 @@
 
 from diskferry.errors import BadRequest
 from diskferry.handlers.jsonbody import field, read_json, send_json
+from diskferry.tickets import MAX_TIMEOUT
 
 
 class TicketsHandler:
@@ -26,7 +27,8 @@ class TicketsHandler:
         msg = read_json(request)
         if not isinstance(msg, dict):
             raise BadRequest("Body must be a JSON object")
-        timeout = field(msg, "timeout", int, required=True, minimum=0)
+        timeout = field(msg, "timeout", int, required=True, minimum=0,
+                        maximum=MAX_TIMEOUT)
         self.store.get(ticket_id).extend(timeout)
         request.conn.send_response(200)
 

@@ -9,7 +9,15 @@ in the kernel when the transport allows it (not TLS).
 
 Timeouts: plain sockets stay in blocking mode with kernel timeouts
 (``SO_RCVTIMEO``/``SO_SNDTIMEO``), so that ``os.sendfile`` can send a
-whole range in one call; TLS sockets use Python's socket timeout.
+whole range in one call; TLS sockets use Python's socket timeout. Two
+bounds apply while waiting for a request:
+
+    idle timeout   between requests, until the first byte of a head
+                   (the ticket's inactivity_timeout once one is used)
+    head deadline  from that first byte (for the first request of a
+                   connection: from its start) to the end of the head;
+                   past it the request is answered 408 and the
+                   connection closed, however often bytes trickle in
 
 State of the body of the current request (a small table, as h11 keeps):
 
@@ -26,9 +34,15 @@ import os
 import socket
 import ssl
 import struct
+import time
 from http import HTTPStatus
 
-from diskferry.errors import BadRequest, ConnectionGone, HeadersTooLarge
+from diskferry.errors import (
+    BadRequest,
+    ConnectionGone,
+    HeadersTooLarge,
+    RequestTimeout,
+)
 from diskferry.http import parse
 
 #: Bytes asked of recv() when reading a head; also bounds how much of a
@@ -39,13 +53,25 @@ HEAD_RECV_SIZE = 64 * 1024
 #: (EAGAIN is how a kernel socket timeout shows on a blocking socket).
 PEER_ERRORS = (ConnectionError, TimeoutError, BlockingIOError, ssl.SSLError)
 
+#: Seconds a peer has to send a whole request head once it started one.
+#: A client sends its head in one packet, so this bounds only peers that
+#: trickle bytes to hold a thread (slowloris), which the idle timeout
+#: alone never cuts: each byte restarts it. nginx allows 60 s
+#: (client_header_timeout), Apache 20-40 s (mod_reqtimeout);
+#: ovirt-imageio has no such bound.
+HEAD_TIMEOUT = 30.0
+
 
 class Connection:
     """A client connection, used by one thread at a time."""
 
-    def __init__(self, sock, *, tls=False, timeout=60.0):
+    def __init__(self, sock, *, tls=False, timeout=60.0,
+                 head_timeout=HEAD_TIMEOUT):
         self.sock = sock
         self.tls = tls
+        self.head_timeout = head_timeout
+        # The first head's deadline runs from the connection's start.
+        self._head_started = time.monotonic()
         self._buf = bytearray()
         self.body_left = 0
         self._continue_pending = False
@@ -77,9 +103,18 @@ class Connection:
         """Read the next request head; None if the peer closed cleanly.
 
         Enforces the head limits while reading, so that a peer cannot make
-        the server buffer more than ``parse.MAX_HEAD`` bytes.
+        the server buffer more than ``parse.MAX_HEAD`` bytes, nor take
+        longer than ``head_timeout`` seconds to send it.
         """
         self.response_started = False
+        idle = self.timeout
+        started, self._head_started = self._head_started, None
+        try:
+            return self._read_head(idle, started)
+        finally:
+            self.set_timeout(idle)
+
+    def _read_head(self, idle, started):
         start = 0
         while True:
             end = self._buf.find(b"\r\n\r\n", max(0, start - 3))
@@ -92,8 +127,28 @@ class Connection:
             if len(self._buf) > parse.MAX_HEAD:
                 raise HeadersTooLarge(
                     f"Request head longer than {parse.MAX_HEAD} bytes")
+            if started is None and self._buf:
+                started = time.monotonic()
+            if started is not None:
+                left = started + self.head_timeout - time.monotonic()
+                if left <= 0:
+                    raise RequestTimeout(
+                        f"Request head not received within "
+                        f"{self.head_timeout:g} seconds")
+                # Never 0: SO_RCVTIMEO takes a zero timeval as no timeout.
+                self.set_timeout(min(idle, max(left, 0.01)))
             start = len(self._buf)
-            chunk = self._recv(HEAD_RECV_SIZE)
+            try:
+                chunk = self.sock.recv(HEAD_RECV_SIZE)
+            except (TimeoutError, BlockingIOError) as e:
+                if started is not None and (
+                        time.monotonic() - started >= self.head_timeout):
+                    raise RequestTimeout(
+                        f"Request head not received within "
+                        f"{self.head_timeout:g} seconds") from e
+                raise ConnectionGone(f"Receiving failed: {e}") from e
+            except PEER_ERRORS as e:
+                raise ConnectionGone(f"Receiving failed: {e}") from e
             if not chunk:
                 if self._buf:
                     raise ConnectionGone("Peer closed in the middle of a head")
@@ -200,12 +255,6 @@ class Connection:
         if self._continue_pending:
             self._continue_pending = False
             self._sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    def _recv(self, size):
-        try:
-            return self.sock.recv(size)
-        except PEER_ERRORS as e:
-            raise ConnectionGone(f"Receiving failed: {e}") from e
 
     # Writing
 

@@ -33,6 +33,13 @@ MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * 256
 #: A header field name: an RFC 9110 token.
 HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
+#: Most digits of a number in a header or query (lengths, offsets, block
+#: sizes). The largest offset a file can have, 2**63-1, has 19; a longer
+#: number is refused before ``int()``, which costs quadratic time on long
+#: strings and raises ValueError past 4,300 digits (CPython's
+#: int_max_str_digits), a 500 had it escaped.
+MAX_DIGITS = 20
+
 
 @dataclass
 class RequestHead:
@@ -46,14 +53,14 @@ class RequestHead:
     headers: dict[str, str] = field(default_factory=dict)
 
     @property
-    def keep_alive(self):
+    def keep_alive(self) -> bool:
         conn = self.headers.get("connection", "").lower()
         if self.version == "HTTP/1.0":
             return conn == "keep-alive"
         return conn != "close"
 
     @property
-    def content_length(self):
+    def content_length(self) -> int | None:
         """Body length, or None when the header is absent."""
         value = self.headers.get("content-length")
         if value is None:
@@ -61,11 +68,11 @@ class RequestHead:
         return parse_int_header("Content-Length", value)
 
     @property
-    def expects_continue(self):
+    def expects_continue(self) -> bool:
         return self.headers.get("expect", "").lower() == "100-continue"
 
 
-def check_request_line_length(line_length):
+def check_request_line_length(line_length: int) -> None:
     if line_length > MAX_REQUEST_LINE:
         raise URITooLong(
             f"Request line longer than {MAX_REQUEST_LINE} bytes")
@@ -75,7 +82,7 @@ def check_request_line_length(line_length):
 REQUEST_LINE_START = re.compile(rb"[A-Z]{0,20}( |\Z)")
 
 
-def check_request_line_start(data):
+def check_request_line_start(data: bytes | bytearray) -> None:
     """Refuse early what cannot become a request line.
 
     Called while the line is still incomplete, so that a peer speaking
@@ -106,7 +113,7 @@ def parse_head(head: bytes) -> RequestHead:
     return RequestHead(method, target, version, path, query, headers)
 
 
-def parse_request_line(line: bytes):
+def parse_request_line(line: bytes) -> tuple[str, str, str]:
     try:
         text = line.decode("ascii")
     except UnicodeDecodeError:
@@ -129,13 +136,13 @@ def parse_request_line(line: bytes):
     return method, target, version
 
 
-def parse_headers(lines) -> dict[str, str]:
+def parse_headers(lines: list[bytes]) -> dict[str, str]:
     """Header lines to a dict keyed by lower-case name.
 
     Repeated headers are joined with ", " as RFC 9110 allows; obsolete
     line folding is refused.
     """
-    headers = {}
+    headers: dict[str, str] = {}
     for line in lines:
         if len(line) > MAX_HEADER_LINE:
             raise HeadersTooLarge(
@@ -159,7 +166,7 @@ def parse_headers(lines) -> dict[str, str]:
     return headers
 
 
-def split_target(target: str):
+def split_target(target: str) -> tuple[str, dict[str, str]]:
     """Split a request target into an unquoted path and a query dict."""
     raw_path, _, raw_query = target.partition("?")
     path = urllib.parse.unquote(raw_path)
@@ -171,14 +178,36 @@ def split_target(target: str):
     return path, dict(pairs)
 
 
-def parse_int_header(name, value):
-    if not value.isdigit() or not value.isascii():
-        raise BadRequest(f"Invalid {name} header: {value[:40]!r}",
+def decimal(text: str) -> int | None:
+    """``text`` as a non-negative integer, or None if it is not one.
+
+    Only ASCII digits, at most MAX_DIGITS of them: ``str.isdigit`` alone
+    accepts other scripts' digits and superscripts, and ``int`` accepts
+    signs, spaces and underscores.
+    """
+    if not 0 < len(text) <= MAX_DIGITS or not text.isascii() or \
+            not text.isdigit():
+        return None
+    return int(text)
+
+
+def parse_int_header(name: str, value: str) -> int:
+    number = decimal(value)
+    if number is None:
+        raise BadRequest(f"Invalid {name} header: {_excerpt(value)}; "
+                         f"expected at most {MAX_DIGITS} digits",
                          close_connection=True)
-    return int(value)
+    return number
 
 
-def parse_range(value: str, size: int):
+def _excerpt(value: str, limit: int = 40) -> str:
+    """A peer's value for an error message: quoted, escaped, shortened."""
+    if len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
+def parse_range(value: str, size: int) -> tuple[int, int]:
     """``Range: bytes=FIRST-LAST`` or ``bytes=FIRST-`` to (offset, length).
 
     Multiple ranges and suffix ranges are not supported, nor is a range
@@ -214,7 +243,7 @@ def parse_range(value: str, size: int):
     return first, last - first + 1
 
 
-def parse_content_range(value: str):
+def parse_content_range(value: str) -> int:
     """``Content-Range: bytes FIRST-LAST/TOTAL`` to FIRST (the rest unused).
 
     Clients send ``bytes FIRST-LAST/*``; only FIRST is used, as the length
@@ -232,32 +261,36 @@ def parse_content_range(value: str):
     return first
 
 
-def _range_int(text, value, size):
-    text = text.strip()
-    if not text.isdigit() or not text.isascii():
-        raise RangeNotSatisfiable(f"Invalid Range header: {value[:60]!r}",
-                                  size=size)
-    return int(text)
+def _range_int(text: str, value: str, size: int) -> int:
+    number = decimal(text.strip())
+    if number is None:
+        raise RangeNotSatisfiable(
+            f"Invalid Range header: {_excerpt(value, 60)}", size=size)
+    return number
 
 
-def _content_range_int(text, value):
-    text = text.strip()
-    if not text.isdigit() or not text.isascii():
-        raise BadRequest(f"Invalid Content-Range header: {value[:60]!r}")
-    return int(text)
+def _content_range_int(text: str, value: str) -> int:
+    number = decimal(text.strip())
+    if number is None:
+        raise BadRequest(
+            f"Invalid Content-Range header: {_excerpt(value, 60)}")
+    return number
 
 
-def query_int(query, name, default=None, minimum=0):
+def query_int(query: dict[str, str], name: str, default: int | None = None,
+              minimum: int = 0) -> int | None:
     """An integer query parameter, 400 naming it when invalid."""
     value = query.get(name)
     if value is None:
         return default
-    if not value.isdigit() or not value.isascii() or int(value) < minimum:
-        raise BadRequest(f"Invalid {name!r} query parameter: {value[:40]!r}")
-    return int(value)
+    number = decimal(value)
+    if number is None or number < minimum:
+        raise BadRequest(f"Invalid {name!r} query parameter: "
+                         f"{_excerpt(value)}")
+    return number
 
 
-def query_bool(query, name, default):
+def query_bool(query: dict[str, str], name: str, default: bool) -> bool:
     """A y/n query parameter (ovirt-imageio style ``flush=y|n``)."""
     value = query.get(name)
     if value is None:

@@ -9,6 +9,10 @@
 Blocking I/O in threads is enough here: a server moves bulk data over a
 few dozen connections, and every syscall releases the GIL.
 
+Connections open at once are capped (``ConnectionLimit``, shared by the
+services that serve clients): past the cap a new connection is answered
+``503`` with ``Retry-After`` and closed, never queued or left hanging.
+
 Error handling is in one place, ``_serve_request``: a ``RequestError``
 becomes its status and a text body; ``ConnectionGone`` closes the
 connection silently; anything else is logged and answered with a 500
@@ -21,9 +25,14 @@ import socket
 import threading
 import time
 
-from diskferry.errors import ConnectionGone, RequestError, ServerError
+from diskferry.errors import (
+    ConnectionGone,
+    RequestError,
+    ServerError,
+    ServiceUnavailable,
+)
 from diskferry.http import parse
-from diskferry.http.connection import Connection
+from diskferry.http.connection import HEAD_TIMEOUT, Connection
 from diskferry.http.listener import describe
 
 log = logging.getLogger("diskferry.http")
@@ -46,6 +55,44 @@ UNIX_SEND_BUFFER = 4 * 1024**2
 MAX_DISCARDED_BODY = 64 * 1024
 
 ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+#: Connections open at once when the configuration does not say: each
+#: costs a thread and up to four descriptors (socket, image, splice pipe);
+#: past this, a flood of idle peers would exhaust threads or descriptors.
+#: ovirt-imageio has no cap (a thread for every connection).
+DEFAULT_CONNECTION_LIMIT = 1000
+
+#: Seconds a client refused for lack of room is told to wait (Retry-After).
+RETRY_AFTER = 2
+
+#: Seconds a refused TLS connection gets for its handshake and to read its
+#: 503; a plain one is answered at once, without waiting on the peer.
+REJECT_TIMEOUT = 2.0
+
+#: Refused TLS connections answered at once (each needs a thread for its
+#: handshake); past this they are closed unanswered, never kept waiting.
+MAX_REJECTING = 16
+
+
+class ConnectionLimit:
+    """How many connections may be open at once; shared by services."""
+
+    def __init__(self, limit=DEFAULT_CONNECTION_LIMIT):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def acquire(self):
+        """Count one more connection; False, counting none, when full."""
+        with self._lock:
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def release(self):
+        with self._lock:
+            self.count -= 1
 
 
 class Request:
@@ -87,12 +134,16 @@ class Server:
     """
 
     def __init__(self, name, sock, app, *, tls_context=None,
-                 idle_timeout=60.0):
+                 idle_timeout=60.0, head_timeout=HEAD_TIMEOUT, limit=None):
         self.name = name
         self.sock = sock
         self.app = app
         self.tls_context = tls_context
         self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
+        self.limit = limit if limit is not None else ConnectionLimit()
+        self._rejecting = threading.BoundedSemaphore(MAX_REJECTING)
+        self._full = False  # logged once per episode
         self.address = describe(sock)
         self._lock = threading.Lock()
         self._connections = {}  # Connection -> busy (bool)
@@ -131,11 +182,72 @@ class Server:
             if starved:
                 log.info("%s: accepting again", self.name)
                 starved = False
+            if not self.limit.acquire():
+                self._reject(sock)
+                continue
+            if self._full:
+                log.info("%s: below the connection limit again", self.name)
+                self._full = False
             self._start_worker(sock, addr)
+
+    # Refusing
+
+    def _reject(self, sock):
+        """Answer 503 and close: plain sockets at once, TLS in a thread."""
+        if not self._full:
+            log.warning("%s: %d connections open, the limit; refusing new "
+                        "ones", self.name, self.limit.limit)
+            self._full = True
+        if self.tls_context is None:
+            self._refuse(sock)
+        elif self._rejecting.acquire(blocking=False):
+            try:
+                threading.Thread(target=self._refuse_tls, args=(sock,),
+                                 name=f"{self.name}-refuse",
+                                 daemon=True).start()
+            except RuntimeError:
+                self._rejecting.release()
+                sock.close()
+        else:
+            sock.close()
+
+    def _refuse_tls(self, sock):
+        try:
+            sock.settimeout(REJECT_TIMEOUT)
+            try:
+                sock = self.tls_context.wrap_socket(sock, server_side=True)
+            except (OSError, ValueError):
+                sock.close()
+                return
+            self._refuse(sock, tls=True)
+        finally:
+            self._rejecting.release()
+
+    def _refuse(self, sock, tls=False):
+        # A plain socket is answered in the accept loop: its send buffer
+        # is empty, so the short answer never waits.
+        conn = Connection(sock, tls=tls,
+                          timeout=REJECT_TIMEOUT if tls else 0.1)
+        error = ServiceUnavailable(
+            f"Too many connections ({self.limit.limit}); retry in "
+            f"{RETRY_AFTER} seconds", retry_after=RETRY_AFTER)
+        try:
+            self._send_error(conn, error, close=True)
+            # Take in what the client already sent, so that closing does
+            # not reset the connection under the answer (TCP).
+            sock.setblocking(False)
+            for _ in range(16):
+                if not sock.recv(65536):
+                    break
+        except (OSError, ValueError):
+            pass
+        finally:
+            conn.close()
 
     def _start_worker(self, sock, addr):
         with self._lock:
             if self._stopping:
+                self.limit.release()
                 sock.close()
                 return
             self._next_id += 1
@@ -149,6 +261,7 @@ class Server:
         except RuntimeError:
             with self._lock:
                 self._threads.discard(thread)
+            self.limit.release()
             sock.close()
             log.warning("%s: cannot start a thread, connection dropped",
                         self.name)
@@ -172,7 +285,8 @@ class Server:
                 if sock is None:
                     return
             conn = Connection(sock, tls=self.tls_context is not None,
-                              timeout=self.idle_timeout)
+                              timeout=self.idle_timeout,
+                              head_timeout=self.head_timeout)
             with self._lock:
                 if self._stopping:
                     return
@@ -195,6 +309,7 @@ class Server:
                 conn.close()
             elif sock is not None:
                 sock.close()
+            self.limit.release()
 
     def _handshake(self, sock):
         sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
@@ -263,9 +378,7 @@ class Server:
         """
         if conn.response_started:
             return False
-        headers = {}
-        if getattr(error, "size", None) is not None:
-            headers["Content-Range"] = f"bytes */{error.size}"
+        headers = error.headers()
         if close:
             headers["Connection"] = "close"
         try:
