@@ -27,6 +27,8 @@ import pytest
 
 from servers import make_sparse_file
 
+pytestmark = pytest.mark.all_storages
+
 SIZE = 1 << 20
 
 
