@@ -2,13 +2,16 @@
 
 The data path: on plain sockets (UNIX, TCP) GET sends file ranges with
 ``sendfile`` and PUT splices the body from the socket into the file;
-with TLS or O_DIRECT both go through the connection's aligned buffer.
+with TLS, O_DIRECT or a backend without a descriptor (NBD) both go
+through the connection's aligned buffer, the backend's side of the copy
+overlapped with the connection's (``overlap``).
 Each request checks between chunks whether its ticket was canceled.
 """
 
 import urllib.parse
 
 from diskferry.errors import BadRequest, RangeNotSatisfiable
+from diskferry.handlers import overlap
 from diskferry.handlers.context import (
     connection_buffer,
     connection_pipe,
@@ -114,20 +117,8 @@ class ImageHandler:
 
     def _send_buffered(self, request, backend, op, offset, length):
         buf = connection_buffer(request, backend.buffer_size)
-        view = memoryview(buf)
-        try:
-            end = offset + length
-            while offset < end:
-                op.check()
-                want = min(len(view), end - offset)
-                n = backend.readinto(view[:want], offset)
-                if n < want:
-                    raise OSError(f"Unexpected end of image at {offset + n}")
-                request.conn.write(view[:n])
-                offset += n
-                op.done += n
-        finally:
-            view.release()
+        with memoryview(buf) as view:
+            overlap.send(request.conn, backend, view, op, offset, length)
 
     def put(self, request, ticket_id):
         image = open_image(request, self.store, self.config, ticket_id,
@@ -174,17 +165,8 @@ class ImageHandler:
 
     def _receive_buffered(self, request, backend, op, offset, length):
         buf = connection_buffer(request, backend.buffer_size)
-        view = memoryview(buf)
-        try:
-            pos, end = offset, offset + length
-            while pos < end:
-                op.check()
-                got = request.conn.readinto_full(view[:min(len(view), end - pos)])
-                backend.write(view[:got], pos)
-                pos += got
-                op.done += got
-        finally:
-            view.release()
+        with memoryview(buf) as view:
+            overlap.receive(request.conn, backend, view, op, offset, length)
 
     def patch(self, request, ticket_id):
         image = open_image(request, self.store, self.config, ticket_id,

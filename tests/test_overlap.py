@@ -1,0 +1,163 @@
+"""The overlapped copy between a connection and a backend.
+
+A memory backend and an in-memory connection stand in for the two sides
+(the same code runs under real sockets in the conformance suite, which
+moves every NBD and TLS request through it); here each side can be made
+to fail at a chosen byte, to check that the copy stops, the error comes
+through, and no thread is left behind.
+"""
+
+import os
+import threading
+
+import pytest
+
+from diskferry.backends.memory import MemoryBackend
+from diskferry.errors import BackendError, ConnectionGone
+from diskferry.handlers import overlap
+
+SLOT = overlap.MIN_SLOT
+BUFFER = overlap.SLOTS * SLOT
+
+
+class Op:
+    def __init__(self, cancel_after=None):
+        self.done = 0
+        self.cancel_after = cancel_after
+
+    def check(self):
+        if self.cancel_after is not None and self.done >= self.cancel_after:
+            raise ConnectionGone("canceled")
+
+
+class Connection:
+    """A body to receive and a sink for what is sent; fails at ``fail_at``."""
+
+    def __init__(self, body=b"", fail_at=None):
+        self.body = memoryview(body)
+        self.pos = 0
+        self.sent = bytearray()
+        self.fail_at = fail_at
+
+    def write(self, data):
+        if self.fail_at is not None and len(self.sent) >= self.fail_at:
+            raise ConnectionGone("client went away")
+        self.sent += data
+
+    def readinto_full(self, view):
+        if self.fail_at is not None and self.pos >= self.fail_at:
+            raise ConnectionGone("body cut short")
+        n = len(view)
+        view[:] = self.body[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+class FailingBackend(MemoryBackend):
+    def __init__(self, content, fail_at):
+        super().__init__(content)
+        self.fail_at = fail_at
+        self.writes = []
+
+    def readinto(self, buf, offset):
+        if offset + len(buf) > self.fail_at:
+            raise BackendError("EIO")
+        return super().readinto(buf, offset)
+
+    def write(self, data, offset):
+        if offset + len(data) > self.fail_at:
+            raise BackendError("ENOSPC")
+        self.writes.append((offset, len(data)))
+        return super().write(data, offset)
+
+
+@pytest.fixture
+def no_thread_left():
+    before = threading.active_count()
+    yield
+    assert threading.active_count() == before
+
+
+@pytest.mark.parametrize("offset,length", [
+    (0, 1), (0, SLOT), (0, SLOT + 1), (7, 3 * SLOT + 5), (0, 10 * BUFFER),
+    (SLOT - 1, 5 * BUFFER + 3),
+])
+def test_send_moves_the_range(no_thread_left, offset, length):
+    data = os.urandom(offset + length + 100)
+    conn, op = Connection(), Op()
+    buf = memoryview(bytearray(BUFFER))
+    overlap.send(conn, MemoryBackend(data), buf, op, offset, length)
+    assert bytes(conn.sent) == data[offset:offset + length]
+    assert op.done == length
+
+
+@pytest.mark.parametrize("offset,length", [
+    (0, 1), (0, SLOT + 1), (5, 3 * SLOT + 5), (SLOT - 1, 5 * BUFFER + 3),
+])
+def test_receive_writes_the_range_only(no_thread_left, offset, length):
+    body = os.urandom(length)
+    image = bytes(range(256)) * ((offset + length) // 256 + 2)
+    backend, op = MemoryBackend(image), Op()
+    buf = memoryview(bytearray(BUFFER))
+    overlap.receive(Connection(body), backend, buf, op, offset, length)
+    expected = image[:offset] + body + image[offset + length:]
+    assert backend.data == expected
+    assert op.done == length
+
+
+def test_small_buffer_copies_in_turn(no_thread_left):
+    data = os.urandom(3 * SLOT)
+    conn = Connection()
+    overlap.send(conn, MemoryBackend(data), memoryview(bytearray(SLOT)),
+                 Op(), 0, len(data))
+    assert bytes(conn.sent) == data
+
+
+def test_backend_read_error_stops_the_send(no_thread_left):
+    data = os.urandom(10 * BUFFER)
+    conn = Connection()
+    with pytest.raises(BackendError, match="EIO"):
+        overlap.send(conn, FailingBackend(data, 3 * BUFFER),
+                     memoryview(bytearray(BUFFER)), Op(), 0, len(data))
+    # Nothing past the failure was sent, and what was sent is right.
+    assert len(conn.sent) <= 3 * BUFFER
+    assert bytes(conn.sent) == data[:len(conn.sent)]
+
+
+def test_client_gone_stops_the_read_ahead(no_thread_left):
+    data = os.urandom(10 * BUFFER)
+    with pytest.raises(ConnectionGone):
+        overlap.send(Connection(fail_at=2 * BUFFER), MemoryBackend(data),
+                     memoryview(bytearray(BUFFER)), Op(), 0, len(data))
+
+
+def test_cancel_between_chunks(no_thread_left):
+    data = os.urandom(10 * BUFFER)
+    conn = Connection()
+    with pytest.raises(ConnectionGone, match="canceled"):
+        overlap.send(conn, MemoryBackend(data), memoryview(bytearray(BUFFER)),
+                     Op(cancel_after=BUFFER), 0, len(data))
+    assert len(conn.sent) < len(data)
+
+
+def test_backend_write_error_fails_the_receive(no_thread_left):
+    body = os.urandom(10 * BUFFER)
+    backend = FailingBackend(bytes(len(body)), 4 * BUFFER)
+    conn = Connection(body)
+    with pytest.raises(BackendError, match="ENOSPC"):
+        overlap.receive(conn, backend, memoryview(bytearray(BUFFER)), Op(),
+                        0, len(body))
+    # The request stopped reading the body soon after the failure.
+    assert conn.pos <= 4 * BUFFER + BUFFER
+    assert all(off + n <= 4 * BUFFER for off, n in backend.writes)
+
+
+def test_body_cut_short_writes_only_what_came(no_thread_left):
+    body = os.urandom(10 * BUFFER)
+    backend = MemoryBackend(bytes(len(body)))
+    with pytest.raises(ConnectionGone):
+        overlap.receive(Connection(body, fail_at=3 * BUFFER), backend,
+                        memoryview(bytearray(BUFFER)), Op(), 0, len(body))
+    written = backend.data
+    assert written[:3 * BUFFER] == body[:3 * BUFFER]
+    assert written[3 * BUFFER:] == bytes(len(body) - 3 * BUFFER)
