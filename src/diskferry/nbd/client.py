@@ -13,9 +13,22 @@ the one socket; replies are matched by cookie in whatever order they
 come. ``submit_read``/``submit_write``/``wait`` expose the same machinery
 to callers that overlap NBD with other I/O.
 
-Defaults measured on a 2-core VM (Debian 12, qemu-nbd 7.2 --shared=8 of a
-fully allocated 1 GiB raw on /dev/shm, see tests/nbd/bench_client.py):
-see ``DEFAULT_REQUEST_SIZE``.
+Defaults measured on a 2-core VM (Debian 12, qemu-nbd 7.2 --shared=8
+--read-only of a fully allocated 1 GiB raw on /dev/shm, reading into a
+reused 64 MiB buffer, best of 2-3 runs, tests/nbd/bench_client.py):
+
+    request  depth 1     4     8     16    GiB/s (nbdcopy: 1.6-2.6)
+    256 KiB        1.22  2.08  2.01  2.37
+    512 KiB        -     2.57  2.73  -
+    1 MiB          2.35  2.71  2.63  2.06
+    2 MiB          2.41  2.36  2.17  2.06
+    4 MiB          1.52  1.81  1.74  1.71
+    8 MiB          1.42  1.87  1.78  1.64
+
+Client CPU was 0.16-0.27 s/GiB throughout (nbdcopy 0.24). Requests of
+512 KiB-1 MiB with 4-8 in flight are fastest: the data still fits the
+CPU caches between the server's copy and ours; larger requests lose that
+and more depth only adds contention on two cores.
 
 A client is used by one thread at a time; it has no lock. Open one
 client per thread (and more than one per export only when the server
@@ -63,13 +76,13 @@ from .url import Address, parse_url
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-#: Bytes per read/write request. 1 MiB measured fastest or equal-fastest
-#: (see the module docstring); above that Python overhead is already
-#: negligible and larger requests only add latency per request.
+#: Bytes per read/write request: 1 MiB measured fastest with 512 KiB (see
+#: the module docstring); Python's cost per request is already negligible
+#: at this size and bigger requests fall out of the CPU caches.
 DEFAULT_REQUEST_SIZE = 1024 * 1024
 
-#: Requests in flight per client; qemu-nbd serves 16 at once per client.
-DEFAULT_QUEUE_DEPTH = 8
+#: Requests in flight per client: 4 measured best at 1 MiB (module docstring).
+DEFAULT_QUEUE_DEPTH = 4
 
 #: Seconds to connect and complete the handshake.
 DEFAULT_CONNECT_TIMEOUT = 10.0
