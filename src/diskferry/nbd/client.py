@@ -504,13 +504,15 @@ class Client:
         error: RequestError | None = None
         for command, offset, length, flags, buffer, payload in requests:
             if len(pending) >= self.queue_depth:
-                error = error or self._settle(pending.popleft())
+                failed = self._settle(pending.popleft())
+                error = error or failed
             if error is not None:
                 break
             req = self._submit(command, offset, length, flags, buffer, payload)
             pending.append(req)
         while pending:
-            error = error or self._settle(pending.popleft())
+            failed = self._settle(pending.popleft())
+            error = error or failed
         if error is not None:
             raise error
 

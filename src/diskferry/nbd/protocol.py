@@ -328,6 +328,11 @@ class Handshake:
 
     # -- I/O facing API
 
+    @property
+    def unused_data(self) -> bytes:
+        """Bytes fed past the end of the handshake (transmission data)."""
+        return bytes(self._buf)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
         self._out.clear()
@@ -378,7 +383,7 @@ class Handshake:
             self.state = HandshakeState.OPTION_HEADER
             self._on_option_reply(option, reply, self._take(length))
         elif self.state is HandshakeState.EXPORT_NAME_REPLY:
-            raw = self._take(self.bytes_needed())
+            raw = self._take(_EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else 124))
             size, flags = _EXPORT_NAME_REPLY.unpack_from(raw)
             self._export = (size, flags)
             self._finish(used_export_name=True)
