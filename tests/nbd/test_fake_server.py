@@ -536,7 +536,7 @@ def test_block_status_missing_context(fake: MakeServer, mode: str) -> None:
             c.extents()
 
 
-# --- handshake -------------------------------------------------------------------------
+# --- handshake ---------------------------------------------------------------
 
 
 def test_extended_not_offered_falls_back(fake: MakeServer) -> None:
