@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -182,21 +180,6 @@ def test_stop_leaves_a_socket_file_it_did_not_bind(tmp_path):
         assert "not removing" in srv.log_text()
     finally:
         other.close()
-
-
-def test_sigterm_during_refused_start_is_harmless(daemon_a):
-    """B refused and gone in any case: its exit never takes A's lock."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "diskferry", "serve", "--config",
-         _config_path(daemon_a)],
-        cwd=daemon_a.workdir, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=20)
-    assert proc.returncode != 0
-    assert_serves(daemon_a)
-    run = serve(_config_path(daemon_a), daemon_a.workdir)
-    assert_refused(run, f"pid {daemon_a.pid}")
 
 
 # --- the pieces, in process --------------------------------------------------
