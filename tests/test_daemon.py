@@ -125,5 +125,24 @@ def test_port_in_use_fails_start(tmp_path):
                              f"[local]\nenable = false\n")],
             capture_output=True, text=True, timeout=30)
     assert run.returncode == 1
-    assert "cannot start" in run.stderr
+    assert f"cannot start: remote service: 127.0.0.1:{port} is in use " \
+        "(another daemon?)" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "run" / "control.sock").exists()
+
+
+def test_missing_cert_file_is_named(tmp_path, pki):
+    missing = tmp_path / "missing.pem"
+    run = subprocess.run(
+        [sys.executable, "-m", "diskferry", "serve", "--config",
+         write(tmp_path, f"[daemon]\nstate_dir = '{tmp_path}'\n"
+                         f"[remote]\nport = 0\n"
+                         f"[tls]\ncert_file = '{missing}'\n"
+                         f"key_file = '{pki.key_file}'\n"
+                         f"[local]\nenable = false\n")],
+        capture_output=True, text=True, timeout=30)
+    assert run.returncode == 1
+    assert f"cannot start: TLS: cannot load certificate {missing}" \
+        in run.stderr
+    assert "No such file" in run.stderr
     assert not (tmp_path / "run" / "control.sock").exists()

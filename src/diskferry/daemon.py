@@ -4,10 +4,16 @@
     local   (UNIX socket)   images API   clients on this host
     control (UNIX or TCP)   tickets API  the management plane
 
-``Daemon.start()`` binds every listener before serving any, so that a
-port in use fails the start rather than leaving half a daemon.
+``Daemon.start()`` first takes the run directory's lock (one daemon per
+run directory, see ``instancelock``), then binds every listener before
+serving any, so that a port in use fails the start rather than leaving
+half a daemon. Whatever fails, the daemon removes only what it created
+itself: the socket files it bound (checked by inode, so a file another
+daemon bound at the same path since is left alone) and its lock file.
+A bind error names the service, the address and the cause in one line.
 """
 
+import errno
 import logging
 import os
 import socket
@@ -16,10 +22,12 @@ import threading
 import uuid
 
 from diskferry import __version__
+from diskferry.errors import DiskferryError
 from diskferry.handlers import control_app, images_app
 from diskferry.hostid import host_id
 from diskferry.http.listener import is_abstract, tcp_listener, unix_listener
 from diskferry.http.server import ConnectionLimit, Server
+from diskferry.instancelock import InstanceLock
 from diskferry.tickets import TicketStore
 
 log = logging.getLogger("diskferry.daemon")
@@ -28,10 +36,55 @@ log = logging.getLogger("diskferry.daemon")
 CONTROL_SOCKET_MODE = 0o660
 
 
+class StartError(DiskferryError):
+    """Raised when the daemon cannot start; the message says what and why."""
+
+
+class BindError(StartError):
+    """Raised when a service cannot listen on its address."""
+
+    def __init__(self, service, address, error):
+        super().__init__(f"{service} service: {address} {_bind_cause(error)}")
+        self.service = service
+        self.address = address
+
+
+def _bind_cause(error):
+    if isinstance(error, socket.gaierror):
+        return f"cannot be resolved: {error.strerror}"
+    code = error.errno
+    if code == errno.EADDRINUSE:
+        detail = error.strerror
+        if detail and detail != os.strerror(errno.EADDRINUSE):
+            return f"is in use: {detail} (another daemon?)"
+        return "is in use (another daemon?)"
+    if code == errno.EEXIST:
+        return "exists and is not a socket (left alone)"
+    if code == errno.EADDRNOTAVAIL:
+        return "is not an address of this host"
+    if code in (errno.EACCES, errno.EPERM):
+        return "cannot be bound: permission denied"
+    return f"cannot be bound: {error.strerror or error}"
+
+
+def _tcp_address(host, port):
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _unix_address(address):
+    return "@" + address[1:] if address.startswith("\0") else address
+
+
 def tls_context(cert_file, key_file):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert_file, key_file)
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except OSError as e:
+        # FileNotFoundError names no file; ssl.SSLError names neither.
+        cause = getattr(e, "reason", None) or e.strerror or e
+        raise StartError(f"TLS: cannot load certificate {cert_file} with "
+                         f"key {key_file}: {cause}") from e
     return ctx
 
 
@@ -45,11 +98,32 @@ class Daemon:
         self.server_id = uuid.uuid4().hex
         self.servers = []
         self.ca_file = None
+        self.lock = InstanceLock(config.run_dir)
+        # Socket files this daemon bound: path -> (st_dev, st_ino).
+        self._socket_files = {}
         self._stopped = threading.Event()
 
     def start(self):
         config = self.config
-        os.makedirs(config.run_dir, exist_ok=True)
+        try:
+            os.makedirs(config.run_dir, exist_ok=True)
+        except OSError as e:
+            raise StartError(f"run directory {config.run_dir}: "
+                             f"{e.strerror}") from e
+        # Before anything else: a second daemon with this run directory
+        # stops here, having touched nothing of the first.
+        try:
+            self.lock.acquire()
+        except OSError as e:
+            raise StartError(f"lock {self.lock.path}: {e.strerror}") from e
+        try:
+            self._start()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _start(self):
+        config = self.config
         options = {"host_id": host_id(), "server_id": self.server_id}
         if options["host_id"] is None:
             del options["host_id"]
@@ -67,18 +141,20 @@ class Daemon:
             if config.tls.enable:
                 cert_file, key_file = self._tls_files()
                 context = tls_context(cert_file, key_file)
+            remote = self._tcp("remote", config.remote.host,
+                               config.remote.port)
             self.servers.append(Server(
-                "remote", tcp_listener(config.remote.host, config.remote.port),
-                images, tls_context=context, **limits))
+                "remote", remote, images, tls_context=context, **limits))
             if config.local.enable:
                 self.servers.append(Server(
-                    "local", unix_listener(config.local_socket), images,
-                    **limits))
+                    "local", self._unix("local", config.local_socket),
+                    images, **limits))
             if config.control.transport == "unix":
-                control_sock = unix_listener(config.control_socket,
-                                             mode=CONTROL_SOCKET_MODE)
+                control_sock = self._unix("control", config.control_socket,
+                                          mode=CONTROL_SOCKET_MODE)
             else:
-                control_sock = tcp_listener("localhost", config.control.port)
+                control_sock = self._tcp("control", "localhost",
+                                         config.control.port)
             self.servers.append(Server(
                 "control", control_sock, control_app(self.store),
                 idle_timeout=idle, head_timeout=config.daemon.head_timeout,
@@ -90,6 +166,27 @@ class Daemon:
             raise
         for server in self.servers:
             server.start()
+
+    def _tcp(self, service, host, port):
+        try:
+            return tcp_listener(host, port)
+        except OSError as e:
+            raise BindError(service, _tcp_address(host, port), e) from e
+
+    def _unix(self, service, address, mode=None):
+        try:
+            sock = unix_listener(address, mode=mode)
+        except OSError as e:
+            raise BindError(service, _unix_address(address), e) from e
+        if not is_abstract(address):
+            try:
+                st = os.lstat(address)
+            except OSError:
+                # Gone already: there is nothing of ours to remove later.
+                pass
+            else:
+                self._socket_files[address] = (st.st_dev, st.st_ino)
+        return sock
 
     def _tls_files(self):
         tls = self.config.tls
@@ -148,19 +245,27 @@ class Daemon:
         for t in threads:
             t.join()
         self._remove_socket_files()
+        self.lock.release()
         self._stopped.set()
 
     def _remove_socket_files(self):
-        paths = [self.config.control_socket] \
-            if self.config.control.transport == "unix" else []
-        if self.config.local.enable:
-            paths.append(self.config.local_socket)
-        for path in paths:
-            if not is_abstract(path):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+        """Remove the socket files this daemon bound, and only those: a
+        path now naming another file (another daemon bound it since) is
+        left alone."""
+        files, self._socket_files = self._socket_files, {}
+        for path, identity in files.items():
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) != identity:
+                log.warning("not removing %s: no longer the socket this "
+                            "daemon bound", path)
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def notify_systemd(state):

@@ -5,6 +5,7 @@ stall every accept); the server wraps each accepted socket in its own
 thread.
 """
 
+import errno
 import os
 import socket
 import stat
@@ -13,6 +14,11 @@ import stat
 #: dozens of connections at once on the local socket (parallel imports and
 #: backups); the kernel caps this at net.core.somaxconn (4096 by default).
 LISTEN_BACKLOG = 1024
+
+#: Seconds to wait for a process to accept a probe connection on a socket
+#: file before binding over it. A live daemon's kernel accepts at once
+#: (the backlog, not the daemon, answers); a full backlog answers EAGAIN.
+PROBE_TIMEOUT = 1.0
 
 
 def is_abstract(address):
@@ -51,33 +57,68 @@ def tcp_listener(host, port):
 def unix_listener(address, mode=None):
     """A listening UNIX stream socket, abstract or at a path.
 
-    A stale socket file at the path is removed first; a path holding
-    anything else is refused rather than deleted.
+    A socket file at the path is removed first only if it is stale (no
+    process answers on it); a live one, or a path holding anything else,
+    is refused: OSError EADDRINUSE or EEXIST, with the file left alone.
     """
     address = unix_address(address)
     if not is_abstract(address):
-        remove_socket_file(address)
+        remove_stale_socket(address)
         os.makedirs(os.path.dirname(os.path.abspath(address)), exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        # chmod before listen, so that no client connects while the mode
+        # is the umask's.
         if mode is not None and not is_abstract(address):
             os.chmod(address, mode)
         sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
+        if not is_abstract(address):
+            os.unlink(address)  # ours: bound a moment ago
         raise
     return sock
 
 
-def remove_socket_file(path):
+def remove_stale_socket(path: str) -> None:
+    """Remove the socket file at ``path`` if nothing listens on it.
+
+    A daemon killed without cleanup leaves its socket file behind; a
+    connect to it is refused. A connect that succeeds (or finds the
+    backlog full) means a live process owns the path: removing the file
+    would cut it off from every future client, so this refuses instead.
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket")
-    os.unlink(path)
+        raise FileExistsError(errno.EEXIST, "exists and is not a socket",
+                              path)
+    if socket_answers(path):
+        raise OSError(errno.EADDRINUSE, "a process answers on it", path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def socket_answers(path: str) -> bool:
+    """True if a process accepts connections on the UNIX socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(PROBE_TIMEOUT)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except (BlockingIOError, TimeoutError):
+            return True
+        return True
 
 
 def describe(sock):
