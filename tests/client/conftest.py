@@ -26,14 +26,17 @@ def relay():
 
 @pytest.fixture
 def loop_device(tmp_path):
-    """loop_device(size) -> path of a loop device over random data."""
+    """loop_device(size, content=None) -> path of a loop device over
+    ``content`` (padded with zeros to ``size``), or over random data."""
     if os.geteuid() != 0 or shutil.which("losetup") is None:
         pytest.skip("loop devices need root and losetup")
     attached = []
 
-    def make(size):
+    def make(size, content=None):
         backing = tmp_path / f"backing-{len(attached)}.raw"
-        backing.write_bytes(os.urandom(size))
+        if content is None:
+            content = os.urandom(size)
+        backing.write_bytes(content.ljust(size, b"\0"))
         run = subprocess.run(["losetup", "--find", "--show", str(backing)],
                              capture_output=True, text=True)
         if run.returncode != 0:

@@ -12,6 +12,7 @@ import re
 import sys
 
 from diskferry import client
+from diskferry.client import imageformat
 from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS
 
 UPLOAD_EPILOG = """\
@@ -19,9 +20,19 @@ example:
   diskferry upload --cafile ca.pem disk.raw \\
       https://host.example.com:54322/images/0f6c7e4a-5b1e-4c8e-9d2f-3a1b2c3d4e5f
 
+FILE must be a raw disk image (or a block device holding one). Its format
+is probed first (qemu-img info, or its magic bytes without qemu-img): a
+qcow2, vmdk, vdi, vhdx, qed, vhd, luks, OVA/tar or compressed file is
+refused with exit status 2 before anything is sent. Convert it with
+  qemu-img convert -O raw disk.qcow2 disk.raw
+or pass --format raw to upload its bytes as they are.
+
 On the server's host the transfer switches to the server's UNIX socket by
 itself (see --unix). Holes of a sparse source are not sent.
 """
+
+#: Exit status of a refused argument, as argparse uses for usage errors.
+EXIT_USAGE = 2
 
 DOWNLOAD_EPILOG = """\
 example:
@@ -96,11 +107,16 @@ def register(subparsers):
     up = subparsers.add_parser(
         "upload", help="upload a local raw image to a transfer URL",
         description="Upload a local raw file or block device to a transfer "
-                    "URL (https://HOST:PORT/images/TICKET).",
+                    "URL (https://HOST:PORT/images/TICKET). Sources in "
+                    "other formats are refused.",
         epilog=UPLOAD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("file", metavar="FILE", help="raw image or block device")
     up.add_argument("url", metavar="URL", help="transfer URL")
+    up.add_argument(
+        "--format", metavar="FORMAT",
+        help="format of FILE; only raw for now: upload FILE's bytes as they "
+             "are, without probing (default: probe FILE, refuse all but raw)")
     _add_common(up)
     up.set_defaults(func=run_upload)
 
@@ -118,14 +134,15 @@ def register(subparsers):
 
 
 def run_upload(args):
-    return _run(args, "upload", client.upload, args.file, args.url)
+    return _run(args, "upload", client.upload, args.file, args.url,
+                format=args.format)
 
 
 def run_download(args):
     return _run(args, "download", client.download, args.url, args.file)
 
 
-def _run(args, command, copy, src, dst):
+def _run(args, command, copy, src, dst, **options):
     _setup_logging(args)
     bar = None if args.quiet or not sys.stderr.isatty() else ProgressBar(command)
     try:
@@ -135,7 +152,14 @@ def _run(args, command, copy, src, dst):
             timeout=client.Timeout(args.connect_timeout, args.read_timeout),
             retry=client.Retry(total=max(0, args.retries)),
             progress=bar.update if bar is not None else None,
-            on_start=bar.start if bar is not None else None)
+            on_start=bar.start if bar is not None else None, **options)
+    except client.UnsupportedFormat as e:
+        if bar is not None:
+            bar.close()
+        message = (imageformat.refusal(e.path, e.probe, "--format raw")
+                   if isinstance(e.probe, imageformat.Probe) else str(e))
+        print(f"diskferry {command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
     except (client.ClientError, OSError, ValueError) as e:
         if bar is not None:
             bar.close()

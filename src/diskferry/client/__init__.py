@@ -8,7 +8,8 @@ first, each usable alone:
   locality, the switch to the server's UNIX socket, and the images API
   as methods (read, write, zero, flush, extents, checksum).
 - ``upload()`` / ``download()`` (``copy``): whole raw images, in
-  parallel, sparse-aware, with retries and progress.
+  parallel, sparse-aware, with retries and progress. An upload refuses
+  a source that is not raw (``imageformat``) before it sends anything.
 
 Policies (``Timeout``, ``Retry``) are immutable values; errors derive
 from ``ClientError``.
@@ -24,6 +25,7 @@ from diskferry.client.errors import (
     TransferError,
     TunnelNotSupported,
     UnixSocketUnavailable,
+    UnsupportedFormat,
     UnsupportedOperation,
 )
 from diskferry.client.policy import Retry, Timeout
@@ -46,6 +48,7 @@ __all__ = [
     "TunnelNotSupported",
     "UnixHTTPConnection",
     "UnixSocketUnavailable",
+    "UnsupportedFormat",
     "UnsupportedOperation",
     "download",
     "open",

@@ -25,7 +25,7 @@ import time
 from collections import namedtuple
 
 from diskferry.client import extents as _extents
-from diskferry.client import localfile, session
+from diskferry.client import imageformat, localfile, session
 from diskferry.client.connection import BUFFER_SIZE
 from diskferry.client.errors import ConnectionFailed, TransferError
 from diskferry.client.policy import Retry, Timeout
@@ -181,8 +181,13 @@ def _open_connections(sess, count):
 def upload(path, url, *, workers=DEFAULT_WORKERS,
            request_size=DEFAULT_REQUEST_SIZE, cafile=None, secure=True,
            unix="auto", timeout=Timeout(), retry=Retry(), progress=None,
-           on_start=None):
+           on_start=None, format=None):
     """Upload local raw file or block device ``path`` to transfer ``url``.
+
+    ``format`` None probes the source first (``imageformat``) and raises
+    ``UnsupportedFormat`` before any request when it is not raw: its bytes
+    would be a container, not a disk. ``format="raw"`` uploads the bytes
+    as they are; other formats are not supported yet.
 
     Holes of the source are zeroed with PATCH zero, except where the
     destination already reads zeros (its extents say so). ``progress(n)``
@@ -193,6 +198,11 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
     report = _Progress(progress)
     src = localfile.open_source(path)
     try:
+        found = imageformat.check_source(os.fsdecode(path), src.fd, src.size,
+                                         format)
+        if found is not None:
+            log.debug("%s: %s (by %s%s)", path, found.format, found.by,
+                      f"; {found.detail}" if found.detail else "")
         with session.open(url, "w", cafile=cafile, secure=secure, unix=unix,
                           timeout=timeout, buffer_size=request_size) as sess:
             size = sess.size()

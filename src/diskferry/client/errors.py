@@ -74,3 +74,21 @@ class TransferError(ClientError):
     def __init__(self, message, offset):
         super().__init__(f"{message} (at offset {offset})")
         self.offset = offset
+
+
+class UnsupportedFormat(ClientError):
+    """Raised before an upload sends anything when its source is not raw
+    (an upload would write the container into the disk) or a format was
+    asked for that the client cannot convert.
+
+    ``path`` is the source, ``format`` the format found or asked for,
+    ``probe`` what probing found (an ``imageformat.Probe``, or None when
+    nothing was probed).
+    """
+
+    def __init__(self, message: str, *, path: str, format: str,
+                 probe: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.format = format
+        self.probe = probe
