@@ -229,7 +229,15 @@ def test_unreachable_export_is_a_server_error(daemons, tmp_path):
     assert b"Cannot open" in body
 
 
-def test_server_killed_midway_then_back(daemons, tmp_path):
+def connect(srv, transport):
+    """TLS goes through the buffer, the local socket through pipes."""
+    if transport == "tls":
+        return srv.remote_connection()
+    return srv.local_connection()
+
+
+@pytest.mark.parametrize("transport", ["tls", "local"])
+def test_server_killed_midway_then_back(daemons, tmp_path, transport):
     """An NBD server that dies mid-request fails that request (never a
     short success); once it is back, the same ticket serves again."""
     srv = daemons.get("diskferry")
@@ -241,7 +249,7 @@ def test_server_killed_midway_then_back(daemons, tmp_path):
         "qemu-nbd", disk, sock=sock, read_only=True)
     try:
         t = add_nbd_ticket(srv, export, size=len(data))
-        con = srv.remote_connection()
+        con = connect(srv, transport)
         con.request("GET", f"/images/{t['uuid']}")
         res = con.getresponse()
         assert res.status == 200
@@ -256,7 +264,7 @@ def test_server_killed_midway_then_back(daemons, tmp_path):
         export.stop()
     with nbd_servers.start_export("qemu-nbd", disk, sock=sock,
                                   read_only=True):
-        con = srv.remote_connection()
+        con = connect(srv, transport)
         con.request("GET", f"/images/{t['uuid']}",
                     headers={"Range": f"bytes={32 * MiB}-{33 * MiB - 1}"})
         res = con.getresponse()
@@ -264,3 +272,45 @@ def test_server_killed_midway_then_back(daemons, tmp_path):
         con.close()
     assert res.status == 206
     assert body == data[32 * MiB:33 * MiB]
+
+
+@pytest.mark.parametrize("transport", ["tls", "local"])
+def test_server_killed_during_put_is_not_acknowledged(daemons, tmp_path,
+                                                      transport):
+    """The PUT is never answered 200; the daemon serves the next request
+    once the export is back."""
+    srv = daemons.get("diskferry")
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(bytes(64 * MiB))
+    sock = str(tmp_path / "export.sock")
+    export = nbd_servers.start_export("qemu-nbd", disk, sock=sock)
+    status = None
+    try:
+        t = add_nbd_ticket(srv, export, size=64 * MiB, ops=("read", "write"))
+        con = connect(srv, transport)
+        con.putrequest("PUT", f"/images/{t['uuid']}")
+        con.putheader("Content-Length", str(64 * MiB))
+        con.endheaders()
+        con.send(os.urandom(8 * MiB))
+        export.kill()
+        try:
+            for _ in range(56):
+                con.send(os.urandom(MiB))
+            status = con.getresponse().status
+        except (OSError, http.client.HTTPException):
+            pass  # the daemon closed the connection
+        con.close()
+    finally:
+        export.stop()
+    assert status != 200
+    with nbd_servers.start_export("qemu-nbd", disk, sock=sock):
+        con = connect(srv, transport)
+        con.request("PUT", f"/images/{t['uuid']}", body=b"x" * 4096,
+                    headers={"Content-Range": "bytes 4096-8191/*"})
+        res = con.getresponse()
+        res.read()
+        con.close()
+    assert res.status == 200
+    with open(disk, "rb") as f:
+        f.seek(4096)
+        assert f.read(4096) == b"x" * 4096

@@ -11,7 +11,7 @@ import errno
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,22 +55,6 @@ MiB = 1 << 20
 CANARY = 0xA5
 
 MakeServer = Callable[..., FakeServer]
-
-
-@pytest.fixture
-def fake(tmp_path: Path) -> Iterator[MakeServer]:
-    made: list[FakeServer] = []
-
-    def make(**kwargs: Any) -> FakeServer:
-        srv = FakeServer(tmp_path / f"fake{len(made)}.sock", **kwargs)
-        made.append(srv)
-        return srv
-
-    yield make
-    for srv in made:
-        srv.close()
-    for srv in made:
-        assert not srv.errors, srv.errors
 
 
 @pytest.fixture(params=["compact", "extended"])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 from urllib.parse import SplitResult
 
 from diskferry.extent import Extent
+from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
     from diskferry.config import Config
@@ -63,6 +64,16 @@ class Backend(Protocol):
 
     def fileno(self) -> int | None:
         """A descriptor for ``sendfile``/``splice``, or None if there is none."""
+
+    #: True when ``read_to_pipe``/``write_from_pipe`` work: the storage is
+    #: behind a socket whose data the kernel can splice (an NBD export).
+    can_splice: bool
+
+    def read_to_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
+        """Fill ``pipe`` with ``length`` (at most ``pipe.size``) bytes."""
+
+    def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
+        """Write the ``length`` bytes ``pipe`` holds at ``offset``."""
 
     def close(self) -> None:
         """Release the backend's resources."""

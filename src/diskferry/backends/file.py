@@ -223,6 +223,15 @@ class FileBackend:
             pos = hole
         return result
 
+    # A file is spliced through its descriptor (``fileno``), not by these.
+    can_splice = False
+
+    def read_to_pipe(self, pipe, offset, length):
+        raise NotAvailable("splice through fileno()")
+
+    def write_from_pipe(self, pipe, offset, length):
+        raise NotAvailable("splice through fileno()")
+
     def dirty_extents(self, start, length):
         raise NotAvailable(f"{self.path} has no dirty bitmap")
 

@@ -80,6 +80,14 @@ class MemoryBackend:
             offset = chunk_end
         return result
 
+    can_splice = False
+
+    def read_to_pipe(self, pipe, offset, length):
+        raise NotAvailable("a memory image has no socket to splice")
+
+    def write_from_pipe(self, pipe, offset, length):
+        raise NotAvailable("a memory image has no socket to splice")
+
     def dirty_extents(self, start, length):
         raise NotAvailable("a memory image has no dirty bitmap")
 

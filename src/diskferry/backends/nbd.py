@@ -6,10 +6,12 @@ UUID.sock``); this backend is how such a ticket is served. Each client
 connection gets its own NBD connection, opened on first use and kept
 while the HTTP connection lives.
 
-- Data goes through one buffer: an HTTP body is received into the
-  connection's buffer and NBD WRITE is sent from it; an NBD READ payload
-  lands in the buffer the HTTP body is sent from. There is no descriptor
-  for ``sendfile`` or ``splice``.
+- On a plain socket (UNIX, TCP) data is spliced: an NBD READ reply's
+  payload goes from the NBD socket into a pipe and from the pipe to the
+  client, an HTTP body from the client into a pipe and from the pipe into
+  an NBD WRITE, and never enters the process. With TLS it goes through
+  one buffer: the body is received into the buffer NBD WRITE is sent
+  from, and NBD READ lands in the buffer the body is sent from.
 - ``max_readers``/``max_writers`` follow ``NBD_FLAG_CAN_MULTI_CONN``: 8
   when the server says connections see each other's writes and flushes,
   else 1 (qemu-nbd offers it only with ``--shared`` above 1).
@@ -25,11 +27,13 @@ while the HTTP connection lives.
 
 import logging
 import urllib.parse
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
 from diskferry.backends.base import BackendKind, Extent
 from diskferry.errors import BackendError, NotAvailable
+from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
     from diskferry.config import Config
@@ -78,6 +82,7 @@ class NbdBackend:
                 self._client = _connect(url, None)
         else:
             self._client = _connect(url, None)
+        self.can_splice = self._client.can_splice
         connections = (MULTI_CONN_CONNECTIONS if self._client.can_multi_conn
                        else 1)
         self.max_readers = self.max_writers = connections
@@ -116,6 +121,19 @@ class NbdBackend:
 
     def fileno(self) -> None:
         return None
+
+    def read_to_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
+        for pos, count in self._pieces(offset, length):
+            self._client.readinto_pipe(pipe.w, pos, count)
+
+    def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
+        for pos, count in self._pieces(offset, length):
+            self._client.write_from_pipe(pipe.r, pos, count)
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
+        step = self._client.max_payload
+        for pos in range(offset, offset + length, step):
+            yield pos, min(step, offset + length - pos)
 
     def close(self) -> None:
         self._client.close()

@@ -5,6 +5,7 @@ it for its next requests; the ticket counts the connection while it does.
 Closing the connection, or canceling the ticket, releases the backend.
 """
 
+import contextlib
 import logging
 import mmap
 import threading
@@ -80,6 +81,26 @@ def connection_pipe(request):
     if pipe is None:
         pipe = request.context["pipe"] = Pipe()
     return pipe
+
+
+#: Pipes a spliced NBD request uses: one being sent or received, the
+#: others filled ahead or written behind (see ``overlap``).
+REQUEST_PIPES = 3
+
+
+@contextlib.contextmanager
+def request_pipes():
+    """Pipes for one request, closed after it: a connection keeps none, so
+    idle connections hold no pipe descriptors, and a failed request
+    leaves none holding its bytes."""
+    pipes = []
+    try:
+        for _ in range(REQUEST_PIPES):
+            pipes.append(Pipe())
+        yield pipes
+    finally:
+        for pipe in pipes:
+            pipe.close()
 
 
 def discard_pipe(context):

@@ -2,9 +2,10 @@
 
 The data path: on plain sockets (UNIX, TCP) GET sends file ranges with
 ``sendfile`` and PUT splices the body from the socket into the file;
-with TLS, O_DIRECT or a backend without a descriptor (NBD) both go
-through the connection's aligned buffer, the backend's side of the copy
-overlapped with the connection's (``overlap``).
+an NBD backend splices between its socket and the client's through
+pipes; with TLS or O_DIRECT both go through the connection's aligned
+buffer. The backend's side of a copy overlaps the connection's
+(``overlap``).
 Each request checks between chunks whether its ticket was canceled.
 """
 
@@ -17,6 +18,7 @@ from diskferry.handlers.context import (
     connection_pipe,
     discard_pipe,
     open_image,
+    request_pipes,
 )
 from diskferry.handlers.jsonbody import field, read_json, send_json
 from diskferry.http import parse
@@ -103,6 +105,10 @@ class ImageHandler:
             fd = backend.fileno() if conn.zero_copy else None
             if fd is not None:
                 self._send_file(conn, fd, op, offset, length)
+            elif conn.zero_copy and backend.can_splice:
+                with request_pipes() as pipes:
+                    overlap.send_spliced(conn, backend, pipes, op, offset,
+                                         length)
             else:
                 self._send_buffered(request, backend, op, offset, length)
 
@@ -141,6 +147,10 @@ class ImageHandler:
             if fd is not None:
                 self._receive_spliced(request, backend, fd, op, offset,
                                       length)
+            elif conn.zero_copy and backend.can_splice:
+                with request_pipes() as pipes:
+                    overlap.receive_spliced(conn, backend, pipes, op, offset,
+                                            length)
             else:
                 self._receive_buffered(request, backend, op, offset, length)
             if flush:

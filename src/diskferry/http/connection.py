@@ -224,6 +224,22 @@ class Connection:
             done += n
         return done
 
+    def splice_body_to_pipe(self, pipe, count):
+        """Move the next ``count`` body bytes into ``pipe`` (at most its
+        capacity), for a consumer that splices them on (an NBD WRITE)."""
+        self._send_continue()
+        done = 0
+        if self._buf:
+            head = bytes(self._buf[:count])
+            del self._buf[:len(head)]
+            _write_all(pipe.w, head)
+            done = len(head)
+            self.body_left -= done
+        sockfd = self.sock.fileno()
+        while done < count:
+            done += self._receive_body(os.splice, sockfd, pipe.w, count - done)
+        return done
+
     def read_body(self, limit):
         """The whole body as bytes, for small (JSON) bodies."""
         if self.body_left > limit:
@@ -301,6 +317,18 @@ class Connection:
             count -= n
             self._response_left -= n
 
+    def send_pipe(self, pipe, count):
+        """Send ``count`` bytes the read end of ``pipe`` holds, in the
+        kernel (a pipe filled from another socket: an NBD reply)."""
+        sockfd = self.sock.fileno()
+        while count:
+            try:
+                n = os.splice(pipe.r, sockfd, count)
+            except PEER_ERRORS as e:
+                raise ConnectionGone(f"Sending failed: {e}") from e
+            count -= n
+            self._response_left -= n
+
     @property
     def response_complete(self):
         return self.response_started and self._response_left == 0
@@ -325,6 +353,12 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _pwrite_all(fd, data, offset):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import select
 import socket
 from collections import deque
@@ -67,6 +68,7 @@ from .protocol import (
     Handshake,
     HandshakeConfig,
     HandshakeState,
+    PipeTarget,
     Request,
     Transmission,
     TxFlag,
@@ -109,6 +111,10 @@ Handle = Request
 ANY_BITMAP: Literal[True] = True
 
 _WRITES = frozenset((Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM))
+
+
+#: Zeros written per call into a pipe for a hole.
+ZEROS_SIZE = 1024 * 1024
 
 
 @functools.lru_cache(maxsize=4)
@@ -214,6 +220,14 @@ class Client:
     @property
     def can_multi_conn(self) -> bool:
         return self._flag(TxFlag.CAN_MULTI_CONN)
+
+    @property
+    def can_splice(self) -> bool:
+        """Whether reads can be spliced into a pipe: the data of a reply
+        must come in order, which NBD_CMD_FLAG_DF asks of a server that
+        sends structured replies (simple replies always do)."""
+        return (not self.info.structured_replies or
+                self._flag(TxFlag.SEND_DF))
 
     @property
     def block_size(self) -> tuple[int, int, int]:
@@ -377,6 +391,35 @@ class Client:
             )
         return result
 
+    # --- splicing: data between the socket and a pipe, in the kernel---------
+
+    def readinto_pipe(self, pipe: int, offset: int, length: int) -> None:
+        """Splice ``length`` bytes of the export at ``offset`` into the
+        write end of ``pipe``, which must have room for all of them; holes
+        become zeros. One request, at most ``max_payload`` bytes; needs
+        ``can_splice``. Raises RequestError if the read failed, after which
+        the pipe may hold part of the data."""
+        self._check_range(offset, length)
+        if length > self.max_payload:
+            raise ValueError(f"read of {length} bytes exceeds {self.max_payload}")
+        if not self.can_splice:
+            raise ValueError("the server cannot send unfragmented reads")
+        flags = CmdFlag.DF if self.info.structured_replies else 0
+        req = self._submit(Cmd.READ, offset, length, flags, pipe=pipe)
+        self.wait(req)
+
+    def write_from_pipe(self, pipe: int, offset: int, length: int) -> None:
+        """Send ``length`` bytes from the read end of ``pipe`` as one WRITE
+        at ``offset`` (at most ``max_payload``) and wait for its reply."""
+        self._check_writable()
+        self._check_range(offset, length)
+        if length > self.max_payload:
+            raise ValueError(f"write of {length} bytes exceeds {self.max_payload}")
+        req, header = self._tx.request(Cmd.WRITE, offset, length)
+        self._send(header, None)
+        self._splice_out(pipe, length)
+        self.wait(req)
+
     # --- lower level: overlap with other I/O----------------------------------
 
     def submit_read(self, buf: Buffer, offset: int) -> Handle:
@@ -486,9 +529,11 @@ class Client:
         flags: int = 0,
         buffer: memoryview | None = None,
         payload: memoryview | None = None,
+        pipe: int | None = None,
     ) -> Request:
         self._check_usable()
-        req, header = self._tx.request(command, offset, length, flags, buffer)
+        req, header = self._tx.request(command, offset, length, flags, buffer,
+                                       pipe)
         self._send(header, payload)
         return req
 
@@ -552,6 +597,9 @@ class Client:
                 need = tx.need()
                 if isinstance(need, int):
                     req = tx.received(self._recv_exact(need))
+                elif isinstance(need, PipeTarget):
+                    self._splice_in(need)
+                    req = tx.received(None)
                 else:
                     self._recv_into(need)
                     req = tx.received(None)
@@ -602,6 +650,51 @@ class Client:
             raise self._fail(ConnectionTimeout("server did not read in time")) from e
         except OSError as e:
             raise self._fail(ConnectionClosed(f"connection failed: {e}")) from e
+
+    def _splice_in(self, target: PipeTarget) -> None:
+        """Move a reply's data from the socket into a pipe (or zeros, for
+        a hole). The socket is non-blocking under its timeout: wait for
+        data, then splice what is there."""
+        left = target.count
+        try:
+            if target.zeros:
+                while left:
+                    left -= os.write(target.fd, _zeros(ZEROS_SIZE)[:left])
+                return
+            sockfd = self._sock.fileno()
+            while left:
+                try:
+                    n = os.splice(sockfd, target.fd, left)
+                except BlockingIOError:
+                    self._wait(select.POLLIN)
+                    continue
+                if n == 0:
+                    raise self._fail(ConnectionClosed("server closed the connection"))
+                left -= n
+        except TimeoutError as e:
+            raise self._fail(ConnectionTimeout("server did not answer in time")) from e
+        except OSError as e:
+            raise self._fail(ConnectionClosed(f"connection failed: {e}")) from e
+
+    def _splice_out(self, pipe: int, count: int) -> None:
+        """Move a WRITE's payload from a pipe into the socket."""
+        sockfd = self._sock.fileno()
+        try:
+            while count:
+                try:
+                    count -= os.splice(pipe, sockfd, count)
+                except BlockingIOError:
+                    self._wait_writable()
+        except TimeoutError as e:
+            raise self._fail(ConnectionTimeout("server did not read in time")) from e
+        except OSError as e:
+            raise self._fail(ConnectionClosed(f"connection failed: {e}")) from e
+
+    def _wait(self, events: int) -> None:
+        poller = select.poll()
+        poller.register(self._sock, events)
+        if not poller.poll(int(self._timeout * 1000)):
+            raise TimeoutError
 
     def _wait_writable(self) -> None:
         if not hasattr(self, "_tx"):

@@ -615,6 +615,17 @@ def _check_block_size(minimum: int, preferred: int, maximum: int) -> None:
 # --- transmission------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class PipeTarget:
+    """Where a READ's data goes when it is spliced, not copied: ``count``
+    bytes from the socket into pipe ``fd``, which takes them in order."""
+
+    fd: int
+    count: int
+    #: A hole: write ``count`` zeros into the pipe, read nothing.
+    zeros: bool = False
+
+
 @dataclass(eq=False, slots=True)
 class Request:
     """One command in flight and what its reply has said so far."""
@@ -625,6 +636,9 @@ class Request:
     length: int
     #: READ: the caller's destination, exactly ``length`` bytes.
     buffer: memoryview | None = None
+    #: READ into a pipe instead (sent with NBD_CMD_FLAG_DF): the data must
+    #: arrive in order, as one chunk or as chunks that follow each other.
+    pipe: int | None = None
     #: READ: sorted, disjoint (start, end) ranges already filled.
     ranges: list[tuple[int, int]] = field(default_factory=list)
     covered: int = 0
@@ -691,7 +705,8 @@ class Transmission:
         self.in_flight: dict[int, Request] = {}
         self._next_cookie = 1
         self._state = _R.HEADER
-        self._need: int | memoryview = _EXT_REPLY.size if self.extended else 16
+        self._need: int | memoryview | PipeTarget = (
+            _EXT_REPLY.size if self.extended else 16)
         self._head = b""
         self._req: Request | None = None
         self._chunk_flags = 0
@@ -709,10 +724,12 @@ class Transmission:
         length: int,
         flags: int = 0,
         buffer: memoryview | None = None,
+        pipe: int | None = None,
     ) -> tuple[Request, bytes]:
         if self.broken is not None:
             raise ProtocolError("connection is unusable") from self.broken
-        if command == Cmd.READ and (buffer is None or len(buffer) != length):
+        if command == Cmd.READ and pipe is None and (
+                buffer is None or len(buffer) != length):
             raise ValueError("a read needs a buffer of exactly its length")
         if command == Cmd.BLOCK_STATUS and not self.structured:
             raise ValueError("block status needs structured replies")
@@ -723,15 +740,16 @@ class Transmission:
         header = pack_request(
             command, flags, cookie, offset, length, extended=self.extended
         )
-        req = Request(cookie, command, offset, length, buffer)
+        req = Request(cookie, command, offset, length, buffer, pipe=pipe)
         if command != Cmd.DISC:
             self.in_flight[cookie] = req
         return req, header
 
     # -- replies
 
-    def need(self) -> int | memoryview:
-        """What to read next: a byte count, or a view to fill completely."""
+    def need(self) -> int | memoryview | PipeTarget:
+        """What to read next: a byte count, a view to fill completely, or
+        bytes to splice into a pipe."""
         return self._need
 
     def received(self, data: bytes | None) -> Request | None:
@@ -777,7 +795,7 @@ class Transmission:
         assert data is not None
         return self._on_payload(data)
 
-    def _expect(self, state: _R, need: int | memoryview) -> None:
+    def _expect(self, state: _R, need: int | memoryview | PipeTarget) -> None:
         self._state = state
         self._need = need
 
@@ -800,8 +818,11 @@ class Transmission:
             req.error = RequestError.from_wire(error)
             return self._complete(req)
         if req.command == Cmd.READ and req.length:
-            assert req.buffer is not None
             self._req = req
+            if req.pipe is not None:
+                self._expect(_R.SIMPLE_DATA, PipeTarget(req.pipe, req.length))
+                return None
+            assert req.buffer is not None
             self._expect(_R.SIMPLE_DATA, req.buffer)
             return None
         return self._complete(req)
@@ -868,14 +889,29 @@ class Transmission:
 
     def _on_data_offset(self, data: bytes) -> Request | None:
         req = self._req
-        assert req is not None and req.buffer is not None
+        assert req is not None
         (offset,) = _U64.unpack(data)
         size = self._chunk_len - 8
         start = offset - req.offset
+        if req.pipe is not None:
+            self._check_in_order(req, start)
+            self._claim(req, start, size)
+            self._expect(_R.DATA, PipeTarget(req.pipe, size))
+            return None
+        assert req.buffer is not None
         self._claim(req, start, size)
         self._data_range = (start, start + size)
         self._expect(_R.DATA, req.buffer[start : start + size])
         return None
+
+    @staticmethod
+    def _check_in_order(req: Request, start: int) -> None:
+        """A pipe takes bytes in order only; the read was sent with
+        NBD_CMD_FLAG_DF, so a server that fragments it broke the protocol."""
+        if start != req.covered:
+            raise ProtocolError(
+                f"chunk at {req.offset + start} out of order in a read sent "
+                f"with NBD_CMD_FLAG_DF")
 
     def _claim(self, req: Request, start: int, size: int) -> None:
         """Check a data or hole chunk lies inside the request and overlaps
@@ -915,6 +951,11 @@ class Transmission:
             if size == 0:
                 raise ProtocolError("hole chunk of zero length")
             start = offset - req.offset
+            if req.pipe is not None:
+                self._check_in_order(req, start)
+                self._claim(req, start, size)
+                self._expect(_R.DATA, PipeTarget(req.pipe, size, zeros=True))
+                return None
             self._claim(req, start, size)
             assert req.buffer is not None
             _zero_fill(req.buffer[start : start + size])
