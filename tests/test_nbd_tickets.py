@@ -314,3 +314,36 @@ def test_server_killed_during_put_is_not_acknowledged(daemons, tmp_path,
     with open(disk, "rb") as f:
         f.seek(4096)
         assert f.read(4096) == b"x" * 4096
+
+
+@pytest.mark.parametrize("transport", ["tls", "local"])
+def test_large_put_sent_in_small_pieces_then_get(daemons, tmp_path,
+                                                 transport):
+    """A body that arrives in many small packets fills a pipe's slots
+    with little data each: the spliced PUT must keep moving it (this hung
+    once, with a pipe expected to hold a whole chunk)."""
+    srv = daemons.get("diskferry")
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk,
+                    str(32 * MiB)], check=True)
+    data = os.urandom(24 * MiB + 4096)
+    with nbd_servers.start_export("qemu-nbd", disk, fmt="qcow2") as export:
+        t = add_nbd_ticket(srv, export, size=32 * MiB, ops=("read", "write"))
+        con = connect(srv, transport)
+        con.putrequest("PUT", f"/images/{t['uuid']}")
+        con.putheader("Content-Range", f"bytes 4096-{4096 + len(data) - 1}/*")
+        con.putheader("Content-Length", str(len(data)))
+        con.endheaders()
+        view = memoryview(data)
+        for pos in range(0, len(data), 1500):
+            con.send(view[pos:pos + 1500])
+        res = con.getresponse()
+        res.read()
+        assert res.status == 200
+        con.request("GET", f"/images/{t['uuid']}",
+                    headers={"Range": f"bytes=4096-{4096 + len(data) - 1}"})
+        res = con.getresponse()
+        body = res.read()
+        con.close()
+    assert res.status == 206
+    assert body == data

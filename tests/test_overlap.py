@@ -16,6 +16,7 @@ from diskferry.backends.memory import MemoryBackend
 from diskferry.errors import BackendError, ConnectionGone
 from diskferry.handlers import overlap
 
+MiB = 1 << 20
 SLOT = overlap.MIN_SLOT
 BUFFER = overlap.SLOTS * SLOT
 
@@ -161,3 +162,118 @@ def test_body_cut_short_writes_only_what_came(no_thread_left):
     written = backend.data
     assert written[:3 * BUFFER] == body[:3 * BUFFER]
     assert written[3 * BUFFER:] == bytes(len(body) - 3 * BUFFER)
+
+
+# --- through a pipe: the pipe is the queue between the two threads ----------
+
+PIPE_DATA = 3 * overlap.PIPE_CHUNK + 12345
+
+
+class PipeBackend:
+    """Writes (GET) or reads (PUT) the pipe as an NBD backend would."""
+
+    def __init__(self, data=b"", fail_at=None):
+        self.data = memoryview(data)
+        self.received = bytearray()
+        self.fail_at = fail_at
+
+    def read_to_pipe(self, pipe, offset, length):
+        pos = offset
+        while pos < offset + length:
+            if self.fail_at is not None and pos >= self.fail_at:
+                raise BackendError("EIO")
+            n = min(65536, offset + length - pos)
+            view = self.data[pos:pos + n]
+            while view:
+                view = view[os.write(pipe.w, view):]
+            pos += n
+
+    def write_from_pipe(self, pipe, offset, length):
+        while len(self.received) < length:
+            if self.fail_at is not None and len(self.received) >= self.fail_at:
+                raise BackendError("ENOSPC")
+            chunk = os.read(pipe.r, 65536)
+            if not chunk:
+                raise BackendError("the pipe ended early")
+            self.received += chunk
+
+
+class PipeConnection:
+    def __init__(self, body=b"", fail_at=None):
+        self.body = memoryview(body)
+        self.pos = 0
+        self.sent = bytearray()
+        self.fail_at = fail_at
+
+    def send_pipe(self, pipe, count):
+        while count:
+            if self.fail_at is not None and len(self.sent) >= self.fail_at:
+                raise ConnectionGone("client went away")
+            chunk = os.read(pipe.r, min(count, 65536))
+            if not chunk:
+                raise ConnectionGone("the pipe ended early")
+            self.sent += chunk
+            count -= len(chunk)
+
+    def splice_body_to_pipe(self, pipe, count):
+        if self.fail_at is not None and self.pos >= self.fail_at:
+            raise ConnectionGone("body cut short")
+        n = min(count, 65536)
+        written = os.write(pipe.w, self.body[self.pos:self.pos + n])
+        self.pos += written
+        return written
+
+
+@pytest.fixture
+def pipe():
+    from diskferry.pipe import Pipe
+
+    p = Pipe()
+    yield p
+    p.close()
+
+
+def test_send_spliced_streams_the_range(no_thread_left, pipe):
+    data = os.urandom(PIPE_DATA + 100)
+    conn, op = PipeConnection(), Op()
+    overlap.send_spliced(conn, PipeBackend(data), pipe, op, 100, PIPE_DATA)
+    assert bytes(conn.sent) == data[100:]
+    assert op.done == PIPE_DATA
+
+
+def test_send_spliced_backend_error_wins(no_thread_left, pipe):
+    data = os.urandom(PIPE_DATA)
+    with pytest.raises(BackendError, match="EIO"):
+        overlap.send_spliced(PipeConnection(), PipeBackend(data, fail_at=MiB),
+                             pipe, Op(), 0, PIPE_DATA)
+
+
+def test_send_spliced_client_gone_unblocks_the_worker(no_thread_left, pipe):
+    data = os.urandom(PIPE_DATA)
+    with pytest.raises(ConnectionGone, match="went away"):
+        overlap.send_spliced(PipeConnection(fail_at=MiB), PipeBackend(data),
+                             pipe, Op(), 0, PIPE_DATA)
+
+
+def test_receive_spliced_streams_the_body(no_thread_left, pipe):
+    body = os.urandom(PIPE_DATA)
+    backend, op = PipeBackend(), Op()
+    overlap.receive_spliced(PipeConnection(body), backend, pipe, op, 0,
+                            PIPE_DATA)
+    assert bytes(backend.received) == body
+    assert op.done == PIPE_DATA
+
+
+def test_receive_spliced_backend_error_wins(no_thread_left, pipe):
+    body = os.urandom(PIPE_DATA)
+    with pytest.raises(BackendError, match="ENOSPC"):
+        overlap.receive_spliced(PipeConnection(body),
+                                PipeBackend(fail_at=2 * MiB), pipe, Op(), 0,
+                                PIPE_DATA)
+
+
+def test_receive_spliced_body_cut_unblocks_the_worker(no_thread_left, pipe):
+    body = os.urandom(PIPE_DATA)
+    with pytest.raises((ConnectionGone, BackendError)):
+        overlap.receive_spliced(PipeConnection(body, fail_at=MiB),
+                                PipeBackend(), pipe, Op(), 0, PIPE_DATA)

@@ -23,13 +23,28 @@ class Pipe:
     it rather than reuse it.
     """
 
-    def __init__(self):
+    r: int | None
+    w: int | None
+
+    def __init__(self) -> None:
         self.r, self.w = os.pipe2(os.O_CLOEXEC)
         try:
             self.size = fcntl.fcntl(self.w, F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             self.size = 64 * 1024  # the kernel's default capacity
 
-    def close(self):
-        os.close(self.r)
-        os.close(self.w)
+    def close_read(self) -> None:
+        """Close the read end: a writer blocked on a full pipe gets EPIPE."""
+        if self.r is not None:
+            os.close(self.r)
+            self.r = None
+
+    def close_write(self) -> None:
+        """Close the write end: a reader of an empty pipe gets end of file."""
+        if self.w is not None:
+            os.close(self.w)
+            self.w = None
+
+    def close(self) -> None:
+        self.close_read()
+        self.close_write()

@@ -70,10 +70,12 @@ class Backend(Protocol):
     can_splice: bool
 
     def read_to_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
-        """Fill ``pipe`` with ``length`` (at most ``pipe.size``) bytes."""
+        """Splice ``length`` bytes at ``offset`` into ``pipe``, while
+        another thread drains it."""
 
     def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
-        """Write the ``length`` bytes ``pipe`` holds at ``offset``."""
+        """Write ``length`` bytes at ``offset`` spliced from ``pipe``, while
+        another thread fills it."""
 
     def close(self) -> None:
         """Release the backend's resources."""

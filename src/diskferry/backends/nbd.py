@@ -21,13 +21,13 @@ while the HTTP connection lives.
   extents come from the export's ``qemu:dirty-bitmap:`` context, for
   tickets with ``"dirty": true``.
 - Flush: ``NBD_CMD_FLUSH``, which covers every connection of a
-  multi-conn export; a server without flush has nothing to flush, and
-  that is logged once per connection.
+  multi-conn export. A server that offers no flush says its writes need
+  none (the NBD spec's meaning of a missing ``SEND_FLUSH``); that is
+  logged once per connection.
 """
 
 import logging
 import urllib.parse
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
@@ -107,7 +107,8 @@ class NbdBackend:
 
     def flush(self) -> None:
         if not self._client.can_flush and not self._flush_logged:
-            log.info("%s cannot flush: nothing to make durable", self.url)
+            log.info("%s offers no flush: its writes are durable as they "
+                     "are acknowledged, or not at all", self.url)
             self._flush_logged = True
         self._client.flush()
 
@@ -123,17 +124,12 @@ class NbdBackend:
         return None
 
     def read_to_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
-        for pos, count in self._pieces(offset, length):
-            self._client.readinto_pipe(pipe.w, pos, count)
+        assert pipe.w is not None
+        self._client.readinto_pipe(pipe.w, offset, length)
 
     def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
-        for pos, count in self._pieces(offset, length):
-            self._client.write_from_pipe(pipe.r, pos, count)
-
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int]]:
-        step = self._client.max_payload
-        for pos in range(offset, offset + length, step):
-            yield pos, min(step, offset + length - pos)
+        assert pipe.r is not None
+        self._client.write_from_pipe(pipe.r, offset, length)
 
     def close(self) -> None:
         self._client.close()

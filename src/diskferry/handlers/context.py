@@ -83,24 +83,16 @@ def connection_pipe(request):
     return pipe
 
 
-#: Pipes a spliced NBD request uses: one being sent or received, the
-#: others filled ahead or written behind (see ``overlap``).
-REQUEST_PIPES = 3
-
-
 @contextlib.contextmanager
-def request_pipes():
-    """Pipes for one request, closed after it: a connection keeps none, so
-    idle connections hold no pipe descriptors, and a failed request
-    leaves none holding its bytes."""
-    pipes = []
+def request_pipe():
+    """A pipe for one spliced request, closed after it: a connection keeps
+    none, so idle connections hold no pipe descriptors, and a failed
+    request leaves none holding its bytes."""
+    pipe = Pipe()
     try:
-        for _ in range(REQUEST_PIPES):
-            pipes.append(Pipe())
-        yield pipes
+        yield pipe
     finally:
-        for pipe in pipes:
-            pipe.close()
+        pipe.close()
 
 
 def discard_pipe(context):

@@ -18,7 +18,7 @@ from diskferry.handlers.context import (
     connection_pipe,
     discard_pipe,
     open_image,
-    request_pipes,
+    request_pipe,
 )
 from diskferry.handlers.jsonbody import field, read_json, send_json
 from diskferry.http import parse
@@ -106,8 +106,8 @@ class ImageHandler:
             if fd is not None:
                 self._send_file(conn, fd, op, offset, length)
             elif conn.zero_copy and backend.can_splice:
-                with request_pipes() as pipes:
-                    overlap.send_spliced(conn, backend, pipes, op, offset,
+                with request_pipe() as pipe:
+                    overlap.send_spliced(conn, backend, pipe, op, offset,
                                          length)
             else:
                 self._send_buffered(request, backend, op, offset, length)
@@ -148,8 +148,8 @@ class ImageHandler:
                 self._receive_spliced(request, backend, fd, op, offset,
                                       length)
             elif conn.zero_copy and backend.can_splice:
-                with request_pipes() as pipes:
-                    overlap.receive_spliced(conn, backend, pipes, op, offset,
+                with request_pipe() as pipe:
+                    overlap.receive_spliced(conn, backend, pipe, op, offset,
                                             length)
             else:
                 self._receive_buffered(request, backend, op, offset, length)

@@ -1,26 +1,32 @@
 """Moving a request's data between connection and backend, both at once.
 
 Where the kernel cannot move the data by itself (``sendfile`` from a
-file), it goes through slots: parts of the connection's buffer (TLS,
-``O_DIRECT``, NBD), or pipes that an NBD reply is spliced into and the
-connection splices out of (NBD on a plain socket: the data never enters
-the process). Done in turn, each side waits while the other works: the
-NBD server is idle while a chunk goes to the client, and the client
-while the next chunk is read. Here a worker thread does the backend's
-half of the copy on one slot while the request's thread does the
-connection's half on another::
+file), a worker thread does the backend's half of the copy while the
+request's thread does the connection's half. Done in turn, each side
+would wait while the other works: the NBD server idle while a chunk goes
+to the client, the client while the next chunk is read.
+
+Through memory (TLS, ``O_DIRECT``, NBD under TLS) the connection's
+buffer is cut into slots, each owned by one thread at a time and handed
+over through two queues::
 
     request thread                   worker thread
     GET  send slot k to the client   fill slots k+1.. from the backend
     PUT  receive slot k+1            write slot k to the backend
 
-Each slot is owned by one thread at a time, handed over through two
-queues; nothing is copied twice. The worker alone uses the backend while
-the request runs and has ended before the request returns, so a backend
-still serves one thread at a time, and a flush after a PUT follows every
-write. An error on either side stops both, and the worker's error is
-raised in the request's thread. A request that fits in one slot is
-copied in turn, without a thread.
+Through a pipe (NBD on a plain socket: the data never enters the
+process) the pipe itself is the queue: the worker splices NBD replies
+into it while the request's thread splices it to the client (GET), or
+the request's thread splices the body into it while the worker splices
+it into NBD WRITEs (PUT). A side that fails closes its end of the pipe,
+so the other never waits on it forever.
+
+The worker alone uses the backend while the request runs and has ended
+before the request returns, so a backend still serves one thread at a
+time, and a flush after a PUT follows every write. An error on either
+side stops both, and the worker's error is raised in the request's
+thread. A request that fits in one slot is copied in turn, without a
+thread.
 """
 
 import queue
@@ -38,6 +44,9 @@ SLOTS = 4
 #: The smallest slot worth a thread; also the alignment of slots, which
 #: O_DIRECT needs.
 MIN_SLOT = 64 * 1024
+
+#: Bytes moved through a pipe between cancellation checks.
+PIPE_CHUNK = 8 * 1024 * 1024
 
 Slot = TypeVar("Slot")
 
@@ -93,11 +102,20 @@ def send(conn: Connection, backend: Storage, buf: memoryview, op: Operation,
     _read_ahead(slots, len(slots[0]), fill, drain, op, offset, length)
 
 
-def send_spliced(conn: Connection, backend: Storage, pipes: Sequence[Pipe],
+def send_spliced(conn: Connection, backend: Storage, pipe: Pipe,
                  op: Operation, offset: int, length: int) -> None:
-    """``send`` through pipes: backend -> pipe -> connection in the kernel."""
-    _read_ahead(pipes, pipes[0].size, backend.read_to_pipe, conn.send_pipe,
-                op, offset, length)
+    """``send`` through a pipe: backend -> pipe -> connection."""
+    def work() -> None:
+        backend.read_to_pipe(pipe, offset, length)
+
+    def run() -> None:
+        for pos in range(offset, offset + length, PIPE_CHUNK):
+            op.check()
+            count = min(PIPE_CHUNK, offset + length - pos)
+            conn.send_pipe(pipe, count)
+            op.done += count
+
+    _stream(work, pipe.close_write, run, pipe.close_read)
 
 
 def receive(conn: Connection, backend: Storage, buf: memoryview,
@@ -113,11 +131,59 @@ def receive(conn: Connection, backend: Storage, buf: memoryview,
     _write_behind(slots, len(slots[0]), fill, drain, op, offset, length)
 
 
-def receive_spliced(conn: Connection, backend: Storage, pipes: Sequence[Pipe],
+def receive_spliced(conn: Connection, backend: Storage, pipe: Pipe,
                     op: Operation, offset: int, length: int) -> None:
-    """``receive`` through pipes: connection -> pipe -> backend."""
-    _write_behind(pipes, pipes[0].size, conn.splice_body_to_pipe,
-                  backend.write_from_pipe, op, offset, length)
+    """``receive`` through a pipe: connection -> pipe -> backend."""
+    def work() -> None:
+        backend.write_from_pipe(pipe, offset, length)
+
+    def run() -> None:
+        for pos in range(offset, offset + length, PIPE_CHUNK):
+            op.check()
+            count = min(PIPE_CHUNK, offset + length - pos)
+            done = 0
+            while done < count:
+                done += conn.splice_body_to_pipe(pipe, count - done)
+            op.done += count
+
+    _stream(work, pipe.close_read, run, pipe.close_write)
+
+
+def _stream(work: Callable[[], None], close_work_end: Callable[[], None],
+            run: Callable[[], None], close_run_end: Callable[[], None]) -> None:
+    """Run ``work`` in a thread and ``run`` here, each on its end of a pipe.
+
+    A side that fails closes its end, which ends the other's wait on the
+    pipe (end of file, or EPIPE). The error raised is the first side's:
+    the other's is only its consequence.
+    """
+    failed: list[BaseException] = []
+    stopped = threading.Event()
+
+    def guarded() -> None:
+        try:
+            work()
+        except BaseException as e:
+            if not stopped.is_set():
+                failed.append(e)  # before closing: it is the cause
+        finally:
+            close_work_end()
+
+    worker = threading.Thread(target=guarded, name="overlap", daemon=True)
+    worker.start()
+    try:
+        run()
+    except BaseException:
+        if not failed:
+            stopped.set()
+        close_run_end()
+        worker.join()
+        if failed:
+            raise failed[0] from None
+        raise
+    worker.join()
+    if failed:
+        raise failed[0]
 
 
 def _read_ahead(slots: Sequence[Slot], chunk: int,

@@ -42,6 +42,7 @@ from diskferry.errors import (
     ConnectionGone,
     HeadersTooLarge,
     RequestTimeout,
+    ServerError,
 )
 from diskferry.http import parse
 
@@ -326,6 +327,9 @@ class Connection:
                 n = os.splice(pipe.r, sockfd, count)
             except PEER_ERRORS as e:
                 raise ConnectionGone(f"Sending failed: {e}") from e
+            if n == 0:
+                raise ServerError(f"The image's data ended {count} bytes "
+                                  f"early")
             count -= n
             self._response_left -= n
 

@@ -44,7 +44,7 @@ import select
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from diskferry.extent import Extent
 
@@ -116,10 +116,26 @@ _WRITES = frozenset((Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM))
 #: Zeros written per call into a pipe for a hole.
 ZEROS_SIZE = 1024 * 1024
 
+#: Bytes per READ spliced into a pipe. Those reads go one at a time (the
+#: pipe takes bytes in order), so larger ones pay fewer round trips.
+SPLICE_READ_SIZE = 4 * 1024 * 1024
+
 
 @functools.lru_cache(maxsize=4)
 def _zeros(size: int) -> memoryview:
     return memoryview(bytes(size))
+
+
+class _Command(NamedTuple):
+    """One request of a pipelined run (``Client._submit``'s arguments)."""
+
+    command: int
+    offset: int
+    length: int
+    flags: int = 0
+    buffer: memoryview | None = None
+    payload: memoryview | None = None
+    pipe: int | None = None
 
 
 class Client:
@@ -175,6 +191,8 @@ class Client:
         self.request_size = max(align, min(request_size, self.max_payload))
         self.request_size -= self.request_size % align
         self.queue_depth = queue_depth
+        self.splice_read_size = max(
+            align, min(SPLICE_READ_SIZE, self.max_payload) // align * align)
         if info.extended_headers:
             self._effect_max = EXTENDED_EFFECT_MAX
             self._status_max = EXTENDED_STATUS_MAX
@@ -262,14 +280,8 @@ class Client:
         self._check_range(offset, len(view))
         step = self.request_size
         self._pipeline(
-            (
-                Cmd.READ,
-                offset + pos,
-                min(step, len(view) - pos),
-                0,
-                view[pos : pos + step],
-                None,
-            )
+            _Command(Cmd.READ, offset + pos, min(step, len(view) - pos),
+                     buffer=view[pos : pos + step])
             for pos in range(0, len(view), step)
         )
 
@@ -281,14 +293,8 @@ class Client:
         flags, flush_after = self._fua(fua)
         step = self.request_size
         self._pipeline(
-            (
-                Cmd.WRITE,
-                offset + pos,
-                min(step, len(view) - pos),
-                flags,
-                None,
-                view[pos : pos + step],
-            )
+            _Command(Cmd.WRITE, offset + pos, min(step, len(view) - pos), flags,
+                     payload=view[pos : pos + step])
             for pos in range(0, len(view), step)
         )
         if flush_after:
@@ -312,7 +318,7 @@ class Client:
         if not self.can_zero:
             zeros = _zeros(self.request_size)
             self._pipeline(
-                (Cmd.WRITE, pos, n, 0, None, zeros[:n])
+                _Command(Cmd.WRITE, pos, n, payload=zeros[:n])
                 for pos, n in self._split(offset, length, self.request_size)
             )
             return
@@ -320,7 +326,7 @@ class Client:
         if fast:
             flags |= CmdFlag.FAST_ZERO
         self._pipeline(
-            (Cmd.WRITE_ZEROES, pos, n, flags, None, None)
+            _Command(Cmd.WRITE_ZEROES, pos, n, flags)
             for pos, n in self._split(offset, length, self._effect_max)
         )
 
@@ -332,7 +338,7 @@ class Client:
         if not self.can_trim:
             return
         self._pipeline(
-            (Cmd.TRIM, pos, n, 0, None, None)
+            _Command(Cmd.TRIM, pos, n)
             for pos, n in self._split(offset, length, self._effect_max)
         )
 
@@ -395,30 +401,30 @@ class Client:
 
     def readinto_pipe(self, pipe: int, offset: int, length: int) -> None:
         """Splice ``length`` bytes of the export at ``offset`` into the
-        write end of ``pipe``, which must have room for all of them; holes
-        become zeros. One request, at most ``max_payload`` bytes; needs
-        ``can_splice``. Raises RequestError if the read failed, after which
-        the pipe may hold part of the data."""
+        write end of ``pipe``, in order, as the replies arrive; holes
+        become zeros. Another thread drains the pipe meanwhile (a full
+        pipe blocks this call). One request is in flight at a time, as
+        replies to several could come in any order. Needs ``can_splice``.
+        Raises RequestError if a read failed, after which the pipe may
+        hold part of the data."""
         self._check_range(offset, length)
-        if length > self.max_payload:
-            raise ValueError(f"read of {length} bytes exceeds {self.max_payload}")
         if not self.can_splice:
             raise ValueError("the server cannot send unfragmented reads")
         flags = CmdFlag.DF if self.info.structured_replies else 0
-        req = self._submit(Cmd.READ, offset, length, flags, pipe=pipe)
-        self.wait(req)
+        for pos, count in self._split(offset, length, self.splice_read_size):
+            self.wait(self._submit(Cmd.READ, pos, count, flags, pipe=pipe))
 
     def write_from_pipe(self, pipe: int, offset: int, length: int) -> None:
-        """Send ``length`` bytes from the read end of ``pipe`` as one WRITE
-        at ``offset`` (at most ``max_payload``) and wait for its reply."""
+        """Write ``length`` bytes read from ``pipe`` at ``offset``, spliced
+        into the socket as another thread fills the pipe; pipelined like
+        ``write``. A pipe that ends early breaks the connection: a WRITE
+        whose payload was cut cannot be taken back."""
         self._check_writable()
         self._check_range(offset, length)
-        if length > self.max_payload:
-            raise ValueError(f"write of {length} bytes exceeds {self.max_payload}")
-        req, header = self._tx.request(Cmd.WRITE, offset, length)
-        self._send(header, None)
-        self._splice_out(pipe, length)
-        self.wait(req)
+        self._pipeline(
+            _Command(Cmd.WRITE, pos, count, pipe=pipe)
+            for pos, count in self._split(offset, length, self.request_size)
+        )
 
     # --- lower level: overlap with other I/O----------------------------------
 
@@ -531,29 +537,31 @@ class Client:
         payload: memoryview | None = None,
         pipe: int | None = None,
     ) -> Request:
+        """Send a command; a READ with ``pipe`` is spliced into it, a WRITE
+        with ``pipe`` takes its payload from it."""
         self._check_usable()
+        if command == Cmd.WRITE and pipe is not None:
+            req, header = self._tx.request(command, offset, length, flags)
+            self._send(header, None)
+            self._splice_out(pipe, length)
+            return req
         req, header = self._tx.request(command, offset, length, flags, buffer,
                                        pipe)
         self._send(header, payload)
         return req
 
-    def _pipeline(
-        self,
-        requests: Iterator[
-            tuple[int, int, int, int, memoryview | None, memoryview | None]
-        ],
-    ) -> None:
+    def _pipeline(self, requests: Iterator[_Command]) -> None:
         """Run requests with up to ``queue_depth`` in flight; stop sending
         after the first failure, wait for what was sent, raise it."""
         pending: deque[Request] = deque()
         error: RequestError | None = None
-        for command, offset, length, flags, buffer, payload in requests:
+        for cmd in requests:
             if len(pending) >= self.queue_depth:
                 failed = self._settle(pending.popleft())
                 error = error or failed
             if error is not None:
                 break
-            req = self._submit(command, offset, length, flags, buffer, payload)
+            req = self._submit(*cmd)
             pending.append(req)
         while pending:
             failed = self._settle(pending.popleft())
@@ -682,9 +690,15 @@ class Client:
         try:
             while count:
                 try:
-                    count -= os.splice(pipe, sockfd, count)
+                    n = os.splice(pipe, sockfd, count)
                 except BlockingIOError:
                     self._wait_writable()
+                    continue
+                if n == 0:
+                    # The WRITE's header promised more: the stream is lost.
+                    raise self._fail(ConnectionClosed(
+                        f"the pipe ended {count} bytes before the payload"))
+                count -= n
         except TimeoutError as e:
             raise self._fail(ConnectionTimeout("server did not read in time")) from e
         except OSError as e:
