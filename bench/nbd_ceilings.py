@@ -112,7 +112,7 @@ def main():
     p.add_argument("--dest-dir", default="/dev/shm/bench-dst")
     args = p.parse_args()
     images_dir = os.path.join(args.images_dir, "quick" if args.quick
-                              else "full")
+                              else "default")
     with open(os.path.join(images_dir, "images.json")) as f:
         images = json.load(f)["images"]
     os.makedirs(args.dest_dir, exist_ok=True)

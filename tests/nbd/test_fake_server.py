@@ -84,7 +84,8 @@ def canaries_intact(whole: bytearray) -> bool:
 
 def test_every_command(fake: MakeServer, mode: str) -> None:
     srv = fake(size=8 * MiB)
-    with connect(srv, mode, request_size=MiB, queue_depth=3) as c:
+    with connect(srv, mode, request_size=MiB, write_request_size=MiB,
+                 queue_depth=3) as c:
         c.write(b"a" * (3 * MiB + 100), 1000, fua=True)
         c.zero(2 * MiB, 4096, punch_hole=False)
         c.zero(2 * MiB + 4096, 4096, punch_hole=True, fast=True)
