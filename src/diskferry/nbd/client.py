@@ -9,9 +9,10 @@ offset the protocol layer checked, and write payloads are sent with
 
 Pipelining: a large ``readinto``/``write``/``zero`` is cut into requests
 of ``request_size`` bytes (``write_request_size`` for writes) with up to
-``queue_depth`` of them in flight on the one socket; replies are matched by cookie in whatever order they
-come. ``submit_read``/``submit_write``/``wait`` expose the same machinery
-to callers that overlap NBD with other I/O.
+``queue_depth`` of them in flight on the one socket; replies are matched
+by cookie in whatever order they come. ``submit_read``/``submit_write``/
+``wait`` expose the same machinery to callers that overlap NBD with other
+I/O.
 
 Defaults measured on a 2-core VM (Debian 12, qemu-nbd 7.2 --shared=8
 --read-only of a fully allocated 1 GiB raw on /dev/shm, reading into a
