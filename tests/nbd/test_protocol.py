@@ -8,30 +8,57 @@ import pytest
 
 from diskferry.extent import Extent
 from diskferry.nbd import extents as ext
-from diskferry.nbd import protocol as p
 from diskferry.nbd.errors import (
     DirtyBitmapError,
     ExportUnknown,
     OptionUnsupported,
     ProtocolError,
 )
+from diskferry.nbd.handshake import (
+    ExportInfo,
+    Handshake,
+    HandshakeConfig,
+    HandshakeState,
+)
+from diskferry.nbd.transmission import (
+    Request,
+    Transmission,
+    pack_request,
+)
+from diskferry.nbd.wire import (
+    ALLOCATION_DEPTH,
+    BASE_ALLOCATION,
+    EXTENDED_REPLY_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_REPLY_MAGIC,
+    REPLY_FLAG_DONE,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    Cmd,
+    Opt,
+    Rep,
+    ReplyType,
+)
 
 # --- handshake ------------------------------------------------------------------
 
 
 def greeting(flags: int = 3) -> bytes:
-    return struct.pack(">QQH", p.NBDMAGIC, p.IHAVEOPT, flags)
+    return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags)
 
 
 def opt_reply(opt: int, rep: int, data: bytes = b"") -> bytes:
-    return struct.pack(">QIII", p.OPTION_REPLY_MAGIC, opt, rep, len(data)) + data
+    return struct.pack(">QIII", OPTION_REPLY_MAGIC, opt, rep, len(data)) + data
 
 
 def info_export(size: int = 1 << 20, flags: int = 1) -> bytes:
-    return opt_reply(p.Opt.GO, p.Rep.INFO, struct.pack(">HQH", 0, size, flags))
+    return opt_reply(Opt.GO, Rep.INFO, struct.pack(">HQH", 0, size, flags))
 
 
-def run(hs: p.Handshake, *chunks: bytes) -> list[bytes]:
+def run(hs: Handshake, *chunks: bytes) -> list[bytes]:
     """Feed the server's bytes, byte by byte; return what the client sent."""
     sent = [hs.data_to_send()]
     for chunk in chunks:
@@ -46,35 +73,35 @@ def options_sent(sent: list[bytes]) -> list[int]:
     out = []
     while data:
         magic, opt, length = struct.unpack_from(">QII", data)
-        assert magic == p.IHAVEOPT
+        assert magic == IHAVEOPT
         out.append(opt)
         data = data[16 + length :]
     return out
 
 
 def test_handshake_full() -> None:
-    hs = p.Handshake(p.HandshakeConfig(export_name="e"))
+    hs = Handshake(HandshakeConfig(export_name="e"))
     sent = run(
         hs,
         greeting(),
-        opt_reply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK),
+        opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK),
         opt_reply(
-            p.Opt.SET_META_CONTEXT, p.Rep.META_CONTEXT, b"\0\0\0\x07base:allocation"
+            Opt.SET_META_CONTEXT, Rep.META_CONTEXT, b"\0\0\0\x07base:allocation"
         ),
-        opt_reply(p.Opt.SET_META_CONTEXT, p.Rep.ACK),
+        opt_reply(Opt.SET_META_CONTEXT, Rep.ACK),
         info_export(12345, 1 | 4),
-        opt_reply(p.Opt.GO, p.Rep.INFO, struct.pack(">HIII", 3, 512, 4096, 1 << 20)),
-        opt_reply(p.Opt.GO, p.Rep.INFO, struct.pack(">H", 77) + b"future info"),
-        opt_reply(p.Opt.GO, p.Rep.ACK),
+        opt_reply(Opt.GO, Rep.INFO, struct.pack(">HIII", 3, 512, 4096, 1 << 20)),
+        opt_reply(Opt.GO, Rep.INFO, struct.pack(">H", 77) + b"future info"),
+        opt_reply(Opt.GO, Rep.ACK),
     )
-    assert hs.state is p.HandshakeState.DONE
+    assert hs.state is HandshakeState.DONE
     assert hs.bytes_needed() == 0
     assert sent[0] == b""
     assert sent[1][:4] == struct.pack(">I", 3)  # FIXED_NEWSTYLE | NO_ZEROES
     assert options_sent(sent) == [
-        p.Opt.STRUCTURED_REPLY,
-        p.Opt.SET_META_CONTEXT,
-        p.Opt.GO,
+        Opt.STRUCTURED_REPLY,
+        Opt.SET_META_CONTEXT,
+        Opt.GO,
     ]
     info = hs.info
     assert info is not None
@@ -89,28 +116,28 @@ def test_handshake_full() -> None:
 
 
 def test_handshake_extended_then_bitmap_listing() -> None:
-    hs = p.Handshake(p.HandshakeConfig(extended_headers=True, dirty_bitmap=True))
+    hs = Handshake(HandshakeConfig(extended_headers=True, dirty_bitmap=True))
     sent = run(
         hs,
         greeting(1),
-        opt_reply(p.Opt.EXTENDED_HEADERS, p.Rep.ACK),
+        opt_reply(Opt.EXTENDED_HEADERS, Rep.ACK),
         opt_reply(
-            p.Opt.LIST_META_CONTEXT, p.Rep.META_CONTEXT, b"\0\0\0\0qemu:dirty-bitmap:b"
+            Opt.LIST_META_CONTEXT, Rep.META_CONTEXT, b"\0\0\0\0qemu:dirty-bitmap:b"
         ),
-        opt_reply(p.Opt.LIST_META_CONTEXT, p.Rep.ACK),
+        opt_reply(Opt.LIST_META_CONTEXT, Rep.ACK),
         opt_reply(
-            p.Opt.SET_META_CONTEXT, p.Rep.META_CONTEXT, b"\0\0\0\x02qemu:dirty-bitmap:b"
+            Opt.SET_META_CONTEXT, Rep.META_CONTEXT, b"\0\0\0\x02qemu:dirty-bitmap:b"
         ),
-        opt_reply(p.Opt.SET_META_CONTEXT, p.Rep.ACK),
+        opt_reply(Opt.SET_META_CONTEXT, Rep.ACK),
         info_export(),
-        opt_reply(p.Opt.GO, p.Rep.ACK),
+        opt_reply(Opt.GO, Rep.ACK),
     )
     assert sent[1][:4] == struct.pack(">I", 1)  # no NO_ZEROES: not offered
     assert options_sent(sent) == [
-        p.Opt.EXTENDED_HEADERS,
-        p.Opt.LIST_META_CONTEXT,
-        p.Opt.SET_META_CONTEXT,
-        p.Opt.GO,
+        Opt.EXTENDED_HEADERS,
+        Opt.LIST_META_CONTEXT,
+        Opt.SET_META_CONTEXT,
+        Opt.GO,
     ]
     assert hs.info is not None and hs.info.extended_headers
     assert hs.info.contexts == {"qemu:dirty-bitmap:b": 2}
@@ -119,15 +146,15 @@ def test_handshake_extended_then_bitmap_listing() -> None:
 
 
 def test_handshake_go_unsupported_falls_back_to_export_name() -> None:
-    hs = p.Handshake(p.HandshakeConfig(export_name="x"))
+    hs = Handshake(HandshakeConfig(export_name="x"))
     sent = run(
         hs,
         greeting(1),
-        opt_reply(p.Opt.STRUCTURED_REPLY, p.Rep.ERR_UNSUP),
-        opt_reply(p.Opt.GO, p.Rep.ERR_UNSUP),
+        opt_reply(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP),
+        opt_reply(Opt.GO, Rep.ERR_UNSUP),
         struct.pack(">QH", 999, 1) + bytes(124),
     )
-    assert options_sent(sent) == [p.Opt.STRUCTURED_REPLY, p.Opt.GO, p.Opt.EXPORT_NAME]
+    assert options_sent(sent) == [Opt.STRUCTURED_REPLY, Opt.GO, Opt.EXPORT_NAME]
     assert hs.info is not None and hs.info.used_export_name and hs.info.size == 999
     assert not hs.info.structured_replies and hs.info.contexts == {}
 
@@ -137,24 +164,24 @@ def test_handshake_go_unsupported_falls_back_to_export_name() -> None:
     [
         ([b"x" * 18], ProtocolError, "not an NBD server"),
         (
-            [struct.pack(">QQH", p.NBDMAGIC, 0x00420281861253, 0)],
+            [struct.pack(">QQH", NBDMAGIC, 0x00420281861253, 0)],
             ProtocolError,
             "oldstyle",
         ),
         ([greeting(0)], ProtocolError, "fixed newstyle"),
         ([greeting(), struct.pack(">QIII", 1, 8, 1, 0)], ProtocolError, "magic"),
-        ([greeting(), opt_reply(p.Opt.GO, p.Rep.ACK)], ProtocolError, "expected"),
+        ([greeting(), opt_reply(Opt.GO, Rep.ACK)], ProtocolError, "expected"),
         (
-            [greeting(), struct.pack(">QIII", p.OPTION_REPLY_MAGIC, 8, 1, 1 << 30)],
+            [greeting(), struct.pack(">QIII", OPTION_REPLY_MAGIC, 8, 1, 1 << 30)],
             ProtocolError,
             "too large",
         ),
         (
             [
                 greeting(),
-                opt_reply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK),
+                opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK),
                 opt_reply(
-                    p.Opt.SET_META_CONTEXT, p.Rep.META_CONTEXT, b"\0\0\0\1evil:ctx"
+                    Opt.SET_META_CONTEXT, Rep.META_CONTEXT, b"\0\0\0\1evil:ctx"
                 ),
             ],
             ProtocolError,
@@ -163,9 +190,9 @@ def test_handshake_go_unsupported_falls_back_to_export_name() -> None:
         (
             [
                 greeting(),
-                opt_reply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK),
-                opt_reply(p.Opt.SET_META_CONTEXT, p.Rep.ACK),
-                opt_reply(p.Opt.GO, p.Rep.ERR_UNKNOWN, b"no such export"),
+                opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK),
+                opt_reply(Opt.SET_META_CONTEXT, Rep.ACK),
+                opt_reply(Opt.GO, Rep.ERR_UNKNOWN, b"no such export"),
             ],
             ExportUnknown,
             "no such export",
@@ -173,9 +200,9 @@ def test_handshake_go_unsupported_falls_back_to_export_name() -> None:
         (
             [
                 greeting(),
-                opt_reply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK),
-                opt_reply(p.Opt.SET_META_CONTEXT, p.Rep.ACK),
-                opt_reply(p.Opt.GO, p.Rep.ACK),
+                opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK),
+                opt_reply(Opt.SET_META_CONTEXT, Rep.ACK),
+                opt_reply(Opt.GO, Rep.ACK),
             ],
             ProtocolError,
             "without NBD_INFO_EXPORT",
@@ -183,10 +210,10 @@ def test_handshake_go_unsupported_falls_back_to_export_name() -> None:
         (
             [
                 greeting(),
-                opt_reply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK),
-                opt_reply(p.Opt.SET_META_CONTEXT, p.Rep.ACK),
+                opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK),
+                opt_reply(Opt.SET_META_CONTEXT, Rep.ACK),
                 opt_reply(
-                    p.Opt.GO, p.Rep.INFO, struct.pack(">HIII", 3, 3, 4096, 1 << 20)
+                    Opt.GO, Rep.INFO, struct.pack(">HIII", 3, 3, 4096, 1 << 20)
                 ),
             ],
             ProtocolError,
@@ -197,34 +224,34 @@ def test_handshake_go_unsupported_falls_back_to_export_name() -> None:
 def test_handshake_failures(
     chunks: list[bytes], error: type[Exception], match: str
 ) -> None:
-    hs = p.Handshake(p.HandshakeConfig())
+    hs = Handshake(HandshakeConfig())
     with pytest.raises(error, match=match):
         run(hs, *chunks)
-    assert hs.state is p.HandshakeState.FAILED
+    assert hs.state is HandshakeState.FAILED
     with pytest.raises(ProtocolError):
         hs.receive_data(b"x")
 
 
 def test_handshake_go_unsupported_after_extended_is_an_error() -> None:
-    hs = p.Handshake(p.HandshakeConfig(extended_headers=True))
+    hs = Handshake(HandshakeConfig(extended_headers=True))
     with pytest.raises(OptionUnsupported):
         run(
             hs,
             greeting(),
-            opt_reply(p.Opt.EXTENDED_HEADERS, p.Rep.ACK),
-            opt_reply(p.Opt.SET_META_CONTEXT, p.Rep.ACK),
-            opt_reply(p.Opt.GO, p.Rep.ERR_UNSUP),
+            opt_reply(Opt.EXTENDED_HEADERS, Rep.ACK),
+            opt_reply(Opt.SET_META_CONTEXT, Rep.ACK),
+            opt_reply(Opt.GO, Rep.ERR_UNSUP),
         )
 
 
 def test_handshake_bitmap_named_but_missing() -> None:
-    hs = p.Handshake(p.HandshakeConfig(dirty_bitmap="b9"))
+    hs = Handshake(HandshakeConfig(dirty_bitmap="b9"))
     with pytest.raises(DirtyBitmapError, match="b9"):
         run(
             hs,
             greeting(),
-            opt_reply(p.Opt.STRUCTURED_REPLY, p.Rep.ACK),
-            opt_reply(p.Opt.SET_META_CONTEXT, p.Rep.ACK),
+            opt_reply(Opt.STRUCTURED_REPLY, Rep.ACK),
+            opt_reply(Opt.SET_META_CONTEXT, Rep.ACK),
         )
 
 
@@ -233,25 +260,25 @@ def test_handshake_bitmap_named_but_missing() -> None:
 CTX_BASE, CTX_DEPTH = 3, 4
 
 
-def tx(extended: bool = False, structured: bool = True) -> p.Transmission:
-    info = p.ExportInfo(
+def tx(extended: bool = False, structured: bool = True) -> Transmission:
+    info = ExportInfo(
         size=1 << 30,
         flags=1,
         structured_replies=structured,
         extended_headers=extended,
-        contexts={p.BASE_ALLOCATION: CTX_BASE, p.ALLOCATION_DEPTH: CTX_DEPTH},
+        contexts={BASE_ALLOCATION: CTX_BASE, ALLOCATION_DEPTH: CTX_DEPTH},
     )
-    return p.Transmission(info)
+    return Transmission(info)
 
 
 def chunk(
-    t: p.Transmission, req: p.Request, flags: int, kind: int, payload: bytes
+    t: Transmission, req: Request, flags: int, kind: int, payload: bytes
 ) -> bytes:
     if t.extended:
         return (
             struct.pack(
                 ">IHHQQQ",
-                p.EXTENDED_REPLY_MAGIC,
+                EXTENDED_REPLY_MAGIC,
                 flags,
                 kind,
                 req.cookie,
@@ -262,13 +289,13 @@ def chunk(
         )
     return (
         struct.pack(
-            ">IHHQI", p.STRUCTURED_REPLY_MAGIC, flags, kind, req.cookie, len(payload)
+            ">IHHQI", STRUCTURED_REPLY_MAGIC, flags, kind, req.cookie, len(payload)
         )
         + payload
     )
 
 
-def feed(t: p.Transmission, wire: bytes) -> list[p.Request]:
+def feed(t: Transmission, wire: bytes) -> list[Request]:
     """Drive need()/received() over a byte string, as the client does."""
     done = []
     pos = 0
@@ -288,29 +315,29 @@ def feed(t: p.Transmission, wire: bytes) -> list[p.Request]:
 
 
 def test_pack_request_compact_and_extended() -> None:
-    assert p.pack_request(p.Cmd.READ, 0, 7, 4096, 512, extended=False) == struct.pack(
-        ">IHHQQI", p.REQUEST_MAGIC, 0, 0, 7, 4096, 512
+    assert pack_request(Cmd.READ, 0, 7, 4096, 512, extended=False) == struct.pack(
+        ">IHHQQI", REQUEST_MAGIC, 0, 0, 7, 4096, 512
     )
-    assert p.pack_request(p.Cmd.WRITE, 1, 7, 0, 1 << 33, extended=True) == struct.pack(
-        ">IHHQQQ", p.EXTENDED_REQUEST_MAGIC, 1 | 32, 1, 7, 0, 1 << 33
+    assert pack_request(Cmd.WRITE, 1, 7, 0, 1 << 33, extended=True) == struct.pack(
+        ">IHHQQQ", EXTENDED_REQUEST_MAGIC, 1 | 32, 1, 7, 0, 1 << 33
     )
     with pytest.raises(ValueError):
-        p.pack_request(p.Cmd.WRITE_ZEROES, 0, 1, 0, 1 << 32, extended=False)
+        pack_request(Cmd.WRITE_ZEROES, 0, 1, 0, 1 << 32, extended=False)
 
 
 @pytest.mark.parametrize("extended", [False, True])
 def test_read_chunks_in_any_order(extended: bool) -> None:
     t = tx(extended)
     buf = bytearray(b"?" * 16)
-    req, header = t.request(p.Cmd.READ, 100, 12, buffer=memoryview(buf)[2:14])
+    req, header = t.request(Cmd.READ, 100, 12, buffer=memoryview(buf)[2:14])
     assert len(header) == (32 if extended else 28)
-    wire = chunk(t, req, 0, p.ReplyType.OFFSET_DATA, struct.pack(">Q", 108) + b"WXYZ")
-    wire += chunk(t, req, 0, p.ReplyType.OFFSET_HOLE, struct.pack(">QI", 104, 4))
+    wire = chunk(t, req, 0, ReplyType.OFFSET_DATA, struct.pack(">Q", 108) + b"WXYZ")
+    wire += chunk(t, req, 0, ReplyType.OFFSET_HOLE, struct.pack(">QI", 104, 4))
     wire += chunk(
         t,
         req,
-        p.REPLY_FLAG_DONE,
-        p.ReplyType.OFFSET_DATA,
+        REPLY_FLAG_DONE,
+        ReplyType.OFFSET_DATA,
         struct.pack(">Q", 100) + b"abcd",
     )
     assert feed(t, wire) == [req]
@@ -321,10 +348,10 @@ def test_read_chunks_in_any_order(extended: bool) -> None:
 def test_simple_replies_without_structured() -> None:
     t = tx(structured=False)
     buf = bytearray(4)
-    r1, _ = t.request(p.Cmd.READ, 0, 4, buffer=memoryview(buf))
-    r2, _ = t.request(p.Cmd.WRITE, 0, 4)
-    wire = struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 5, r2.cookie)
-    wire += struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, r1.cookie) + b"data"
+    r1, _ = t.request(Cmd.READ, 0, 4, buffer=memoryview(buf))
+    r2, _ = t.request(Cmd.WRITE, 0, 4)
+    wire = struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 5, r2.cookie)
+    wire += struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, r1.cookie) + b"data"
     assert feed(t, wire) == [r2, r1]
     assert buf == b"data"
     assert r2.error is not None and r2.error.errno == 5
@@ -332,19 +359,19 @@ def test_simple_replies_without_structured() -> None:
 
 def test_block_status_chunks() -> None:
     t = tx()
-    req, _ = t.request(p.Cmd.BLOCK_STATUS, 0, 1 << 20)
+    req, _ = t.request(Cmd.BLOCK_STATUS, 0, 1 << 20)
     wire = chunk(
         t,
         req,
         0,
-        p.ReplyType.BLOCK_STATUS,
+        ReplyType.BLOCK_STATUS,
         struct.pack(">IIIII", CTX_DEPTH, 4096, 1, 8192, 0),
     )
     wire += chunk(
         t,
         req,
-        p.REPLY_FLAG_DONE,
-        p.ReplyType.BLOCK_STATUS,
+        REPLY_FLAG_DONE,
+        ReplyType.BLOCK_STATUS,
         struct.pack(">III", CTX_BASE, 1 << 21, 3),
     )
     feed(t, wire)
@@ -353,19 +380,19 @@ def test_block_status_chunks() -> None:
 
 def test_block_status_ext_chunks() -> None:
     t = tx(extended=True)
-    req, _ = t.request(p.Cmd.BLOCK_STATUS, 0, 1 << 40)
+    req, _ = t.request(Cmd.BLOCK_STATUS, 0, 1 << 40)
     wire = chunk(
         t,
         req,
         0,
-        p.ReplyType.BLOCK_STATUS_EXT,
+        ReplyType.BLOCK_STATUS_EXT,
         struct.pack(">IIQQ", CTX_DEPTH, 1, 1 << 40, 1),
     )
     wire += chunk(
         t,
         req,
-        p.REPLY_FLAG_DONE,
-        p.ReplyType.BLOCK_STATUS_EXT,
+        REPLY_FLAG_DONE,
+        ReplyType.BLOCK_STATUS_EXT,
         struct.pack(">IIQQ", CTX_BASE, 1, 1 << 36, 2),
     )
     feed(t, wire)
@@ -375,10 +402,10 @@ def test_block_status_ext_chunks() -> None:
 READ_LEN = 4096
 
 
-def _bad_read_wires(t: p.Transmission, req: p.Request) -> dict[str, bytes]:
-    D = p.REPLY_FLAG_DONE
-    data = p.ReplyType.OFFSET_DATA
-    hole = p.ReplyType.OFFSET_HOLE
+def _bad_read_wires(t: Transmission, req: Request) -> dict[str, bytes]:
+    D = REPLY_FLAG_DONE
+    data = ReplyType.OFFSET_DATA
+    hole = ReplyType.OFFSET_HOLE
     off = req.offset
     return {
         "before": chunk(t, req, D, data, struct.pack(">Q", off - 1) + bytes(READ_LEN)),
@@ -396,40 +423,40 @@ def _bad_read_wires(t: p.Transmission, req: p.Request) -> dict[str, bytes]:
         "short": chunk(t, req, D, data, struct.pack(">Q", off) + bytes(100)),
         "unknown type": chunk(t, req, D, 3, b""),
         "status for read": chunk(
-            t, req, D, p.ReplyType.BLOCK_STATUS, struct.pack(">III", CTX_BASE, 1, 0)
+            t, req, D, ReplyType.BLOCK_STATUS, struct.pack(">III", CTX_BASE, 1, 0)
         ),
         "none not done": chunk(t, req, 0, 0, b""),
         "none payload": chunk(t, req, D, 0, b"x"),
         "error len": chunk(
-            t, req, D, p.ReplyType.ERROR, struct.pack(">IH", 5, 10) + b"abc"
+            t, req, D, ReplyType.ERROR, struct.pack(">IH", 5, 10) + b"abc"
         ),
-        "error zero": chunk(t, req, D, p.ReplyType.ERROR, struct.pack(">IH", 0, 0)),
+        "error zero": chunk(t, req, D, ReplyType.ERROR, struct.pack(">IH", 0, 0)),
         "error offset outside": chunk(
             t,
             req,
             D,
-            p.ReplyType.ERROR_OFFSET,
+            ReplyType.ERROR_OFFSET,
             struct.pack(">IHQ", 5, 0, off + READ_LEN),
         ),
         "cookie": chunk(
-            t, p.Request(req.cookie + 9, 0, req.offset, READ_LEN), D, 0, b""
+            t, Request(req.cookie + 9, 0, req.offset, READ_LEN), D, 0, b""
         ),
-        "simple read": struct.pack(">IIQ", p.SIMPLE_REPLY_MAGIC, 0, req.cookie)
+        "simple read": struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, req.cookie)
         + bytes(16),
         "magic": struct.pack(">IIQQ", 0x12345678, 0, req.cookie, 0) + bytes(8),
         "huge": (
             struct.pack(
-                ">IHHQQQ", p.EXTENDED_REPLY_MAGIC, D, 1, req.cookie, off, 1 << 62
+                ">IHHQQQ", EXTENDED_REPLY_MAGIC, D, 1, req.cookie, off, 1 << 62
             )
             if t.extended
             else struct.pack(
-                ">IHHQI", p.STRUCTURED_REPLY_MAGIC, D, 1, req.cookie, 1 << 31
+                ">IHHQI", STRUCTURED_REPLY_MAGIC, D, 1, req.cookie, 1 << 31
             )
         ),
     }
 
 
-BAD_READS = sorted(_bad_read_wires(tx(), p.Request(1, 0, 65536, READ_LEN)))
+BAD_READS = sorted(_bad_read_wires(tx(), Request(1, 0, 65536, READ_LEN)))
 
 
 @pytest.mark.parametrize("extended", [False, True])
@@ -437,22 +464,22 @@ BAD_READS = sorted(_bad_read_wires(tx(), p.Request(1, 0, 65536, READ_LEN)))
 def test_bad_read_reply_is_protocol_error(extended: bool, case: str) -> None:
     t = tx(extended)
     whole = bytearray(b"#" * (READ_LEN + 64))
-    req, _ = t.request(p.Cmd.READ, 65536, READ_LEN, buffer=memoryview(whole)[32:-32])
+    req, _ = t.request(Cmd.READ, 65536, READ_LEN, buffer=memoryview(whole)[32:-32])
     wire = _bad_read_wires(t, req)[case]
     with pytest.raises(ProtocolError):
         feed(t, wire)
     assert whole[:32] == whole[-32:] == b"#" * 32
     assert t.broken is not None
     with pytest.raises(ProtocolError):
-        t.request(p.Cmd.FLUSH, 0, 0)
+        t.request(Cmd.FLUSH, 0, 0)
 
 
 @pytest.mark.parametrize(
     ("kind", "payload", "errno_", "message"),
     [
-        (p.ReplyType.ERROR, struct.pack(">IH", 5, 3) + b"bad", 5, "bad"),
+        (ReplyType.ERROR, struct.pack(">IH", 5, 3) + b"bad", 5, "bad"),
         (
-            p.ReplyType.ERROR_OFFSET,
+            ReplyType.ERROR_OFFSET,
             struct.pack(">IH", 28, 0) + struct.pack(">Q", 65537),
             28,
             "",
@@ -466,11 +493,11 @@ def test_error_chunks_fail_the_request(
 ) -> None:
     t = tx()
     buf = bytearray(READ_LEN)
-    req, _ = t.request(p.Cmd.READ, 65536, READ_LEN, buffer=memoryview(buf))
+    req, _ = t.request(Cmd.READ, 65536, READ_LEN, buffer=memoryview(buf))
     wire = chunk(
-        t, req, 0, p.ReplyType.OFFSET_DATA, struct.pack(">Q", 65536) + b"d" * READ_LEN
+        t, req, 0, ReplyType.OFFSET_DATA, struct.pack(">Q", 65536) + b"d" * READ_LEN
     )
-    wire += chunk(t, req, p.REPLY_FLAG_DONE, kind, payload)
+    wire += chunk(t, req, REPLY_FLAG_DONE, kind, payload)
     assert feed(t, wire) == [req]
     assert req.error is not None
     assert (req.error.errno, req.error.message) == (errno_, message)
@@ -488,21 +515,21 @@ def test_error_chunks_fail_the_request(
 )
 def test_bad_block_status(payload: bytes) -> None:
     t = tx()
-    req, _ = t.request(p.Cmd.BLOCK_STATUS, 0, 4096)
+    req, _ = t.request(Cmd.BLOCK_STATUS, 0, 4096)
     with pytest.raises(ProtocolError):
-        feed(t, chunk(t, req, p.REPLY_FLAG_DONE, p.ReplyType.BLOCK_STATUS, payload))
+        feed(t, chunk(t, req, REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, payload))
 
 
 def test_block_status_duplicate_or_missing_context() -> None:
     t = tx()
-    req, _ = t.request(p.Cmd.BLOCK_STATUS, 0, 4096)
+    req, _ = t.request(Cmd.BLOCK_STATUS, 0, 4096)
     one = struct.pack(">III", CTX_BASE, 4096, 0)
     with pytest.raises(ProtocolError, match="two"):
-        feed(t, chunk(t, req, 0, p.ReplyType.BLOCK_STATUS, one) * 2)
+        feed(t, chunk(t, req, 0, ReplyType.BLOCK_STATUS, one) * 2)
     t = tx()
-    req, _ = t.request(p.Cmd.BLOCK_STATUS, 0, 4096)
+    req, _ = t.request(Cmd.BLOCK_STATUS, 0, 4096)
     with pytest.raises(ProtocolError, match="lacks"):
-        feed(t, chunk(t, req, p.REPLY_FLAG_DONE, p.ReplyType.BLOCK_STATUS, one))
+        feed(t, chunk(t, req, REPLY_FLAG_DONE, ReplyType.BLOCK_STATUS, one))
 
 
 # --- extents ------------------------------------------------------------------------

@@ -7,8 +7,11 @@ Layers, each importable and testable alone::
        |        \\
        |         extents.py      block status descriptors -> Extent, merged
        |
-    protocol.py                 sans-I/O: handshake state machine, request
-                                packing, reply decoding with strict checks
+    handshake.py                sans-I/O: option requests, the handshake
+                                state machine
+    transmission.py             sans-I/O: request packing, reply decoding
+                                with strict checks
+    wire.py                     magics, commands, flags, limits, header layouts
     url.py                      nbd:unix:..., nbd:HOST:PORT, nbd://, nbd+unix://
     errors.py                   OptionError*, RequestError, ProtocolError, ...
 

@@ -1,7 +1,7 @@
 """A blocking NBD client over a UNIX or TCP socket.
 
-This module only moves bytes: what they mean is decided by ``protocol.py``
-(handshake state machine, request packing, reply decoding) and
+This module only moves bytes: what they mean is decided by the sans-I/O
+modules ``handshake.py``, ``transmission.py`` and ``wire.py`` and
 ``extents.py`` (block status to ``Extent``). Replies of read requests are
 received with ``recv_into`` straight into the caller's buffer, at the
 offset the protocol layer checked, and write payloads are sent with
@@ -58,23 +58,18 @@ from .errors import (
     ProtocolError,
     RequestError,
 )
-from .protocol import (
+from .handshake import ExportInfo, Handshake, HandshakeConfig, HandshakeState
+from .transmission import PipeTarget, Request, Transmission
+from .url import Address, parse_url
+from .wire import (
     ALLOCATION_DEPTH,
     BASE_ALLOCATION,
     DIRTY_BITMAP_PREFIX,
     U32_MAX,
     Cmd,
     CmdFlag,
-    ExportInfo,
-    Handshake,
-    HandshakeConfig,
-    HandshakeState,
-    PipeTarget,
-    Request,
-    Transmission,
     TxFlag,
 )
-from .url import Address, parse_url
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

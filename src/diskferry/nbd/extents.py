@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 from diskferry.extent import Extent
 
-from .protocol import STATE_DIRTY, STATE_ZERO
+from .wire import STATE_DIRTY, STATE_ZERO
 
 Descriptors = Sequence[tuple[int, int]]
 
