@@ -5,7 +5,8 @@ next to it and returns an ``Export`` that knows its ticket URL and stops
 the server. qemu-nbd is started the way vdsm starts it for a volume
 (``--persistent --shared=N``, raw or qcow2, ``--allocation-depth``);
 nbdkit serves the file with its ``file`` plugin, optionally through
-filters.
+filters. ``start_process`` runs any server command line on a UNIX socket
+or a TCP port and waits until it accepts connections.
 """
 
 from __future__ import annotations
@@ -19,33 +20,44 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: How long a server may take to create its socket.
+#: How long a server may take to accept connections.
 START_TIMEOUT = 10.0
 
 NBD_KINDS = ("qemu-nbd", "nbdkit")
 
+Address = str | tuple[str, int]
+
 
 @dataclass
 class Export:
-    kind: str
-    socket: str
+    address: Address
     proc: subprocess.Popen = field(repr=False)
     log_path: str = ""
 
     @property
+    def sock(self) -> str:
+        assert isinstance(self.address, str), "not a UNIX socket"
+        return self.address
+
+    @property
     def url(self) -> str:
         """ovirt-imageio's form, as vdsm writes it in tickets."""
-        return f"nbd:unix:{self.socket}"
+        if isinstance(self.address, str):
+            return f"nbd:unix:{self.address}"
+        return "nbd:{}:{}".format(*self.address)
 
     @property
     def uri(self) -> str:
         """The standard NBD URI (nbdcopy, nbdinfo)."""
-        return f"nbd+unix:///?socket={self.socket}"
+        if isinstance(self.address, str):
+            return f"nbd+unix:///?socket={self.address}"
+        return "nbd://{}:{}/".format(*self.address)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def stop(self) -> None:
+        """SIGTERM, as an orderly shutdown; SIGKILL if it does not end."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -53,14 +65,20 @@ class Export:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        try:
-            os.unlink(self.socket)
-        except FileNotFoundError:
-            pass
+        self._remove_socket()
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        """SIGKILL: the server dies mid-whatever it was doing."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def _remove_socket(self) -> None:
+        if isinstance(self.address, str):
+            try:
+                os.unlink(self.address)
+            except FileNotFoundError:
+                pass
 
     def __enter__(self) -> Export:
         return self
@@ -69,12 +87,23 @@ class Export:
         self.stop()
 
 
-def qemu_nbd_argv(path, sock, *, fmt="raw", shared=8, read_only=False,
-                  allocation_depth=None, bitmap=None, cache="writeback",
-                  extra=()) -> list[str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def qemu_nbd_argv(path, address: Address, *, fmt="raw", shared=8,
+                  read_only=False, allocation_depth=None, bitmap=None,
+                  cache="writeback", extra=()) -> list[str]:
     """``fmt=None`` for a ``json:`` filename that names its own driver."""
     argv = ["qemu-nbd", "--persistent", f"--shared={shared}",
-            f"--socket={sock}", f"--cache={cache}", "--discard=unmap"]
+            f"--cache={cache}", "--discard=unmap"]
+    if isinstance(address, str):
+        argv.append(f"--socket={address}")
+    else:
+        argv += [f"--bind={address[0]}", f"--port={address[1]}"]
     if fmt is not None:
         argv.append(f"--format={fmt}")
     if read_only:
@@ -88,21 +117,26 @@ def qemu_nbd_argv(path, sock, *, fmt="raw", shared=8, read_only=False,
     return argv + list(extra) + [os.fspath(path)]
 
 
-def nbdkit_argv(path, sock, *, filters=(), params=(), read_only=False,
-                plugin="file") -> list[str]:
-    argv = ["nbdkit", "--foreground", f"--unix={sock}"]
+def nbdkit_argv(path, address: Address, *, filters=(), params=(),
+                read_only=False, plugin="file") -> list[str]:
+    argv = ["nbdkit", "--foreground", "--exit-with-parent"]
+    if isinstance(address, str):
+        argv.append(f"--unix={address}")
+    else:
+        argv += ["-i", address[0], "-p", str(address[1])]
     if read_only:
         argv.append("--readonly")
-    for f in filters:
-        argv.append(f"--filter={f}")
+    argv += [f"--filter={f}" for f in filters]
     argv.append(plugin)
     if path is not None:
         argv.append(os.fspath(path))
     return argv + list(params)
 
 
-def start_export(kind: str, path, *, sock: str | None = None, **options) -> Export:
-    """Serve ``path`` with ``kind`` ("qemu-nbd" or "nbdkit") and wait for it."""
+def start_export(kind: str, path, *, sock: str | None = None,
+                 **options) -> Export:
+    """Serve ``path`` with ``kind`` ("qemu-nbd" or "nbdkit") on a UNIX
+    socket (next to the image unless ``sock`` is given)."""
     if sock is None:
         base = (Path(path).parent if path is not None and
                 os.path.exists(path) else Path("/tmp"))
@@ -113,21 +147,39 @@ def start_export(kind: str, path, *, sock: str | None = None, **options) -> Expo
         argv = nbdkit_argv(path, sock, **options)
     else:
         raise ValueError(f"unknown NBD server kind {kind!r}")
-    log_path = sock + ".log"
+    return start_process(argv, sock, sock + ".log")
+
+
+def start_process(argv: list[str], address: Address, log_path) -> Export:
+    """Run a server command line; return once it accepts connections."""
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True)
-    export = Export(kind, sock, proc, log_path)
+    export = Export(address, proc, os.fspath(log_path))
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{argv} exited with {proc.returncode}: "
                                f"{Path(log_path).read_text()[-2000:]}")
         try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect(sock)
+            with socket.socket(family) as s:
+                s.connect(address)
             return export
         except OSError:
             time.sleep(0.01)
-    export.stop()
-    raise RuntimeError(f"{argv} did not create {sock} in {START_TIMEOUT} s")
+    export.kill()
+    raise RuntimeError(f"{argv} did not accept connections within "
+                       f"{START_TIMEOUT} s")
+
+
+def qemu_img(*args) -> str:
+    return subprocess.run(["qemu-img", *map(str, args)], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def qemu_io(image, fmt: str, *commands: str) -> None:
+    argv = ["qemu-io", "-f", fmt]
+    for c in commands:
+        argv += ["-c", c]
+    subprocess.run([*argv, str(image)], check=True, capture_output=True)

@@ -17,22 +17,11 @@ import subprocess
 import pytest
 
 import nbd_servers
+from nbd_servers import qemu_img, qemu_io
 from servers import ticket_dict
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-
-
-def qemu_img(*args):
-    subprocess.run(["qemu-img", *map(str, args)], check=True,
-                   capture_output=True)
-
-
-def qemu_io(path, fmt, *commands):
-    argv = ["qemu-io", "-f", fmt]
-    for c in commands:
-        argv += ["-c", c]
-    subprocess.run(argv + [str(path)], check=True, capture_output=True)
 
 
 def add_nbd_ticket(srv, export, size=SIZE, ops=("read",), **extra):

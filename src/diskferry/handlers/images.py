@@ -145,8 +145,8 @@ class ImageHandler:
         fd = backend.fileno() if conn.zero_copy else None
         with ticket.operation(offset) as op:
             if fd is not None:
-                self._receive_spliced(request, backend, fd, op, offset,
-                                      length)
+                self._splice_to_file(request, backend, fd, op, offset,
+                                     length)
             elif conn.zero_copy and backend.can_splice:
                 with request_pipe() as pipe:
                     overlap.receive_spliced(conn, backend, pipe, op, offset,
@@ -157,7 +157,7 @@ class ImageHandler:
                 backend.flush()
         conn.send_response(200)
 
-    def _receive_spliced(self, request, backend, fd, op, offset, length):
+    def _splice_to_file(self, request, backend, fd, op, offset, length):
         chunk = backend.buffer_size
         pipe = connection_pipe(request)
         try:
