@@ -116,6 +116,40 @@ def test_get_unsatisfiable_range_416(endpoint, image, make_ticket, spec):
         assert int(res.header("Content-Length")) == len(res.body) > 0
 
 
+def test_get_image_shorter_than_ticket(endpoint, image, make_ticket):
+    """The image holds SIZE bytes, its ticket says twice that: the whole
+    image is what the storage has, and a range past it is a 416 naming
+    the storage's size."""
+    t = make_ticket(endpoint.server, image, 2 * SIZE, ops=["read"])
+    path = f"/images/{t['uuid']}"
+    with endpoint.raw() as con:
+        res = con.request("GET", path)
+        assert res.status == 200
+        assert res.body == expected_content()
+        res = con.request("GET", path, {"Range": f"bytes=0-{4095}"})
+        assert res.status == 206
+        assert res.header("Content-Range") == f"bytes 0-4095/{2 * SIZE}"
+        assert res.body == expected_content()[:4096]
+    for first, last in ((SIZE - 4096, SIZE + 4095), (SIZE, 2 * SIZE - 1)):
+        with endpoint.raw() as con:
+            res = con.request("GET", path, {"Range": f"bytes={first}-{last}"})
+        assert res.status == 416
+        assert res.header("Content-Range") == f"bytes */{SIZE}"
+
+
+@pytest.mark.file_only  # an NBD export's size is fixed while it is served
+def test_get_image_truncated_while_ticket_lives(endpoint, image, make_ticket):
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    path = f"/images/{t['uuid']}"
+    with endpoint.raw() as con:
+        res = con.request("GET", path, {"Range": f"bytes={SIZE - 4096}-{SIZE - 1}"})
+        assert res.status == 206
+        os.truncate(image, SIZE // 2)
+        res = con.request("GET", path, {"Range": f"bytes={SIZE - 4096}-{SIZE - 1}"})
+        assert res.status == 416
+        assert res.header("Content-Range") == f"bytes */{SIZE // 2}"
+
+
 def test_get_filename(endpoint, image, make_ticket):
     t = make_ticket(endpoint.server, image, SIZE, ops=["read"], filename="disk.raw")
     with endpoint.raw() as con:

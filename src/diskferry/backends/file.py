@@ -107,7 +107,10 @@ class FileBackend:
             return None
 
     def size(self):
-        return self._size
+        """The size now: a file may shrink or grow while a ticket lives."""
+        if self.is_block:
+            return self._size
+        return os.fstat(self._fd).st_size
 
     def fileno(self):
         """The descriptor sendfile may use: none in direct mode, as the
@@ -198,7 +201,7 @@ class FileBackend:
         Regular files use SEEK_DATA/SEEK_HOLE, one syscall per extent; a
         block device is reported as one data extent.
         """
-        end = min(start + length, self._size)
+        end = min(start + length, self.size())
         if start >= end:
             return []
         if self.is_block:

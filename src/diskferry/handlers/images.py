@@ -94,6 +94,15 @@ class ImageHandler:
                        f"bytes {offset}-{offset + length - 1}/{ticket.size}"}
         else:
             offset, length, status, headers = 0, ticket.size, 200, {}
+        available = image.backend.size()
+        if offset + length > available:
+            if range_header is None:
+                # As ovirt-imageio: the whole image is what the storage has.
+                length = available
+            else:
+                raise RangeNotSatisfiable(
+                    f"Requested more bytes than available: "
+                    f"{offset + length} > {available}", size=available)
         headers["Content-Type"] = "application/octet-stream"
         headers["Content-Disposition"] = content_disposition(
             ticket.spec.filename)
