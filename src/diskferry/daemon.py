@@ -124,12 +124,14 @@ class Daemon:
 
     def _start(self):
         config = self.config
-        options = {"host_id": host_id(), "server_id": self.server_id}
-        if options["host_id"] is None:
-            del options["host_id"]
+        options = {}
         if config.local.enable:
             options["unix_socket"] = config.local_socket
-        images = images_app(self.store, config, options)
+        # Told only to a client that holds a valid ticket.
+        ticket_options = {"server_id": self.server_id}
+        if (this_host := host_id()) is not None:
+            ticket_options["host_id"] = this_host
+        images = images_app(self.store, config, options, ticket_options)
         idle = config.daemon.inactivity_timeout
         # Image clients share one limit; the control service has its own,
         # so that they can never lock the management plane out.

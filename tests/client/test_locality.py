@@ -5,6 +5,7 @@ import logging
 import os
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -102,12 +103,24 @@ def test_host_id_prefers_vdsm_id(tmp_path):
     machine = tmp_path / "machine-id"
     machine.write_text("machine\n")
     files = (str(vdsm), str(machine))
-    assert hostid.host_id(files) == "machine"
+    from_machine = hostid.host_id(files)
     vdsm.write_text("host-uuid\n")
-    assert hostid.host_id(files) == "host-uuid"
+    from_vdsm = hostid.host_id(files)
+    assert from_machine and from_vdsm and from_machine != from_vdsm
+    # Stable: the same id gives the same value, on either side.
+    assert hostid.host_id(files) == from_vdsm
     machine.unlink()
     vdsm.unlink()
     assert hostid.host_id(files) is None
+
+
+def test_host_id_does_not_reveal_the_id(tmp_path):
+    machine = tmp_path / "machine-id"
+    raw = "4c4c4544003710568035b3c04f4e4a32"
+    machine.write_text(raw + "\n")
+    derived = hostid.host_id((str(machine),))
+    assert raw not in derived.replace("-", "")
+    assert uuid.UUID(derived).version == 4
 
 
 def test_cli_says_it_falls_back(unreachable, make_ticket, tmp_path):

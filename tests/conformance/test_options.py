@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from diskferry import hostid
 from servers import make_sparse_file
 
 pytestmark = pytest.mark.all_storages
@@ -127,7 +128,7 @@ def test_no_local_service(daemons, kind, image, make_ticket):
 # --- diskferry extensions ----------------------------------------------------
 
 
-def expected_host_id() -> str:
+def raw_host_id() -> str:
     for p in ("/etc/vdsm/vdsm.id", "/etc/machine-id"):
         try:
             return Path(p).read_text().strip()
@@ -150,10 +151,28 @@ def test_ext_host_and_server_id(daemons, kind, image, make_ticket):
         finally:
             con.close()
     remote, local = answers
-    assert remote["host_id"] == expected_host_id()
+    # The value a client on this host derives, never the id itself.
+    assert remote["host_id"] == hostid.host_id()
+    assert raw_host_id() not in json.dumps(remote).replace("-", "")
     assert local["host_id"] == remote["host_id"]
     assert isinstance(remote["server_id"], str) and remote["server_id"]
     assert local["server_id"] == remote["server_id"]
+
+
+@pytest.mark.parametrize("kind", ["ovirt-imageio", "diskferry"])
+def test_no_host_or_server_id_without_a_ticket(daemons, kind):
+    """An unauthenticated client learns nothing about the host."""
+    srv = daemons.get(kind)
+    con = srv.remote_connection()
+    try:
+        con.request("OPTIONS", "/images/*")
+        res = con.getresponse()
+        body = json.loads(res.read())
+    finally:
+        con.close()
+    assert res.status == 200
+    assert "host_id" not in body and "server_id" not in body
+    assert raw_host_id() not in json.dumps(body).replace("-", "")
 
 
 @pytest.mark.parametrize("kind", ["diskferry"])

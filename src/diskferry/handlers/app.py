@@ -20,13 +20,15 @@ class App:
         release_connection(context)
 
 
-def images_app(store, config, options):
-    """The images API. ``options`` holds what OPTIONS advertises."""
+def images_app(store, config, options, ticket_options):
+    """The images API. ``options`` holds what OPTIONS advertises, and
+    ``ticket_options`` what it adds for a valid ticket only."""
     return App([
         (TICKET + "/extents", extents.ExtentsHandler(store, config)),
         (TICKET + "/checksum/algorithms", checksum.AlgorithmsHandler()),
         (TICKET + "/checksum", checksum.ChecksumHandler(store, config)),
-        (TICKET, images.ImageHandler(store, config, options)),
+        (TICKET, images.ImageHandler(store, config, options,
+                                           ticket_options)),
         (r"/images/?", images.NoTicketHandler()),
         (r"/info/?", info.InfoHandler()),
     ])

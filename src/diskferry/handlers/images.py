@@ -56,10 +56,11 @@ def content_disposition(filename):
 
 class ImageHandler:
 
-    def __init__(self, store, config, server_options):
+    def __init__(self, store, config, server_options, ticket_options):
         self.store = store
         self.config = config
         self.server_options = server_options
+        self.ticket_options = ticket_options
 
     def options(self, request, ticket_id):
         body = dict(self.server_options)
@@ -78,6 +79,7 @@ class ImageHandler:
             else:
                 allow = "OPTIONS,GET"
                 body["features"] = BASE_FEATURES
+            body.update(self.ticket_options)
             cap = self.config.daemon.max_connections
             body["max_readers"] = min(image.backend.max_readers, cap)
             body["max_writers"] = min(image.backend.max_writers, cap)
