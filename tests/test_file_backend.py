@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -179,3 +180,24 @@ def test_block_device(loop_device):
     assert data[MiB:MiB + 4096] == b"D" * 4096
     assert data[2 * MiB:3 * MiB] == b"\0" * MiB
     assert data[3 * MiB:] == b"L" * MiB
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_fifo_refused_at_once(tmp_path, writable):
+    """A FIFO would block open() until a writer came; it is refused."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    with pytest.raises(BackendError, match="neither a regular file"):
+        FileBackend(str(fifo), writable=writable)
+    assert time.monotonic() - start < 1
+
+
+def test_descriptor_is_blocking(tmp_path):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"x" * 4096)
+    b = FileBackend(str(image), writable=True)
+    try:
+        assert os.get_blocking(b.fileno())
+    finally:
+        b.close()

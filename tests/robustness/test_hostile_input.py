@@ -19,6 +19,7 @@ the difference:
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
@@ -489,3 +490,28 @@ def test_log_tells_limit_reached(limited):
     log = limited.log_text()
     assert re.search(r"connections open, the limit", log)
     assert "Traceback" not in log
+
+
+def test_fifo_ticket_answered_at_once(daemons, tmp_path):
+    """Finding 10: a ticket whose file is a FIFO held a thread in open()
+    without bound; now the request fails at once and the daemon serves."""
+    srv = daemons.get("diskferry")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    t = ticket_dict(fifo, 4096)
+    srv.add_ticket(t)
+    con = srv.remote_connection(timeout=5)
+    try:
+        con.request("OPTIONS", f"/images/{t['uuid']}")
+        res = con.getresponse()
+        body = res.read()
+    finally:
+        con.close()
+    assert res.status == 500, body
+    assert b"Cannot open" in body
+    con = srv.remote_connection(timeout=5)
+    try:
+        con.request("OPTIONS", "/images/*")
+        assert con.getresponse().status == 200
+    finally:
+        con.close()

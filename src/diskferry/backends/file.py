@@ -75,17 +75,10 @@ class FileBackend:
         self.direct = direct
         self.sparse = sparse
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        try:
-            self._fd = os.open(path, flags)
-        except OSError as e:
-            raise BackendError(f"Cannot open {path}: {e.strerror}") from e
         self._direct_fd = None
+        self._fd = self._open_checked(path, flags)
         try:
-            st = os.fstat(self._fd)
-            self.is_block = stat.S_ISBLK(st.st_mode)
-            if not (self.is_block or stat.S_ISREG(st.st_mode)):
-                raise BackendError(
-                    f"{path} is neither a regular file nor a block device")
+            self.is_block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
             self._size = os.lseek(self._fd, 0, os.SEEK_END)
             if direct:
                 self._direct_fd = self._open_direct(path, flags)
@@ -95,16 +88,41 @@ class FileBackend:
             raise
 
     @staticmethod
+    def _open_checked(path, flags):
+        """A descriptor of a regular file or block device.
+
+        Opened non-blocking, so that a FIFO (or a device that waits for a
+        peer) fails at once instead of holding the connection's thread
+        until a writer comes; blocking again once checked.
+        """
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK)
+        except OSError as e:
+            raise BackendError(f"Cannot open {path}: {e.strerror}") from e
+        try:
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise BackendError(
+                    f"{path} is neither a regular file nor a block device")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
     def _open_direct(path, flags):
         """An O_DIRECT descriptor, or None where the file system has none."""
         try:
-            return os.open(path, flags | os.O_DIRECT)
+            fd = os.open(path, flags | os.O_DIRECT | os.O_NONBLOCK)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             log.warning("%s: O_DIRECT not supported here, using buffered I/O",
                         path)
             return None
+        os.set_blocking(fd, True)
+        return fd
 
     def size(self):
         """The size now: a file may shrink or grow while a ticket lives."""
