@@ -1,5 +1,6 @@
 """The extent record shared by backends, handlers, the NBD client and the client."""
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 
@@ -26,3 +27,24 @@ class Extent(NamedTuple):
     @property
     def end(self) -> int:
         return self.start + self.length
+
+
+def append_merged(extents: list[Extent], extent: Extent) -> None:
+    """Append, merging with the last extent when adjacent with equal flags."""
+    if extents:
+        last = extents[-1]
+        if (last.end == extent.start and
+                (last.zero, last.hole, last.dirty) ==
+                (extent.zero, extent.hole, extent.dirty)):
+            extents[-1] = last._replace(length=last.length + extent.length)
+            return
+    extents.append(extent)
+
+
+def merged(extents: Iterable[Extent]) -> list[Extent]:
+    """The extents with empty ones dropped and adjacent equal ones joined."""
+    result: list[Extent] = []
+    for extent in extents:
+        if extent.length:
+            append_merged(result, extent)
+    return result

@@ -7,35 +7,18 @@ the dirty context (incremental backup) only from a ticket with
 ``"dirty": true`` whose backend keeps a dirty bitmap, else 404.
 """
 
-from diskferry.backends.base import Extent
 from diskferry.errors import (
     BadRequest,
     NotAvailable,
     NotFound,
     RangeNotSatisfiable,
 )
+from diskferry.extent import Extent, merged
 from diskferry.handlers.context import open_image
 from diskferry.handlers.jsonbody import send_json
 from diskferry.http import parse
 
 CONTEXTS = ("zero", "dirty")
-
-
-def merge(extents):
-    """Join adjacent extents with equal flags."""
-    merged = []
-    for ext in extents:
-        if ext.length == 0:
-            continue
-        if merged:
-            last = merged[-1]
-            if (last.zero, last.hole, last.dirty) == (ext.zero, ext.hole,
-                                                      ext.dirty):
-                merged[-1] = Extent(last.start, last.length + ext.length,
-                                    last.zero, last.hole, last.dirty)
-                continue
-        merged.append(ext)
-    return merged
 
 
 def covering(extents, start, length):
@@ -48,7 +31,7 @@ def covering(extents, start, length):
     if covered < start + length:
         extents.append(Extent(covered, start + length - covered, zero=True,
                               hole=True))
-    return merge(extents)
+    return merged(extents)
 
 
 def zero_extents(backend, start, length):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from diskferry.extent import Extent
+from diskferry.extent import Extent, append_merged
 
 from .wire import STATE_DIRTY, STATE_ZERO
 
@@ -49,21 +49,6 @@ def walk(
                 if index[n] == len(descs):
                     return
                 ends[n] += descs[index[n]][0]
-
-
-def append_merged(extents: list[Extent], extent: Extent) -> None:
-    """Append, merging with the last extent when adjacent with equal flags."""
-    if extents:
-        last = extents[-1]
-        if (
-            last.end == extent.start
-            and last.zero == extent.zero
-            and last.hole == extent.hole
-            and last.dirty == extent.dirty
-        ):
-            extents[-1] = last._replace(length=last.length + extent.length)
-            return
-    extents.append(extent)
 
 
 def zero_extents(
