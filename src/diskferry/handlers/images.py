@@ -116,7 +116,7 @@ class ImageHandler:
             fd = backend.fileno() if conn.zero_copy else None
             if fd is not None:
                 self._send_file(conn, fd, op, offset, length)
-            elif conn.zero_copy and backend.can_splice:
+            elif overlap.splices(conn, backend, length):
                 with request_pipe() as pipe:
                     overlap.send_spliced(conn, backend, pipe, op, offset,
                                          length)
@@ -158,7 +158,7 @@ class ImageHandler:
             if fd is not None:
                 self._splice_to_file(request, backend, fd, op, offset,
                                      length)
-            elif conn.zero_copy and backend.can_splice:
+            elif overlap.splices(conn, backend, length):
                 with request_pipe() as pipe:
                     overlap.receive_spliced(conn, backend, pipe, op, offset,
                                             length)
