@@ -189,10 +189,29 @@ def format_image(directory, fmt, size=MiB):
     if fmt == "luks" and size in _luks_images:
         path.write_bytes(_luks_images[size])
         return path
-    qemu_img("create", *FORMAT_IMAGES[fmt], path, size)
     if fmt == "luks":
+        _create_luks(path, size)
         _luks_images[size] = path.read_bytes()
+        return path
+    qemu_img("create", *FORMAT_IMAGES[fmt], path, size)
     return path
+
+
+#: Attempts at creating a LUKS image: qemu-img times its key derivation
+#: with the thread's CPU clock and gives up ("Unable to get accurate CPU
+#: usage") when a 10 ms tick has not passed, about 1 run in 10 here.
+LUKS_ATTEMPTS = 5
+
+
+def _create_luks(path, size):
+    for attempt in range(LUKS_ATTEMPTS):
+        try:
+            qemu_img("create", *FORMAT_IMAGES["luks"], path, size)
+            return
+        except subprocess.CalledProcessError as e:
+            if (b"accurate CPU usage" not in e.stderr or
+                    attempt + 1 == LUKS_ATTEMPTS):
+                raise
 
 
 #: LUKS images made so far, by size: creating one measures the key
