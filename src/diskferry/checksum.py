@@ -29,7 +29,7 @@ import functools
 import hashlib
 import os
 
-from .backends.file import FileBackend
+from . import extent
 from .errors import BackendError, BadRequest
 
 MiB = 1024 * 1024
@@ -271,8 +271,31 @@ def compute_file(path, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZ
     Gives the digest the daemon gives for the same content, so a client
     can verify a transfer; holes (SEEK_DATA/SEEK_HOLE) are not read.
     """
-    backend = FileBackend(os.fspath(path))
+    image = _LocalImage(os.fspath(path))
     try:
-        return compute(backend, algorithm, block_size, progress=progress)
+        return compute(image, algorithm, block_size, progress=progress)
     finally:
-        backend.close()
+        image.close()
+
+
+class _LocalImage:
+    """The three calls ``compute`` makes, on a local file or block device."""
+
+    def __init__(self, path):
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackendError(f"Cannot open {path}: {e.strerror}") from e
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)
+
+    def size(self):
+        return self._size
+
+    def extents(self, start, length):
+        return extent.file_extents(self._fd, start, min(start + length, self._size))
+
+    def readinto(self, buf, offset):
+        return os.preadv(self._fd, [buf], offset)
+
+    def close(self):
+        os.close(self._fd)

@@ -1,5 +1,7 @@
 """The extent record shared by backends, handlers, the NBD client and the client."""
 
+import errno
+import os
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -48,3 +50,33 @@ def merged(extents: Iterable[Extent]) -> list[Extent]:
         if extent.length:
             append_merged(result, extent)
     return result
+
+
+def file_extents(fd: int, start: int, end: int) -> list[Extent]:
+    """Map ``[start, end)`` of a local file with ``SEEK_DATA``/``SEEK_HOLE``.
+
+    Holes are zero holes; where the file system cannot tell (or ``fd``
+    is a block device), everything is data. One syscall per extent.
+    """
+    extents: list[Extent] = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                data = end
+            elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                extents.append(Extent(pos, end - pos, zero=False))
+                break
+            else:
+                raise
+        data = min(data, end)
+        if data > pos:
+            extents.append(Extent(pos, data - pos, zero=True, hole=True))
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        extents.append(Extent(data, hole - data, zero=False))
+        pos = hole
+    return extents

@@ -27,6 +27,7 @@ import urllib.parse
 
 from diskferry.backends import fallocate
 from diskferry.backends.base import BackendKind, Extent
+from diskferry.extent import file_extents
 from diskferry.errors import BackendError, NotAvailable
 
 log = logging.getLogger("diskferry.backends.file")
@@ -224,25 +225,7 @@ class FileBackend:
             return []
         if self.is_block:
             return [Extent(start, end - start, zero=False)]
-        result = []
-        pos = start
-        while pos < end:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:
-                    raise
-                data = end
-            data = min(data, end)
-            if data > pos:
-                result.append(Extent(pos, data - pos, zero=True, hole=True))
-                pos = data
-            if pos >= end:
-                break
-            hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
-            result.append(Extent(pos, hole - pos, zero=False))
-            pos = hole
-        return result
+        return file_extents(self._fd, start, end)
 
     # A file is spliced through its descriptor (``fileno``), not by these.
     can_splice = False

@@ -6,10 +6,8 @@ local file with ``SEEK_DATA``/``SEEK_HOLE``, and cutting data into
 requests.
 """
 
-import errno
-import os
-
 from diskferry.client.errors import ProtocolError
+from diskferry import extent
 from diskferry.extent import Extent
 
 
@@ -40,32 +38,8 @@ def parse_extents(items, size=None, start=0):
 
 
 def file_extents(fd, size):
-    """Map a local file with ``SEEK_DATA``/``SEEK_HOLE``.
-
-    Holes are reported as zero; where the file system cannot tell (or
-    ``fd`` is a block device), everything is data.
-    """
-    extents = []
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                data = size
-            elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-                return [Extent(0, size, False)] if size else []
-            else:
-                raise
-        data = min(data, size)
-        if data > pos:
-            extents.append(Extent(pos, data - pos, True, True))
-        if data >= size:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        extents.append(Extent(data, hole - data, False))
-        pos = hole
-    return extents
+    """Map a whole local file (see ``diskferry.extent.file_extents``)."""
+    return extent.file_extents(fd, 0, size)
 
 
 def ranges(extents, zero):
