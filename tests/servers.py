@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diskferry.client.uhttp import UnixHTTPConnection
-from diskferry.pki import ensure_pki
+from diskferry.daemon.pki import ensure_pki
 
 KINDS = ("ovirt-imageio", "diskferry")
 

@@ -10,8 +10,8 @@ import textwrap
 import pytest
 
 from diskferry import checksum
-from diskferry.backends.base import Extent
-from diskferry.backends.memory import MemoryBackend
+from diskferry.daemon.backends.base import Extent
+from diskferry.daemon.backends.memory import MemoryBackend
 from diskferry.errors import BackendError, BadRequest
 
 MiB = 1024 * 1024

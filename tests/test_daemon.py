@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from diskferry import config
-from diskferry.daemon import tls_context
+from diskferry.daemon import config
+from diskferry.daemon.service import tls_context
 
 
 def write(tmp_path, text):

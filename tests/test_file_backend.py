@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from diskferry.backends.file import FileBackend
-from diskferry.buffers import aligned_buffer
+from diskferry.daemon.backends.file import FileBackend
+from diskferry.daemon.buffers import aligned_buffer
 from diskferry.errors import BackendError
 
 MiB = 1024**2

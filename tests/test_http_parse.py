@@ -2,13 +2,13 @@
 
 import pytest
 
+from diskferry.daemon.http import parse
 from diskferry.errors import (
     BadRequest,
     HeadersTooLarge,
     RangeNotSatisfiable,
     URITooLong,
 )
-from diskferry.http import parse
 
 
 def head(*lines):
@@ -149,6 +149,6 @@ def test_check_request_line_start(data, ok):
                  "filename*=UTF-8''d%C3%ADsk.raw"),
 ])
 def test_content_disposition(name, value):
-    from diskferry.handlers.images import content_disposition
+    from diskferry.daemon.handlers.images import content_disposition
     assert content_disposition(name) == value
     value.encode("latin-1")

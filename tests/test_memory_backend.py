@@ -2,8 +2,8 @@
 
 import pytest
 
-from diskferry.backends.base import Extent
-from diskferry.backends.memory import ZERO_GRANULARITY, MemoryBackend
+from diskferry.daemon.backends.base import Extent
+from diskferry.daemon.backends.memory import ZERO_GRANULARITY, MemoryBackend
 from diskferry.errors import BackendError
 
 G = ZERO_GRANULARITY

@@ -12,9 +12,9 @@ import threading
 
 import pytest
 
-from diskferry.backends.memory import MemoryBackend
+from diskferry.daemon.backends.memory import MemoryBackend
+from diskferry.daemon.handlers import overlap
 from diskferry.errors import BackendError, ConnectionGone
-from diskferry.handlers import overlap
 
 MiB = 1 << 20
 SLOT = overlap.MIN_SLOT

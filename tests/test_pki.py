@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from diskferry import pki
+from diskferry.daemon import pki
 
 # A handshake on localhost completes at once; this only bounds a failure.
 HANDSHAKE_TIMEOUT = 10

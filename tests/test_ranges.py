@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from diskferry.ranges import RangeSet
+from diskferry.daemon.ranges import RangeSet
 
 
 @pytest.mark.parametrize("ranges,expected,total", [

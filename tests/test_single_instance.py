@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 import servers
-from diskferry.http.listener import remove_stale_socket
-from diskferry.instancelock import LOCK_NAME, InstanceLock, InstanceLocked
+from diskferry.daemon.http.listener import remove_stale_socket
+from diskferry.daemon.instancelock import LOCK_NAME, InstanceLock, InstanceLocked
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import (
     BadRequest,
     Forbidden,
@@ -12,7 +13,6 @@ from diskferry.errors import (
     TicketInUse,
     TicketNotFound,
 )
-from diskferry.tickets import TicketStore
 
 
 def ticket(**kw):

@@ -29,8 +29,8 @@ import functools
 import hashlib
 import os
 
-from . import extent
 from .errors import BackendError, BadRequest
+from .extent import file_extents
 
 MiB = 1024 * 1024
 
@@ -292,7 +292,7 @@ class _LocalImage:
         return self._size
 
     def extents(self, start, length):
-        return extent.file_extents(self._fd, start, min(start + length, self._size))
+        return file_extents(self._fd, start, min(start + length, self._size))
 
     def readinto(self, buf, offset):
         return os.preadv(self._fd, [buf], offset)

@@ -185,8 +185,8 @@ def test_known_method_not_allowed_405_with_allow(
 
 
 def test_router_reaches_only_http_methods():
+    from diskferry.daemon.http.router import Router
     from diskferry.errors import MethodNotAllowed, MethodNotImplemented
-    from diskferry.http.router import Router
 
     class Handler:
         store = object()  # not callable: was a TypeError, a 500
@@ -234,8 +234,8 @@ def test_deeply_nested_json_400(diskferry, ticket, where, depth):
 
 
 def test_nested_json_limit_unit():
+    from diskferry.daemon.handlers.jsonbody import MAX_JSON_DEPTH, parse_json
     from diskferry.errors import BadRequest
-    from diskferry.handlers.jsonbody import MAX_JSON_DEPTH, parse_json
 
     ok = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
     assert parse_json(ok.encode()) is not None

@@ -30,9 +30,9 @@ def register(subparsers):
 
 def run(args):
     # Imported here: the client commands need none of the daemon.
-    from diskferry import config as config_mod
     from diskferry import logformat
-    from diskferry.daemon import Daemon, notify_systemd
+    from diskferry.daemon import config as config_mod
+    from diskferry.daemon.service import Daemon, notify_systemd
     from diskferry.errors import DiskferryError
 
     try:

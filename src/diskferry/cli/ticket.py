@@ -78,8 +78,8 @@ class ControlError(Exception):
 
 
 def _request(args, method, path, body=None):
-    from diskferry import config as config_mod
     from diskferry.client.uhttp import UnixHTTPConnection
+    from diskferry.daemon import config as config_mod
 
     socket_path = args.socket
     if socket_path is None:

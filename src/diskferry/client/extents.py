@@ -6,8 +6,8 @@ local file with ``SEEK_DATA``/``SEEK_HOLE``, and cutting data into
 requests.
 """
 
-from diskferry.client.errors import ProtocolError
 from diskferry import extent
+from diskferry.client.errors import ProtocolError
 from diskferry.extent import Extent
 
 

@@ -25,12 +25,12 @@ import os
 import stat
 import urllib.parse
 
-from diskferry.backends import fallocate
-from diskferry.backends.base import BackendKind, Extent
-from diskferry.extent import file_extents
+from diskferry.daemon.backends import fallocate
+from diskferry.daemon.backends.base import BackendKind, Extent
 from diskferry.errors import BackendError, NotAvailable
+from diskferry.extent import file_extents
 
-log = logging.getLogger("diskferry.backends.file")
+log = logging.getLogger("diskferry.daemon.backends.file")
 
 #: Alignment of offsets, lengths and memory for O_DIRECT; 4096 satisfies
 #: every logical block size in use (512 and 4096). Buffers from

@@ -7,6 +7,9 @@ the dirty context (incremental backup) only from a ticket with
 ``"dirty": true`` whose backend keeps a dirty bitmap, else 404.
 """
 
+from diskferry.daemon.handlers.context import open_image
+from diskferry.daemon.handlers.jsonbody import send_json
+from diskferry.daemon.http import parse
 from diskferry.errors import (
     BadRequest,
     NotAvailable,
@@ -14,9 +17,6 @@ from diskferry.errors import (
     RangeNotSatisfiable,
 )
 from diskferry.extent import Extent, merged
-from diskferry.handlers.context import open_image
-from diskferry.handlers.jsonbody import send_json
-from diskferry.http import parse
 
 CONTEXTS = ("zero", "dirty")
 

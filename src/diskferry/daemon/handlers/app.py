@@ -1,8 +1,8 @@
 """The two applications the daemon serves, as routing tables."""
 
-from diskferry.handlers import checksum, extents, images, info, tickets
-from diskferry.handlers.context import release_connection
-from diskferry.http.router import Router
+from diskferry.daemon.handlers import checksum, extents, images, info, tickets
+from diskferry.daemon.handlers.context import release_connection
+from diskferry.daemon.http.router import Router
 
 TICKET = r"/images/([^/]+)"
 

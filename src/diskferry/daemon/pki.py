@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DiskferryError
+from diskferry.errors import DiskferryError
 
 CA_CERT_NAME = "ca.pem"
 CA_KEY_NAME = "ca.key"

@@ -27,7 +27,8 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from diskferry import backends
+from diskferry.daemon import backends
+from diskferry.daemon.ranges import RangeSet
 from diskferry.errors import (
     BadRequest,
     Forbidden,
@@ -35,7 +36,6 @@ from diskferry.errors import (
     TicketInUse,
     TicketNotFound,
 )
-from diskferry.ranges import RangeSet
 
 VALID_OPS = ("read", "write")
 

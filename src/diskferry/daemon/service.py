@@ -22,15 +22,15 @@ import threading
 import uuid
 
 from diskferry import __version__
+from diskferry.daemon.handlers import control_app, images_app
+from diskferry.daemon.http.listener import is_abstract, tcp_listener, unix_listener
+from diskferry.daemon.http.server import ConnectionLimit, Server
+from diskferry.daemon.instancelock import InstanceLock
+from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import DiskferryError
-from diskferry.handlers import control_app, images_app
 from diskferry.hostid import host_id
-from diskferry.http.listener import is_abstract, tcp_listener, unix_listener
-from diskferry.http.server import ConnectionLimit, Server
-from diskferry.instancelock import InstanceLock
-from diskferry.tickets import TicketStore
 
-log = logging.getLogger("diskferry.daemon")
+log = logging.getLogger("diskferry.daemon.service")
 
 #: Mode of the control socket: the management plane's group may use it.
 CONTROL_SOCKET_MODE = 0o660
@@ -195,7 +195,7 @@ class Daemon:
         if tls.cert_file and tls.key_file:
             self.ca_file = tls.ca_file or None
             return tls.cert_file, tls.key_file
-        from diskferry.pki import ensure_pki
+        from diskferry.daemon.pki import ensure_pki
         pki = ensure_pki(os.path.join(self.config.state_dir, "pki"),
                          hostnames=("localhost", socket.gethostname()),
                          ips=("127.0.0.1", "::1"))

@@ -31,15 +31,15 @@ import urllib.parse
 from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
-from diskferry.backends.base import BackendKind, Extent
+from diskferry.daemon.backends.base import BackendKind, Extent
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
-    from diskferry.config import Config
-    from diskferry.tickets import Ticket
+    from diskferry.daemon.config import Config
+    from diskferry.daemon.tickets import Ticket
 
-log = logging.getLogger("diskferry.backends.nbd")
+log = logging.getLogger("diskferry.daemon.backends.nbd")
 
 #: Connections per image when the export allows several (capped by the
 #: daemon's ``max_connections``).

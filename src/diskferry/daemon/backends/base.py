@@ -3,7 +3,7 @@
 A backend module (``file``, ``nbd``, ``memory``) provides a
 ``BackendKind``: how to check a ticket URL of its schemes when the
 ticket is installed, and how to open the image for one connection. The
-registry in ``diskferry.backends`` maps URL schemes to kinds; nothing
+registry in ``diskferry.daemon.backends`` maps URL schemes to kinds; nothing
 else in the daemon knows which backends exist.
 """
 
@@ -15,8 +15,8 @@ from diskferry.extent import Extent
 from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
-    from diskferry.config import Config
-    from diskferry.tickets import Ticket
+    from diskferry.daemon.config import Config
+    from diskferry.daemon.tickets import Ticket
 
 __all__ = ["Backend", "BackendKind", "Extent"]
 

@@ -14,10 +14,10 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 
+from diskferry.daemon.http.connection import HEAD_TIMEOUT
+from diskferry.daemon.http.server import DEFAULT_CONNECTION_LIMIT
+from diskferry.daemon.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
 from diskferry.errors import DiskferryError
-from diskferry.http.connection import HEAD_TIMEOUT
-from diskferry.http.server import DEFAULT_CONNECTION_LIMIT
-from diskferry.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
 
 
 class ConfigError(DiskferryError):

@@ -1,8 +1,8 @@
 """``/images/{ticket}/checksum``: a block hash of the image's content."""
 
 from diskferry import checksum
-from diskferry.handlers.context import open_image
-from diskferry.handlers.jsonbody import send_json
+from diskferry.daemon.handlers.context import open_image
+from diskferry.daemon.handlers.jsonbody import send_json
 
 
 class ChecksumHandler:

@@ -1,7 +1,7 @@
 """``/info/``: the daemon's version."""
 
 from diskferry import __version__
-from diskferry.handlers.jsonbody import send_json
+from diskferry.daemon.handlers.jsonbody import send_json
 
 
 class InfoHandler:

@@ -4,6 +4,6 @@
 ``control_app`` the tickets API (control service).
 """
 
-from diskferry.handlers.app import control_app, images_app
+from diskferry.daemon.handlers.app import control_app, images_app
 
 __all__ = ["control_app", "images_app"]

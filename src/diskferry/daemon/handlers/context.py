@@ -10,8 +10,8 @@ import logging
 import mmap
 import threading
 
-from diskferry.backends import open_backend
-from diskferry.buffers import aligned_buffer
+from diskferry.daemon.backends import open_backend
+from diskferry.daemon.buffers import aligned_buffer
 from diskferry.errors import BackendError, ServerError
 from diskferry.pipe import Pipe
 

@@ -9,13 +9,13 @@ and one line here. Nothing below here knows HTTP.
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from diskferry.backends import file, nbd
-from diskferry.backends.base import Backend, BackendKind
+from diskferry.daemon.backends import file, nbd
+from diskferry.daemon.backends.base import Backend, BackendKind
 from diskferry.errors import BackendError
 
 if TYPE_CHECKING:
-    from diskferry.config import Config
-    from diskferry.tickets import Ticket
+    from diskferry.daemon.config import Config
+    from diskferry.daemon.tickets import Ticket
 
 #: URL scheme -> backend.
 BACKENDS: dict[str, BackendKind] = {

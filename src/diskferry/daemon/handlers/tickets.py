@@ -1,8 +1,8 @@
 """``/tickets/{id}``: the management plane's view of tickets."""
 
+from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
+from diskferry.daemon.tickets import MAX_TIMEOUT
 from diskferry.errors import BadRequest
-from diskferry.handlers.jsonbody import field, read_json, send_json
-from diskferry.tickets import MAX_TIMEOUT
 
 
 class TicketsHandler:

@@ -8,7 +8,8 @@ is allocated memory, so it never reports a hole (``Extent.hole``: no
 layer allocates the range); zero chunks are allocated zeros.
 """
 
-from ..errors import BackendError, NotAvailable
+from diskferry.errors import BackendError, NotAvailable
+
 from .base import Extent
 
 #: Size of the chunks extents are reported in, as a file system block.

@@ -37,6 +37,7 @@ import struct
 import time
 from http import HTTPStatus
 
+from diskferry.daemon.http import parse
 from diskferry.errors import (
     BadRequest,
     ConnectionGone,
@@ -44,7 +45,6 @@ from diskferry.errors import (
     RequestTimeout,
     ServerError,
 )
-from diskferry.http import parse
 
 #: Bytes asked of recv() when reading a head; also bounds how much of a
 #: body can land in the head buffer.

@@ -25,17 +25,17 @@ import socket
 import threading
 import time
 
+from diskferry.daemon.http import parse
+from diskferry.daemon.http.connection import HEAD_TIMEOUT, Connection
+from diskferry.daemon.http.listener import describe
 from diskferry.errors import (
     ConnectionGone,
     RequestError,
     ServerError,
     ServiceUnavailable,
 )
-from diskferry.http import parse
-from diskferry.http.connection import HEAD_TIMEOUT, Connection
-from diskferry.http.listener import describe
 
-log = logging.getLogger("diskferry.http")
+log = logging.getLogger("diskferry.daemon.http")
 
 #: Seconds a new TLS connection has to complete its handshake.
 TLS_HANDSHAKE_TIMEOUT = 10.0

@@ -11,17 +11,17 @@ Each request checks between chunks whether its ticket was canceled.
 
 import urllib.parse
 
-from diskferry.errors import BadRequest, RangeNotSatisfiable
-from diskferry.handlers import overlap
-from diskferry.handlers.context import (
+from diskferry.daemon.handlers import overlap
+from diskferry.daemon.handlers.context import (
     connection_buffer,
     connection_pipe,
     discard_pipe,
     open_image,
     request_pipe,
 )
-from diskferry.handlers.jsonbody import field, read_json, send_json
-from diskferry.http import parse
+from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
+from diskferry.daemon.http import parse
+from diskferry.errors import BadRequest, RangeNotSatisfiable
 
 BASE_FEATURES = ["checksum", "extents"]
 WRITE_FEATURES = BASE_FEATURES + ["flush", "zero"]
