@@ -25,7 +25,7 @@ def diskferry(*args, check=True):
 @pytest.mark.parametrize("command", ["upload", "download"])
 def test_help_shows_an_example(command):
     out = diskferry(command, "--help").stdout
-    assert "example:" in out
+    assert "example" in out
     assert f"diskferry {command} --cafile" in out
     for option in ("--cafile", "--insecure", "--workers", "--request-size",
                    "--unix", "--verify", "--quiet"):

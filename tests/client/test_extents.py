@@ -3,7 +3,7 @@
 import pytest
 
 from diskferry.client import extents
-from diskferry.client.copy import Piece, plan
+from diskferry.client.engine import Piece, plan
 from diskferry.client.errors import ProtocolError
 from diskferry.extent import Extent
 
@@ -97,3 +97,46 @@ def test_plan_merges_given_zero_ranges_in_order():
     exts = [Extent(0, 10, False), Extent(10, 8, True)]
     assert list(plan(exts, 8, zero_ranges=[(12, 18)])) == [
         Piece("data", 0, 8), Piece("data", 8, 2), Piece("zero", 12, 6)]
+
+
+@pytest.mark.parametrize("known,start,end,expected", [
+    ([], 0, 1, False),
+    ([(0, 10)], 0, 10, True),
+    ([(0, 10)], 5, 11, False),
+    ([(0, 10), (20, 30)], 21, 30, True),
+    ([(0, 10), (20, 30)], 9, 21, False),
+    ([(0, 10), (20, 30)], 10, 20, False),
+])
+def test_covered(known, start, end, expected):
+    assert extents.covered(known, start, end) is expected
+
+
+K = 1024
+
+
+def _buffer(length, data_at=()):
+    buf = bytearray(length)
+    for offset in data_at:
+        buf[offset] = 1
+    return buf
+
+
+@pytest.mark.parametrize("length,data_at,min_run,expected", [
+    # All zero: one zero run, whatever its length.
+    (192 * K, (), MiB, [(0, 192 * K, True)]),
+    # All data.
+    (128 * K, (0, 64 * K), 64 * K, [(0, 128 * K, False)]),
+    # A zero run long enough between data.
+    (4 * MiB, (0, 3 * MiB + 5), MiB,
+     [(0, 64 * K, False), (64 * K, 3 * MiB, True), (3 * MiB, 4 * MiB, False)]),
+    # Too short a zero run stays in the data around it.
+    (4 * MiB, (0, 512 * K), MiB,
+     [(0, 576 * K, False), (576 * K, 4 * MiB, True)]),
+    # A tail shorter than a block.
+    (64 * K + 10, (64 * K + 9,), 64 * K,
+     [(0, 64 * K, True), (64 * K, 64 * K + 10, False)]),
+])
+def test_zero_runs(length, data_at, min_run, expected):
+    buf = _buffer(length + 4096, data_at)
+    buf[length] = 1  # past the length: never looked at
+    assert extents.zero_runs(buf, length, 64 * K, min_run) == expected

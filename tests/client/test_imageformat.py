@@ -126,22 +126,46 @@ def test_empty_file_is_raw(tmp_path):
     assert probe(tmp_path / "empty").raw
 
 
-def test_check_source(tmp_path):
-    image = format_image(tmp_path, "qcow2")
-    fd = os.open(image, os.O_RDONLY)
+def _source_format(path, fmt=None, member=None):
+    fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        assert imageformat.check_source(str(image), fd, size, "raw") is None
-        with pytest.raises(imageformat.UnsupportedFormat) as e:
-            imageformat.check_source(str(image), fd, size, None)
-        assert e.value.format == "qcow2"
-        assert 'format="raw"' in str(e.value)
-        assert "qemu-img convert -O raw" in str(e.value)
-        with pytest.raises(imageformat.UnsupportedFormat,
-                           match="not supported yet"):
-            imageformat.check_source(str(image), fd, size, "qcow2")
+        return imageformat.source_format(str(path), fd, os.fstat(fd).st_size,
+                                         fmt, member=member)
     finally:
         os.close(fd)
+
+
+def test_source_format(tmp_path):
+    image = format_image(tmp_path, "qcow2")
+    assert _source_format(image, "raw") == "raw"
+    assert _source_format(image) == "qcow2"
+    assert _source_format(image, "qcow2") == "qcow2"
+    with pytest.raises(imageformat.UnsupportedFormat,
+                       match="'nonsense' is not one diskferry reads"):
+        _source_format(image, "nonsense")
+
+
+def test_source_format_refuses_what_qemu_nbd_cannot_serve(tmp_path):
+    with pytest.raises(imageformat.UnsupportedFormat) as e:
+        _source_format(format_image(tmp_path, "luks"))
+    assert e.value.format == "luks"
+    assert "with its key" in str(e.value)
+    assert 'format="raw"' in str(e.value)
+
+
+def test_archive_needs_a_member(tmp_path):
+    ova = format_image(tmp_path, "ova")
+    with pytest.raises(imageformat.UnsupportedFormat) as e:
+        _source_format(ova)
+    assert e.value.format == "tar"
+    assert "--member NAME" in str(e.value)
+    assert "vm.ovf, disk1.vmdk" in str(e.value)
+    assert _source_format(ova, member="disk1.vmdk") == "vmdk"
+    # The descriptor is no disk, but it is the user's word: raw.
+    assert _source_format(ova, member="vm.ovf") == "raw"
+    with pytest.raises(imageformat.UnsupportedFormat,
+                       match="no file member 'nosuch'.*disk1.vmdk"):
+        _source_format(ova, member="nosuch")
 
 
 def test_refusal_is_one_line_whatever_the_path(tmp_path):

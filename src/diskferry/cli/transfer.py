@@ -1,4 +1,4 @@
-"""``diskferry upload`` and ``diskferry download``: whole raw images.
+"""``diskferry upload`` and ``diskferry download``: whole disk images.
 
 Output: a progress bar on a terminal, then a one-line summary. When
 standard output is not a terminal (scripts, benchmarks), the summary is
@@ -8,6 +8,7 @@ one JSON object instead, with at least ``bytes`` and ``seconds``.
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 
@@ -16,32 +17,47 @@ from diskferry.client import imageformat
 from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS
 
 UPLOAD_EPILOG = """\
-example:
-  diskferry upload --cafile ca.pem disk.raw \\
+examples:
+  diskferry upload --cafile ca.pem disk.qcow2 \\
       https://host.example.com:54322/images/0f6c7e4a-5b1e-4c8e-9d2f-3a1b2c3d4e5f
+  diskferry upload --member disk1.vmdk appliance.ova URL
+  diskferry upload --single-layer inc2.qcow2 URL
 
-FILE must be a raw disk image (or a block device holding one). Its format
-is probed first (qemu-img info, or its magic bytes without qemu-img): a
-qcow2, vmdk, vdi, vhdx, qed, vhd, luks, OVA/tar or compressed file is
-refused with exit status 2 before anything is sent. Convert it with
-  qemu-img convert -O raw disk.qcow2 disk.raw
-or pass --format raw to upload its bytes as they are.
+FILE is a disk image in any format qemu reads (raw, qcow2 with its
+backing chain, vmdk, vdi, vhdx, qed, vpc, ...) or a block device holding
+one. Its format is probed (qemu-img info, or its magic bytes without
+qemu-img): raw is sent as it is; other formats are read through qemu-nbd
+(package qemu-utils), so the guest's disk is uploaded, not the file. An
+encrypted or compressed file, or an archive without --member, is refused
+with exit status 2 before anything is sent. --format raw uploads FILE's
+bytes as they are.
 
 On the server's host the transfer switches to the server's UNIX socket by
-itself (see --unix). Holes of a sparse source are not sent.
+itself (see --unix). Holes of the source are not sent.
 """
 
 #: Exit status of a refused argument, as argparse uses for usage errors.
 EXIT_USAGE = 2
 
 DOWNLOAD_EPILOG = """\
-example:
+examples:
   diskferry download --cafile ca.pem \\
       https://host.example.com:54322/images/0f6c7e4a-5b1e-4c8e-9d2f-3a1b2c3d4e5f \\
       disk.raw
+  diskferry download --format qcow2 URL full.qcow2
+  diskferry download --incremental --backing-file full.qcow2 URL inc1.qcow2
 
-FILE is created or truncated as a sparse file: zero ranges of the image
-are not transferred and stay holes. A block device is written in place.
+A raw FILE is written sparse (zero ranges are not transferred and stay
+holes); a block device is written in place. A qcow2 FILE is created with
+qemu-img and written through qemu-nbd, over --backing-file when given.
+A file is written as FILE.part and renamed when complete; an existing
+FILE is replaced only with --overwrite.
+
+--incremental copies only what the transfer's dirty extents name (a
+backup ticket with "dirty": true) into a qcow2 overlay of the previous
+backup: full.qcow2 <- inc1.qcow2 <- inc2.qcow2 reads as the disk did at
+each backup. Restore by uploading the newest overlay: its chain is read
+with it.
 """
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -95,7 +111,11 @@ def _add_common(parser):
     parser.add_argument(
         "--verify", action="store_true",
         help="compare the server's checksum of the image with the local "
-             "one afterwards")
+             "one afterwards (raw images)")
+    parser.add_argument(
+        "--no-detect-zeros", dest="detect_zeros", action="store_false",
+        help="move zero blocks inside data as data (default: images read "
+             "or written through qemu-nbd send runs of zeros as zero)")
     parser.add_argument(
         "--quiet", "-q", action="store_true",
         help="print nothing but errors")
@@ -105,41 +125,89 @@ def _add_common(parser):
 
 def register(subparsers):
     up = subparsers.add_parser(
-        "upload", help="upload a local raw image to a transfer URL",
-        description="Upload a local raw file or block device to a transfer "
-                    "URL (https://HOST:PORT/images/TICKET). Sources in "
-                    "other formats are refused.",
+        "upload", help="upload a local disk image to a transfer URL",
+        description="Upload a local disk image (raw, qcow2, vmdk, ... or a "
+                    "block device) to a transfer URL "
+                    "(https://HOST:PORT/images/TICKET).",
         epilog=UPLOAD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    up.add_argument("file", metavar="FILE", help="raw image or block device")
+    up.add_argument("file", metavar="FILE", help="disk image or block device")
     up.add_argument("url", metavar="URL", help="transfer URL")
     up.add_argument(
         "--format", metavar="FORMAT",
-        help="format of FILE; only raw for now: upload FILE's bytes as they "
-             "are, without probing (default: probe FILE, refuse all but raw)")
+        help="format of FILE, not probed: raw uploads its bytes as they are; "
+             "qcow2, vmdk, ... read it through qemu-nbd (default: probe)")
+    up.add_argument(
+        "--member", metavar="NAME",
+        help="upload member NAME of the tar archive (OVA) FILE, read in "
+             "place")
+    up.add_argument(
+        "--single-layer", action="store_true",
+        help="upload FILE's own layer, not its backing chain: what it does "
+             "not allocate is left untouched in the destination")
     _add_common(up)
     up.set_defaults(func=run_upload)
 
     down = subparsers.add_parser(
-        "download", help="download a transfer URL to a local raw image",
+        "download", help="download a transfer URL to a local disk image",
         description="Download a transfer URL (https://HOST:PORT/images/"
-                    "TICKET) to a raw file or block device.",
+                    "TICKET) to a raw or qcow2 image, or a block device.",
         epilog=DOWNLOAD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     down.add_argument("url", metavar="URL", help="transfer URL")
     down.add_argument("file", metavar="FILE",
-                      help="raw file to create, or block device")
+                      help="image file to create, or block device")
+    down.add_argument(
+        "--format", choices=("raw", "qcow2"), default=None,
+        help="format of FILE (default: raw; qcow2 with --backing-file)")
+    down.add_argument(
+        "--backing-file", metavar="PATH",
+        help="create FILE as a qcow2 overlay of PATH (named relative to "
+             "FILE)")
+    down.add_argument(
+        "--incremental", action="store_true",
+        help="copy only the transfer's dirty extents (needs "
+             "--backing-file: the previous backup)")
+    down.add_argument(
+        "--overwrite", action="store_true",
+        help="replace FILE if it exists")
     _add_common(down)
     down.set_defaults(func=run_download)
 
 
 def run_upload(args):
     return _run(args, "upload", client.upload, args.file, args.url,
-                format=args.format)
+                format=args.format, member=args.member,
+                single_layer=args.single_layer,
+                detect_zeros=args.detect_zeros)
 
 
 def run_download(args):
-    return _run(args, "download", client.download, args.url, args.file)
+    fmt = args.format or ("qcow2" if args.backing_file else "raw")
+    problem = _download_problem(args, fmt)
+    if problem:
+        print(f"diskferry download: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    return _run(args, "download", client.download, args.url, args.file,
+                format=fmt, backing_file=args.backing_file,
+                incremental=args.incremental, detect_zeros=args.detect_zeros)
+
+
+def _download_problem(args, fmt):
+    """Why the download's arguments cannot work, or None."""
+    if args.incremental and not args.backing_file:
+        return ("--incremental needs --backing-file (the previous backup "
+                "the new overlay reads through)")
+    if args.backing_file and fmt == "raw":
+        return "--backing-file needs --format qcow2: a raw image has none"
+    if args.backing_file and not os.path.exists(args.backing_file):
+        return f"--backing-file {args.backing_file}: no such file"
+    if args.verify and fmt != "raw":
+        return "--verify compares raw images only"
+    if (os.path.isfile(args.file) or os.path.islink(args.file)) and \
+            not args.overwrite:
+        return (f"{args.file} exists; pass --overwrite to replace it")
+    return None
 
 
 def _run(args, command, copy, src, dst, **options):

@@ -6,6 +6,11 @@ local file with ``SEEK_DATA``/``SEEK_HOLE``, and cutting data into
 requests.
 """
 
+import bisect
+import functools
+import sys
+from typing import Any
+
 from diskferry import extent
 from diskferry.client.errors import ProtocolError
 from diskferry.extent import Extent
@@ -83,3 +88,46 @@ def subtract(wanted, known):
 def split(start, end, step):
     """Cut ``[start, end)`` into ``(offset, length)`` pieces of ``step``."""
     return [(pos, min(step, end - pos)) for pos in range(start, end, step)]
+
+
+def covered(known: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Whether sorted, merged ranges ``known`` cover ``[start, end)``."""
+    i = bisect.bisect_right(known, (start, sys.maxsize)) - 1
+    return i >= 0 and known[i][0] <= start and known[i][1] >= end
+
+
+def zero_runs(buf: bytearray, length: int, block: int,
+              min_run: int) -> list[tuple[int, int, bool]]:
+    """Cut ``buf[:length]`` into ``(start, end, zero)`` runs.
+
+    ``buf`` is a bytearray; zeros are found ``block`` bytes at a time
+    (a C-speed compare, no copy) and a run of them counts as zero only
+    when it is at least ``min_run`` long or fills ``buf[:length]``:
+    shorter ones stay in the data around them, where they cost less
+    than a request of their own.
+    """
+    zeros = _zeros(block)
+    runs: list[list[Any]] = []
+    pos = 0
+    while pos < length:
+        n = min(block, length - pos)
+        zero = buf.startswith(zeros[:n], pos)
+        if runs and runs[-1][2] == zero:
+            runs[-1][1] = pos + n
+        else:
+            runs.append([pos, pos + n, zero])
+        pos += n
+    out: list[tuple[int, int, bool]] = []
+    for start, end, zero in runs:
+        if zero and end - start < min_run and end - start < length:
+            zero = False
+        if out and out[-1][2] == zero:
+            out[-1] = (out[-1][0], end, zero)
+        else:
+            out.append((start, end, zero))
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _zeros(size: int) -> memoryview:
+    return memoryview(bytes(size))

@@ -1,10 +1,13 @@
 """What format is this local image in? Asked before an upload sends it.
 
-An upload copies a source's bytes into a raw disk. A qcow2, vmdk or OVA
-file copied that way becomes a disk holding a container instead of the
-guest's data: the transfer succeeds and the disk is corrupt. So the
-source is probed first, and anything not raw is refused unless the user
-said ``format="raw"`` (upload the bytes as they are).
+An upload copies a guest's disk into a raw target. A qcow2, vmdk or OVA
+file copied byte for byte becomes a disk holding a container instead of
+the guest's data: the transfer succeeds and the disk is corrupt. So the
+source is probed first: raw is sent as it is, a format qemu reads is
+read through qemu-nbd (the guest-visible disk), and anything else (an
+encrypted or compressed file, an archive without a member named) is
+refused before a request is sent, unless the user said ``format="raw"``
+(upload the bytes as they are).
 
 Two witnesses, and the source is raw only when neither objects::
 
@@ -75,16 +78,22 @@ MAGICS: tuple[tuple[int, bytes, str], ...] = (
     (0, b"\x1f\x8b\x08", "gzip"),
 )
 
-#: What to do to upload the disk a source in a format holds: the
-#: default for the formats qemu reads, and the others.
+#: Formats copied through qemu-nbd (the guest's disk, not the file).
+QEMU_FORMATS = frozenset({
+    "qcow2", "qcow", "vmdk", "vdi", "vhdx", "qed", "vpc", "parallels",
+    "bochs", "dmg", "cloop",
+})
+
+#: What to do to upload the disk a source in a format holds, for the
+#: formats an upload cannot read as they are.
 CONVERT = "convert it first (qemu-img convert -O raw {path} DISK.raw)"
 ADVICE = {
     "luks": ("convert it first with its key (qemu-img convert --object "
              "secret,id=s0,file=KEYFILE --image-opts "
              "driver=luks,key-secret=s0,file.filename={path} -O raw "
              "DISK.raw)"),
-    "tar": ("extract the disk image from it (tar -xf {path}; an OVA "
-            "holds its disks as members) and convert that to raw"),
+    "tar": ("name the disk image inside it with {member} (an OVA holds "
+            "its disks as members{members})"),
     "xz": "decompress it first (xz -dk {path})",
     "zstd": "decompress it first (zstd -d {path})",
     "gzip": "decompress it first (gzip -dk {path})",
@@ -97,6 +106,11 @@ NOUNS = {
     "zstd": "zstd-compressed file",
     "gzip": "gzip-compressed file",
 }
+
+#: ``Probe.detail`` when qemu-img is absent, and how it starts when
+#: qemu-img could not open the source.
+NO_QEMU_IMG = "qemu-img not found"
+QEMU_IMG_FAILED = "qemu-img cannot open it"
 
 #: Formats named by ``qemu-img info`` that mean "the bytes are the disk".
 RAW_FORMATS = frozenset({RAW})
@@ -111,6 +125,8 @@ class Probe:
     format: str
     by: str
     detail: str = ""
+    #: For an archive: its file members, comma-separated.
+    members: str = ""
 
     @property
     def raw(self) -> bool:
@@ -180,29 +196,37 @@ def probe(path: str, fd: int, size: int, qemu_img: str | None = None) -> Probe:
     magic = detect_magic(head, tail)
     qemu_img = qemu_img or shutil.which("qemu-img")
     if qemu_img is None:
-        return Probe(magic or RAW, "magic", "qemu-img not found")
+        return Probe(magic or RAW, "magic", NO_QEMU_IMG)
     try:
         info = qemu_img_info(path, qemu_img)
     except (OSError, RuntimeError) as e:
-        return Probe(magic or "unknown", "magic",
-                     f"qemu-img cannot open it: {e}")
+        return Probe(magic or "unknown", "magic", f"{QEMU_IMG_FAILED}: {e}")
     fmt = str(info["format"])
     if fmt in RAW_FORMATS and magic is not None:
         return Probe(magic, "magic", "found by its magic bytes")
     return Probe(fmt, "qemu-img", _qemu_detail(info))
 
 
-def refusal(path: str, found: Probe, force: str) -> str:
+def refusal(path: str, found: Probe, force: str,
+            member: str = "--member NAME") -> str:
     """One line saying why ``path`` is not uploaded and what to do;
-    ``force`` is how the caller spells "raw, as it is"."""
-    if found.format == "unknown":
+    ``force`` is how the caller spells "raw, as it is", ``member`` how it
+    names a member of an archive."""
+    if found.format in QEMU_FORMATS and found.detail == NO_QEMU_IMG:
+        text = (f"{path} is a {found.format} image: reading it needs "
+                f"qemu-img and qemu-nbd (Debian package qemu-utils), which "
+                f"are not installed; to upload its bytes as they are, pass "
+                f"{force}")
+    elif found.format == "unknown":
         text = (f"{path}: cannot tell its format ({found.detail}); if it is "
                 f"a raw disk image, pass {force} to upload its bytes as "
                 f"they are")
     else:
         noun = NOUNS.get(found.format, f"{found.format} image")
         detail = f" ({found.detail})" if found.detail else ""
-        todo = ADVICE.get(found.format, CONVERT).format(path=path)
+        listed = f": {found.members}" if found.members else ""
+        todo = ADVICE.get(found.format, CONVERT).format(
+            path=path, member=member, members=listed)
         text = (f"{path} is a {noun}{detail}, not a raw disk image: "
                 f"uploading it would write the {found.format} container "
                 f"into the disk. To upload the disk it holds, {todo}; to "
@@ -210,24 +234,56 @@ def refusal(path: str, found: Probe, force: str) -> str:
     return escape(text)
 
 
-def check_source(path: str, fd: int, size: int, fmt: str | None,
-                 force: str = 'format="raw"') -> Probe | None:
-    """Refuse, as ``UnsupportedFormat``, a source an upload would corrupt.
+def source_format(path: str, fd: int, size: int, fmt: str | None,
+                  force: str = 'format="raw"',
+                  member: str | None = None) -> str:
+    """The format to read the source in: "raw" (its bytes are the disk)
+    or a qemu driver (read through qemu-nbd); raise ``UnsupportedFormat``
+    for a source an upload would corrupt or cannot read.
 
-    ``fmt`` is the format the caller asked for: None to probe, "raw" to
-    take the bytes as they are (nothing probed, None returned). Any other
-    format needs a conversion, which is not supported yet.
+    ``fmt`` is the format the caller asked for (None: probe). With
+    ``member`` (a file inside a tar archive such as an OVA), the
+    member's own head is probed.
     """
-    if fmt == RAW:
-        return None
     if fmt is not None:
-        raise UnsupportedFormat(
-            escape(f"format {fmt!r}: uploading from {fmt} is not supported "
-                   f"yet (only raw); convert it to raw first (qemu-img "
-                   f"convert -f {fmt} -O raw {path} DISK.raw)"),
-            path=path, format=fmt)
+        if fmt != RAW and fmt not in QEMU_FORMATS:
+            raise UnsupportedFormat(
+                escape(f"format {fmt!r} is not one diskferry reads (raw, "
+                       f"{', '.join(sorted(QEMU_FORMATS))})"),
+                path=path, format=fmt)
+        return fmt
+    if member is not None:
+        return _member_format(path, fd, member)
     found = probe(path, fd, size)
-    if not found.raw:
-        raise UnsupportedFormat(refusal(path, found, force), path=path,
-                                format=found.format, probe=found)
+    if found.raw:
+        return found.format
+    if found.format in QEMU_FORMATS:
+        if found.detail != NO_QEMU_IMG and \
+                not found.detail.startswith(QEMU_IMG_FAILED):
+            return found.format
+    if found.format == "tar":
+        from diskferry.client import formats
+
+        found = Probe("tar", found.by, found.detail,
+                      ", ".join(formats.members(path)))
+    raise UnsupportedFormat(refusal(path, found, force), path=path,
+                            format=found.format, probe=found)
+
+
+def _member_format(path: str, fd: int, member: str) -> str:
+    """The format of a member, by its magic: qemu-img cannot open a byte
+    range by a plain name, and formats.open_source checks it after."""
+    from diskferry.client import formats
+
+    offset, length = formats.member_location(path, member)
+    head = os.pread(fd, min(HEAD_SIZE, length), offset)
+    tail = os.pread(fd, min(TAIL_SIZE, length),
+                    offset + length - min(TAIL_SIZE, length))
+    found = detect_magic(head, tail if length >= TAIL_SIZE else b"") or RAW
+    if found != RAW and found not in QEMU_FORMATS:
+        raise UnsupportedFormat(
+            escape(f"{path} member {member} is a "
+                   f"{NOUNS.get(found, found + ' image')}, which cannot be "
+                   f"uploaded from inside the archive"),
+            path=path, format=found)
     return found

@@ -1,0 +1,157 @@
+"""One ``qemu-nbd`` process serving a local image to this client.
+
+Any format qemu reads is copied the same way: ``qemu-nbd`` exposes the
+guest-visible disk on a UNIX socket in a private folder, and the copy
+engine reads or writes it with ``diskferry.nbd``. The image is named by
+a ``json:`` filename (a blockdev tree), so qemu guesses nothing: not the
+format, not a protocol hidden in a file name.
+
+The server must never outlive the copy. It is stopped by ``close()``
+(SIGTERM, which flushes, then SIGKILL), and asked by the kernel to die
+with the thread that started it (``PR_SET_PDEATHSIG``), so that even a
+client killed with SIGKILL leaves no ``qemu-nbd`` behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from types import TracebackType
+
+from diskferry import nbd
+from diskferry.client.errors import ClientError
+
+#: Seconds qemu-nbd may take to open the image and listen.
+START_TIMEOUT = 30.0
+
+#: Seconds an orderly stop (SIGTERM: flush, close) may take.
+STOP_TIMEOUT = 60.0
+
+#: <sys/prctl.h>
+_PR_SET_PDEATHSIG = 1
+
+
+class QemuNbdError(ClientError):
+    """qemu-nbd is missing, or could not serve the image (its message)."""
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM when the parent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def blockdev_filename(spec: dict[str, object]) -> str:
+    """The ``json:`` filename of a blockdev tree (compact, one line)."""
+    return "json:" + json.dumps(spec, separators=(",", ":"))
+
+
+class QemuNbd:
+    """``qemu-nbd`` serving ``spec`` (a blockdev tree) on a private socket.
+
+    ``read_only`` for a source, ``shared`` for the connections the copy
+    opens at once; ``extra`` are further qemu-nbd options (for example
+    ``--discard=unmap``).
+    """
+
+    def __init__(self, spec: dict[str, object], *, read_only: bool,
+                 shared: int, allocation_depth: bool = False,
+                 cache: str = "writeback",
+                 extra: Sequence[str] = ()) -> None:
+        binary = shutil.which("qemu-nbd")
+        if binary is None:
+            raise QemuNbdError(
+                "qemu-nbd not found: it is needed to read or write images "
+                "that are not raw (Debian package qemu-utils)")
+        self._folder = tempfile.mkdtemp(prefix="diskferry-nbd-")
+        self.socket_path = os.path.join(self._folder, "nbd.sock")
+        self._log_path = os.path.join(self._folder, "qemu-nbd.log")
+        argv = [binary, f"--socket={self.socket_path}", "--persistent",
+                f"--shared={shared}", f"--cache={cache}"]
+        if read_only:
+            argv.append("--read-only")
+        if allocation_depth:
+            argv.append("--allocation-depth")
+        argv += [*extra, blockdev_filename(spec)]
+        self.argv = argv
+        with open(self._log_path, "wb") as log:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=_die_with_parent)
+        try:
+            self._wait_listening()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"nbd:unix:{self.socket_path}"
+
+    def connect(self, **options: object) -> nbd.Client:
+        """A new NBD connection to the image."""
+        return nbd.open_client(self.url, **options)
+
+    def _wait_listening(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self._proc.poll() is not None:
+                raise QemuNbdError(
+                    f"qemu-nbd cannot serve the image: {self._message()}")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.socket_path)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise QemuNbdError(
+                        f"qemu-nbd did not listen within {START_TIMEOUT:.0f} s"
+                    ) from None
+                time.sleep(0.005)
+
+    def _message(self) -> str:
+        try:
+            with open(self._log_path, "rb") as log:
+                text = log.read()[-4000:].decode("utf-8", "replace")
+        except OSError:
+            return f"exit status {self._proc.returncode}"
+        lines = [line.removeprefix("qemu-nbd: ").strip()
+                 for line in text.splitlines() if line.strip()]
+        return "; ".join(lines) or f"exit status {self._proc.returncode}"
+
+    def close(self) -> None:
+        """Stop the server (SIGTERM: it flushes and closes the image)."""
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Stop at once, without flushing (the image is thrown away)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.close()
+
+    def __enter__(self) -> QemuNbd:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.kill()
