@@ -120,3 +120,43 @@ def test_terminal_gets_a_progress_bar_and_a_summary(daemons, make_ticket,
     assert "download: 100%" in screen
     assert re.search(r"downloaded 8.00 MiB \(.* data\) in [\d.]+ s, "
                      r"[\d.]+ GiB/s via unix", screen)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--incremental"], "--incremental needs --backing-file (the previous "
+     "backup the new overlay reads through)"),
+    (["--format", "raw", "--backing-file", "{base}"],
+     "--backing-file needs --format qcow2: a raw image has none"),
+    (["--backing-file", "{tmp}/nosuch.qcow2"],
+     "--backing-file {tmp}/nosuch.qcow2: no such file"),
+    (["--format", "qcow2", "--verify"], "--verify compares raw images only"),
+])
+def test_download_arguments_checked_at_the_door(tmp_path, args, message):
+    base = tmp_path / "base.qcow2"
+    base.write_bytes(b"")
+    args = [a.format(base=base, tmp=tmp_path) for a in args]
+    # The URL is never reached: the arguments are refused first.
+    proc = diskferry("download", *args, "https://localhost:1/images/x",
+                     tmp_path / "out.qcow2", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"diskferry download: error: "
+                           f"{message.format(tmp=tmp_path)}\n")
+    assert not (tmp_path / "out.qcow2").exists()
+
+
+def test_download_never_replaces_a_file_unasked(daemons, make_ticket,
+                                                tmp_path):
+    srv = daemons.get("diskferry")
+    content = make_image(tmp_path / "img.raw", SIZE, "sparse")
+    t = make_ticket(srv, tmp_path / "img.raw", SIZE, ops=["read"])
+    url = srv.image_url(t["uuid"])
+    out = tmp_path / "out.raw"
+    out.write_bytes(b"precious")
+    proc = diskferry("download", "--cafile", srv.ca_file, url, out,
+                     check=False)
+    assert proc.returncode == 2
+    assert "exists; pass --overwrite" in proc.stderr
+    assert out.read_bytes() == b"precious"
+    diskferry("download", "--cafile", srv.ca_file, "--overwrite", url, out)
+    assert out.read_bytes() == content
+    assert not (tmp_path / "out.raw.part").exists()
