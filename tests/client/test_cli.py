@@ -129,7 +129,6 @@ def test_terminal_gets_a_progress_bar_and_a_summary(daemons, make_ticket,
      "--backing-file needs --format qcow2: a raw image has none"),
     (["--backing-file", "{tmp}/nosuch.qcow2"],
      "--backing-file {tmp}/nosuch.qcow2: no such file"),
-    (["--format", "qcow2", "--verify"], "--verify compares raw images only"),
 ])
 def test_download_arguments_checked_at_the_door(tmp_path, args, message):
     base = tmp_path / "base.qcow2"
@@ -160,3 +159,25 @@ def test_download_never_replaces_a_file_unasked(daemons, make_ticket,
     diskferry("download", "--cafile", srv.ca_file, "--overwrite", url, out)
     assert out.read_bytes() == content
     assert not (tmp_path / "out.raw.part").exists()
+
+
+def test_verify_reads_images_through_qemu_nbd(daemons, make_ticket, tmp_path):
+    srv = daemons.get("diskferry")
+    source = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", source,
+                    str(SIZE)], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 1M 2M",
+                    source], check=True, capture_output=True)
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xee" * SIZE)
+    t = make_ticket(srv, target, SIZE)
+    url = srv.image_url(t["uuid"])
+    up = diskferry("upload", "--cafile", srv.ca_file, "--verify", source, url)
+    assert json.loads(up.stdout)["verified"] is True
+    down = diskferry("download", "--cafile", srv.ca_file, "--verify",
+                     "--format", "qcow2", url, tmp_path / "back.qcow2")
+    assert json.loads(down.stdout)["verified"] is True
+    refused = diskferry("upload", "--cafile", srv.ca_file, "--verify",
+                        "--single-layer", source, url, check=False)
+    assert refused.returncode == 2
+    assert "a single layer is not one" in refused.stderr

@@ -111,7 +111,7 @@ def _add_common(parser):
     parser.add_argument(
         "--verify", action="store_true",
         help="compare the server's checksum of the image with the local "
-             "one afterwards (raw images)")
+             "one afterwards")
     parser.add_argument(
         "--no-detect-zeros", dest="detect_zeros", action="store_false",
         help="move zero blocks inside data as data (default: images read "
@@ -176,6 +176,10 @@ def register(subparsers):
 
 
 def run_upload(args):
+    if args.verify and args.single_layer:
+        print("diskferry upload: error: --verify compares whole disks; a "
+              "single layer is not one", file=sys.stderr)
+        return EXIT_USAGE
     return _run(args, "upload", client.upload, args.file, args.url,
                 format=args.format, member=args.member,
                 single_layer=args.single_layer,
@@ -202,8 +206,6 @@ def _download_problem(args, fmt):
         return "--backing-file needs --format qcow2: a raw image has none"
     if args.backing_file and not os.path.exists(args.backing_file):
         return f"--backing-file {args.backing_file}: no such file"
-    if args.verify and fmt != "raw":
-        return "--verify compares raw images only"
     if (os.path.isfile(args.file) or os.path.islink(args.file)) and \
             not args.overwrite:
         return (f"{args.file} exists; pass --overwrite to replace it")
@@ -276,22 +278,42 @@ class ProgressBar:
 
 
 def _verify(args, command):
-    """Compare the server's checksum with the local file's; raise on a
+    """Compare the server's checksum with the local image's; raise on a
     mismatch."""
-    from diskferry import checksum
-
-    url = args.url
-    with client.open(url, "r", cafile=args.cafile, secure=not args.insecure,
-                     unix=args.unix) as sess:
+    with client.open(args.url, "r", cafile=args.cafile,
+                     secure=not args.insecure, unix=args.unix) as sess:
         remote = sess.checksum()
-    local = checksum.compute_file(args.file, remote["algorithm"],
-                                  remote["block_size"])
+    fmt, member = _local_format(args, command)
+    if fmt == imageformat.RAW and member is None:
+        from diskferry import checksum
+
+        local = checksum.compute_file(args.file, remote["algorithm"],
+                                      remote["block_size"])
+    else:
+        from diskferry.client import imagecopy
+
+        local = imagecopy.checksum(args.file, fmt, member=member,
+                                   algorithm=remote["algorithm"],
+                                   block_size=remote["block_size"])
     if local["checksum"] != remote["checksum"]:
         raise client.ClientError(
             f"checksums differ: server {remote['checksum']}, "
             f"local {local['checksum']} ({remote['algorithm']}, "
             f"block size {remote['block_size']})")
     return remote
+
+
+def _local_format(args, command):
+    """(format, member) the local image is read in, as the copy read it."""
+    if command == "download":
+        return args.format or ("qcow2" if args.backing_file else "raw"), None
+    fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        return imageformat.source_format(args.file, fd, size, args.format,
+                                         member=args.member), args.member
+    finally:
+        os.close(fd)
 
 
 def _summary(args, result, verified):

@@ -188,3 +188,38 @@ class NbdDestination:
             os.unlink(self._part)
         except FileNotFoundError:
             pass
+
+
+class _ChecksumReader:
+    """The three calls ``checksum.compute`` makes, on an NBD export."""
+
+    def __init__(self, client: nbd.Client) -> None:
+        self._client = client
+
+    def size(self) -> int:
+        return self._client.size
+
+    def extents(self, start: int, length: int) -> list[Extent]:
+        return self._client.extents(start, length)
+
+    def readinto(self, buf: memoryview, offset: int) -> int:
+        self._client.readinto(buf, offset)
+        return len(buf)
+
+
+def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
+             block_size: int) -> dict[str, object]:
+    """The daemon's checksum of the guest-visible disk of a local image,
+    read through qemu-nbd: what ``--verify`` compares."""
+    from diskferry import checksum as block_hash
+
+    image = formats.open_source(path, fmt, member=member)
+    with QemuNbd(image.spec, read_only=True, shared=1,
+                 allocation_depth=True) as server:
+        client = server.connect()
+        try:
+            result: dict[str, object] = block_hash.compute(  # type: ignore[no-untyped-call]
+                _ChecksumReader(client), algorithm, block_size)
+            return result
+        finally:
+            client.close()

@@ -1,0 +1,256 @@
+"""Images that are not raw: diskferry's client against ovirt-imageio's.
+
+Rows, each on one diskferry daemon (UNIX socket and TLS), the same run:
+
+- upload-qcow2: the harness's ``sparse.qcow2`` uploaded into a fresh
+  sparse raw ticket (the client reads it through its own qemu-nbd);
+- download-qcow2: a ticket on ``sparse.raw`` downloaded into a new qcow2;
+- holes-8t / holes-1g: a qcow2 of 8 TiB holding 1 GiB of data, and one
+  of 1 GiB holding the same data, each uploaded into a sparse ticket of
+  its size: what holes cost.
+
+Clients: ``diskferry`` (this repository's CLI) and ``imageio-client``
+(the ``ovirt_imageio.client`` library 2.5.1, through the harness's
+``clients/imageio_client.py``). Reference: a local ``qemu-img convert
+-W -m 16`` between the same source and the same kind of destination.
+
+GiB/s and CPU seconds are per GiB of virtual size; client CPU includes
+the qemu-nbd each client starts (reaped by it), server CPU is the
+daemon's. Run with the harness's images made and its venv:
+
+    BENCH_VENV=/tmp/bench-venv python3 bench/formats.py [--quick] [--reps 3]
+"""
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+GiB = 1024**3
+TICK = os.sysconf("SC_CLK_TCK")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HARNESS = os.path.join(os.path.dirname(ROOT), "shared", "bench")
+
+
+def cpu_seconds(pid):
+    """User + system time of a process and its reaped children."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / TICK
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path):
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(self._path)
+
+
+class Daemon:
+    """A diskferry daemon with TLS and a local socket, in ``workdir``."""
+
+    def __init__(self, workdir, venv):
+        self.workdir = workdir
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            self.port = s.getsockname()[1]
+        self.control = os.path.join(workdir, "control.sock")
+        config = os.path.join(workdir, "diskferry.toml")
+        with open(config, "w") as f:
+            f.write(f'[daemon]\nstate_dir = "{workdir}"\n'
+                    f'[remote]\nport = {self.port}\n'
+                    f'[local]\nsocket = "{workdir}/local.sock"\n'
+                    f'[control]\nsocket = "{self.control}"\n')
+        self.proc = subprocess.Popen(
+            [os.path.join(venv, "bin", "diskferry"), "serve", "--config",
+             config], stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(workdir, "serve.log"), "wb"))
+        self.ca_file = os.path.join(workdir, "pki", "ca.pem")
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(self.control) and
+                   os.path.exists(self.ca_file)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the daemon did not start")
+            time.sleep(0.05)
+
+    def ticket(self, path, size, ops):
+        tid = str(uuid.uuid4())
+        body = json.dumps({"uuid": tid, "size": size, "ops": ops,
+                           "url": f"file://{path}", "timeout": 3600,
+                           "sparse": True})
+        con = UnixHTTP(self.control)
+        con.request("PUT", f"/tickets/{tid}", body=body,
+                    headers={"Content-Type": "application/json"})
+        res = con.getresponse()
+        res.read()
+        con.close()
+        if res.status != 200:
+            raise RuntimeError(f"ticket: {res.status}")
+        return f"https://localhost:{self.port}/images/{tid}"
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait()
+
+
+def timed(argv, daemon):
+    """Wall, client CPU (with reaped children) and daemon CPU of a run."""
+    before = cpu_seconds(daemon.proc.pid) if daemon else 0.0
+    start = time.monotonic()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.monotonic() - start
+    err = child.stderr.read().decode(errors="replace")
+    child.stderr.close()
+    if status:
+        raise RuntimeError(f"{argv} failed: {err[-2000:]}")
+    server = cpu_seconds(daemon.proc.pid) - before if daemon else 0.0
+    return wall, usage.ru_utime + usage.ru_stime, server
+
+
+def drop(path):
+    for p in (path, path + ".part"):
+        if os.path.exists(p):
+            os.unlink(p)
+
+
+def fresh(path, size):
+    drop(path)
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--images-dir", default=os.environ.get(
+        "BENCH_IMAGES", "/var/tmp/bench-images"))
+    p.add_argument("--dest-dir", default="/dev/shm/bench-formats")
+    p.add_argument("--venv", default=os.path.join(ROOT, ".venv"))
+    args = p.parse_args()
+    bench_python = os.path.join(os.environ.get(
+        "BENCH_VENV", os.path.join(HARNESS, ".venv")), "bin", "python")
+    imageio = [bench_python, os.path.join(HARNESS, "clients",
+                                          "imageio_client.py")]
+    ours = os.path.join(args.venv, "bin", "diskferry")
+    images_dir = os.path.join(args.images_dir,
+                              "quick" if args.quick else "default")
+    with open(os.path.join(images_dir, "images.json")) as f:
+        images = json.load(f)["images"]
+    qcow2, sparse = images["qcow2"], images["sparse"]
+    os.makedirs(args.dest_dir, exist_ok=True)
+    dst = args.dest_dir
+    workdir = tempfile.mkdtemp(prefix="bench-formats-")
+    daemon = Daemon(workdir, args.venv)
+    try:
+        rows = []
+        holes_data = GiB // 4 if args.quick else GiB
+        h8 = os.path.join(dst, "holes-8t.qcow2")
+        h1 = os.path.join(dst, "holes-small.qcow2")
+        for path, size in ((h8, 8 * 1024 * GiB), (h1, holes_data)):
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path,
+                            str(size)], check=True)
+            subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                            f"write -P 0x5a 0 {holes_data}", path],
+                           check=True, stdout=subprocess.DEVNULL)
+
+        def upload_case(source, size, name):
+            target = os.path.join(dst, f"{name}-target.raw")
+
+            def prepare():
+                fresh(target, size)
+                return daemon.ticket(target, size, ["read", "write"])
+            return target, prepare
+
+        cases = []
+        target, prep = upload_case(qcow2["path"], qcow2["size"], "up")
+        for transport, unix in (("unix", "auto"), ("tls", "never")):
+            cases.append(("upload-qcow2", transport, "diskferry", prep,
+                          lambda url, t=transport, u=unix: [
+                              ours, "upload", "--quiet", "--unix", u,
+                              "--cafile", daemon.ca_file, qcow2["path"], url],
+                          qcow2["size"]))
+            cases.append(("upload-qcow2", transport, "imageio-client", prep,
+                          lambda url, t=transport: [
+                              *imageio, "upload", qcow2["path"], url,
+                              "--transport", t, "--cafile", daemon.ca_file],
+                          qcow2["size"]))
+        out = os.path.join(dst, "down.qcow2")
+
+        def prep_down():
+            drop(out)
+            return daemon.ticket(sparse["path"], sparse["size"], ["read"])
+        for transport, unix in (("unix", "auto"), ("tls", "never")):
+            cases.append(("download-qcow2", transport, "diskferry", prep_down,
+                          lambda url, u=unix: [
+                              ours, "download", "--quiet", "--unix", u,
+                              "--format", "qcow2", "--cafile",
+                              daemon.ca_file, url, out], sparse["size"]))
+            cases.append(("download-qcow2", transport, "imageio-client",
+                          prep_down, lambda url, t=transport: [
+                              *imageio, "download", url, out, "--format",
+                              "qcow2", "--transport", t, "--cafile",
+                              daemon.ca_file], sparse["size"]))
+        for name, path, size in (("holes-8t", h8, 8 * 1024 * GiB),
+                                 ("holes-small", h1, holes_data)):
+            _, prep_h = upload_case(path, size, name)
+            cases.append((name, "unix", "diskferry", prep_h,
+                          lambda url, path=path: [
+                              ours, "upload", "--quiet", "--cafile",
+                              daemon.ca_file, path, url], size))
+        conv_raw = os.path.join(dst, "convert.raw")
+        conv_qcow2 = os.path.join(dst, "convert.qcow2")
+        references = [
+            ("upload-qcow2", lambda: drop(conv_raw),
+             ["qemu-img", "convert", "-W", "-m", "16", "-f", "qcow2", "-O",
+              "raw", qcow2["path"], conv_raw], qcow2["size"]),
+            ("download-qcow2", lambda: drop(conv_qcow2),
+             ["qemu-img", "convert", "-W", "-m", "16", "-f", "raw", "-O",
+              "qcow2", sparse["path"], conv_qcow2], sparse["size"]),
+        ]
+
+        results = {}
+        for rep in range(args.reps):
+            for op, transport, client, prep, argv, size in cases:
+                url = prep()
+                results.setdefault((op, transport, client, size), []).append(
+                    timed(argv(url), daemon))
+            for op, prep, argv, size in references:
+                prep()
+                results.setdefault((op, "local", "qemu-img convert", size),
+                                   []).append(timed(argv, None))
+        print("| op | transport | client | GiB/s median [min-max] "
+              "| client CPU s/GiB | server CPU s/GiB | wall s |")
+        print("|---|---|---|---|---|---|---|")
+        for (op, transport, client, size), runs in results.items():
+            gib = size / GiB
+            speeds = [gib / w for w, _, _ in runs]
+            rows.append((op, transport, client))
+            print(f"| {op} | {transport} | {client} | "
+                  f"{statistics.median(speeds):.2f} "
+                  f"[{min(speeds):.2f}-{max(speeds):.2f}] | "
+                  f"{statistics.median(c for _, c, _ in runs) / gib:.3f} | "
+                  f"{statistics.median(s for _, _, s in runs) / gib:.3f} | "
+                  f"{statistics.median(w for w, _, _ in runs):.2f} |")
+    finally:
+        daemon.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(dst, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
