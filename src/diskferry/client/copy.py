@@ -100,7 +100,7 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
 
             count = max(1, min(workers, sess.max_writers))
             engine.run(pieces, engine.open_connections(sess, count),
-                       do_piece, retry)
+                       do_piece, retry, prefetch=source.prefetch)
             if not flush_each:
                 engine.flush(sess, retry)
             return engine.result("upload", size, sender.done,
@@ -115,6 +115,8 @@ class _RawSource:
     kernel (sendfile or splice)."""
 
     keeps_holes = False
+    #: Nothing to read ahead: the kernel reads as it sends.
+    prefetch = None
 
     def __init__(self, local):
         self._local = local

@@ -99,9 +99,14 @@ def plan(extents, request_size, zero_ranges=None):
     return heapq.merge(data_pieces(), zero_pieces, key=lambda p: p.offset)
 
 
-def run(pieces, connections, do_piece, retry):
+def run(pieces, connections, do_piece, retry, prefetch=None):
     """Run pieces on the connections, one thread each; return the bytes
-    done per op; raise the first failure as TransferError."""
+    done per op; raise the first failure as TransferError.
+
+    ``prefetch(piece)``, when given, is called in each worker for every
+    piece it will do, in order, one piece ahead of ``do_piece``: a
+    source can read the next piece while the current one is sent.
+    """
     lock = threading.Lock()
     queue = iter(pieces)
     failed = []
@@ -114,10 +119,17 @@ def run(pieces, connections, do_piece, retry):
             return next(queue, None)
 
     def work(con):
-        while (piece := next_piece()) is not None:
+        piece = next_piece()
+        if piece is not None and prefetch is not None:
+            prefetch(piece)
+        while piece is not None:
+            following = next_piece()
+            if following is not None and prefetch is not None:
+                prefetch(following)
             with_retries(con, piece, do_piece, retry)
             with lock:
                 done[piece.op] += piece.length
+            piece = following
 
     def worker(con):
         try:

@@ -96,9 +96,10 @@ def covered(known: list[tuple[int, int]], start: int, end: int) -> bool:
     return i >= 0 and known[i][0] <= start and known[i][1] >= end
 
 
-def zero_runs(buf: bytearray, length: int, block: int,
-              min_run: int) -> list[tuple[int, int, bool]]:
-    """Cut ``buf[:length]`` into ``(start, end, zero)`` runs.
+def zero_runs(buf: bytearray, length: int, block: int, min_run: int,
+              start: int = 0) -> list[tuple[int, int, bool]]:
+    """Cut ``buf[start:start+length]`` into ``(start, end, zero)`` runs,
+    offsets relative to ``start``.
 
     ``buf`` is a bytearray; zeros are found ``block`` bytes at a time
     (a C-speed compare, no copy) and a run of them counts as zero only
@@ -111,20 +112,20 @@ def zero_runs(buf: bytearray, length: int, block: int,
     pos = 0
     while pos < length:
         n = min(block, length - pos)
-        zero = buf.startswith(zeros[:n], pos)
+        zero = buf.startswith(zeros[:n], start + pos)
         if runs and runs[-1][2] == zero:
             runs[-1][1] = pos + n
         else:
             runs.append([pos, pos + n, zero])
         pos += n
     out: list[tuple[int, int, bool]] = []
-    for start, end, zero in runs:
-        if zero and end - start < min_run and end - start < length:
+    for first, end, zero in runs:
+        if zero and end - first < min_run and end - first < length:
             zero = False
         if out and out[-1][2] == zero:
             out[-1] = (out[-1][0], end, zero)
         else:
-            out.append((start, end, zero))
+            out.append((first, end, zero))
     return out
 
 

@@ -1,9 +1,12 @@
 """Copies between a transfer URL and a local image served by qemu-nbd.
 
 The copy engine's pieces, for images that are not raw files: each
-worker thread has its own NBD connection to one ``qemu-nbd`` and its own
-buffer, and a piece goes NBD READ -> buffer -> HTTP PUT (upload) or
-HTTP GET -> buffer -> NBD WRITE (download): one copy in the client.
+worker thread has its own NBD connection to one ``qemu-nbd``, driven by
+an I/O thread of its own, and two buffers. A piece goes NBD READ ->
+buffer -> HTTP PUT (upload) or HTTP GET -> buffer -> NBD WRITE
+(download): one copy in the client, and the NBD side of one piece runs
+while the HTTP side of the next (read ahead) or the previous (written
+behind) does, so that neither waits for the other.
 
 - Upload (``NbdSource``): extents come from the export, ``zero`` from
   ``base:allocation`` and ``hole`` from ``qemu:allocation-depth``, so a
@@ -18,8 +21,11 @@ HTTP GET -> buffer -> NBD WRITE (download): one copy in the client.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from types import TracebackType
 from typing import Any
 
@@ -38,38 +44,109 @@ ZERO_BLOCK = 64 * 1024
 MIN_ZERO_REQUEST = 1024**2
 
 
-class _PerThread:
-    """One NBD connection and one buffer for each worker thread."""
+class _Worker:
+    """A copy worker's side of qemu-nbd: one NBD connection, used only by
+    its own I/O thread, and two buffers taken in turn.
+
+    Pieces come in order and at most two are in hand at once (the one
+    on the wire and the one read ahead or written behind), so taking the
+    buffers in turn never gives one to two pieces.
+    """
+
+    def __init__(self, server: QemuNbd, buffer_size: int) -> None:
+        self.client = server.connect()
+        self._io = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="diskferry-nbd")
+        self._buffers = (bytearray(buffer_size), bytearray(buffer_size))
+        self._turn = 0
+        #: Pieces in hand, by their end: (buffer, start, NBD I/O).
+        self._pieces: dict[int, tuple[bytearray, int, Future[None]]] = {}
+
+    def call(self, func: Callable[[nbd.Client], Any]) -> Any:
+        """Run ``func(client)`` on the I/O thread and wait for it."""
+        return self._io.submit(func, self.client).result()
+
+    def _take_buffer(self) -> bytearray:
+        buf = self._buffers[self._turn]
+        self._turn ^= 1
+        for end, (held, _, io) in list(self._pieces.items()):
+            if held is buf:
+                # Written behind from it: wait (and raise its failure).
+                io.result()
+                del self._pieces[end]
+        return buf
+
+    def read_ahead(self, offset: int, length: int) -> None:
+        """Start reading ``[offset, offset+length)`` into a buffer."""
+        buf = self._take_buffer()
+        self._pieces[offset + length] = (buf, offset, self._io.submit(
+            self.client.readinto, memoryview(buf)[:length], offset))
+
+    def read(self, offset: int, end: int) -> tuple[bytearray, int]:
+        """The buffer and start of the piece ending at ``end``, read."""
+        if end not in self._pieces:
+            self.read_ahead(offset, end - offset)
+        buf, start, io = self._pieces[end]
+        io.result()
+        return buf, start
+
+    def sent(self, end: int) -> None:
+        """The piece ending at ``end`` is done with its buffer."""
+        del self._pieces[end]
+
+    def receive_buffer(self) -> bytearray:
+        """A buffer to receive a piece into."""
+        return self._take_buffer()
+
+    def write_behind(self, buf: bytearray, start: int, end: int,
+                     writes: Callable[[nbd.Client], None]) -> None:
+        """Run ``writes(client)``, which reads ``buf``, on the I/O thread."""
+        self._pieces[end] = (buf, start, self._io.submit(writes, self.client))
+
+    def drain(self) -> None:
+        """Wait for every write behind; raise the first failure."""
+        pending = [io for _, _, io in self._pieces.values()]
+        self._pieces.clear()
+        for io in pending:
+            io.result()
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self.client.close()
+
+
+class _Workers:
+    """One ``_Worker`` per copy thread, made on its first use."""
 
     def __init__(self, server: QemuNbd, buffer_size: int) -> None:
         self._server = server
         self._buffer_size = buffer_size
         self._local = threading.local()
         self._lock = threading.Lock()
-        self.clients: list[nbd.Client] = []
+        self.all: list[_Worker] = []
 
-    def get(self) -> tuple[nbd.Client, bytearray]:
-        local = self._local
-        if not hasattr(local, "client"):
-            client = self._server.connect()
+    def get(self) -> _Worker:
+        worker: _Worker | None = getattr(self._local, "worker", None)
+        if worker is None:
+            worker = _Worker(self._server, self._buffer_size)
             with self._lock:
-                self.clients.append(client)
-            local.client = client
-            local.buffer = bytearray(self._buffer_size)
-        return local.client, local.buffer
+                self.all.append(worker)
+            self._local.worker = worker
+        return worker
 
     def close(self) -> None:
         with self._lock:
-            clients, self.clients = self.clients, []
-        for client in clients:
-            client.close()
+            workers, self.all = self.all, []
+        for worker in workers:
+            worker.close()
 
 
-def _runs(buf: bytearray, length: int, detect_zeros: bool,
+def _runs(buf: bytearray, start: int, length: int, detect_zeros: bool,
           min_run: int) -> list[tuple[int, int, bool]]:
+    """Data and zero runs of ``buf[start:start+length]``."""
     if not detect_zeros:
         return [(0, length, False)]
-    return _extents.zero_runs(buf, length, ZERO_BLOCK, min_run)
+    return _extents.zero_runs(buf, length, ZERO_BLOCK, min_run, start)
 
 
 class NbdSource:
@@ -86,26 +163,35 @@ class NbdSource:
         self._detect_zeros = detect_zeros
         self._server = QemuNbd(image.spec, read_only=True,
                                shared=connections + 1, allocation_depth=True)
-        self._workers = _PerThread(self._server, request_size)
+        self._workers = _Workers(self._server, request_size)
 
     def extents(self) -> list[Extent]:
-        client, _ = self._workers.get()
-        return client.extents(0, self.size)
+        size = self.size
+        result: list[Extent] = self._workers.get().call(
+            lambda client: client.extents(0, size))
+        return result
+
+    def prefetch(self, piece: Any) -> None:
+        """Read a data piece ahead, while the worker sends the one before."""
+        if piece.op == "data":
+            self._workers.get().read_ahead(piece.offset, piece.length)
 
     def send(self, con: Any, state: dict[str, int], end: int,
              sender: Any) -> None:
-        """Read ``[state offset, end)`` from the image and send it."""
-        client, buf = self._workers.get()
+        """Send ``[state offset, end)`` of the piece ending at ``end``
+        (all of it, or what a broken connection left unsent)."""
+        worker = self._workers.get()
         offset = state["offset"]
-        length = end - offset
-        view = memoryview(buf)[:length]
-        client.readinto(view, offset)
-        for start, stop, zero in _runs(buf, length, self._detect_zeros,
-                                       MIN_ZERO_REQUEST):
+        buf, start = worker.read(offset, end)
+        view = memoryview(buf)[offset - start:end - start]
+        for run_start, run_end, zero in _runs(
+                buf, offset - start, end - offset, self._detect_zeros,
+                MIN_ZERO_REQUEST):
             if zero:
-                sender.zero(con, state, offset + stop)
+                sender.zero(con, state, offset + run_end)
             else:
-                sender.write(con, view[start:stop], state)
+                sender.write(con, view[run_start:run_end], state)
+        worker.sent(end)
 
     def __enter__(self) -> NbdSource:
         return self
@@ -139,35 +225,43 @@ class NbdDestination:
         except BaseException:
             os.unlink(self._part)
             raise
-        self._workers = _PerThread(self._server, request_size)
+        self._workers = _Workers(self._server, request_size)
 
     def receive(self, con: Any, state: dict[str, int], end: int,
                 report: Any) -> None:
-        """GET ``[state offset, end)`` and write it into the image."""
-        client, buf = self._workers.get()
+        """GET ``[state offset, end)`` and write it into the image behind
+        the next GET."""
+        worker = self._workers.get()
+        buf = worker.receive_buffer()
         offset = state["offset"]
         length = end - offset
         view = memoryview(buf)[:length]
         con.readinto(view, offset)
-        for start, stop, zero in _runs(buf, length, self._detect_zeros,
-                                       ZERO_BLOCK):
-            if not zero:
-                client.write(view[start:stop], offset + start)
-            elif not self.zeroed:
-                client.zero(offset + start, stop - start, punch_hole=True)
+        runs = _runs(buf, 0, length, self._detect_zeros, ZERO_BLOCK)
+        zeroed = self.zeroed
+
+        def writes(client: nbd.Client) -> None:
+            for start, stop, zero in runs:
+                if not zero:
+                    client.write(view[start:stop], offset + start)
+                elif not zeroed:
+                    client.zero(offset + start, stop - start, punch_hole=True)
+
+        worker.write_behind(buf, offset, end, writes)
         report(length)
         state["offset"] = end
 
     def zero(self, offset: int, length: int) -> None:
         """Make a range read as zeros, hiding what the backing file has."""
-        client, _ = self._workers.get()
-        client.zero(offset, length, punch_hole=True)
+        self._workers.get().call(
+            lambda client: client.zero(offset, length, punch_hole=True))
 
     def commit(self) -> None:
-        """Flush, stop qemu-nbd (which closes the image), then give the
-        image its name."""
-        for client in self._workers.clients:
-            client.flush()
+        """Finish every write, flush, stop qemu-nbd (which closes the
+        image), then give the image its name."""
+        for worker in self._workers.all:
+            worker.drain()
+            worker.call(lambda client: client.flush())
         self._workers.close()
         self._server.close()
         assert self._part is not None

@@ -375,14 +375,14 @@ class Client:
         base = self.info.contexts[BASE_ALLOCATION]
         depth = self.info.contexts.get(ALLOCATION_DEPTH)
         result: list[Extent] = []
-        end = offset + length
-        pos = offset
-        while pos < end:
-            req = self._block_status(pos, end - pos)
+
+        def decode(pos: int, end: int, req: Request) -> int:
             depth_descs = None if depth is None else req.statuses[depth]
-            pos = _extents.zero_extents(
+            return _extents.zero_extents(
                 pos, end, req.statuses[base], depth_descs, result
             )
+
+        self._walk_status(offset, offset + length, decode)
         return result
 
     def dirty_extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
@@ -396,14 +396,14 @@ class Client:
         bitmap_id = self.info.contexts[DIRTY_BITMAP_PREFIX + bitmap]
         base = self.info.contexts.get(BASE_ALLOCATION)
         result: list[Extent] = []
-        end = offset + length
-        pos = offset
-        while pos < end:
-            req = self._block_status(pos, end - pos)
+
+        def decode(pos: int, end: int, req: Request) -> int:
             base_descs = None if base is None else req.statuses[base]
-            pos = _extents.dirty_extents(
+            return _extents.dirty_extents(
                 pos, end, req.statuses[bitmap_id], base_descs, result
             )
+
+        self._walk_status(offset, offset + length, decode)
         return result
 
     # --- splicing: data between the socket and a pipe, in the kernel---------
@@ -599,6 +599,34 @@ class Client:
         req = self._submit(Cmd.BLOCK_STATUS, offset, length)
         self.wait(req)
         return req
+
+    def _walk_status(self, offset: int, end: int,
+                     decode: Callable[[int, int, Request], int]) -> None:
+        """Block status of ``[offset, end)``, in order, with up to
+        ``queue_depth`` windows of the largest status length in flight:
+        a huge sparse export costs round trips / depth, not round trips.
+
+        ``decode(pos, window_end, reply)`` appends a reply's extents from
+        ``pos`` and returns where they stopped; a window its reply did not
+        cover to the end is finished with requests of its own before the
+        next window's reply is decoded.
+        """
+        step = self._status_max
+        windows = deque[tuple[int, int, Request]]()
+        next_start = offset
+        while windows or next_start < end:
+            while next_start < end and len(windows) < self.queue_depth:
+                length = min(step, end - next_start)
+                windows.append((next_start, next_start + length,
+                                self._submit(Cmd.BLOCK_STATUS, next_start,
+                                             length)))
+                next_start += length
+            start, window_end, req = windows.popleft()
+            self.wait(req)
+            pos = decode(start, window_end, req)
+            while pos < window_end:
+                pos = decode(pos, window_end,
+                             self._block_status(pos, window_end - pos))
 
     # --- socket I/O-----------------------------------------------------------
 
