@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "diskferry.cli.serve",
     "diskferry.cli.ticket",
     "diskferry.cli.transfer",
+    "diskferry.cli.bench",
 )
 
 DESCRIPTION = """\
@@ -23,6 +24,7 @@ Move virtual disk images in and out of a host over HTTP.
   diskferry ticket add FILE            authorize access to an image (prints its id)
   diskferry upload FILE URL            upload a local image to a transfer URL
   diskferry download URL FILE          download a transfer URL to a local file
+  diskferry bench                      measure transfer speed on this machine
 
 Run 'diskferry COMMAND --help' for the options of a command.
 """

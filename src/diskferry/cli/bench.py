@@ -1,0 +1,95 @@
+"""``diskferry bench``: transfer speed on this machine, next to its limits."""
+
+import argparse
+import json
+import sys
+
+EPILOG = """\
+It starts a daemon of its own (a free port, a scratch state folder),
+makes a fully allocated image, and times `diskferry download` and
+`diskferry upload` of it over the UNIX socket and over TLS, each run as
+a whole process. Then it measures what the machine allows: reading the
+image from the page cache, sendfile into a UNIX socket, Python's TLS in
+memory, and a local `qemu-img convert`. GiB/s are per GiB of image;
+CPU seconds per GiB are the client's (the command, start-up included)
+and the daemon's apart.
+
+On a 2-core machine client and daemon share the cores: compare the rows
+of one run, and read the spread before a ratio.
+"""
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "bench", help="measure transfer speed on this machine",
+        description="Measure download and upload speed on this machine "
+                    "with a local daemon, next to the machine's limits.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--size", type=_size, default=1024**3, metavar="SIZE",
+        help="image size, e.g. 512M or 2G (default 1G)")
+    parser.add_argument(
+        "--reps", type=_reps, default=3, metavar="N",
+        help="runs of each case, interleaved (default 3)")
+    parser.add_argument(
+        "--dir", metavar="FOLDER",
+        help="where the image is made (default: $TMPDIR or /tmp); "
+             "destinations go to /dev/shm when it has room")
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print one JSON object instead of the table")
+    parser.set_defaults(func=run)
+
+
+_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _size(text):
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = _UNITS.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in _UNITS else text
+    try:
+        value = int(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size: {text!r}") from None
+    if not 1024**2 <= value <= 64 * 1024**3:
+        raise argparse.ArgumentTypeError("must be between 1M and 64G")
+    return value
+
+
+def _reps(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 20:
+        raise argparse.ArgumentTypeError("must be between 1 and 20")
+    return value
+
+
+def run(args):
+    from diskferry.benchmark import runner
+
+    def progress(text):
+        if not args.json:
+            print(f"diskferry bench: {text}", file=sys.stderr)
+
+    try:
+        rows = runner.run(args.size, args.reps, args.dir, progress)
+    except (OSError, RuntimeError) as e:
+        print(f"diskferry bench: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"size": args.size, "reps": args.reps,
+                          "rows": rows}))
+        return 0
+    print("| case | GiB/s median [min-max] | client CPU s/GiB "
+          "| server CPU s/GiB |")
+    print("|---|---|---|---|")
+    for row in rows:
+        server = row.get("server_cpu_s_per_gib")
+        print(f"| {row['name']} | {row['gib_s']:.2f} "
+              f"[{row['gib_s_min']:.2f}-{row['gib_s_max']:.2f}] | "
+              f"{row['client_cpu_s_per_gib']:.2f} | "
+              f"{'-' if server is None else f'{server:.2f}'} |")
+    return 0
