@@ -106,13 +106,29 @@ def test_two_level_chain_uploads_the_guest_disk(daemons, make_ticket,
     assert result.data_bytes < SIZE
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vdi", "vhdx", "qed"])
-def test_formats_upload_the_guest_disk(daemons, make_ticket, tmp_path, fmt):
-    srv = daemons.get("diskferry")
+FORMAT_ROUTES = ([(fmt, kind, unix) for fmt in ("vmdk", "vdi")
+                  for kind, unix in ROUTES] +
+                 [(fmt, "diskferry", "auto") for fmt in ("qcow2", "vhdx",
+                                                         "qed")])
+
+
+@pytest.mark.parametrize(
+    "fmt,kind,unix", FORMAT_ROUTES,
+    ids=[f"{f}-{k}-{'unix' if u == 'auto' else 'tls'}"
+         for f, k, u in FORMAT_ROUTES])
+def test_formats_round_trip(daemons, make_ticket, tmp_path, fmt, kind, unix):
+    """Up as the guest's disk, back as raw and as qcow2: the same disk."""
+    srv = daemons.get(kind)
     target, url = target_ticket(srv, make_ticket, tmp_path)
     source = converted(tmp_path, fmt)
-    client.upload(source, url, cafile=srv.ca_file)
+    client.upload(source, url, cafile=srv.ca_file, unix=unix)
     assert target.read_bytes() == raw_of(source, tmp_path)
+    for out_fmt in ("raw", "qcow2"):
+        out = tmp_path / f"back.{out_fmt}"
+        client.download(url, out, cafile=srv.ca_file, unix=unix,
+                        format=out_fmt)
+        subprocess.run(["qemu-img", "compare", "-F", out_fmt, source, out],
+                       check=True, capture_output=True)
 
 
 @pytest.mark.parametrize("kind,unix", ROUTES, ids=ROUTE_IDS)
