@@ -141,6 +141,13 @@ class _Workers:
             worker.close()
 
 
+def _cache_mode(path: str) -> str:
+    """O_DIRECT where the file system takes it (not tmpfs): a copy reads
+    or writes each byte once, and caching it only evicts what the host
+    uses."""
+    return "none" if formats.supports_direct_io(path) else "writeback"
+
+
 def _runs(buf: bytearray, start: int, length: int, detect_zeros: bool,
           min_run: int) -> list[tuple[int, int, bool]]:
     """Data and zero runs of ``buf[start:start+length]``."""
@@ -162,7 +169,8 @@ class NbdSource:
         self.keeps_holes = single_layer
         self._detect_zeros = detect_zeros
         self._server = QemuNbd(image.spec, read_only=True,
-                               shared=connections + 1, allocation_depth=True)
+                               shared=connections + 1, allocation_depth=True,
+                               cache=_cache_mode(path))
         self._workers = _Workers(self._server, request_size)
 
     def extents(self) -> list[Extent]:
@@ -216,11 +224,9 @@ class NbdDestination:
         self._detect_zeros = detect_zeros
         formats.create(self._part, fmt, size, backing=backing_file)
         try:
-            cache = ("none" if formats.supports_direct_io(self._part)
-                     else "writeback")
             self._server = QemuNbd(
                 formats.destination_spec(self._part, fmt), read_only=False,
-                shared=connections + 1, cache=cache,
+                shared=connections + 1, cache=_cache_mode(self._part),
                 extra=("--discard=unmap", "--detect-zeroes=unmap"))
         except BaseException:
             os.unlink(self._part)

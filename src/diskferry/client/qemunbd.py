@@ -58,8 +58,9 @@ class QemuNbd:
     """``qemu-nbd`` serving ``spec`` (a blockdev tree) on a private socket.
 
     ``read_only`` for a source, ``shared`` for the connections the copy
-    opens at once; ``extra`` are further qemu-nbd options (for example
-    ``--discard=unmap``).
+    opens at once; ``cache="none"`` (O_DIRECT, where the file system has
+    it) keeps the image's bytes out of the page cache; ``extra`` are
+    further qemu-nbd options (for example ``--discard=unmap``).
     """
 
     def __init__(self, spec: dict[str, object], *, read_only: bool,
@@ -76,6 +77,9 @@ class QemuNbd:
         self._log_path = os.path.join(self._folder, "qemu-nbd.log")
         argv = [binary, f"--socket={self.socket_path}", "--persistent",
                 f"--shared={shared}", f"--cache={cache}"]
+        if cache == "none":
+            # O_DIRECT: native AIO, and no copy through the page cache.
+            argv.append("--aio=native")
         if read_only:
             argv.append("--read-only")
         if allocation_depth:
