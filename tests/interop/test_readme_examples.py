@@ -8,7 +8,9 @@ daemon and the commands run in private network and mount namespaces
 (``unshare``): a loopback interface of their own (port 54322, abstract
 socket names are per network namespace) and scratch folders mounted over
 /var/lib and /run (the default state and run folders for root, which
-the daemon is in the namespace).
+the daemon is in the namespace). Where namespaces are not allowed
+(a container without CAP_SYS_ADMIN) the daemon gets a port, a local
+socket and a state folder of this test, replaced in the commands too.
 
 The scratch directory holds a `.venv` link to the project's venv, so the
 relative paths of the README (`.venv/bin/diskferry`) resolve as in a
@@ -24,7 +26,10 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
+
+import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -38,34 +43,71 @@ def try_it_blocks() -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text[start:end], re.S)
 
 
-#: Runs inside the namespaces: loopback up, scratch /var/lib and /run,
-#: the daemon in the background until the README's commands are done.
-PRELUDE = """\
-set -euo pipefail
+#: Loopback up, scratch /var/lib and /run: inside the namespaces.
+NAMESPACE_SETUP = """\
 ip link set lo up
 mkdir -p "$SCRATCH/var-lib" "$SCRATCH/run"
 mount --bind "$SCRATCH/var-lib" /var/lib
 mount --bind "$SCRATCH/run" /run
+"""
+
+#: The daemon in the background until the README's commands are done.
+PRELUDE = """\
+set -euo pipefail
+{setup}
 cd "$SCRATCH"
-.venv/bin/diskferry serve > serve.log 2>&1 &
+.venv/bin/diskferry serve {serve_args} > serve.log 2>&1 &
 daemon=$!
 trap 'kill $daemon; wait $daemon || true' EXIT
 for _ in $(seq 300); do
   grep -q "control socket:" serve.log && break
-  kill -0 $daemon || { cat serve.log >&2; exit 1; }
+  kill -0 $daemon || {{ cat serve.log >&2; exit 1; }}
   sleep 0.1
 done
-grep -q "control socket:" serve.log || { cat serve.log >&2; exit 1; }
-curl() { command curl --silent --show-error --fail-with-body "$@"; }
+grep -q "control socket:" serve.log || {{ cat serve.log >&2; exit 1; }}
+curl() {{ command curl --silent --show-error --fail-with-body "$@"; }}
 """
 
 
-def namespaces() -> list[str]:
-    """unshare arguments: a user namespace too when not root."""
+def namespaces() -> list[str] | None:
+    """unshare arguments (a user namespace too when not root), or None
+    where this machine allows no namespaces (a container without
+    CAP_SYS_ADMIN)."""
     args = ["unshare", "--net", "--mount"]
     if os.geteuid() != 0:
         args.insert(1, "--map-root-user")
-    return args
+    probe = subprocess.run([*args, "true"], capture_output=True)
+    return args if probe.returncode == 0 else None
+
+
+def readme_run(tmp_path: Path, commands: str):
+    """Run the daemon and ``commands``: in namespaces as written, else
+    with the daemon's port, local socket and state folder replaced by
+    ones of this test (in the daemon's configuration and the commands
+    alike). Returns (completed process, the state folder used)."""
+    env = dict(os.environ, SCRATCH=str(tmp_path),
+               PATH=f"{VENV}/bin:{os.environ['PATH']}")
+    prefix = namespaces()
+    if prefix is not None:
+        script = PRELUDE.format(setup=NAMESPACE_SETUP, serve_args="")
+        state = tmp_path / "var-lib" / "diskferry"
+    else:
+        prefix = []
+        state = tmp_path / "state"
+        port = servers.free_port()
+        name = f"/diskferry-readme/{uuid.uuid4().hex}"
+        (tmp_path / "daemon.toml").write_text(
+            f"[remote]\nport = {port}\n[local]\nsocket = \"@{name}\"\n")
+        env["DISKFERRY_STATE_DIR"] = str(state)
+        for old, new in (("54322", str(port)), ("/org/ovirt/imageio", name),
+                         ("/var/lib/diskferry", str(state)),
+                         ("~/.local/state/diskferry", str(state))):
+            commands = commands.replace(old, new)
+        script = PRELUDE.format(setup="", serve_args="--config daemon.toml")
+    run = subprocess.run(
+        [*prefix, "bash", "-c", script + commands],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    return run, state
 
 
 def test_readme_try_it(tmp_path):
@@ -73,19 +115,14 @@ def test_readme_try_it(tmp_path):
     blocks = try_it_blocks()
     assert len(blocks) >= 3, blocks
     commands = "\n".join(b.replace("/var/tmp/", f"{tmp_path}/") for b in blocks)
-    run = subprocess.run(
-        [*namespaces(), "bash", "-c", PRELUDE + commands],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, SCRATCH=str(tmp_path),
-                 PATH=f"{VENV}/bin:{os.environ['PATH']}"))
+    run, state = readme_run(tmp_path, commands)
     log = (tmp_path / "serve.log").read_text() if (
         tmp_path / "serve.log").exists() else ""
     assert run.returncode == 0, (f"{commands}\nstdout: {run.stdout}\n"
                                  f"stderr: {run.stderr}\nlog: {log}")
-    # The README's daemon used root's default folders, in the scratch
-    # directory mounted over them.
-    assert (tmp_path / "var-lib/diskferry/pki/ca.pem").exists()
-    assert "control socket: /run/diskferry/control.sock" in log
+    # The README's daemon made its CA in its default state folder (in
+    # the namespaces, root's, mounted from the scratch directory).
+    assert (state / "pki" / "ca.pem").exists()
     # The PUT of "hello" came back with the ranged GET, from the raw file
     # and from the qcow2 through NBD.
     assert "hello" in run.stdout
