@@ -62,8 +62,8 @@ def test_errors_are_one_line(df, tmp_path):
     image = tmp_path / "disk.raw"
     image.write_bytes(b"")
     run = ticket_cmd(df, "add", "--ops", "read,delete", str(image))
-    assert run.returncode == 1
-    assert "'ops'" in run.stderr and "Traceback" not in run.stderr
+    assert run.returncode == 2
+    assert "argument --ops" in run.stderr and "Traceback" not in run.stderr
     run = ticket_cmd(df, "add", str(tmp_path / "missing.raw"))
     assert run.returncode == 1
     assert "cannot read the size" in run.stderr
@@ -164,6 +164,8 @@ def test_add_help_describes_and_shows_examples():
     (["ticket", "add", "--inactivity-timeout", "-1", "x"],
      "--inactivity-timeout"),
     (["ticket", "extend", "some-id", "-1"], "timeout"),
+    (["ticket", "add", "--ops", "read,delete", "x"], "--ops"),
+    (["ticket", "add", "--ops", ",", "x"], "--ops"),
     (["ticket", "add", "--config", "/nonexistent/daemon.toml", "x"],
      "/nonexistent/daemon.toml"),
     (["ticket", "list", "--conf-dir", "/nonexistent"], "/nonexistent"),

@@ -46,6 +46,21 @@ def integer(minimum: int | None = None,
     return parse
 
 
+def word_list(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """A comma separated list of words, each one of ``allowed``."""
+
+    def parse(text: str) -> list[str]:
+        words = [word.strip() for word in text.split(",") if word.strip()]
+        wrong = [word for word in words if word not in allowed]
+        if wrong or not words:
+            raise argparse.ArgumentTypeError(
+                f"invalid {text!r}: comma separated, each of "
+                f"{', '.join(allowed)}")
+        return words
+
+    return parse
+
+
 def _range(minimum: int | None, maximum: int | None) -> str:
     if maximum is None:
         return f"at least {minimum}"

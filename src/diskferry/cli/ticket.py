@@ -82,7 +82,8 @@ def register(subparsers):
                      help="image size in bytes, or with K, M, G, T "
                           "(binary: 1G = 1073741824) (default: the file's "
                           "or the export's size)")
-    add.add_argument("--ops", default="read",
+    add.add_argument("--ops", default=["read"],
+                     type=argtypes.word_list(("read", "write")),
                      help="comma separated: read, write (default: read)")
     add.add_argument("--timeout", type=argtypes.integer(0, MAX_TIMEOUT),
                      default=3600,
@@ -198,7 +199,7 @@ def add_ticket(args):
         "uuid": args.id or str(uuid.uuid4()),
         "size": size,
         "url": url,
-        "ops": [op.strip() for op in args.ops.split(",") if op.strip()],
+        "ops": args.ops,
         "timeout": args.timeout,
         "sparse": args.sparse,
         "dirty": args.dirty,
