@@ -166,8 +166,11 @@ level = "warning"
 
 def test_toml_strings_read_back():
     values = {"s": 'a"b\\c\nd\te\x00f\x7fg\u2028h\U0001f600',
-              "n": -3, "t": True, "f": False, "e": ""}
+              "n": -3, "t": True, "f": False, "e": "", "r": 0.25,
+              "big": 1e20, "inf": float("inf")}
     assert tomllib.loads(tomlwrite.dumps({"x": values})) == {"x": values}
+    with pytest.raises(TypeError):
+        tomlwrite.dumps({"x": {"list": [1]}})
 
 
 def test_bad_log_level_is_named(tmp_path):

@@ -35,7 +35,7 @@ def register(subparsers):
 
 
 def add_config_arguments(parser):
-    """--config and --conf-dir, read as ``serve`` reads them."""
+    """--config FILE and --conf-dir DIR: the files ``config.load`` merges."""
     parser.add_argument("--config", metavar="FILE",
                         help="TOML configuration (default: embedded "
                              "defaults)")

@@ -1,15 +1,16 @@
-"""TOML text for a configuration: tables of strings, integers and booleans.
+"""TOML text for a configuration: tables of strings, numbers and booleans.
 
 The standard library reads TOML but does not write it. A configuration
-holds only flat tables of three scalar types, which is all this writes;
-``tomllib`` reads the result back to the same values (a test checks).
+holds only flat tables of scalars, which is all this writes; ``tomllib``
+reads the result back to the same values (a test checks). Any other
+type is refused, so that a new kind of option cannot be printed wrong.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-Scalar = str | int | bool
+Scalar = str | int | float | bool
 
 
 def dumps(tables: Mapping[str, Mapping[str, Scalar]]) -> str:
@@ -28,7 +29,11 @@ def value_text(value: Scalar) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    return _string(value)
+    if isinstance(value, float):
+        return repr(value)  # inf, nan, 1e+20: TOML spells them alike
+    if isinstance(value, str):
+        return _string(value)
+    raise TypeError(f"no TOML scalar for {value!r}")
 
 
 def _string(text: str) -> str:
