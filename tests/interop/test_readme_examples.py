@@ -101,7 +101,8 @@ def readme_run(tmp_path: Path, commands: str):
         env["DISKFERRY_STATE_DIR"] = str(state)
         for old, new in (("54322", str(port)), ("/org/ovirt/imageio", name),
                          ("/var/lib/diskferry", str(state)),
-                         ("~/.local/state/diskferry", str(state))):
+                         ("${XDG_STATE_HOME:-~/.local/state}/diskferry",
+                          str(state))):
             commands = commands.replace(old, new)
         script = PRELUDE.format(setup="", serve_args="--config daemon.toml")
     run = subprocess.run(
