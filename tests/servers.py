@@ -299,9 +299,12 @@ def _diskferry_conf(
     ]
     if remove_timeout:
         lines.append(f"remove_timeout = {remove_timeout}")
-    if daemon_options:
-        lines += ["", "[daemon]"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in daemon_options.items()]
+    # Its own state and run folders: never the host's defaults, which a
+    # daemon started by hand may hold.
+    daemon_options = {"state_dir": str(workdir / ".diskferry"),
+                      **(daemon_options or {})}
+    lines += ["", "[daemon]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in daemon_options.items()]
     lines.append("")
     path = workdir / "diskferry.toml"
     path.write_text("\n".join(lines))

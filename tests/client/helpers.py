@@ -12,6 +12,8 @@ import tarfile
 import threading
 import time
 
+from diskferry.daemon.http.accesslog import redact_path
+
 MiB = 1024**2
 
 KINDS = ("ovirt-imageio", "diskferry")
@@ -56,6 +58,8 @@ _OVIRT_DATA = re.compile(r"CLOSE connection=\d+ client=(\S+) .*\[(read|write) \d
 def data_transports(srv, log_offset, ticket_id, wait=3.0):
     """Transports ("local" / "remote") that carried image data since
     ``log_offset`` of the server's log, as the server itself logged them."""
+    # The log shows a ticket id shortened (a bearer secret).
+    shown = redact_path(f"/images/{ticket_id}")
     deadline = time.monotonic() + wait
     while True:
         text = srv.log_text()[log_offset:]
@@ -66,7 +70,7 @@ def data_transports(srv, log_offset, ticket_id, wait=3.0):
                 found.add("local" if client == "local" else "remote")
         else:
             for line in text.splitlines():
-                if ticket_id in line and re.search(r" (GET|PUT) /images/", line):
+                if re.search(rf" (GET|PUT) {re.escape(shown)}[ /]", line):
                     found.add("local" if "[local/" in line else "remote")
         if found or time.monotonic() > deadline:
             return found

@@ -171,9 +171,21 @@ def test_get_unknown_404(server):
     assert_text_error(headers, data, status, 404)
 
 
-def test_get_without_id_400(server):
+def test_get_without_id(server, image, make_ticket):
+    """ovirt-imageio answers 400; diskferry lists its tickets (an
+    extension, docs/protocol.md)."""
+    t = make_ticket(server, image, SIZE)
     status, headers, data = server.control("GET", "/tickets/")
-    assert_text_error(headers, data, status, 400)
+    if server.name == "ovirt-imageio":
+        assert_text_error(headers, data, status, 400)
+        return
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    listed = json.loads(data)
+    assert [x["uuid"] for x in listed] == sorted(x["uuid"] for x in listed)
+    mine = [x for x in listed if x["uuid"] == t["uuid"]]
+    assert len(mine) == 1
+    assert (mine[0]["size"], mine[0]["url"]) == (SIZE, t["url"])
 
 
 def test_patch_unknown_404(server):

@@ -1,31 +1,39 @@
-"""The README's "Try it" commands work as written.
+"""The README's "Try it" commands work as written, beside any other daemon.
 
-The daemon runs on its embedded default configuration (no --config) in a
-scratch directory that holds a `.venv` link to the project's venv, so the
-relative paths of the README (`.venv/bin/diskferry`, `.diskferry/pki/ca.pem`)
-resolve as they do for a user in a checkout.  The only change to the
-commands is the image paths under /var/tmp, moved into the scratch
-directory.  curl is run with --fail-with-body so that an HTTP error fails
-the example.
+The daemon runs as the README starts it: no configuration, so on the
+default port 54322, the default abstract socket and the default folders.
+So that this neither needs those free nor disturbs a daemon a user runs
+on them (`scripts/serve`, then `scripts/test`, the README's order), the
+daemon and the commands run in private network and mount namespaces
+(``unshare``): a loopback interface of their own (port 54322, abstract
+socket names are per network namespace) and scratch folders mounted over
+/var/lib and /run (the default state and run folders for root, which
+the daemon is in the namespace). Where namespaces are not allowed
+(a container without CAP_SYS_ADMIN) the daemon gets a port, a local
+socket and a state folder of this test, replaced in the commands too.
+
+The scratch directory holds a `.venv` link to the project's venv, so the
+relative paths of the README (`.venv/bin/diskferry`) resolve as in a
+checkout. The only change to the commands is the image paths under
+/var/tmp, moved into the scratch directory. The blocks run in one shell,
+in order, as a user types them; curl runs with --fail-with-body so that
+an HTTP error fails the example.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
 
-import pytest
+import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV = Path(sys.executable).parent.parent
-DEFAULT_PORT = 54322
 
 
 def try_it_blocks() -> list[str]:
@@ -35,78 +43,96 @@ def try_it_blocks() -> list[str]:
     return re.findall(r"```sh\n(.*?)```", text[start:end], re.S)
 
 
-@pytest.fixture
-def default_daemon(tmp_path):
+#: Loopback up, scratch /var/lib and /run: inside the namespaces.
+NAMESPACE_SETUP = """\
+ip link set lo up
+mkdir -p "$SCRATCH/var-lib" "$SCRATCH/run"
+mount --bind "$SCRATCH/var-lib" /var/lib
+mount --bind "$SCRATCH/run" /run
+"""
+
+#: The daemon in the background until the README's commands are done.
+PRELUDE = """\
+set -euo pipefail
+{setup}
+cd "$SCRATCH"
+.venv/bin/diskferry serve {serve_args} > serve.log 2>&1 &
+daemon=$!
+trap 'kill $daemon; wait $daemon || true' EXIT
+for _ in $(seq 300); do
+  grep -q "control socket:" serve.log && break
+  kill -0 $daemon || {{ cat serve.log >&2; exit 1; }}
+  sleep 0.1
+done
+grep -q "control socket:" serve.log || {{ cat serve.log >&2; exit 1; }}
+curl() {{ command curl --silent --show-error --fail-with-body "$@"; }}
+"""
+
+
+def namespaces() -> list[str] | None:
+    """unshare arguments (a user namespace too when not root), or None
+    where this machine allows no namespaces (a container without
+    CAP_SYS_ADMIN)."""
+    args = ["unshare", "--net", "--mount"]
+    if os.geteuid() != 0:
+        args.insert(1, "--map-root-user")
+    probe = subprocess.run([*args, "true"], capture_output=True)
+    return args if probe.returncode == 0 else None
+
+
+def readme_run(tmp_path: Path, commands: str):
+    """Run the daemon and ``commands``: in namespaces as written, else
+    with the daemon's port, local socket and state folder replaced by
+    ones of this test (in the daemon's configuration and the commands
+    alike). Returns (completed process, the state folder used)."""
+    env = dict(os.environ, SCRATCH=str(tmp_path),
+               PATH=f"{VENV}/bin:{os.environ['PATH']}")
+    prefix = namespaces()
+    if prefix is not None:
+        script = PRELUDE.format(setup=NAMESPACE_SETUP, serve_args="")
+        state = tmp_path / "var-lib" / "diskferry"
+    else:
+        prefix = []
+        state = tmp_path / "state"
+        port = servers.free_port()
+        name = f"/diskferry-readme/{uuid.uuid4().hex}"
+        (tmp_path / "daemon.toml").write_text(
+            f"[remote]\nport = {port}\n[local]\nsocket = \"@{name}\"\n")
+        env["DISKFERRY_STATE_DIR"] = str(state)
+        for old, new in (("54322", str(port)), ("/org/ovirt/imageio", name),
+                         ("/var/lib/diskferry", str(state)),
+                         ("${XDG_STATE_HOME:-~/.local/state}/diskferry",
+                          str(state))):
+            commands = commands.replace(old, new)
+        script = PRELUDE.format(setup="", serve_args="--config daemon.toml")
+    run = subprocess.run(
+        [*prefix, "bash", "-c", script + commands],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    return run, state
+
+
+def test_readme_try_it(tmp_path):
     (tmp_path / ".venv").symlink_to(VENV)
-    with socket.socket() as s:
-        try:
-            s.bind(("localhost", DEFAULT_PORT))
-        except OSError as e:
-            pytest.fail(f"port {DEFAULT_PORT} of the README is taken: {e}")
-    log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [str(tmp_path / ".venv/bin/diskferry"), "serve"],
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    deadline = time.monotonic() + 30
-    try:
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                socket.create_connection(("localhost", DEFAULT_PORT), 1).close()
-                if (tmp_path / ".diskferry/pki/ca.pem").exists():
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.1)
-        yield tmp_path
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def run_block(cwd: Path, block: str) -> str:
-    block = block.replace("/var/tmp/", f"{cwd}/")
-    script = (
-        "set -euo pipefail\n"
-        'curl() { command curl --silent --show-error --fail-with-body "$@"; }\n'
-        + block
-    )
-    r = subprocess.run(
-        ["bash", "-c", script],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=dict(os.environ, PATH=f"{VENV}/bin:{os.environ['PATH']}"),
-    )
-    assert r.returncode == 0, f"{block}\nstdout: {r.stdout}\nstderr: {r.stderr}"
-    return r.stdout
-
-
-def test_readme_try_it(default_daemon):
-    cwd = default_daemon
     blocks = try_it_blocks()
     assert len(blocks) >= 3, blocks
-    outputs = [run_block(cwd, b) for b in blocks]
-    joined = "\n".join(outputs)
+    commands = "\n".join(b.replace("/var/tmp/", f"{tmp_path}/") for b in blocks)
+    run, state = readme_run(tmp_path, commands)
+    log = (tmp_path / "serve.log").read_text() if (
+        tmp_path / "serve.log").exists() else ""
+    assert run.returncode == 0, (f"{commands}\nstdout: {run.stdout}\n"
+                                 f"stderr: {run.stderr}\nlog: {log}")
+    # The README's daemon made its CA in its default state folder (in
+    # the namespaces, root's, mounted from the scratch directory).
+    assert (state / "pki" / "ca.pem").exists()
     # The PUT of "hello" came back with the ranged GET, from the raw file
     # and from the qcow2 through NBD.
-    assert "hello" in joined
-    assert "hello, qcow2" in joined
-    assert '"checksum"' in joined
-    copy = cwd / "copy.raw"
-    if "copy.raw" in "".join(blocks):
-        assert copy.stat().st_size == (cwd / "disk.raw").stat().st_size
-        with open(copy, "rb") as f:
-            # Zeroed by the PATCH example after "hello" was written.
-            assert f.read(4096) == bytes(4096)
+    assert "hello" in run.stdout
+    assert "hello, qcow2" in run.stdout
+    assert '"checksum"' in run.stdout
+    assert '"uuid": "demo"' in run.stdout  # ticket list
+    copy = tmp_path / "copy.raw"
+    assert "copy.raw" in commands
+    assert copy.stat().st_size == (tmp_path / "disk.raw").stat().st_size
+    with open(copy, "rb") as f:
+        # Zeroed by the PATCH example after "hello" was written.
+        assert f.read(4096) == bytes(4096)

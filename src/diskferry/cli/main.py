@@ -22,6 +22,7 @@ Move virtual disk images in and out of a host over HTTP.
 
   diskferry serve                      run the daemon (default configuration)
   diskferry ticket add FILE            authorize access to an image (prints its id)
+  diskferry ticket list                the daemon's tickets
   diskferry upload FILE URL            upload a local image to a transfer URL
   diskferry download URL FILE          download a transfer URL to a local file
   diskferry bench                      measure transfer speed on this machine

@@ -7,13 +7,18 @@ import sys
 
 EPILOG = """\
 examples:
-  diskferry serve                       embedded defaults, state in ./.diskferry
+  diskferry serve                       embedded defaults
   diskferry serve --config /etc/diskferry/daemon.toml
+  diskferry serve --conf-dir /etc/diskferry      /etc/diskferry/conf.d/*.toml
+  diskferry serve --show-config > daemon.toml    the effective configuration
 
 With no configuration the daemon listens on https://127.0.0.1:54322,
-generates a CA and server certificate under the state folder
-($DISKFERRY_STATE_DIR, else ./.diskferry) and prints where everything
-is. Stop it with Ctrl-C or SIGTERM: running requests get time to finish.
+generates a CA and server certificate under its state folder
+(/var/lib/diskferry for root, ~/.local/state/diskferry for a user, or
+$DISKFERRY_STATE_DIR), puts its control socket in its run folder
+(/run/diskferry for root, $XDG_RUNTIME_DIR/diskferry for a user) and
+prints where everything is. Stop it with Ctrl-C or SIGTERM: running
+requests get time to finish.
 """
 
 
@@ -23,9 +28,20 @@ def register(subparsers):
         description="Run the diskferry daemon: images API over TLS and a "
                     "local UNIX socket, tickets API on a control socket.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE",
-                   help="TOML configuration (default: embedded defaults)")
+    add_config_arguments(p)
+    p.add_argument("--show-config", action="store_true",
+                   help="print the effective configuration as TOML and exit")
     p.set_defaults(func=run)
+
+
+def add_config_arguments(parser):
+    """--config FILE and --conf-dir DIR: the files ``config.load`` merges."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML configuration (default: embedded "
+                             "defaults)")
+    parser.add_argument("--conf-dir", metavar="DIR",
+                        help="merge DIR/conf.d/*.toml in name order, after "
+                             "--config")
 
 
 def run(args):
@@ -36,10 +52,13 @@ def run(args):
     from diskferry.errors import DiskferryError
 
     try:
-        config = config_mod.load(args.config)
+        config = config_mod.load(args.config, args.conf_dir)
     except config_mod.ConfigError as e:
         print(f"diskferry: {e}", file=sys.stderr)
         return 2
+    if args.show_config:
+        sys.stdout.write(config_mod.dumps(config_mod.effective(config)))
+        return 0
     logformat.configure(config.logging.level)
     daemon = Daemon(config)
     # Before start: a stop asked for as soon as the sockets exist counts.

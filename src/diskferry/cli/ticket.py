@@ -6,46 +6,90 @@ import os
 import sys
 import uuid
 
+from diskferry.cli import argtypes
 from diskferry.errors import DiskferryError
+
+#: Longest ticket timeout the daemon accepts (a year), as in its tickets.
+MAX_TIMEOUT = 365 * 24 * 3600
 
 EPILOG = """\
 examples:
-  diskferry ticket add --size 1073741824 --ops read,write disk.raw
+  diskferry ticket add --ops read,write disk.raw
   diskferry ticket add --ops read --dirty nbd:unix:/run/backup/disk.sock
+  diskferry ticket list
   diskferry ticket show 3f0c...
   diskferry ticket extend 3f0c... 3600
   diskferry ticket del 3f0c...
 
-The control socket is found as 'diskferry serve' would: from --config,
-else the embedded default (under $DISKFERRY_STATE_DIR, else ./.diskferry).
+The control socket is found as 'diskferry serve' finds it, whatever the
+current folder: --socket, else the configuration (--config, --conf-dir),
+else the default run folder (/run/diskferry for root,
+$XDG_RUNTIME_DIR/diskferry for a user, $DISKFERRY_STATE_DIR/run when
+that is set). A failure says where it looked.
 """
+
+ADD_DESCRIPTION = """\
+Authorize access to an image: the daemon serves IMAGE under
+/images/ID to whoever presents ID, for the operations given, until the
+ticket expires or is deleted. Prints the ticket's id.
+"""
+
+ADD_EPILOG = """\
+examples:
+  diskferry ticket add disk.raw                  read-only, new random id
+  diskferry ticket add --ops read,write --sparse disk.raw
+  diskferry ticket add --id upload-1 --ops write --size 10G /dev/vg/lv
+  diskferry ticket add --ops read nbd:unix:/run/vdsm/nbd/disk.sock
+
+The ticket's id is a bearer secret: anyone who knows it may use the
+image. The default random id (a UUID) is the safe choice.
+"""
+
+#: Options every action takes, after "ticket" or after the action
+#: ("ticket add --config F" as well as "ticket --config F add"). SUPPRESS
+#: keeps an action's parser from overwriting a value given before it.
+_CONNECTION = argparse.ArgumentParser(add_help=False)
+_CONNECTION.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                         help="the daemon's TOML configuration")
+_CONNECTION.add_argument("--conf-dir", metavar="DIR",
+                         default=argparse.SUPPRESS,
+                         help="the daemon's configuration folder "
+                              "(DIR/conf.d/*.toml)")
+_CONNECTION.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                         help="control socket (overrides the configuration)")
 
 
 def register(subparsers):
     p = subparsers.add_parser(
-        "ticket", help="add, show, extend or delete tickets",
+        "ticket", help="add, list, show, extend or delete tickets",
         description="Manage the tickets of a running daemon.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE",
-                   help="the daemon's TOML configuration")
-    p.add_argument("--socket", metavar="PATH",
-                   help="control socket (overrides the configuration)")
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[_CONNECTION])
     sub = p.add_subparsers(metavar="ACTION", required=True)
 
-    add = sub.add_parser("add", help="authorize access to an image")
+    def action(name, **kwargs):
+        return sub.add_parser(name, parents=[_CONNECTION], **kwargs)
+
+    add = action("add", help="authorize access to an image",
+                 description=ADD_DESCRIPTION, epilog=ADD_EPILOG,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add.add_argument("path", metavar="IMAGE",
                      help="image file, block device, or NBD URL "
                           "(nbd:unix:/sock, nbd://host/export, "
                           "nbd+unix:///export?socket=/sock)")
     add.add_argument("--id", help="ticket id (default: a new UUID)")
-    add.add_argument("--size", type=int,
-                     help="image size in bytes (default: the file's or the "
-                          "export's size)")
-    add.add_argument("--ops", default="read",
+    add.add_argument("--size", type=argtypes.size,
+                     help="image size in bytes, or with K, M, G, T "
+                          "(binary: 1G = 1073741824) (default: the file's "
+                          "or the export's size)")
+    add.add_argument("--ops", default=["read"],
+                     type=argtypes.word_list(("read", "write")),
                      help="comma separated: read, write (default: read)")
-    add.add_argument("--timeout", type=int, default=3600,
+    add.add_argument("--timeout", type=argtypes.integer(0, MAX_TIMEOUT),
+                     default=3600,
                      help="seconds until the ticket expires (default: 3600)")
-    add.add_argument("--inactivity-timeout", type=int,
+    add.add_argument("--inactivity-timeout",
+                     type=argtypes.integer(0, MAX_TIMEOUT),
                      help="seconds before idle connections are closed")
     add.add_argument("--sparse", action="store_true",
                      help="zeroing may punch holes")
@@ -55,17 +99,20 @@ def register(subparsers):
     add.add_argument("--transfer-id", help="shown in logs")
     add.set_defaults(func=add_ticket)
 
-    show = sub.add_parser("show", help="print a ticket's state as JSON")
+    listing = action("list", help="print every ticket as JSON")
+    listing.set_defaults(func=list_tickets)
+
+    show = action("show", help="print a ticket's state as JSON")
     show.add_argument("id")
     show.set_defaults(func=show_ticket)
 
-    extend = sub.add_parser("extend", help="make a ticket expire later")
+    extend = action("extend", help="make a ticket expire later")
     extend.add_argument("id")
-    extend.add_argument("timeout", type=int,
+    extend.add_argument("timeout", type=argtypes.integer(0, MAX_TIMEOUT),
                         help="seconds from now until it expires")
     extend.set_defaults(func=extend_ticket)
 
-    delete = sub.add_parser("del", help="cancel and remove a ticket")
+    delete = action("del", help="cancel and remove a ticket")
     delete.add_argument("id", nargs="?",
                         help="ticket id (omit with --all)")
     delete.add_argument("--all", action="store_true",
@@ -77,13 +124,26 @@ class ControlError(Exception):
     """Raised when the control service answers with an error."""
 
 
-def _request(args, method, path, body=None):
-    from diskferry.client.uhttp import UnixHTTPConnection
+def control_socket(args):
+    """(path, how it was found): as ``diskferry serve`` would bind it."""
     from diskferry.daemon import config as config_mod
 
-    socket_path = args.socket
-    if socket_path is None:
-        socket_path = config_mod.load(args.config).control_socket
+    socket_path = getattr(args, "socket", None)
+    if socket_path is not None:
+        return socket_path, "--socket"
+    config = config_mod.load(getattr(args, "config", None),
+                             getattr(args, "conf_dir", None))
+    if config.control.transport != "unix":
+        raise ControlError("the daemon's control service is on TCP "
+                           "([control] transport); this command speaks "
+                           "to a UNIX socket only: give --socket")
+    return config.control_socket, config.control_socket_origin()
+
+
+def _request(args, method, path, body=None):
+    from diskferry.client.uhttp import UnixHTTPConnection
+
+    socket_path, origin = args.control
     con = UnixHTTPConnection(socket_path, timeout=120)
     try:
         payload = json.dumps(body).encode() if body is not None else None
@@ -91,8 +151,11 @@ def _request(args, method, path, body=None):
         try:
             con.request(method, path, body=payload, headers=headers)
         except OSError as e:
-            raise ControlError(f"cannot reach the control socket "
-                               f"{socket_path}: {e.strerror or e}") from e
+            raise ControlError(
+                f"cannot reach the control socket {socket_path} "
+                f"({origin}): {e.strerror or e}; is the daemon running? "
+                f"Give --socket, or the daemon's --config or "
+                f"--conf-dir") from e
         res = con.getresponse()
         data = res.read()
     finally:
@@ -105,8 +168,14 @@ def _request(args, method, path, body=None):
 
 def _run(func):
     def wrapper(args):
+        from diskferry.daemon.config import ConfigError
+
         try:
+            args.control = control_socket(args)
             func(args)
+        except ConfigError as e:
+            print(f"diskferry ticket: {e}", file=sys.stderr)
+            return 2
         except (ControlError, DiskferryError) as e:
             print(f"diskferry ticket: {e}", file=sys.stderr)
             return 1
@@ -130,7 +199,7 @@ def add_ticket(args):
         "uuid": args.id or str(uuid.uuid4()),
         "size": size,
         "url": url,
-        "ops": [op.strip() for op in args.ops.split(",") if op.strip()],
+        "ops": args.ops,
         "timeout": args.timeout,
         "sparse": args.sparse,
         "dirty": args.dirty,
@@ -164,6 +233,12 @@ def _export_size(url):
         return client.size
     finally:
         client.close()
+
+
+@_run
+def list_tickets(args):
+    data = _request(args, "GET", "/tickets/")
+    print(json.dumps(json.loads(data), indent=2, sort_keys=True))
 
 
 @_run

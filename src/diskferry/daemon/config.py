@@ -2,18 +2,29 @@
 
 Sections and names follow ovirt-imageio's ``daemon.conf`` where an option
 means the same, so that an operator can carry a configuration over.
-With no file at all the daemon runs from a local state folder
-(``$DISKFERRY_STATE_DIR``, else ``./.diskferry``): sockets, and a CA and
-server certificate generated there on first start.
+With no file at all the daemon runs from well-known folders (see
+``places``): its lock and control socket in the run folder, and a CA and
+server certificate generated in the state folder on first start.
+
+A configuration is read from files merged in order, each overriding what
+the previous set: ``--config FILE`` first, then ``DIR/conf.d/*.toml`` of
+``--conf-dir DIR`` in name order (as ovirt-imageio's ``conf.d``), so that
+a package's file and a host's own drop-ins can live side by side.
+
+Each section is a dataclass; a new section is one more dataclass and one
+more field of ``Config``: loading, checking types and printing
+(``serve --show-config``) follow the fields.
 
 See docs/configuration.md for every option.
 """
 
 import dataclasses
+import glob
 import os
 import tomllib
 from dataclasses import dataclass, field
 
+from diskferry.daemon import places, tomlwrite
 from diskferry.daemon.http.connection import HEAD_TIMEOUT
 from diskferry.daemon.http.server import DEFAULT_CONNECTION_LIMIT
 from diskferry.daemon.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
@@ -32,9 +43,9 @@ class Daemon:
     #: Seconds an idle client connection is kept when its ticket has no
     #: inactivity_timeout of its own.
     inactivity_timeout: int = DEFAULT_INACTIVITY_TIMEOUT
-    #: Where sockets and run-time files go (default: STATE_DIR/run).
+    #: Where the lock and the control socket go (default: see places).
     run_dir: str = ""
-    #: Where generated certificates go (default: ./.diskferry).
+    #: Where generated certificates go (default: see places).
     state_dir: str = ""
     #: Seconds running requests get to finish when the daemon stops.
     shutdown_timeout: int = 30
@@ -94,6 +105,10 @@ class BackendNbd:
     buffer_size: int = 8 * 1024**2
 
 
+#: Values of ``[logging] level`` (in any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 @dataclass
 class Logging:
     level: str = "INFO"
@@ -111,20 +126,33 @@ class Config:
     logging: Logging = field(default_factory=Logging)
 
     @property
+    def state_place(self):
+        return places.state_dir(self.daemon.state_dir, os.environ,
+                                os.geteuid())
+
+    @property
+    def run_place(self):
+        return places.run_dir(self.daemon.run_dir, self.state_place,
+                              os.environ, os.geteuid())
+
+    @property
     def state_dir(self):
-        return os.path.abspath(self.daemon.state_dir or
-                               os.environ.get("DISKFERRY_STATE_DIR") or
-                               ".diskferry")
+        return self.state_place.path
 
     @property
     def run_dir(self):
-        return os.path.abspath(self.daemon.run_dir or
-                               os.path.join(self.state_dir, "run"))
+        return self.run_place.path
 
     @property
     def control_socket(self):
         return self.control.socket or os.path.join(self.run_dir,
                                                    "control.sock")
+
+    def control_socket_origin(self):
+        """Why ``control_socket`` is where it is, for a message."""
+        if self.control.socket:
+            return "[control] socket"
+        return f"control.sock in {self.run_place.origin}"
 
     @property
     def local_socket(self):
@@ -133,11 +161,56 @@ class Config:
         return "\0" + address[1:] if address.startswith("@") else address
 
 
-def load(path=None):
-    """The configuration in ``path`` over the defaults; defaults if None."""
+def sections(config):
+    """(name, section) of every section, in the order of ``Config``."""
+    return [(f.name, getattr(config, f.name))
+            for f in dataclasses.fields(config)]
+
+
+def effective(config):
+    """A copy of ``config`` with the folders and the control socket it
+    would use written out: what ``serve --show-config`` prints."""
+    copy = dataclasses.replace(config, **{
+        name: dataclasses.replace(section) for name, section in
+        sections(config)})
+    copy.daemon.state_dir = config.state_dir
+    copy.daemon.run_dir = config.run_dir
+    if config.control.transport == "unix":
+        copy.control.socket = config.control_socket
+    return copy
+
+
+def dumps(config):
+    """``config`` as TOML text that ``load`` reads back to an equal one."""
+    return tomlwrite.dumps({name: dataclasses.asdict(section)
+                            for name, section in sections(config)})
+
+
+def files(path=None, conf_dir=None):
+    """The files a configuration is read from, in the order applied."""
+    found = [path] if path is not None else []
+    if conf_dir is not None:
+        # A mistyped folder fails; a folder without drop-ins (yet) is
+        # the defaults, as a freshly installed package has it.
+        if not os.path.isdir(conf_dir):
+            raise ConfigError(f"Cannot read {conf_dir}: not a directory")
+        folder = os.path.join(glob.escape(conf_dir), "conf.d")
+        found += sorted(glob.glob(os.path.join(folder, "*.toml")))
+    return found
+
+
+def load(path=None, conf_dir=None):
+    """The defaults, overridden by ``path`` and then by the drop-ins of
+    ``conf_dir`` (``conf.d/*.toml``, in name order)."""
     config = Config()
-    if path is None:
-        return config
+    names = files(path, conf_dir)
+    for name in names:
+        _apply_file(config, name)
+    _check(", ".join(names) or "defaults", config)
+    return config
+
+
+def _apply_file(config, path):
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -152,8 +225,6 @@ def load(path=None):
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: [{section_name}] must be a table")
         _apply(path, section_name, section, values)
-    _check(path, config)
-    return config
 
 
 def _apply(path, section_name, section, values):
@@ -188,3 +259,7 @@ def _check(path, config):
                         ("[control] port", config.control.port)):
         if not 0 <= value <= 65535:
             raise ConfigError(f"{path}: {name} must be 0-65535")
+    if config.logging.level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"{path}: [logging] level must be one of "
+                          f"{', '.join(LOG_LEVELS)}, got "
+                          f"{config.logging.level!r}")

@@ -359,6 +359,11 @@ class TicketStore:
             raise TicketNotFound(f"No such ticket {ticket_id!r}")
         return ticket
 
+    def tickets(self):
+        """Every ticket, ordered by id."""
+        with self._lock:
+            return [self._tickets[key] for key in sorted(self._tickets)]
+
     def authorize(self, ticket_id, op):
         """The ticket if it allows ``op`` now; 403 otherwise."""
         with self._lock:

@@ -1,4 +1,9 @@
-"""``/tickets/{id}``: the management plane's view of tickets."""
+"""``/tickets/{id}``: the management plane's view of tickets.
+
+``GET /tickets/`` (no id) lists every ticket, an extension: ovirt-imageio
+answers it 400 and offers no listing, which leaves an operator no way to
+see what a daemon serves.
+"""
 
 from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
 from diskferry.daemon.tickets import MAX_TIMEOUT
@@ -12,7 +17,8 @@ class TicketsHandler:
 
     def get(self, request, ticket_id):
         if not ticket_id:
-            raise BadRequest("Ticket id is required")
+            send_json(request, [t.info() for t in self.store.tickets()])
+            return
         send_json(request, self.store.get(ticket_id).info())
 
     def put(self, request, ticket_id):

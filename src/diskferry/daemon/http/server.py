@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 
-from diskferry.daemon.http import parse
+from diskferry.daemon.http import accesslog, parse
 from diskferry.daemon.http.connection import HEAD_TIMEOUT, Connection
 from diskferry.daemon.http.listener import describe
 from diskferry.errors import (
@@ -124,6 +124,16 @@ class Request:
     @property
     def headers(self):
         return self.head.headers
+
+
+class _Connection(Connection):
+    """A Connection that remembers the status it answered, for the log."""
+
+    status = None
+
+    def start_response(self, status, *args, **kwargs):
+        self.status = status
+        return super().start_response(status, *args, **kwargs)
 
 
 class Server:
@@ -284,9 +294,9 @@ class Server:
                 sock = self._handshake(sock)  # closes it on failure
                 if sock is None:
                     return
-            conn = Connection(sock, tls=self.tls_context is not None,
-                              timeout=self.idle_timeout,
-                              head_timeout=self.head_timeout)
+            conn = _Connection(sock, tls=self.tls_context is not None,
+                               timeout=self.idle_timeout,
+                               head_timeout=self.head_timeout)
             with self._lock:
                 if self._stopping:
                     return
@@ -323,19 +333,25 @@ class Server:
     def _serve_request(self, conn, context, client):
         """Serve one request; returns False when the connection must close."""
         conn.set_timeout(context.get("idle_timeout", self.idle_timeout))
+        conn.status = None
+        started = time.monotonic()
         try:
             raw = conn.read_head()
         except ConnectionGone:
             return False
         except RequestError as e:
             self._send_error(conn, e, close=True)
+            self._log_request(conn, context, client, None, {}, started,
+                              e.message)
             return False
         if raw is None:
             return False
         started = time.monotonic()
         self._set_busy(conn, True)
         request = None
+        head = None
         keep = False
+        cause = None
         try:
             head = parse.parse_head(raw)
             length = head.content_length
@@ -346,23 +362,29 @@ class Server:
             if not conn.response_complete:
                 raise ServerError("Handler did not complete its response")
         except ConnectionGone as e:
-            log.info("%s: %s: %s", self.name, context["id"], e)
+            cause = f"connection lost: {e}"
             keep = False
         except RequestError as e:
+            cause = e.message
             keep = (not e.close_connection and request is not None and
                     request.head.keep_alive and
                     self._discard_body(conn))
             if not self._send_error(conn, e, close=not keep):
                 keep = False
-        except Exception:
-            log.exception("%s: request failed", self.name)
+        except Exception as e:
+            # The traceback is the cause; the access line below says which
+            # request it was (a path with its ticket id shortened).
+            log.exception("%s: %s: request failed", self.name,
+                          context["id"])
+            cause = f"internal error: {type(e).__name__}"
             self._send_error(conn, ServerError("Internal server error"),
                              close=True)
             keep = False
         finally:
             self._set_busy(conn, False)
-            if request is not None:
-                self._log_request(request, started)
+            self._log_request(conn, context, client, head,
+                              request.log if request is not None else {},
+                              started, cause)
         return keep and not self._stopping
 
     def _discard_body(self, conn):
@@ -393,22 +415,16 @@ class Server:
             if conn in self._connections:
                 self._connections[conn] = busy
 
-    def _log_request(self, request, started):
-        elapsed = time.monotonic() - started
-        fields = request.log
-        size = fields.get("size")
-        parts = [f"[{request.context['id']}]", request.client,
-                 request.method, request.path]
-        if "transfer_id" in fields:
-            parts.append(f"transfer={fields['transfer_id']}")
-        if "offset" in fields:
-            parts.append(f"offset={fields['offset']}")
-        if size is not None:
-            parts.append(f"size={size}")
-        parts.append(f"{elapsed:.3f}s")
-        if size and elapsed > 0:
-            parts.append(f"{size / elapsed / 1024**2:.1f}MiB/s")
-        log.info("%s", " ".join(parts))
+    def _log_request(self, conn, context, client, head, fields, started,
+                     cause):
+        """The request's access line (see ``accesslog``); a head that
+        could not be parsed shows as ``- -``."""
+        log.info("%s", accesslog.line(
+            conn_id=context["id"], client=client,
+            method=head.method if head is not None else "-",
+            path=head.path if head is not None else "-",
+            status=conn.status, fields=fields,
+            elapsed=time.monotonic() - started, cause=cause))
 
     # Stopping
 
