@@ -10,15 +10,18 @@ Rows, each on one diskferry daemon (UNIX socket and TLS), the same run:
   its size: what holes cost.
 
 Clients: ``diskferry`` (this repository's CLI) and ``imageio-client``
-(the ``ovirt_imageio.client`` library 2.5.1, through the harness's
-``clients/imageio_client.py``). Reference: a local ``qemu-img convert
--W -m 16`` between the same source and the same kind of destination.
+(the ``ovirt_imageio.client`` library 2.5.1 that ``scripts/setup
+--test`` installs as a test peer, kept off the UNIX socket for TLS rows
+by answering its locality check False). Reference: a local ``qemu-img
+convert -W -m 16`` between the same source and the same kind of
+destination.
 
 GiB/s and CPU seconds are per GiB of virtual size; client CPU includes
 the qemu-nbd each client starts (reaped by it), server CPU is the
-daemon's. Run with the harness's images made and its venv:
+daemon's. Images as for ``nbd_ceilings.py`` (``sparse`` and ``qcow2`` in
+``images.json``):
 
-    BENCH_VENV=/tmp/bench-venv python3 bench/formats.py [--quick] [--reps 3]
+    .venv/bin/python bench/formats.py [--quick] [--reps 3]
 """
 
 import argparse
@@ -38,7 +41,21 @@ import uuid
 GiB = 1024**3
 TICK = os.sysconf("SC_CLK_TCK")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HARNESS = os.path.join(os.path.dirname(ROOT), "shared", "bench")
+
+#: The ovirt_imageio.client library, as a command:
+#: OP SRC DST TRANSPORT CAFILE.
+IMAGEIO_CLIENT = """
+import sys
+from ovirt_imageio import client
+from ovirt_imageio._internal.backends import http
+op, src, dst, transport, cafile = sys.argv[1:]
+if transport != "unix":
+    http.ConnectionMixin.is_local = lambda self: False
+if op == "upload":
+    client.upload(src, dst, cafile)
+else:
+    client.download(src, dst, cafile, fmt="qcow2")
+"""
 
 
 def cpu_seconds(pid):
@@ -142,10 +159,8 @@ def main():
     p.add_argument("--dest-dir", default="/dev/shm/bench-formats")
     p.add_argument("--venv", default=os.path.join(ROOT, ".venv"))
     args = p.parse_args()
-    bench_python = os.path.join(os.environ.get(
-        "BENCH_VENV", os.path.join(HARNESS, ".venv")), "bin", "python")
-    imageio = [bench_python, os.path.join(HARNESS, "clients",
-                                          "imageio_client.py")]
+    imageio = [os.path.join(args.venv, "bin", "python"), "-c",
+               IMAGEIO_CLIENT]
     ours = os.path.join(args.venv, "bin", "diskferry")
     images_dir = os.path.join(args.images_dir,
                               "quick" if args.quick else "default")
@@ -186,8 +201,8 @@ def main():
                           qcow2["size"]))
             cases.append(("upload-qcow2", transport, "imageio-client", prep,
                           lambda url, t=transport: [
-                              *imageio, "upload", qcow2["path"], url,
-                              "--transport", t, "--cafile", daemon.ca_file],
+                              *imageio, "upload", qcow2["path"], url, t,
+                              daemon.ca_file],
                           qcow2["size"]))
         out = os.path.join(dst, "down.qcow2")
 
@@ -202,8 +217,7 @@ def main():
                               daemon.ca_file, url, out], sparse["size"]))
             cases.append(("download-qcow2", transport, "imageio-client",
                           prep_down, lambda url, t=transport: [
-                              *imageio, "download", url, out, "--format",
-                              "qcow2", "--transport", t, "--cafile",
+                              *imageio, "download", url, out, t,
                               daemon.ca_file], sparse["size"]))
         for name, path, size in (("holes-8t", h8, 8 * 1024 * GiB),
                                  ("holes-small", h1, holes_data)):
