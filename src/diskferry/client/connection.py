@@ -70,6 +70,16 @@ class ImageConnection:
             self._pipe.close()
             self._pipe = None
 
+    def reusable(self):
+        """False when the server closed the kept-alive connection (its idle
+        timeout) or sent bytes nobody asked for: a request sent on it
+        would fail. A closed connection is reusable: it reconnects."""
+        if self._con is None or self._con.sock is None:
+            return True
+        poller = select.poll()
+        poller.register(self._con.sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+
     def peer_address(self):
         """The IP address of the connected server (None on a UNIX socket)."""
         if self._con is None or self._con.sock is None:

@@ -1,0 +1,145 @@
+"""Kept-alive connections to the images-API server behind proxy tickets.
+
+A proxy ticket names an image on another server (``https://host:54322/
+images/ID``). Every client connection that uses the ticket opens its own
+backend, but they all draw upstream connections from one pool per
+ticket, so that the server is asked ``OPTIONS`` once and a connection
+outlives the client request, and the client connection, that used it::
+
+    attach(ticket)   first user: OPTIONS through the client library
+                     (features, max_readers/max_writers, and the
+                     transport: the server's UNIX socket when it runs on
+                     this host, confirmed by its server_id, else TLS/TCP)
+    acquire()        the most recently used idle connection (the least
+                     likely to have reached the server's idle timeout);
+                     one the server has closed meanwhile reconnects on
+                     its next request instead of failing it
+    release(con)     back to the idle list, which holds at most as many
+                     connections as the server takes at once
+    detach(ticket)   last user: the idle connections are closed
+
+Connections reconnect by themselves (``ImageConnection`` opens a new
+socket for a request after a failure closed the old one), so nothing
+here retries; the backend decides what may be sent again.
+"""
+
+import threading
+import urllib.parse
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from diskferry.client import session as client_session
+from diskferry.client.connection import ImageConnection
+from diskferry.client.errors import ClientError
+from diskferry.client.policy import Timeout
+from diskferry.errors import BackendError
+
+if TYPE_CHECKING:
+    from diskferry.daemon.tickets import Ticket
+
+
+class Settings(NamedTuple):
+    """How upstream connections are opened (``[backend_http]``)."""
+
+    #: CA certificates verifying https:// servers; None: the system's.
+    cafile: str | None
+    timeout: Timeout
+
+
+def describe(url: str) -> str:
+    """The server of ``url`` for messages: never its path, whose ticket id
+    is the upstream's bearer secret."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class UpstreamPool:
+    """Idle connections to one ticket's image on the upstream server."""
+
+    def __init__(self, url: str, settings: Settings) -> None:
+        self.server = describe(url)
+        try:
+            session: Any = client_session.open(
+                url, "r", cafile=settings.cafile, unix="auto",
+                timeout=settings.timeout)
+        except ClientError as e:
+            raise BackendError(f"Cannot open the image on {self.server}: "
+                               f"{e}") from e
+        self._session = session
+        #: What OPTIONS told; an old server without OPTIONS offers nothing.
+        self.features: frozenset[str] = frozenset(session.features)
+        self.max_readers: int = session.max_readers
+        self.max_writers: int = session.max_writers
+        #: Why the transport was chosen (UNIX socket or not), for logs.
+        self.transport: str = session.transport.describe()
+        self.transport_reason: str = session.transport_reason
+        self._limit = max(self.max_readers, self.max_writers)
+        self._idle: list[ImageConnection] = [session.primary]
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def acquire(self) -> ImageConnection:
+        with self._lock:
+            con = self._idle.pop() if self._idle else None
+        if con is None:
+            new: ImageConnection = self._session.connection()
+            return new
+        if not con.reusable():
+            con.close()  # the next request opens a new socket
+        return con
+
+    def release(self, con: ImageConnection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < self._limit:
+                self._idle.append(con)
+                return
+        con.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for con in idle:
+            con.close()
+
+
+class _Entry:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.users = 1
+
+
+_lock = threading.Lock()
+#: Open pools by ticket (a replaced ticket is a new object: a new pool).
+_pools: "dict[Ticket, _Entry]" = {}
+
+
+def attach(ticket: "Ticket", settings: Settings) -> UpstreamPool:
+    """The ticket's pool, opened (OPTIONS sent) by its first user."""
+    with _lock:
+        entry = _pools.get(ticket)
+        if entry is not None:
+            entry.users += 1
+            return entry.pool
+    # Opening talks to the server: never under the lock.
+    pool = UpstreamPool(ticket.spec.url, settings)
+    with _lock:
+        entry = _pools.get(ticket)
+        if entry is None:
+            _pools[ticket] = _Entry(pool)
+            return pool
+        entry.users += 1
+    pool.close()  # another connection opened one meanwhile
+    return entry.pool
+
+
+def detach(ticket: "Ticket", pool: UpstreamPool) -> None:
+    """One user fewer; the last closes the pool."""
+    with _lock:
+        entry = _pools.get(ticket)
+        if entry is not None and entry.pool is pool:
+            entry.users -= 1
+            if entry.users:
+                return
+            del _pools[ticket]
+    pool.close()
+
