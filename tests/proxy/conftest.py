@@ -78,7 +78,8 @@ def route(upstream, proxies):
     made = []
 
     def make(proxy_kind, upstream_name, path: Path, size, ops=("read", "write"),
-             upstream_ops=None, url=None, **upstream_fields):
+             upstream_ops=None, proxy_url=None,
+             **upstream_fields):
         up = upstream(upstream_name)
         marker = f"proxied-{uuid.uuid4().hex[:12]}"
         up_ticket = servers.ticket_dict(path, size, upstream_ops or ops,
@@ -89,7 +90,7 @@ def route(upstream, proxies):
         ticket = {
             "uuid": str(uuid.uuid4()),
             "size": size,
-            "url": url or up.image_url(up_ticket["uuid"]),
+            "url": proxy_url or up.image_url(up_ticket["uuid"]),
             "ops": list(ops),
             "timeout": 300,
             "transfer_id": f"proxy-{marker}",

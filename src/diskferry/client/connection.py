@@ -120,6 +120,15 @@ class ImageConnection:
             raise HTTPError(method, target, res.status, res.reason, message)
         return res
 
+    def _refused_early(self, method, target):
+        """Raise the server's answer if it refused a request before
+        reading its body (403, 416) and closed: it says why, where the
+        broken pipe does not. Returns if there is no answer to read."""
+        try:
+            self._response(method, target, ())
+        except (OSError, http.client.HTTPException):
+            return
+
     def _simple(self, method, target, body=None, headers=None,
                 expected=(200,)):
         """Send a small request; return (response, body bytes)."""
@@ -323,7 +332,12 @@ class ImageConnection:
             con.putheader("Content-Range",
                           f"bytes {offset}-{offset + length - 1}/*")
             con.endheaders()
-            send_body(con.sock)
+            try:
+                send_body(con.sock)
+            except OSError as e:
+                if _is_network_error(e):
+                    self._refused_early("PUT", target)
+                raise
             res = self._response("PUT", target, (200, 204))
             res.read(MAX_ERROR_BODY)
         except (OSError, http.client.HTTPException) as e:
