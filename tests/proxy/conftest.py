@@ -8,9 +8,9 @@ proxies are daemons of their own, so that each log shows one side:
   reaches it over its UNIX socket), "diskferry-tls" (no local socket:
   only over TLS), "ovirt-imageio".
 - ``proxy(kind)``: a diskferry or ovirt-imageio daemon used as the proxy.
-- ``route(proxy_kind, upstream_name, size, ops, ...)``: a ticket on the
-  upstream over a fresh image, a proxy ticket in front of it, both
-  removed at teardown.
+- ``route(proxy_kind, upstream_name, path, size, ops, ...)``: a ticket on
+  the upstream over ``path``, a proxy ticket in front of it (``via`` a
+  relay, if given), both removed at teardown.
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def proxies(tmp_path_factory, pki):
         srv.stop()
 
 
+def upstream_url(up, ticket_id, via=None):
+    """The upstream's transfer URL, or the same through ``via``, a
+    (host, port) that forwards to it (a relay)."""
+    if via is None:
+        return up.image_url(ticket_id)
+    scheme = "https" if up.tls else "http"
+    return f"{scheme}://{via[0]}:{via[1]}/images/{ticket_id}"
+
+
 @dataclass
 class Route:
     """A proxy ticket in front of an upstream ticket."""
@@ -78,8 +87,7 @@ def route(upstream, proxies):
     made = []
 
     def make(proxy_kind, upstream_name, path: Path, size, ops=("read", "write"),
-             upstream_ops=None, proxy_url=None,
-             **upstream_fields):
+             upstream_ops=None, via=None, **upstream_fields):
         up = upstream(upstream_name)
         marker = f"proxied-{uuid.uuid4().hex[:12]}"
         up_ticket = servers.ticket_dict(path, size, upstream_ops or ops,
@@ -90,7 +98,7 @@ def route(upstream, proxies):
         ticket = {
             "uuid": str(uuid.uuid4()),
             "size": size,
-            "url": proxy_url or up.image_url(up_ticket["uuid"]),
+            "url": upstream_url(up, up_ticket["uuid"], via),
             "ops": list(ops),
             "timeout": 300,
             "transfer_id": f"proxy-{marker}",

@@ -16,7 +16,10 @@ outlives the client request, and the client connection, that used it::
                      its next request instead of failing it
     release(con)     back to the idle list, which holds at most as many
                      connections as the server takes at once
-    detach(ticket)   last user: the idle connections are closed
+    detach(ticket)   last user: the pool lingers LINGER seconds, then
+                     closes; a client that probes with OPTIONS on one
+                     connection and copies on others, or pauses between
+                     transfers, finds it open
 
 Connections reconnect by themselves (``ImageConnection`` opens a new
 socket for a request after a failure closed the old one), so nothing
@@ -102,10 +105,23 @@ class UpstreamPool:
             con.close()
 
 
+#: Seconds a pool no client connection uses stays open: shorter than a
+#: server's usual inactivity timeout (60 s), which would close its
+#: connections anyway.
+LINGER = 30.0
+
+
 class _Entry:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.users = 1
+        self.timer: threading.Timer | None = None
+
+    def use(self) -> None:
+        self.users += 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 _lock = threading.Lock()
@@ -118,7 +134,7 @@ def attach(ticket: "Ticket", settings: Settings) -> UpstreamPool:
     with _lock:
         entry = _pools.get(ticket)
         if entry is not None:
-            entry.users += 1
+            entry.use()
             return entry.pool
     # Opening talks to the server: never under the lock.
     pool = UpstreamPool(ticket.spec.url, settings)
@@ -127,19 +143,33 @@ def attach(ticket: "Ticket", settings: Settings) -> UpstreamPool:
         if entry is None:
             _pools[ticket] = _Entry(pool)
             return pool
-        entry.users += 1
+        entry.use()
     pool.close()  # another connection opened one meanwhile
     return entry.pool
 
 
 def detach(ticket: "Ticket", pool: UpstreamPool) -> None:
-    """One user fewer; the last closes the pool."""
+    """One user fewer; the pool closes LINGER seconds after the last."""
     with _lock:
         entry = _pools.get(ticket)
         if entry is not None and entry.pool is pool:
             entry.users -= 1
             if entry.users:
                 return
+            if not ticket.canceled:  # a removed ticket has no next user
+                entry.timer = threading.Timer(LINGER, _expire,
+                                              (ticket, entry))
+                entry.timer.daemon = True
+                entry.timer.start()
+                return
             del _pools[ticket]
     pool.close()
+
+
+def _expire(ticket: "Ticket", entry: _Entry) -> None:
+    with _lock:
+        if entry.users or _pools.get(ticket) is not entry:
+            return
+        del _pools[ticket]
+    entry.pool.close()
 
