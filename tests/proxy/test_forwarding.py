@@ -256,3 +256,25 @@ def _closed_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_ticket_url_leading_back_to_the_proxy_fails_once(proxies):
+    """Opening the ticket asks the proxy itself, whose answer needs the
+    ticket opened: the inner request waits for the outer, at most the
+    connect timeout, and both fail; no request chain without end."""
+    px = proxies("diskferry")
+    mark = len(px.log_text())
+    px.add_ticket({"uuid": "loop", "size": MiB, "ops": ["read"],
+                   "timeout": 60, "url": px.image_url("loop")})
+    try:
+        status, _, _ = request(px, "GET", "/images/loop")
+        assert status == 500
+        status, _, _ = request(px, "OPTIONS", "/images/*")
+        assert status == 200
+    finally:
+        px.delete_ticket("loop")
+    # Access log lines: the client's GET, and one OPTIONS of its own.
+    requests = re.findall(r"\] \S+ (GET|OPTIONS) /images/loop ",
+                          px.log_text()[mark:])
+    assert sorted(requests) == ["GET", "OPTIONS"]

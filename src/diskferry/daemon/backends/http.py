@@ -87,7 +87,8 @@ def open_http(ticket: "Ticket", config: "Config") -> "HttpBackend":
     section = config.backend_http
     settings = upstream.Settings(
         cafile=section.ca_file or config.tls.ca_file or None,
-        timeout=Timeout(section.connect_timeout, section.read_timeout))
+        timeout=Timeout(section.connect_timeout, section.read_timeout),
+        own_socket=config.local_socket if config.local.enable else None)
     pool = upstream.attach(ticket, settings)
     return HttpBackend(ticket, pool, section.buffer_size)
 

@@ -9,7 +9,8 @@ outlives the client request, and the client connection, that used it::
     attach(ticket)   first user: OPTIONS through the client library
                      (features, max_readers/max_writers, and the
                      transport: the server's UNIX socket when it runs on
-                     this host, confirmed by its server_id, else TLS/TCP)
+                     this host, confirmed by its server_id, else TLS/TCP);
+                     users arriving meanwhile wait for it
     acquire()        the most recently used idle connection (the least
                      likely to have reached the server's idle timeout);
                      one the server has closed meanwhile reconnects on
@@ -26,6 +27,7 @@ socket for a request after a failure closed the old one), so nothing
 here retries; the backend decides what may be sent again.
 """
 
+import logging
 import threading
 import urllib.parse
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -34,10 +36,14 @@ from diskferry.client import session as client_session
 from diskferry.client.connection import ImageConnection
 from diskferry.client.errors import ClientError
 from diskferry.client.policy import Timeout
+from diskferry.client.uhttp import normalize_address
 from diskferry.errors import BackendError
 
 if TYPE_CHECKING:
     from diskferry.daemon.tickets import Ticket
+
+
+log = logging.getLogger("diskferry.daemon.backends.upstream")
 
 
 class Settings(NamedTuple):
@@ -46,6 +52,8 @@ class Settings(NamedTuple):
     #: CA certificates verifying https:// servers; None: the system's.
     cafile: str | None
     timeout: Timeout
+    #: This daemon's own UNIX socket address, if it has one.
+    own_socket: str | None = None
 
 
 def describe(url: str) -> str:
@@ -60,25 +68,37 @@ class UpstreamPool:
 
     def __init__(self, url: str, settings: Settings) -> None:
         self.server = describe(url)
-        try:
-            session: Any = client_session.open(
-                url, "r", cafile=settings.cafile, unix="auto",
-                timeout=settings.timeout)
-        except ClientError as e:
-            raise BackendError(f"Cannot open the image on {self.server}: "
-                               f"{e}") from e
+        session = self._open(url, settings, "never")
+        advertised = session.options.unix_socket
+        # An upstream advertising the address this daemon listens on is
+        # on another host (another network namespace) with the same
+        # socket: the socket here leads back to this daemon, which would
+        # open this ticket's pool again to answer the probe.
+        if advertised and normalize_address(advertised) == \
+                settings.own_socket:
+            log.info("%s advertises this daemon's own socket address: it "
+                     "runs on another host; staying on %s", self.server,
+                     session.transport.describe())
+        elif advertised:
+            session.close()
+            session = self._open(url, settings, "auto")
         self._session = session
         #: What OPTIONS told; an old server without OPTIONS offers nothing.
         self.features: frozenset[str] = frozenset(session.features)
         self.max_readers: int = session.max_readers
         self.max_writers: int = session.max_writers
-        #: Why the transport was chosen (UNIX socket or not), for logs.
-        self.transport: str = session.transport.describe()
-        self.transport_reason: str = session.transport_reason
         self._limit = max(self.max_readers, self.max_writers)
         self._idle: list[ImageConnection] = [session.primary]
         self._lock = threading.Lock()
         self._closed = False
+
+    def _open(self, url: str, settings: Settings, unix: str) -> Any:
+        try:
+            return client_session.open(url, "r", cafile=settings.cafile,
+                                       unix=unix, timeout=settings.timeout)
+        except ClientError as e:
+            raise BackendError(f"Cannot open the image on {self.server}: "
+                               f"{e}") from e
 
     def acquire(self) -> ImageConnection:
         with self._lock:
@@ -112,8 +132,12 @@ LINGER = 30.0
 
 
 class _Entry:
-    def __init__(self, pool: UpstreamPool) -> None:
-        self.pool = pool
+    """A ticket's pool, being opened (``opened`` not set) or open."""
+
+    def __init__(self) -> None:
+        self.pool: UpstreamPool | None = None
+        self.error = ""
+        self.opened = threading.Event()
         self.users = 1
         self.timer: threading.Timer | None = None
 
@@ -125,36 +149,56 @@ class _Entry:
 
 
 _lock = threading.Lock()
-#: Open pools by ticket (a replaced ticket is a new object: a new pool).
+#: Pools by ticket (a replaced ticket is a new object: a new pool).
 _pools: "dict[Ticket, _Entry]" = {}
 
 
 def attach(ticket: "Ticket", settings: Settings) -> UpstreamPool:
-    """The ticket's pool, opened (OPTIONS sent) by its first user."""
-    with _lock:
-        entry = _pools.get(ticket)
-        if entry is not None:
-            entry.use()
-            return entry.pool
-    # Opening talks to the server: never under the lock.
-    pool = UpstreamPool(ticket.spec.url, settings)
+    """The ticket's pool, opened (OPTIONS sent) by its first user.
+
+    Users arriving while it is being opened wait for it, at most the
+    connect timeout: a ticket URL that leads back to this daemon makes the
+    opening wait for a request that waits for the opening, and that ends
+    in an error, not in one pool opening another without end.
+    """
     with _lock:
         entry = _pools.get(ticket)
         if entry is None:
-            _pools[ticket] = _Entry(pool)
-            return pool
-        entry.use()
-    pool.close()  # another connection opened one meanwhile
+            entry = _pools[ticket] = _Entry()
+            opening = True
+        else:
+            entry.use()
+            opening = False
+    if opening:
+        try:
+            entry.pool = UpstreamPool(ticket.spec.url, settings)
+        except BaseException as e:
+            with _lock:
+                del _pools[ticket]
+            entry.error = str(e)
+            raise
+        finally:
+            entry.opened.set()
+        return entry.pool
+    if not entry.opened.wait(settings.timeout.connect):
+        detach(ticket, None)
+        raise BackendError(
+            f"{describe(ticket.spec.url)} did not answer OPTIONS in time "
+            f"(does the ticket URL lead back to this daemon?)")
+    if entry.pool is None:
+        raise BackendError(entry.error)
     return entry.pool
 
 
-def detach(ticket: "Ticket", pool: UpstreamPool) -> None:
+def detach(ticket: "Ticket", pool: UpstreamPool | None) -> None:
     """One user fewer; the pool closes LINGER seconds after the last."""
     with _lock:
         entry = _pools.get(ticket)
-        if entry is not None and entry.pool is pool:
+        if entry is None or (pool is not None and entry.pool is not pool):
+            entry = None
+        else:
             entry.users -= 1
-            if entry.users:
+            if entry.users or entry.pool is None:
                 return
             if not ticket.canceled:  # a removed ticket has no next user
                 entry.timer = threading.Timer(LINGER, _expire,
@@ -163,7 +207,8 @@ def detach(ticket: "Ticket", pool: UpstreamPool) -> None:
                 entry.timer.start()
                 return
             del _pools[ticket]
-    pool.close()
+    if pool is not None:
+        pool.close()
 
 
 def _expire(ticket: "Ticket", entry: _Entry) -> None:
@@ -171,5 +216,5 @@ def _expire(ticket: "Ticket", entry: _Entry) -> None:
         if entry.users or _pools.get(ticket) is not entry:
             return
         del _pools[ticket]
-    entry.pool.close()
-
+    if entry.pool is not None:
+        entry.pool.close()
