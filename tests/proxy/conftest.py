@@ -7,7 +7,8 @@ proxies are daemons of their own, so that each log shows one side:
 - ``upstream(name)``: "diskferry" (local socket on: a proxy on this host
   reaches it over its UNIX socket), "diskferry-tls" (no local socket:
   only over TLS), "ovirt-imageio".
-- ``proxy(kind)``: a diskferry or ovirt-imageio daemon used as the proxy.
+- ``proxies(kind)``: a diskferry or ovirt-imageio daemon used as the proxy.
+- ``relay``: the client tests' connection-cutting relay.
 - ``route(proxy_kind, upstream_name, path, size, ops, ...)``: a ticket on
   the upstream over ``path``, a proxy ticket in front of it (``via`` a
   relay, if given), both removed at teardown.
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import servers
+from client.conftest import relay  # noqa: F401 -- a fixture for tests here
 
 UPSTREAMS = {
     "diskferry": ("diskferry", "abstract"),

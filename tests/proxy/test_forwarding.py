@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 
 import pytest
 
 import nbd_servers
+import servers
 from client.helpers import MiB, empty_image
 from diskferry import client
 
@@ -38,11 +40,17 @@ def options(srv, ticket_id):
     return headers, json.loads(body)
 
 
-def requests_of(srv, mark, ticket_id):
+def requests_of(srv, mark, ticket_id, until):
     """The upstream's request log lines naming ``ticket_id`` since ``mark``
-    (diskferry's log: "METHOD /images/ID...")."""
-    text = srv.log_text()[mark:]
-    return re.findall(rf" ([A-Z]+) (/images/{ticket_id}\S*)", text)
+    (diskferry's log: "METHOD /images/ID..."), once ``until(lines)`` holds
+    or a few seconds passed: a request is logged after its answer."""
+    deadline = time.monotonic() + 5
+    while True:
+        text = srv.log_text()[mark:]
+        lines = re.findall(rf"\] \S+ ([A-Z]+) (/images/{ticket_id}\S*)", text)
+        if until(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def image_with_data(path):
@@ -121,8 +129,9 @@ def test_checksum_does_not_read_the_image_through_the_proxy(route, tmp_path):
                               f"/images/{r.ticket['uuid']}/checksum")
     assert status == 200, body
     up_id = r.upstream_ticket["uuid"]
-    lines = requests_of(r.upstream, mark, up_id)
-    assert ("GET", f"/images/{up_id}/checksum") in lines
+    forwarded = ("GET", f"/images/{up_id}/checksum")
+    lines = requests_of(r.upstream, mark, up_id, lambda x: forwarded in x)
+    assert forwarded in lines
     assert not [line for line in lines if line == ("GET", f"/images/{up_id}")]
     # The upstream counts bytes it sent as data: none.
     assert r.upstream.get_ticket(up_id)["transferred"] == 0
@@ -181,11 +190,15 @@ def test_put_flush_reaches_the_upstream_as_asked(route, tmp_path, flush):
                               {"Content-Range": f"bytes {MiB}-{4 * MiB - 1}/*"})
     assert status == 200, body
     assert path.read_bytes()[MiB:4 * MiB] == data
-    methods = [m for m, _ in requests_of(r.upstream, mark,
-                                         r.upstream_ticket["uuid"])]
+    expected = 1 if flush else 0
+    lines = requests_of(
+        r.upstream, mark, r.upstream_ticket["uuid"],
+        lambda x: [m for m, _ in x].count("PATCH") == expected and
+        [m for m, _ in x].count("PUT") >= 2)
+    methods = [m for m, _ in lines]
     # A PUT per slot, then one flush of the whole image, or none.
     assert methods.count("PUT") >= 2
-    assert methods.count("PATCH") == (1 if flush else 0)
+    assert methods.count("PATCH") == expected
 
 
 @pytest.mark.parametrize("upstream_name", ["diskferry", "ovirt-imageio"])
@@ -278,3 +291,25 @@ def test_a_ticket_url_leading_back_to_the_proxy_fails_once(proxies):
     requests = re.findall(r"\] \S+ (GET|OPTIONS) /images/loop ",
                           px.log_text()[mark:])
     assert sorted(requests) == ["GET", "OPTIONS"]
+
+
+def test_an_upstream_whose_certificate_is_not_trusted_is_refused(
+        proxies, tmp_path):
+    """The upstream has a CA of its own, which the proxy's
+    [backend_http] ca_file (here its [tls] ca_file) does not hold."""
+    up = servers.start_server("diskferry", tmp_path / "stranger",
+                              local_socket=None)
+    try:
+        path = empty_image(tmp_path / "img", MiB)
+        ticket = servers.ticket_dict(path, MiB, ops=["read"])
+        up.add_ticket(ticket)
+        px = proxies("diskferry")
+        px.add_ticket(dict(ticket, url=up.image_url(ticket["uuid"])))
+        try:
+            status, _, _ = request(px, "GET", f"/images/{ticket['uuid']}")
+            assert status == 500
+            assert "CERTIFICATE_VERIFY_FAILED" in px.log_text()
+        finally:
+            px.delete_ticket(ticket["uuid"])
+    finally:
+        up.stop()

@@ -106,13 +106,13 @@ class HttpBackend:
         self.features = pool.features & ALL_FEATURES
         self.max_readers = pool.max_readers
         self.max_writers = pool.max_writers
-        self._size: int | None = None
         self._closed = False
 
     def size(self) -> int:
-        if self._size is None:
-            self._size = self._call("size", lambda con: con.probe_size())
-        return self._size
+        if self._pool.size is None:
+            self._pool.size = self._call("size",
+                                         lambda con: con.probe_size())
+        return self._pool.size
 
     def readinto(self, buf: memoryview, offset: int) -> int:
         count = max(0, min(len(buf), self.size() - offset))

@@ -87,6 +87,8 @@ class UpstreamPool:
         self.features: frozenset[str] = frozenset(session.features)
         self.max_readers: int = session.max_readers
         self.max_writers: int = session.max_writers
+        #: The image's size, once a backend asked the server for it.
+        self.size: int | None = None
         self._limit = max(self.max_readers, self.max_writers)
         self._idle: list[ImageConnection] = [session.primary]
         self._lock = threading.Lock()
