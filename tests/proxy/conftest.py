@@ -8,7 +8,8 @@ proxies are daemons of their own, so that each log shows one side:
   reaches it over its UNIX socket), "diskferry-tls" (no local socket:
   only over TLS), "ovirt-imageio".
 - ``proxies(kind)``: a diskferry or ovirt-imageio daemon used as the proxy.
-- ``relay``: the client tests' connection-cutting relay.
+- ``relay``: the client tests' connection-cutting relay; ``backup_disk``:
+  the NBD tests' qcow2 with a bitmap and writes after it.
 - ``route(proxy_kind, upstream_name, path, size, ops, ...)``: a ticket on
   the upstream over ``path``, a proxy ticket in front of it (``via`` a
   relay, if given), both removed at teardown.
@@ -23,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import servers
-from client.conftest import relay  # noqa: F401 -- a fixture for tests here
+from client.conftest import relay  # noqa: F401 -- fixtures for tests here
+from test_nbd_tickets import backup_disk  # noqa: F401
 
 UPSTREAMS = {
     "diskferry": ("diskferry", "abstract"),

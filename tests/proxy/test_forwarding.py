@@ -178,6 +178,43 @@ def test_dirty_extents_unavailable_upstream_is_the_upstreams_404(
     assert body.strip() == direct.strip()
 
 
+@pytest.mark.parametrize("upstream_name", ["diskferry", "ovirt-imageio"])
+def test_dirty_extents_are_the_upstreams(route, backup_disk, upstream_name):
+    """Incremental backup through the proxy: the bitmap's extents, whole
+    and for a range."""
+    size = 16 * MiB
+    with nbd_servers.start_export("qemu-nbd", backup_disk, fmt="qcow2",
+                                  read_only=True,
+                                  bitmap="checkpoint-1") as export:
+        r = route("diskferry", upstream_name, backup_disk, size,
+                  ops=("read",), url=export.url, dirty=True)
+        r.proxy.add_ticket(dict(r.ticket, dirty=True))
+        query = "/extents?context=dirty"
+        _, _, direct = request(
+            r.upstream, "GET", f"/images/{r.upstream_ticket['uuid']}{query}")
+        status, _, whole = request(
+            r.proxy, "GET", f"/images/{r.ticket['uuid']}{query}")
+        assert status == 200, whole
+        start, length = MiB + 32 * 1024, 5 * MiB
+        status, _, part = request(
+            r.proxy, "GET", f"/images/{r.ticket['uuid']}{query}"
+            f"&start={start}&length={length}")
+        assert status == 200, part
+    direct = json.loads(direct)
+    assert any(e["dirty"] for e in direct)
+    assert json.loads(whole) == direct
+    assert json.loads(part) == clipped(direct, start, start + length)
+
+
+def clipped(extents, start, end):
+    out = []
+    for e in extents:
+        s, t = max(e["start"], start), min(e["start"] + e["length"], end)
+        if s < t:
+            out.append(dict(e, start=s, length=t - s))
+    return out
+
+
 @pytest.mark.parametrize("flush", [True, False])
 def test_put_flush_reaches_the_upstream_as_asked(route, tmp_path, flush):
     path = empty_image(tmp_path / "img", SIZE)
