@@ -334,9 +334,9 @@ class ImageConnection:
             con.endheaders()
             try:
                 send_body(con.sock)
-            except OSError as e:
-                if _is_network_error(e):
-                    self._refused_early("PUT", target)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
+                # Closed by the server, not timed out: it may have answered.
+                self._refused_early("PUT", target)
                 raise
             res = self._response("PUT", target, (200, 204))
             res.read(MAX_ERROR_BODY)
