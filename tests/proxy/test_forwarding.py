@@ -353,3 +353,33 @@ def test_an_upstream_whose_certificate_is_not_trusted_is_refused(
             px.delete_ticket(ticket["uuid"])
     finally:
         up.stop()
+
+
+def test_an_upstream_gone_midway_fails_requests_cleanly(proxies, pki,
+                                                        tmp_path):
+    up = servers.start_server("diskferry", tmp_path / "upstream", pki=pki,
+                              local_socket=None)
+    path = empty_image(tmp_path / "img", MiB)
+    ticket = servers.ticket_dict(path, MiB, ops=["read"])
+    up.add_ticket(ticket)
+    px = proxies("diskferry")
+    px.add_ticket(dict(ticket, url=up.image_url(ticket["uuid"])))
+    try:
+        with client.open(px.image_url(ticket["uuid"]), "r",
+                         cafile=px.ca_file, unix="never") as s:
+            assert s.read(0, 4096) == bytes(4096)
+            up.stop()
+            # An answer already started is cut short: a client resumes.
+            with pytest.raises(client.ConnectionFailed):
+                s.read(0, 4096)
+            # Anything else is a 500.
+            with pytest.raises(client.HTTPError) as e:
+                s.extents()
+        assert e.value.status == 500
+        assert "server behind this proxy failed" in e.value.message
+        assert str(up.port) not in e.value.message  # details in the log only
+        status, _, _ = request(px, "OPTIONS", "/images/*")
+        assert status == 200
+    finally:
+        up.stop()
+        px.delete_ticket(ticket["uuid"])

@@ -147,7 +147,7 @@ class HttpBackend:
         answer = self._call(
             "checksum", lambda con: con.checksum(algorithm, block_size))
         if not isinstance(answer, dict) or "checksum" not in answer:
-            raise ServerError(f"{self._pool.server} sent no checksum")
+            raise self._failed("checksum", f"no checksum in {answer!r:.80}")
         return answer
 
     def fileno(self) -> None:
@@ -174,7 +174,7 @@ class HttpBackend:
         try:
             extents = parse_extents(answer, start=0 if whole else start)
         except ClientError as e:
-            raise ServerError(f"{self._pool.server}: {e}") from e
+            raise self._failed("extents", e) from e
         return clipped(extents, start, start + length)
 
     def _require(self, feature: str) -> None:
@@ -199,10 +199,16 @@ class HttpBackend:
                                 f"{e.status} {e.reason}") from e
         except ClientError as e:
             con.close()
-            raise ServerError(f"{what} on {self._pool.server} failed: "
-                              f"{e}") from e
+            raise self._failed(what, e) from e
         finally:
             self._pool.release(con)
+
+    def _failed(self, what: str, error: object) -> ServerError:
+        """The 500 for a failed upstream: its details go to the log only."""
+        log.warning("%s: %s failed: %s", self._pool.server, what, error)
+        return ServerError(f"The server behind this proxy failed ({what}); "
+                           f"a write is to be sent again since the last "
+                           f"flush")
 
 
 def clipped(extents: list[Extent], start: int, end: int) -> list[Extent]:
