@@ -20,7 +20,8 @@ outlives the client request, and the client connection, that used it::
     detach(ticket)   last user: the pool lingers LINGER seconds, then
                      closes; a client that probes with OPTIONS on one
                      connection and copies on others, or pauses between
-                     transfers, finds it open
+                     transfers, finds it open. A ticket removed meanwhile
+                     has its pool closed by the next attach of any ticket
 
 Connections reconnect by themselves (``ImageConnection`` opens a new
 socket for a request after a failure closed the old one), so nothing
@@ -164,6 +165,7 @@ def attach(ticket: "Ticket", settings: Settings) -> UpstreamPool:
     in an error, not in one pool opening another without end.
     """
     with _lock:
+        removed = _removed_tickets()
         entry = _pools.get(ticket)
         if entry is None:
             entry = _pools[ticket] = _Entry()
@@ -171,6 +173,8 @@ def attach(ticket: "Ticket", settings: Settings) -> UpstreamPool:
         else:
             entry.use()
             opening = False
+    for pool in removed:
+        pool.close()
     if opening:
         try:
             entry.pool = UpstreamPool(ticket.spec.url, settings)
@@ -211,6 +215,18 @@ def detach(ticket: "Ticket", pool: UpstreamPool | None) -> None:
             del _pools[ticket]
     if pool is not None:
         pool.close()
+
+
+def _removed_tickets() -> list[UpstreamPool]:
+    """Take out the lingering pools of tickets removed meanwhile (called
+    under the lock; the caller closes them)."""
+    gone = [(ticket, entry) for ticket, entry in _pools.items()
+            if ticket.canceled and not entry.users and entry.pool is not None]
+    for ticket, entry in gone:
+        if entry.timer is not None:
+            entry.timer.cancel()
+        del _pools[ticket]
+    return [entry.pool for _, entry in gone if entry.pool is not None]
 
 
 def _expire(ticket: "Ticket", entry: _Entry) -> None:
