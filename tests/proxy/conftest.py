@@ -6,7 +6,7 @@ proxies are daemons of their own, so that each log shows one side:
 
 - ``upstream(name)``: "diskferry" (local socket on: a proxy on this host
   reaches it over its UNIX socket), "diskferry-tls" (no local socket:
-  only over TLS), "ovirt-imageio".
+  only over TLS), "diskferry-http" (no TLS either), "ovirt-imageio".
 - ``proxies(kind)``: a diskferry or ovirt-imageio daemon used as the proxy.
 - ``relay``: the client tests' connection-cutting relay; ``backup_disk``:
   the NBD tests' qcow2 with a bitmap and writes after it.
@@ -27,18 +27,20 @@ import servers
 from client.conftest import relay  # noqa: F401 -- fixtures for tests here
 from test_nbd_tickets import backup_disk  # noqa: F401
 
+#: name -> (kind, local socket, TLS)
 UPSTREAMS = {
-    "diskferry": ("diskferry", "abstract"),
-    "diskferry-tls": ("diskferry", None),
-    "ovirt-imageio": ("ovirt-imageio", "abstract"),
+    "diskferry": ("diskferry", "abstract", True),
+    "diskferry-tls": ("diskferry", None, True),
+    "diskferry-http": ("diskferry", None, False),
+    "ovirt-imageio": ("ovirt-imageio", "abstract", True),
 }
 
 
 @pytest.fixture
 def upstream(daemons):
     def get(name):
-        kind, local = UPSTREAMS[name]
-        return daemons.get(kind, local_socket=local)
+        kind, local, tls = UPSTREAMS[name]
+        return daemons.get(kind, local_socket=local, tls=tls)
     return get
 
 

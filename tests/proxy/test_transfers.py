@@ -1,10 +1,10 @@
 """Whole images through a proxy: both clients, both directions, full and
 sparse, through a diskferry proxy in front of diskferry (over its UNIX
-socket, and over TLS only) and in front of ovirt-imageio, and through an
-ovirt-imageio proxy in front of diskferry. The bytes must be identical,
-holes must stay holes (as far as the upstream reports them), and the
-upstream's own log must show that the data reached it on the transport
-the proxy should have chosen."""
+socket, over TLS only, and over plain HTTP) and in front of
+ovirt-imageio, and through an ovirt-imageio proxy in front of diskferry.
+The bytes must be identical, holes must stay holes (as far as the
+upstream reports them), and the upstream's own log must show that the
+data reached it on the transport the proxy should have chosen."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ SIZE = 32 * MiB
 ROUTES = [
     ("diskferry", "diskferry"),
     ("diskferry", "diskferry-tls"),
+    ("diskferry", "diskferry-http"),
     ("diskferry", "ovirt-imageio"),
     ("ovirt-imageio", "diskferry"),
 ]
@@ -39,6 +40,7 @@ ROUTE_IDS = [f"{p}-proxy-to-{u}" for p, u in ROUTES]
 EXPECTED_SIDE = {
     ("diskferry", "diskferry"): "local",
     ("diskferry", "diskferry-tls"): "remote",
+    ("diskferry", "diskferry-http"): "remote",
     ("diskferry", "ovirt-imageio"): "local",  # from the proxy's log
     ("ovirt-imageio", "diskferry"): None,
 }
@@ -89,7 +91,7 @@ def check_side(route, marks):
 
 def _upstream_name(route):
     if route.upstream.name == "diskferry" and route.upstream.local_socket is None:
-        return "diskferry-tls"
+        return "diskferry-tls" if route.upstream.tls else "diskferry-http"
     return route.upstream.name
 
 
