@@ -27,8 +27,13 @@ class Unavailable(Exception):
 
 
 def _ip(*args):
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True,
-                   timeout=30)
+    try:
+        subprocess.run(["ip", *args], check=True, capture_output=True,
+                       text=True, timeout=30)
+    except FileNotFoundError as e:
+        raise Unavailable("no ip command (iproute2)") from e
+    except subprocess.CalledProcessError as e:
+        raise Unavailable(f"ip {' '.join(args)}: {e.stderr.strip()}") from e
 
 
 @dataclass
@@ -64,11 +69,7 @@ def make(hosts: int) -> DataCenter:
                      for i in range(1, hosts + 1)])
     try:
         for ns in [dc.engine, *dc.hosts]:
-            try:
-                _ip("netns", "add", ns.name)
-            except (OSError, subprocess.CalledProcessError) as e:
-                raise Unavailable(f"cannot make a network namespace: "
-                                  f"{getattr(e, 'stderr', e)}") from e
+            _ip("netns", "add", ns.name)
             dc._made.append(ns.name)
             _ip("-n", ns.name, "link", "set", "lo", "up")
         e = dc.engine.name
