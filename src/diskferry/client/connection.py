@@ -70,6 +70,16 @@ class ImageConnection:
             self._pipe.close()
             self._pipe = None
 
+    def reusable(self):
+        """False when the server closed the kept-alive connection (its idle
+        timeout) or sent bytes nobody asked for: a request sent on it
+        would fail. A closed connection is reusable: it reconnects."""
+        if self._con is None or self._con.sock is None:
+            return True
+        poller = select.poll()
+        poller.register(self._con.sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
+
     def peer_address(self):
         """The IP address of the connected server (None on a UNIX socket)."""
         if self._con is None or self._con.sock is None:
@@ -109,6 +119,15 @@ class ImageConnection:
             message = body.decode("utf-8", "replace").strip()
             raise HTTPError(method, target, res.status, res.reason, message)
         return res
+
+    def _refused_early(self, method, target):
+        """Raise the server's answer if it refused a request before
+        reading its body (403, 416) and closed: it says why, where the
+        broken pipe does not. Returns if there is no answer to read."""
+        try:
+            self._response(method, target, ())
+        except (OSError, http.client.HTTPException):
+            return
 
     def _simple(self, method, target, body=None, headers=None,
                 expected=(200,)):
@@ -313,7 +332,12 @@ class ImageConnection:
             con.putheader("Content-Range",
                           f"bytes {offset}-{offset + length - 1}/*")
             con.endheaders()
-            send_body(con.sock)
+            try:
+                send_body(con.sock)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError):
+                # Closed by the server, not timed out: it may have answered.
+                self._refused_early("PUT", target)
+                raise
             res = self._response("PUT", target, (200, 204))
             res.read(MAX_ERROR_BODY)
         except (OSError, http.client.HTTPException) as e:

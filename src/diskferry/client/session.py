@@ -320,6 +320,10 @@ def _choose_transport(con, options, unix):
     socket_transport = Transport.unix(options.unix_socket, remote.timeout)
     local_con = ImageConnection(socket_transport, con.path, con.buffer_size)
     shown = display_address(options.unix_socket)
+    # An image that takes one connection at a time (an NBD export without
+    # multi-conn) would make the socket wait for this one; it reconnects
+    # if the socket turns out unusable.
+    con.close()
     try:
         answer = local_con.options()
         if answer is None:

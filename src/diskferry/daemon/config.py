@@ -110,6 +110,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass
+class BackendHttp:
+    #: CA certificates that verify https:// upstream servers of proxy
+    #: tickets (default: [tls] ca_file, else the system's CAs).
+    ca_file: str = ""
+    #: Seconds to connect to an upstream server and finish the TLS
+    #: handshake.
+    connect_timeout: int = 10
+    #: Seconds to wait for each read or write on an upstream connection,
+    #: including the server's answer after it wrote a request to storage.
+    read_timeout: int = 60
+    #: Bytes per request forwarded upstream (a quarter of it: the buffer
+    #: is cut into slots that move at once).
+    buffer_size: int = 8 * 1024**2
+
+
+@dataclass
 class Logging:
     level: str = "INFO"
 
@@ -123,6 +139,7 @@ class Config:
     control: Control = field(default_factory=Control)
     backend_file: BackendFile = field(default_factory=BackendFile)
     backend_nbd: BackendNbd = field(default_factory=BackendNbd)
+    backend_http: BackendHttp = field(default_factory=BackendHttp)
     logging: Logging = field(default_factory=Logging)
 
     @property

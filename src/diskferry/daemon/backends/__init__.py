@@ -9,7 +9,7 @@ and one line here. Nothing below here knows HTTP.
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from diskferry.daemon.backends import file, nbd
+from diskferry.daemon.backends import file, http, nbd
 from diskferry.daemon.backends.base import Backend, BackendKind
 from diskferry.errors import BackendError
 
@@ -22,6 +22,8 @@ BACKENDS: dict[str, BackendKind] = {
     "file": file.KIND,
     "nbd": nbd.KIND,
     "nbd+unix": nbd.KIND,
+    "https": http.KIND,
+    "http": http.KIND,
 }
 
 

@@ -8,7 +8,7 @@ else in the daemon knows which backends exist.
 """
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import SplitResult
 
 from diskferry.extent import Extent
@@ -18,7 +18,12 @@ if TYPE_CHECKING:
     from diskferry.daemon.config import Config
     from diskferry.daemon.tickets import Ticket
 
-__all__ = ["Backend", "BackendKind", "Extent"]
+__all__ = ["ALL_FEATURES", "Backend", "BackendKind", "Extent",
+           "ForwardsChecksum"]
+
+#: The images-API features (OPTIONS ``features``) storage on this host
+#: can serve; a ticket's rights decide which of them OPTIONS advertises.
+ALL_FEATURES = frozenset({"checksum", "extents", "flush", "zero"})
 
 
 class Backend(Protocol):
@@ -37,6 +42,11 @@ class Backend(Protocol):
     #: Bytes a handler moves per backend call when data goes through a
     #: buffer (TLS, or a backend without a descriptor).
     buffer_size: int
+
+    #: Features of ``ALL_FEATURES`` the storage can serve. Local storage
+    #: serves all; a proxied image only what the server behind it offers,
+    #: so that OPTIONS never advertises what would fail.
+    features: frozenset[str]
 
     def size(self) -> int:
         """Size of the image in bytes."""
@@ -79,6 +89,17 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Release the backend's resources."""
+
+
+@runtime_checkable
+class ForwardsChecksum(Protocol):
+    """A backend whose storage computes checksums itself (an images-API
+    server behind a proxy): asked for one, instead of the handler reading
+    the whole image through the backend to hash it."""
+
+    def checksum(self, algorithm: str, block_size: int) -> dict[str, object]:
+        """The storage's checksum answer: ``checksum``, ``algorithm``,
+        ``block_size``."""
 
 
 class BackendKind(NamedTuple):

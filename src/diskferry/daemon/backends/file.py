@@ -26,7 +26,7 @@ import stat
 import urllib.parse
 
 from diskferry.daemon.backends import fallocate
-from diskferry.daemon.backends.base import BackendKind, Extent
+from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.extent import file_extents
 
@@ -68,6 +68,7 @@ class FileBackend:
     #: connections writing the same O_DIRECT block would race on it.
     max_readers = 8
     max_writers = 1
+    features = ALL_FEATURES
 
     def __init__(self, path, *, writable=False, direct=False, sparse=False,
                  buffer_size=8 * 1024**2):

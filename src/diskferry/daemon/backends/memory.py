@@ -10,7 +10,7 @@ layer allocates the range); zero chunks are allocated zeros.
 
 from diskferry.errors import BackendError, NotAvailable
 
-from .base import Extent
+from .base import ALL_FEATURES, Extent
 
 #: Size of the chunks extents are reported in, as a file system block.
 ZERO_GRANULARITY = 4096
@@ -24,6 +24,7 @@ class MemoryBackend:
     max_readers = 8
     max_writers = 8
     buffer_size = 1024**2
+    features = ALL_FEATURES
 
     def __init__(self, content=0):
         if isinstance(content, int):

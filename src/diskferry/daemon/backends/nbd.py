@@ -31,7 +31,7 @@ import urllib.parse
 from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
-from diskferry.daemon.backends.base import BackendKind, Extent
+from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.pipe import Pipe
 
@@ -65,6 +65,8 @@ def open_nbd(ticket: "Ticket", config: "Config") -> "NbdBackend":
 
 class NbdBackend:
     """One NBD connection to a ticket's export."""
+
+    features = ALL_FEATURES
 
     def __init__(self, url: str, *, dirty: bool = False,
                  buffer_size: int = 8 * 1024**2) -> None:

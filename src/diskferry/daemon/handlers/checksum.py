@@ -1,6 +1,7 @@
 """``/images/{ticket}/checksum``: a block hash of the image's content."""
 
 from diskferry import checksum
+from diskferry.daemon.backends.base import ForwardsChecksum
 from diskferry.daemon.handlers.context import open_image
 from diskferry.daemon.handlers.jsonbody import send_json
 
@@ -15,10 +16,15 @@ class ChecksumHandler:
         algorithm, block_size = checksum.validate(
             request.query.get("algorithm"), request.query.get("block_size"))
         image = open_image(request, self.store, self.config, ticket_id, "read")
+        backend = image.backend
         with image.ticket.operation() as op:
-            result = checksum.compute(image.backend, algorithm=algorithm,
-                                      block_size=block_size,
-                                      progress=lambda _: op.check())
+            if isinstance(backend, ForwardsChecksum):
+                # A proxied image: hashed where it is stored, not read here.
+                result = backend.checksum(algorithm, block_size)
+            else:
+                result = checksum.compute(backend, algorithm=algorithm,
+                                          block_size=block_size,
+                                          progress=lambda _: op.check())
         send_json(request, result)
 
 

@@ -79,6 +79,10 @@ class ImageHandler:
             else:
                 allow = "OPTIONS,GET"
                 body["features"] = BASE_FEATURES
+            # What the storage cannot do is never advertised (a proxy's
+            # upstream server may lack some features).
+            body["features"] = [f for f in body["features"]
+                                if f in image.backend.features]
             body.update(self.ticket_options)
             cap = self.config.daemon.max_connections
             body["max_readers"] = min(image.backend.max_readers, cap)
