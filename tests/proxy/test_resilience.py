@@ -19,6 +19,7 @@ import pytest
 
 from client.helpers import MiB, empty_image, log_offset, make_image
 from diskferry import client
+from diskferry.daemon.http import accesslog
 
 from .test_transfers import download, upload
 
@@ -77,7 +78,8 @@ def test_pauses_past_the_upstreams_inactivity_timeout(route, tmp_path,
         # Three connections at least: the upstream did close them. (The
         # last request is logged after its answer: wait for it.)
         ticket_id = r.upstream_ticket["uuid"]
-        pattern = rf"\[((?:local|remote)/\d+)\] \S+ [A-Z]+ /images/{ticket_id}"
+        pattern = (rf"\[((?:local|remote)/\d+)\] \S+ [A-Z]+ /images/"
+                   rf"{re.escape(accesslog.secret_prefix(ticket_id))}")
         deadline = time.monotonic() + 5
         while True:
             text = r.upstream.log_text()[upstream_mark:]

@@ -223,7 +223,7 @@ def load(path=None, conf_dir=None):
     names = files(path, conf_dir)
     for name in names:
         _apply_file(config, name)
-    _check(", ".join(names) or "defaults", config)
+    _check(", ".join(map(str, names)) or "defaults", config)
     return config
 
 
