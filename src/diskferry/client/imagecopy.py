@@ -208,9 +208,12 @@ class _ChecksumReader:
 
 
 def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
-             block_size: int) -> dict[str, object]:
+             block_size: int,
+             progress: Any = None
+             ) -> dict[str, object]:
     """The daemon's checksum of the guest-visible disk of a local image,
-    read through qemu-nbd: what ``--verify`` compares."""
+    read through qemu-nbd: what ``--verify`` compares. ``progress(n)`` as
+    ``n`` more bytes are hashed."""
     from diskferry import checksum as block_hash
 
     image = formats.open_source(path, fmt, member=member)
@@ -219,7 +222,8 @@ def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
         client = server.connect()
         try:
             result: dict[str, object] = block_hash.compute(  # type: ignore[no-untyped-call]
-                _ChecksumReader(client), algorithm, block_size)
+                _ChecksumReader(client), algorithm, block_size,
+                progress=progress)
             return result
         finally:
             client.close()
