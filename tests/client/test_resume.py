@@ -116,10 +116,34 @@ def test_resume_of_another_image_is_refused(daemons, make_ticket, tmp_path):
     proc = run_download(srv, srv.image_url(t["uuid"]), out, "--resume")
     assert proc.returncode == 1
     assert "another image" in proc.stderr
+    assert "run the same command with --resume" not in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
     # Without --resume the .part is started over.
     proc = run_download(srv, srv.image_url(t["uuid"]), out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_resume_without_a_journal_is_refused(daemons, make_ticket, tmp_path):
+    srv = daemons.get("diskferry")
+    image = tmp_path / "img.raw"
+    image.write_bytes(os.urandom(MiB))
+    t = make_ticket(srv, image, MiB, ops=["read"])
+    (tmp_path / "out.raw.part").write_bytes(b"\0" * MiB)
+    proc = run_download(srv, srv.image_url(t["uuid"]), tmp_path / "out.raw",
+                        "--resume")
+    assert proc.returncode == 1
+    assert "has no journal" in proc.stderr
+
+
+def test_resume_without_a_part_starts_afresh(daemons, make_ticket, tmp_path):
+    srv = daemons.get("diskferry")
+    image = tmp_path / "img.raw"
+    image.write_bytes(os.urandom(MiB))
+    t = make_ticket(srv, image, MiB, ops=["read"])
+    out = tmp_path / "out.raw"
+    proc = run_download(srv, srv.image_url(t["uuid"]), out, "--resume")
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == image.read_bytes()
 

@@ -20,6 +20,7 @@ from diskferry.cli.progress import ProgressBar
 from diskferry.cli.units import KiB, MiB
 from diskferry.client import imageformat
 from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS, STREAM
+from diskferry.client.resume import ResumeError
 
 UPLOAD_EPILOG = """\
 examples:
@@ -252,7 +253,8 @@ def _run(args, command, copy, src, dst, **options):
         return common.usage_error(command, message)
     except common.REPORTED as e:
         status = common.fail(command, e, args.url)
-        _resume_hint(args, command)
+        if not isinstance(e, ResumeError):
+            _resume_hint(args, command)
         return status
     except KeyboardInterrupt:
         if bar is not None:

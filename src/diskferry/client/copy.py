@@ -393,8 +393,11 @@ class _RawDestination:
         try:
             if self._journal:
                 self._journal.checkpoint()
-                self._journal.close()
+        except OSError as e:
+            log.warning("cannot record what %s holds: %s", self._part, e)
         finally:
+            if self._journal:
+                self._journal.close()
             self._local.close()
 
 

@@ -22,7 +22,6 @@ does; ``--verify`` checks the result against the server's checksum.
 import json
 import os
 import threading
-import time
 from collections.abc import Iterable, Iterator
 
 from diskferry.client import extents as _extents
@@ -57,7 +56,9 @@ class Journal:
         self._data_fd = -1
         self._pending: list[tuple[int, int]] = []
         self._lock = threading.Lock()
-        self._synced = time.monotonic()
+        self._writing = threading.Lock()
+        self._stop = threading.Event()
+        self._checkpoints: threading.Thread | None = None
 
     @classmethod
     def create(cls, part: str, size: int) -> "Journal":
@@ -97,34 +98,47 @@ class Journal:
         return cls(part, size, _merge(done), fd)
 
     def attach(self, data_fd: int) -> None:
-        """The .part file's descriptor, synced before each checkpoint."""
+        """The .part file's descriptor: from now on a thread syncs it and
+        writes the journal every ``CHECKPOINT_INTERVAL`` seconds, so that
+        no worker waits for the disk."""
         self._data_fd = data_fd
+        self._checkpoints = threading.Thread(
+            target=self._run, name="diskferry-journal", daemon=True)
+        self._checkpoints.start()
 
     def record(self, start: int, end: int) -> None:
         """``[start, end)`` is written to the .part (not yet synced)."""
-        if end <= start:
-            return
-        with self._lock:
-            self._pending.append((start, end))
-            if time.monotonic() - self._synced >= CHECKPOINT_INTERVAL:
-                self._checkpoint()
+        if end > start:
+            with self._lock:
+                self._pending.append((start, end))
 
     def checkpoint(self) -> None:
-        """Sync the .part, then append what it now holds for sure."""
-        with self._lock:
-            self._checkpoint()
+        """Sync the .part, then append what it held before the sync."""
+        with self._writing:
+            with self._lock:
+                ready, self._pending = self._pending, []
+            if not ready or self._data_fd < 0:
+                return
+            # Every range in ``ready`` was written before this sync began.
+            os.fdatasync(self._data_fd)
+            text = "".join(f"{s} {e}\n" for s, e in _merge(ready))
+            os.write(self._fd, text.encode())
+            os.fsync(self._fd)
 
-    def _checkpoint(self) -> None:
-        self._synced = time.monotonic()
-        if not self._pending or self._data_fd < 0:
-            return
-        os.fdatasync(self._data_fd)
-        text = "".join(f"{s} {e}\n" for s, e in _merge(self._pending))
-        os.write(self._fd, text.encode())
-        os.fsync(self._fd)
-        self._pending = []
+    def _run(self) -> None:
+        while not self._stop.wait(CHECKPOINT_INTERVAL):
+            try:
+                self.checkpoint()
+            except OSError:
+                # The copy reports its own I/O errors; the ranges of this
+                # checkpoint go unrecorded, so a resume fetches them again.
+                return
 
     def close(self) -> None:
+        self._stop.set()
+        if self._checkpoints is not None:
+            self._checkpoints.join()
+            self._checkpoints = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
