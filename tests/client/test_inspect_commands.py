@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+import nbd_servers
 from diskferry import client
 from nbd_servers import qemu_img, qemu_io
+from servers import ticket_dict
 
 from .helpers import KINDS, MiB, make_image
 
@@ -119,3 +121,27 @@ def test_map_dirty_of_a_ticket_without_a_bitmap_fails_cleanly(transfer):
     assert proc.returncode == 1
     assert proc.stderr.startswith("diskferry map: error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_map_dirty_lists_what_changed(daemons, tmp_path):
+    srv = daemons.get("diskferry")
+    disk = tmp_path / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", disk, SIZE)
+    qemu_io(disk, "qcow2", "write -P 0x11 0 4M")
+    qemu_img("bitmap", "--add", disk, "b1")
+    qemu_io(disk, "qcow2", "write -P 0x22 1M 64k", "write -P 0x23 6M 1M")
+    with nbd_servers.start_export("qemu-nbd", disk, fmt="qcow2",
+                                  read_only=True, bitmap="b1") as export:
+        t = ticket_dict("/unused", SIZE, ("read",), url=export.url,
+                        dirty=True)
+        srv.add_ticket(t)
+        proc = diskferry("map", "--json", "--context", "dirty", "--cafile",
+                         srv.ca_file, srv.image_url(t["uuid"]))
+    assert proc.returncode == 0, proc.stderr
+    dirty = [(e["start"], e["start"] + e["length"])
+             for e in json.loads(proc.stdout) if e["dirty"]]
+    assert dirty, proc.stdout
+    # Every change is inside a dirty extent, and most of the disk is clean.
+    for start, end in ((MiB, MiB + 64 * 1024), (6 * MiB, 7 * MiB)):
+        assert any(s <= start and end <= e for s, e in dirty), dirty
+    assert sum(e - s for s, e in dirty) < 4 * MiB

@@ -104,11 +104,18 @@ def test_resume_refetches_what_the_journal_does_not_name(daemons, make_ticket,
     assert out.read_bytes() == content
 
 
-def test_resume_of_another_image_is_refused(daemons, make_ticket, tmp_path):
+@pytest.fixture
+def small_ticket(daemons, make_ticket, tmp_path):
+    """A read ticket of 1 MiB of random data (``tmp_path / "img.raw"``)."""
     srv = daemons.get("diskferry")
     image = tmp_path / "img.raw"
     image.write_bytes(os.urandom(MiB))
     t = make_ticket(srv, image, MiB, ops=["read"])
+    return srv, t, image
+
+
+def test_resume_of_another_image_is_refused(small_ticket, tmp_path):
+    srv, t, image = small_ticket
     out = tmp_path / "out.raw"
     part = tmp_path / "out.raw.part"
     part.write_bytes(b"\0" * (2 * MiB))
@@ -125,11 +132,8 @@ def test_resume_of_another_image_is_refused(daemons, make_ticket, tmp_path):
     assert out.read_bytes() == image.read_bytes()
 
 
-def test_resume_without_a_journal_is_refused(daemons, make_ticket, tmp_path):
-    srv = daemons.get("diskferry")
-    image = tmp_path / "img.raw"
-    image.write_bytes(os.urandom(MiB))
-    t = make_ticket(srv, image, MiB, ops=["read"])
+def test_resume_without_a_journal_is_refused(small_ticket, tmp_path):
+    srv, t, image = small_ticket
     (tmp_path / "out.raw.part").write_bytes(b"\0" * MiB)
     proc = run_download(srv, srv.image_url(t["uuid"]), tmp_path / "out.raw",
                         "--resume")
@@ -137,11 +141,8 @@ def test_resume_without_a_journal_is_refused(daemons, make_ticket, tmp_path):
     assert "has no journal" in proc.stderr
 
 
-def test_resume_without_a_part_starts_afresh(daemons, make_ticket, tmp_path):
-    srv = daemons.get("diskferry")
-    image = tmp_path / "img.raw"
-    image.write_bytes(os.urandom(MiB))
-    t = make_ticket(srv, image, MiB, ops=["read"])
+def test_resume_without_a_part_starts_afresh(small_ticket, tmp_path):
+    srv, t, image = small_ticket
     out = tmp_path / "out.raw"
     proc = run_download(srv, srv.image_url(t["uuid"]), out, "--resume")
     assert proc.returncode == 0, proc.stderr
