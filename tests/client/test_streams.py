@@ -97,3 +97,32 @@ def test_streams_are_raw_only(args, message):
     proc = diskferry(*args, input=b"")
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "tcp"])
+def test_streams_survive_a_cut_connection(daemons, make_ticket, relay,
+                                          tmp_path, tls):
+    """A piece cut short is sent again from what the stream held: the
+    upload keeps the piece until acknowledged, the download goes on
+    from the last byte written."""
+    srv = daemons.get("diskferry", tls=tls)
+    content = make_image(tmp_path / "src.raw", SIZE, "full")
+    target = empty_image(tmp_path / "target.raw", SIZE)
+    t = make_ticket(srv, target, SIZE)
+    scheme = "https" if tls else "http"
+    ca = ["--cafile", srv.ca_file] if tls else []
+    up_proxy = relay(srv, cut_after=3 * MiB + 1234)
+    url = f"{scheme}://127.0.0.1:{up_proxy.port}/images/{t['uuid']}"
+    proc = diskferry("upload", "--quiet", "--unix", "never", *ca,
+                     "--request-size", "1M", "-", url, input=content)
+    assert proc.returncode == 0, proc.stderr
+    assert up_proxy.cuts == 1
+    assert target.read_bytes() == content
+
+    down_proxy = relay(srv, cut_after=2 * MiB + 777, direction="down")
+    url = f"{scheme}://127.0.0.1:{down_proxy.port}/images/{t['uuid']}"
+    proc = diskferry("download", "--quiet", "--unix", "never", *ca,
+                     "--request-size", "1M", url, "-")
+    assert proc.returncode == 0, proc.stderr
+    assert down_proxy.cuts == 1
+    assert proc.stdout == content
