@@ -27,7 +27,10 @@ def test_bench_reports_transfers_and_limits(tmp_path):
         assert row["client_cpu_s_per_gib"] >= 0
     for name in NAMES[:4]:
         assert rows[name]["kind"] == "transfer"
-        assert rows[name]["server_cpu_s_per_gib"] > 0
+        assert rows[name]["server_cpu_s_per_gib"] >= 0
+    # CPU time comes in clock ticks: a small transfer may take none, but
+    # the daemon served eight.
+    assert sum(rows[name]["server_cpu_s_per_gib"] for name in NAMES[:4]) > 0
     assert os.listdir(tmp_path) == []
 
 

@@ -6,7 +6,13 @@ import subprocess
 
 import pytest
 
-from .helpers import CuttingRelay
+import nbd_servers
+from servers import ticket_dict
+
+from .helpers import CuttingRelay, MiB
+
+#: Size of the image behind ``slow_ticket``.
+SLOW_SIZE = 8 * MiB
 
 
 @pytest.fixture
@@ -47,3 +53,20 @@ def loop_device(tmp_path):
     yield make
     for dev in attached:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture
+def slow_ticket(daemons, tmp_path):
+    """A diskferry ticket whose storage answers each request after 50 ms
+    (nbdkit's delay filter), so that a copy can be interrupted midway;
+    its disk (``SLOW_SIZE`` random bytes) is ``tmp_path / "slow.raw"``."""
+    srv = daemons.get("diskferry")
+    disk = tmp_path / "slow.raw"
+    disk.write_bytes(os.urandom(SLOW_SIZE))
+    export = nbd_servers.start_export(
+        "nbdkit", disk, filters=("delay",),
+        params=("rdelay=50ms", "wdelay=50ms"))
+    t = ticket_dict("/unused", SLOW_SIZE, ("read", "write"), url=export.url)
+    srv.add_ticket(t)
+    yield srv, srv.image_url(t["uuid"])
+    export.stop()

@@ -34,7 +34,7 @@ def test_help_shows_an_example(command):
 
 @pytest.mark.parametrize("unix", ["auto", "never"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_upload_and_download_print_json_when_not_a_terminal(
+def test_upload_and_download_print_json_with_json(
         daemons, make_ticket, tmp_path, kind, unix):
     srv = daemons.get(kind)
     content = make_image(tmp_path / "src.raw", SIZE, "sparse")
@@ -44,7 +44,7 @@ def test_upload_and_download_print_json_when_not_a_terminal(
     expected = "unix" if unix == "auto" else "tls"
 
     mark = log_offset(srv)
-    up = diskferry("upload", "--cafile", srv.ca_file, "--unix", unix,
+    up = diskferry("upload", "--json", "--cafile", srv.ca_file, "--unix", unix,
                    "--verify", "--request-size", "2M", tmp_path / "src.raw", url)
     summary = json.loads(up.stdout)
     assert summary["transport"] == expected
@@ -56,8 +56,9 @@ def test_upload_and_download_print_json_when_not_a_terminal(
     side = "local" if unix == "auto" else "remote"
     assert data_transports(srv, mark, ticket["uuid"]) == {side}
 
-    down = diskferry("download", "--cafile", srv.ca_file, "--unix", unix,
-                     "--verify", "--workers", "2", url, tmp_path / "dst.raw")
+    down = diskferry("download", "--json", "--cafile", srv.ca_file,
+                     "--unix", unix, "--verify", "--workers", "2", url,
+                     tmp_path / "dst.raw")
     summary = json.loads(down.stdout)
     assert summary["transport"] == expected
     assert summary["image_bytes"] == SIZE
@@ -117,9 +118,10 @@ def test_terminal_gets_a_progress_bar_and_a_summary(daemons, make_ticket,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout
     screen = proc.stdout.replace("\r", "\n")
-    assert "download: 100%" in screen
+    assert re.search(r"download 100% \|#+\| 8.00 MiB/8.00 MiB [\d.]+ "
+                     r"[KMG]iB/s", screen)
     assert re.search(r"downloaded 8.00 MiB \(.* data\) in [\d.]+ s, "
-                     r"[\d.]+ GiB/s via unix", screen)
+                     r"[\d.]+ [KMG]iB/s via unix", screen)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -172,10 +174,11 @@ def test_verify_reads_images_through_qemu_nbd(daemons, make_ticket, tmp_path):
     target.write_bytes(b"\xee" * SIZE)
     t = make_ticket(srv, target, SIZE)
     url = srv.image_url(t["uuid"])
-    up = diskferry("upload", "--cafile", srv.ca_file, "--verify", source, url)
+    up = diskferry("upload", "--json", "--cafile", srv.ca_file, "--verify",
+                   source, url)
     assert json.loads(up.stdout)["verified"] is True
-    down = diskferry("download", "--cafile", srv.ca_file, "--verify",
-                     "--format", "qcow2", url, tmp_path / "back.qcow2")
+    down = diskferry("download", "--json", "--cafile", srv.ca_file,
+                     "--verify", "--format", "qcow2", url, tmp_path / "back.qcow2")
     assert json.loads(down.stdout)["verified"] is True
     refused = diskferry("upload", "--cafile", srv.ca_file, "--verify",
                         "--single-layer", source, url, check=False)

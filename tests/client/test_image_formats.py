@@ -282,22 +282,6 @@ def gone(pids, timeout=10.0):
     return False
 
 
-@pytest.fixture
-def slow_ticket(daemons, tmp_path):
-    """A diskferry ticket whose storage answers each request after 50 ms
-    (nbdkit's delay filter), so that a copy can be interrupted midway."""
-    srv = daemons.get("diskferry")
-    disk = tmp_path / "slow.raw"
-    disk.write_bytes(os.urandom(SIZE))
-    export = nbd_servers.start_export(
-        "nbdkit", disk, filters=("delay",),
-        params=("rdelay=50ms", "wdelay=50ms"))
-    t = ticket_dict("/unused", SIZE, ("read", "write"), url=export.url)
-    srv.add_ticket(t)
-    yield srv, srv.image_url(t["uuid"])
-    export.stop()
-
-
 def start_cli(*args):
     return subprocess.Popen([sys.executable, "-m", "diskferry", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

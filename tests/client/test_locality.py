@@ -128,7 +128,7 @@ def test_cli_says_it_falls_back(unreachable, make_ticket, tmp_path):
     ticket = make_ticket(srv, empty_image(tmp_path / "img.raw", MiB), MiB,
                          ops=["read"])
     proc = subprocess.run(
-        [sys.executable, "-m", "diskferry", "download", "--cafile",
+        [sys.executable, "-m", "diskferry", "download", "--json", "--cafile",
          srv.ca_file, srv.image_url(ticket["uuid"]), tmp_path / "out.raw"],
         capture_output=True, text=True, timeout=60, check=True)
     assert "falling back to tls" in proc.stderr

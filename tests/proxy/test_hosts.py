@@ -95,8 +95,9 @@ def datacenter(tmp_path_factory):
         dc.remove()
 
 
-def run_client(ns, *args):
-    proc = subprocess.run(ns.argv(sys.executable, "-m", "diskferry", *args),
+def run_client(ns, command, *args):
+    proc = subprocess.run(ns.argv(sys.executable, "-m", "diskferry", command,
+                                  "--json", *args),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)

@@ -14,6 +14,8 @@ COMMAND_MODULES = (
     "diskferry.cli.serve",
     "diskferry.cli.ticket",
     "diskferry.cli.transfer",
+    "diskferry.cli.checksum",
+    "diskferry.cli.inspect",
     "diskferry.cli.bench",
 )
 
@@ -25,6 +27,9 @@ Move virtual disk images in and out of a host over HTTP.
   diskferry ticket list                the daemon's tickets
   diskferry upload FILE URL            upload a local image to a transfer URL
   diskferry download URL FILE          download a transfer URL to a local file
+  diskferry info URL                   what a transfer URL offers, how it is reached
+  diskferry map URL                    the extents of a transfer URL's image
+  diskferry checksum FILE              a local image's checksum, as the server's
   diskferry bench                      measure transfer speed on this machine
 
 Run 'diskferry COMMAND --help' for the options of a command.

@@ -1,20 +1,26 @@
 """``diskferry upload`` and ``diskferry download``: whole disk images.
 
-Output: a progress bar on a terminal, then a one-line summary. When
-standard output is not a terminal (scripts, benchmarks), the summary is
-one JSON object instead, with at least ``bytes`` and ``seconds``.
+Output: a progress bar on standard error when it is a terminal (the
+copy, then a "verifying" phase with --verify), then the summary
+(``output``): a human line by default, one JSON line with --json,
+nothing with --quiet. ``-`` names standard input or output, a raw
+stream; the summary then goes to standard error, with the data's way
+left clean.
 """
 
 import argparse
-import json
-import logging
 import os
-import re
 import sys
+import threading
+import time
 
 from diskferry import client
+from diskferry.cli import arguments, common, output
+from diskferry.cli.progress import ProgressBar
+from diskferry.cli.units import KiB, MiB
 from diskferry.client import imageformat
-from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS
+from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS, STREAM
+from diskferry.client.resume import ResumeError
 
 UPLOAD_EPILOG = """\
 examples:
@@ -22,6 +28,9 @@ examples:
       https://host.example.com:54322/images/0f6c7e4a-5b1e-4c8e-9d2f-3a1b2c3d4e5f
   diskferry upload --member disk1.vmdk appliance.ova URL
   diskferry upload --single-layer inc2.qcow2 URL
+
+FILE "-" reads a raw stream from standard input: --size bytes, or the
+image's size.
 
 FILE is a disk image in any format qemu reads (raw, qcow2 with its
 backing chain, vmdk, vdi, vhdx, qed, vpc, ...) or a block device holding
@@ -36,9 +45,6 @@ On the server's host the transfer switches to the server's UNIX socket by
 itself (see --unix). Holes of the source are not sent.
 """
 
-#: Exit status of a refused argument, as argparse uses for usage errors.
-EXIT_USAGE = 2
-
 DOWNLOAD_EPILOG = """\
 examples:
   diskferry download --cafile ca.pem \\
@@ -51,7 +57,9 @@ A raw FILE is written sparse (zero ranges are not transferred and stay
 holes); a block device is written in place. A qcow2 FILE is created with
 qemu-img and written through qemu-nbd, over --backing-file when given.
 A file is written as FILE.part and renamed when complete; an existing
-FILE is replaced only with --overwrite.
+FILE is replaced only with --overwrite. An interrupted download keeps
+FILE.part and its journal FILE.part.done: --resume continues it. FILE
+"-" writes a raw stream to standard output.
 
 --incremental copies only what the transfer's dirty extents name (a
 backup ticket with "dirty": true) into a qcow2 overlay of the previous
@@ -60,54 +68,31 @@ each backup. Restore by uploading the newest overlay: its chain is read
 with it.
 """
 
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def size_arg(text):
-    """Parse "8M", "8MiB", "4k" or "1048576" into bytes."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", text, re.I)
-    if not match or int(match[1]) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid size: {text!r}")
-    return int(match[1]) * _UNITS[match[2].lower()]
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+#: Bounds of --request-size: below 4 KiB a copy is all request
+#: overhead; above 64 MiB one request holds that much memory per worker.
+MIN_REQUEST_SIZE = 4 * KiB
+MAX_REQUEST_SIZE = 64 * MiB
+MAX_WORKERS = 64
 
 
 def _add_common(parser):
+    common.add_connection_options(parser)
     parser.add_argument(
-        "--cafile", metavar="FILE",
-        help="CA certificate to verify the server with (default: system CAs)")
+        "--workers", type=arguments.integer(1, MAX_WORKERS),
+        default=DEFAULT_WORKERS, metavar="N",
+        help=f"connections in parallel, 1 to {MAX_WORKERS}, at most what "
+             f"the server allows (default {DEFAULT_WORKERS})")
     parser.add_argument(
-        "--insecure", action="store_true",
-        help="do not verify the server's certificate")
+        "--request-size",
+        type=arguments.size(MIN_REQUEST_SIZE, MAX_REQUEST_SIZE),
+        default=DEFAULT_REQUEST_SIZE, metavar="SIZE",
+        help="bytes per request, 4K to 64M, e.g. 4M (default "
+             f"{DEFAULT_REQUEST_SIZE // MiB}M)")
     parser.add_argument(
-        "--workers", type=positive_int, default=DEFAULT_WORKERS, metavar="N",
-        help="connections in parallel, at most what the server allows "
-             f"(default {DEFAULT_WORKERS})")
-    parser.add_argument(
-        "--request-size", type=size_arg, default=DEFAULT_REQUEST_SIZE,
-        metavar="SIZE",
-        help="bytes per request, e.g. 4M (default "
-             f"{DEFAULT_REQUEST_SIZE // 1024**2}M)")
-    parser.add_argument(
-        "--unix", choices=client.session.UNIX_MODES, default="auto",
-        help="use the server's UNIX socket: auto (when the server is on "
-             "this host), always (fail without it) or never")
-    parser.add_argument(
-        "--retries", type=int, default=client.Retry().total, metavar="N",
-        help="times a request is resent after a broken connection "
-             f"(default {client.Retry().total})")
-    parser.add_argument(
-        "--connect-timeout", type=float, default=client.Timeout().connect,
-        metavar="SECONDS", help="seconds to wait for a connection")
-    parser.add_argument(
-        "--read-timeout", type=float, default=client.Timeout().read,
-        metavar="SECONDS", help="seconds to wait for each socket operation")
+        "--retries", type=arguments.integer(0), default=client.Retry().total,
+        metavar="N",
+        help="times a request is resent after a broken connection, 0 or "
+             f"more (default {client.Retry().total})")
     parser.add_argument(
         "--verify", action="store_true",
         help="compare the server's checksum of the image with the local "
@@ -116,11 +101,7 @@ def _add_common(parser):
         "--no-detect-zeros", dest="detect_zeros", action="store_false",
         help="move zero blocks inside data as data (default: images read "
              "or written through qemu-nbd send runs of zeros as zero)")
-    parser.add_argument(
-        "--quiet", "-q", action="store_true",
-        help="print nothing but errors")
-    parser.add_argument(
-        "--debug", action="store_true", help="log what the client decides")
+    output.add_output_options(parser)
 
 
 def register(subparsers):
@@ -131,7 +112,8 @@ def register(subparsers):
                     "(https://HOST:PORT/images/TICKET).",
         epilog=UPLOAD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    up.add_argument("file", metavar="FILE", help="disk image or block device")
+    up.add_argument("file", metavar="FILE",
+                    help="disk image or block device; - for standard input")
     up.add_argument("url", metavar="URL", help="transfer URL")
     up.add_argument(
         "--format", metavar="FORMAT",
@@ -145,6 +127,10 @@ def register(subparsers):
         "--single-layer", action="store_true",
         help="upload FILE's own layer, not its backing chain: what it does "
              "not allocate is left untouched in the destination")
+    up.add_argument(
+        "--size", type=arguments.any_size, metavar="SIZE",
+        help="bytes to read from standard input (FILE -), e.g. 10G "
+             "(default: the image's size)")
     _add_common(up)
     up.set_defaults(func=run_upload)
 
@@ -156,7 +142,8 @@ def register(subparsers):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     down.add_argument("url", metavar="URL", help="transfer URL")
     down.add_argument("file", metavar="FILE",
-                      help="image file to create, or block device")
+                      help="image file to create, or block device; - for "
+                           "standard output")
     down.add_argument(
         "--format", choices=("raw", "qcow2"), default=None,
         help="format of FILE (default: raw; qcow2 with --backing-file)")
@@ -171,30 +158,51 @@ def register(subparsers):
     down.add_argument(
         "--overwrite", action="store_true",
         help="replace FILE if it exists")
+    down.add_argument(
+        "--resume", action="store_true",
+        help="continue an interrupted raw download from FILE.part and its "
+             "journal (what was written and synced)")
     _add_common(down)
     down.set_defaults(func=run_download)
 
 
 def run_upload(args):
-    if args.verify and args.single_layer:
-        print("diskferry upload: error: --verify compares whole disks; a "
-              "single layer is not one", file=sys.stderr)
-        return EXIT_USAGE
+    problem = _upload_problem(args)
+    if problem:
+        return common.usage_error("upload", problem)
     return _run(args, "upload", client.upload, args.file, args.url,
                 format=args.format, member=args.member,
                 single_layer=args.single_layer,
-                detect_zeros=args.detect_zeros)
+                detect_zeros=args.detect_zeros, size=args.size)
+
+
+def _upload_problem(args):
+    """Why the upload's arguments cannot work, or None."""
+    if args.verify and args.single_layer:
+        return "--verify compares whole disks; a single layer is not one"
+    if args.file == STREAM:
+        if args.format not in (None, imageformat.RAW) or args.member:
+            return ("standard input (-) is a raw stream: --format other "
+                    "than raw and --member cannot apply")
+        if args.verify:
+            return "--verify reads the image again: not from standard input"
+        return None
+    if args.size is not None:
+        return "--size is for standard input (FILE -); a file has its own"
+    if not os.path.exists(args.file):
+        return f"{args.file}: no such file"
+    return None
 
 
 def run_download(args):
     fmt = args.format or ("qcow2" if args.backing_file else "raw")
     problem = _download_problem(args, fmt)
     if problem:
-        print(f"diskferry download: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return common.usage_error("download", problem)
     return _run(args, "download", client.download, args.url, args.file,
                 format=fmt, backing_file=args.backing_file,
-                incremental=args.incremental, detect_zeros=args.detect_zeros)
+                incremental=args.incremental, detect_zeros=args.detect_zeros,
+                resume=args.resume)
 
 
 def _download_problem(args, fmt):
@@ -206,6 +214,22 @@ def _download_problem(args, fmt):
         return "--backing-file needs --format qcow2: a raw image has none"
     if args.backing_file and not os.path.exists(args.backing_file):
         return f"--backing-file {args.backing_file}: no such file"
+    if args.resume and fmt != "raw":
+        return "--resume continues raw downloads only (a qcow2 is rebuilt)"
+    if args.file == STREAM:
+        if fmt != "raw":
+            return ("standard output (-) is a raw stream: --format other "
+                    "than raw cannot apply")
+        if args.verify or args.resume:
+            return ("--verify and --resume read the image again: not on "
+                    "standard output")
+        if sys.stdout.isatty():
+            return "standard output is a terminal: redirect it to a file " \
+                   "or a pipe"
+        return None
+    folder = os.path.dirname(os.path.abspath(args.file))
+    if not os.path.isdir(folder):
+        return f"{folder}: no such folder (for {args.file})"
     if (os.path.isfile(args.file) or os.path.islink(args.file)) and \
             not args.overwrite:
         return (f"{args.file} exists; pass --overwrite to replace it")
@@ -213,88 +237,93 @@ def _download_problem(args, fmt):
 
 
 def _run(args, command, copy, src, dst, **options):
-    _setup_logging(args)
-    bar = None if args.quiet or not sys.stderr.isatty() else ProgressBar(command)
+    common.setup_logging(args, quiet=args.output == output.QUIET)
+    show = args.output != output.QUIET and sys.stderr.isatty()
+    bar = ProgressBar(command) if show else None
     try:
         result = copy(
             src, dst, workers=args.workers, request_size=args.request_size,
-            cafile=args.cafile, secure=not args.insecure, unix=args.unix,
-            timeout=client.Timeout(args.connect_timeout, args.read_timeout),
-            retry=client.Retry(total=max(0, args.retries)),
+            retry=client.Retry(total=args.retries),
             progress=bar.update if bar is not None else None,
-            on_start=bar.start if bar is not None else None, **options)
+            on_start=bar.start if bar is not None else None,
+            **common.connection_kwargs(args), **options)
     except client.UnsupportedFormat as e:
-        if bar is not None:
-            bar.close()
         message = (imageformat.refusal(e.path, e.probe, "--format raw")
                    if isinstance(e.probe, imageformat.Probe) else str(e))
-        print(f"diskferry {command}: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except (client.ClientError, OSError, ValueError) as e:
+        return common.usage_error(command, message)
+    except common.REPORTED as e:
+        status = common.fail(command, e, args.url)
+        if not isinstance(e, ResumeError):
+            _resume_hint(args, command)
+        return status
+    except KeyboardInterrupt:
         if bar is not None:
             bar.close()
-        print(f"diskferry {command}: error: {e}", file=sys.stderr)
-        return 1
-    if bar is not None:
-        bar.close()
-    verified = None
+            bar = None
+        _resume_hint(args, command)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    verify_seconds = None
     if args.verify:
+        started = time.monotonic()
+        bar = ProgressBar("verifying") if show else None
         try:
-            verified = _verify(args, command)
-        except (client.ClientError, OSError, ValueError) as e:
+            _verify(args, command, result.image_size, bar)
+        except common.REPORTED as e:
             print(f"diskferry {command}: verify failed: {e}", file=sys.stderr)
-            return 1
-    _summary(args, result, verified)
+            return common.EXIT_FAILED
+        finally:
+            if bar is not None:
+                bar.close()
+        verify_seconds = time.monotonic() - started
+    data_out = command == "download" and args.file == STREAM
+    output.print_summary(args.output, result, verify_seconds,
+                         verified=args.verify,
+                         stream=sys.stderr if data_out else sys.stdout)
     return 0
 
 
-def _setup_logging(args):
-    level = logging.DEBUG if args.debug else (
-        logging.ERROR if args.quiet else logging.WARNING)
-    logging.basicConfig(level=level, format="diskferry: %(message)s")
+def _resume_hint(args, command):
+    part = f"{args.file}.part"
+    if command == "download" and args.file != STREAM and \
+            os.path.exists(part) and os.path.exists(part + ".done"):
+        print(f"diskferry download: {part} keeps what was written; run the "
+              f"same command with --resume to continue", file=sys.stderr)
 
 
-class ProgressBar:
-    """A tqdm bar shown once the image size is known (throughput, ETA)."""
-
-    def __init__(self, command):
-        self._command = command
-        self._bar = None
-
-    def start(self, size):
-        from tqdm import tqdm
-
-        self._bar = tqdm(desc=self._command, total=size, unit="B",
-                         unit_scale=True, unit_divisor=1024,
-                         dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, n):
-        if self._bar is not None:
-            self._bar.update(n)
-
-    def close(self):
-        if self._bar is not None:
-            self._bar.close()
-
-
-def _verify(args, command):
-    """Compare the server's checksum with the local image's; raise on a
-    mismatch."""
+def _verify(args, command, size, bar):
+    """Compare the server's checksum with the local image's, computed at
+    the same time; raise on a mismatch."""
     with client.open(args.url, "r", cafile=args.cafile,
                      secure=not args.insecure, unix=args.unix) as sess:
-        remote = sess.checksum()
-    fmt, member = _local_format(args, command)
-    if fmt == imageformat.RAW and member is None:
-        from diskferry import checksum
+        remote = {}
 
-        local = checksum.compute_file(args.file, remote["algorithm"],
-                                      remote["block_size"])
-    else:
-        from diskferry.client import imagecopy
+        def server_checksum():
+            try:
+                remote.update(sess.checksum())
+            except BaseException as e:
+                remote["error"] = e
 
-        local = imagecopy.checksum(args.file, fmt, member=member,
-                                   algorithm=remote["algorithm"],
-                                   block_size=remote["block_size"])
+        # The server reads its copy while this side reads the local one.
+        server = threading.Thread(target=server_checksum,
+                                  name="diskferry-verify", daemon=True)
+        server.start()
+        if bar is not None:
+            bar.start(size)
+        fmt, member = _local_format(args, command)
+        try:
+            local = local_checksum(args.file, fmt, member,
+                                    bar.update if bar is not None else None)
+        finally:
+            server.join()
+    if "error" in remote:
+        raise remote["error"]
+    if local["algorithm"] != remote["algorithm"] or \
+            local["block_size"] != remote["block_size"]:
+        local = local_checksum(args.file, fmt, member, None,
+                                remote["algorithm"], remote["block_size"])
     if local["checksum"] != remote["checksum"]:
         raise client.ClientError(
             f"checksums differ: server {remote['checksum']}, "
@@ -303,52 +332,36 @@ def _verify(args, command):
     return remote
 
 
+def local_checksum(path, fmt, member, progress, algorithm=None,
+                    block_size=None):
+    """The server's checksum scheme on the local image (the guest disk
+    for a format read through qemu-nbd)."""
+    from diskferry import checksum
+
+    algorithm = algorithm or checksum.DEFAULT_ALGORITHM
+    block_size = block_size or checksum.DEFAULT_BLOCK_SIZE
+    if fmt == imageformat.RAW and member is None:
+        return checksum.compute_file(path, algorithm, block_size,
+                                     progress=progress)
+    from diskferry.client import imagecopy
+
+    return imagecopy.checksum(path, fmt, member=member, algorithm=algorithm,
+                              block_size=block_size, progress=progress)
+
+
 def _local_format(args, command):
     """(format, member) the local image is read in, as the copy read it."""
     if command == "download":
         return args.format or ("qcow2" if args.backing_file else "raw"), None
-    fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC)
+    return local_format(args.file, args.format, args.member)
+
+
+def local_format(path, fmt=None, member=None):
+    """(format, member) of a local image, probed as an upload probes it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        return imageformat.source_format(args.file, fd, size, args.format,
-                                         member=args.member), args.member
+        return imageformat.source_format(path, fd, size, fmt,
+                                         member=member), member
     finally:
         os.close(fd)
-
-
-def _summary(args, result, verified):
-    if sys.stdout.isatty():
-        if args.quiet:
-            return
-        line = (f"{result.direction}ed {_human(result.image_size)} "
-                f"({_human(result.data_bytes)} data) in {result.seconds:.2f} s, "
-                f"{result.gib_per_second:.2f} GiB/s via {result.transport} "
-                f"({result.connections} connection"
-                f"{'s' if result.connections > 1 else ''})")
-        if result.transport != "unix":
-            line += f"; {result.transport_reason}"
-        if verified:
-            line += ", checksum verified"
-        print(line)
-        return
-    print(json.dumps({
-        "op": result.direction,
-        "bytes": result.data_bytes,
-        "image_bytes": result.image_size,
-        "zero_bytes": result.zero_bytes,
-        "skipped_bytes": result.skipped_bytes,
-        "seconds": round(result.seconds, 6),
-        "gib_s": round(result.gib_per_second, 3),
-        "transport": result.transport,
-        "transport_reason": result.transport_reason,
-        "connections": result.connections,
-        "verified": bool(verified),
-    }))
-
-
-def _human(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n} B"

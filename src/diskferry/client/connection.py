@@ -268,9 +268,11 @@ class ImageConnection:
                 n = readinto(view[:min(end - pos, len(view))])
                 if not n:
                     raise ConnectionFailed("body ended early")
-                written = os.pwrite(fd, view[:n], pos)
+                written = 0
                 while written < n:
-                    written += os.pwrite(fd, view[written:n], pos + written)
+                    chunk = view[written:n]
+                    written += (os.pwrite(fd, chunk, pos + written)
+                                if positional else os.write(fd, chunk))
                 pos += n
                 ack(n)
         except (OSError, http.client.HTTPException, ConnectionFailed) as e:

@@ -15,6 +15,7 @@ import time
 
 from diskferry.client import engine, imageformat, localfile, session
 from diskferry.client import extents as _extents
+from diskferry.client import resume as _resume
 from diskferry.client.engine import (
     DEFAULT_REQUEST_SIZE,
     DEFAULT_WORKERS,
@@ -24,8 +25,12 @@ from diskferry.client.errors import HTTPError, TransferError
 from diskferry.client.policy import Retry, Timeout
 from diskferry.extent import Extent
 
-__all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "TransferResult",
-           "download", "upload"]
+__all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "STREAM",
+           "TransferResult", "download", "upload"]
+
+#: The path that names standard input (upload) or output (download): a
+#: raw stream, read or written in order by one connection.
+STREAM = "-"
 
 log = logging.getLogger("diskferry.client")
 
@@ -34,8 +39,11 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
            request_size=DEFAULT_REQUEST_SIZE, cafile=None, secure=True,
            unix="auto", timeout=Timeout(), retry=Retry(), progress=None,
            on_start=None, format=None, member=None, single_layer=False,
-           detect_zeros=True):
+           detect_zeros=True, size=None):
     """Upload the disk image at ``path`` to transfer ``url``.
+
+    ``path="-"`` reads a raw stream from standard input: ``size`` bytes
+    (default: the image's size), in order, on one connection.
 
     ``format`` None probes the source first (``imageformat``): raw is sent
     as it is, a format qemu reads (qcow2 with its backing chain, vmdk,
@@ -54,24 +62,25 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
     """
     started = time.monotonic()
     report = engine.Progress(progress)
-    local = localfile.open_source(path)
+    if path == STREAM:
+        if format not in (None, imageformat.RAW) or member is not None:
+            raise ValueError("standard input is read as a raw stream: "
+                             "no --format other than raw, no --member")
+        local = None
+    else:
+        local = localfile.open_source(path)
     try:
-        fmt = imageformat.source_format(os.fsdecode(path), local.fd,
-                                        local.size, format, member=member)
-        log.debug("%s: read as %s", path, fmt)
-        if fmt == imageformat.RAW and member is None:
-            source = _RawSource(local)
+        if local is None:
+            source = _StreamSource(size, request_size, detect_zeros)
         else:
-            from diskferry.client import imagecopy
-
-            source = imagecopy.NbdSource(
-                os.fsdecode(path), fmt, member=member,
-                single_layer=single_layer, connections=workers,
-                request_size=request_size, detect_zeros=detect_zeros)
+            source = _file_source(path, local, format, member, single_layer,
+                                  workers, request_size, detect_zeros)
         with source, session.open(url, "w", cafile=cafile, secure=secure,
                                   unix=unix, timeout=timeout,
                                   buffer_size=request_size) as sess:
             size = sess.size()
+            if source.size is None:
+                source.size = size
             if on_start:
                 on_start(size)
             if source.size > size:
@@ -98,16 +107,37 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
                 else:
                     sender.zero(con, state, end)
 
-            count = max(1, min(workers, sess.max_writers))
+            count = 1 if source.sequential else \
+                max(1, min(workers, sess.max_writers))
             engine.run(pieces, engine.open_connections(sess, count),
                        do_piece, retry, prefetch=source.prefetch)
+            if isinstance(source, _StreamSource):
+                source.finish()
             if not flush_each:
                 engine.flush(sess, retry)
             return engine.result("upload", size, sender.done,
                                  skipped + sender.done["skipped"], started,
                                  sess, count)
     finally:
-        local.close()
+        if local is not None:
+            local.close()
+
+
+def _file_source(path, local, format, member, single_layer, workers,
+                 request_size, detect_zeros):
+    """The source of an upload of a file or device: raw as it is, any
+    other format through qemu-nbd."""
+    fmt = imageformat.source_format(os.fsdecode(path), local.fd, local.size,
+                                    format, member=member)
+    log.debug("%s: read as %s", path, fmt)
+    if fmt == imageformat.RAW and member is None:
+        return _RawSource(local)
+    from diskferry.client import imagecopy
+
+    return imagecopy.NbdSource(
+        os.fsdecode(path), fmt, member=member, single_layer=single_layer,
+        connections=workers, request_size=request_size,
+        detect_zeros=detect_zeros)
 
 
 class _RawSource:
@@ -115,6 +145,7 @@ class _RawSource:
     kernel (sendfile or splice)."""
 
     keeps_holes = False
+    sequential = False
     #: Nothing to read ahead: the kernel reads as it sends.
     prefetch = None
 
@@ -140,17 +171,70 @@ class _RawSource:
         pass
 
 
+class _StreamSource(_RawSource):
+    """Standard input: a raw stream of ``size`` bytes (None: the image's
+    size), read in order. A piece is kept until the server acknowledges
+    it, so that a retry sends it again without reading the stream twice;
+    with ``detect_zeros``, a piece of zeros is sent as zero."""
+
+    sequential = True
+
+    def __init__(self, size, request_size, detect_zeros, fd=0):
+        self.size = size
+        self._fd = fd
+        self._buf = bytearray(request_size)
+        self._held = (-1, 0)
+        self._zeros = bytes(request_size) if detect_zeros else None
+
+    def extents(self):
+        return [Extent(0, self.size, False)] if self.size else []
+
+    def send(self, con, state, end, sender):
+        offset = state["offset"]
+        length = end - offset
+        if self._held != (offset, length):
+            self._fill(offset, length)
+        view = memoryview(self._buf)[:length]
+        if self._zeros is not None and view == self._zeros[:length]:
+            sender.zero(con, state, end)
+        else:
+            sender.write(con, view, state)
+
+    def _fill(self, offset, length):
+        view = memoryview(self._buf)[:length]
+        got = 0
+        while got < length:
+            n = os.readv(self._fd, [view[got:]])
+            if not n:
+                raise TransferError(
+                    f"standard input ended after {offset + got} bytes; "
+                    f"expected {self.size} (pass --size for a shorter "
+                    f"stream)", offset + got)
+            got += n
+        self._held = (offset, length)
+
+    def finish(self):
+        if os.read(self._fd, 1):
+            raise TransferError(
+                f"standard input holds more than {self.size} bytes (the "
+                f"image's size, or --size)", self.size)
+
+
 def download(url, path, *, workers=DEFAULT_WORKERS,
              request_size=DEFAULT_REQUEST_SIZE, cafile=None, secure=True,
              unix="auto", timeout=Timeout(), retry=Retry(), progress=None,
              on_start=None, format="raw", backing_file=None,
-             incremental=False, detect_zeros=True):
+             incremental=False, detect_zeros=True, resume=False):
     """Download transfer ``url`` into a local image at ``path``.
 
     ``format="raw"``: a regular file is written as ``PATH.part``, sparse
     (zero ranges are not transferred and stay holes), and renamed to
     ``path`` once every byte is written and synced; a block device is
-    written in place, its zero ranges zeroed locally.
+    written in place, its zero ranges zeroed locally. What is synced is
+    recorded in a journal beside the ``.part`` (``resume``), which is
+    kept when the download fails or is interrupted: ``resume=True``
+    continues from it. ``path="-"`` writes a raw stream to standard
+    output, in order, on one connection.
 
     ``format="qcow2"`` creates a qcow2 image (over ``backing_file`` when
     given, named relative to it) and writes it through qemu-nbd; zero
@@ -169,6 +253,11 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
     if format not in ("raw", "qcow2"):
         raise ValueError(f"cannot download into format {format!r} "
                          f"(raw or qcow2)")
+    if resume and format != imageformat.RAW:
+        raise ValueError("only a raw download can be resumed")
+    if path == STREAM and format != imageformat.RAW:
+        raise ValueError("standard output is written as a raw stream: no "
+                         "--format other than raw")
     started = time.monotonic()
     report = engine.Progress(progress)
     with session.open(url, "r", cafile=cafile, secure=secure, unix=unix,
@@ -180,8 +269,10 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
             image_extents = sess.walk_extents("zero")
         else:
             image_extents = [Extent(0, size, False)] if size else []
-        if format == imageformat.RAW:
-            dst = _RawDestination(path, size)
+        if path == STREAM:
+            dst = _StreamDestination(size)
+        elif format == imageformat.RAW:
+            dst = _RawDestination(path, size, resume)
         else:
             from diskferry.client import imagecopy
 
@@ -192,7 +283,10 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
         with dst:
             if on_start:
                 on_start(size)
-            skipped = 0
+            done_before = dst.done
+            skipped = _resume.done_bytes(done_before)
+            report(skipped)
+            image_extents = _resume.remaining(image_extents, done_before)
 
             def selected(extents):
                 # What this download writes, lazily; the rest is counted:
@@ -217,7 +311,8 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
                     report(end - state["offset"])
                     state["offset"] = end
 
-            count = max(1, min(workers, sess.max_readers))
+            count = 1 if dst.sequential else \
+                max(1, min(workers, sess.max_readers))
             done = engine.run(pieces, engine.open_connections(sess, count),
                               do_piece, retry)
             dst.commit()
@@ -239,25 +334,48 @@ def _dirty_extents(sess):
 
 
 class _RawDestination:
-    """A raw file (written as NAME.part, renamed when complete) or a
-    block device (written in place)."""
+    """A raw file (written as NAME.part with its journal, renamed when
+    complete) or a block device (written in place)."""
 
-    def __init__(self, path, size):
+    sequential = False
+
+    def __init__(self, path, size, resume_part=False):
         self.path = path
         self._part = _part_path(path)
-        self._local = localfile.open_destination(self._part or path, size)
+        self._journal = None
+        if self._part and resume_part and os.path.exists(self._part):
+            self._journal = _resume.Journal.load(self._part, size)
+            self._local = localfile.open_existing(self._part, size)
+        else:
+            self._local = localfile.open_destination(self._part or path, size)
+            if self._part:
+                self._journal = _resume.Journal.create(self._part, size)
+        if self._journal:
+            self._journal.attach(self._local.fd)
         self.zeroed = self._local.zeroed
+        self.done = self._journal.done if self._journal else []
 
     def receive(self, con, state, end, report):
         def ack(n):
             state["offset"] += n
             report(n)
         offset = state["offset"]
-        con.read_to_fd(self._local.fd, offset, end - offset, ack,
-                       positional=self._local.kind != "other")
+        try:
+            con.read_to_fd(self._local.fd, offset, end - offset, ack,
+                           positional=self._local.kind != "other")
+        finally:
+            self._record(offset, state["offset"])
 
     def zero(self, offset, length):
-        localfile.zero_range(self._local, offset, length)
+        if self._local.kind == "file":
+            localfile.punch_hole(self._local, offset, length)
+        else:
+            localfile.zero_range(self._local, offset, length)
+        self._record(offset, offset + length)
+
+    def _record(self, start, end):
+        if self._journal:
+            self._journal.record(start, end)
 
     def commit(self):
         if self._local.kind != "other":
@@ -265,14 +383,58 @@ class _RawDestination:
         if self._part:
             os.rename(self._part, self.path)
             self._part = None
+            self._journal.remove()
+            self._journal = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self._local.close()
-        if self._part:
-            _remove(self._part)
+        # Interrupted or failed: what is on disk is recorded, and the
+        # .part kept for a resume.
+        try:
+            if self._journal:
+                self._journal.checkpoint()
+        except OSError as e:
+            log.warning("cannot record what %s holds: %s", self._part, e)
+        finally:
+            if self._journal:
+                self._journal.close()
+            self._local.close()
+
+
+class _StreamDestination:
+    """Standard output: a raw stream written in order, zeros included."""
+
+    sequential = True
+    zeroed = False
+    done = []
+
+    def __init__(self, size, fd=1):
+        self._fd = fd
+        self.size = size
+
+    def receive(self, con, state, end, report):
+        def ack(n):
+            state["offset"] += n
+            report(n)
+        offset = state["offset"]
+        con.read_to_fd(self._fd, offset, end - offset, ack, positional=False)
+
+    def zero(self, offset, length):
+        zeros = memoryview(bytes(min(length, localfile.ZERO_CHUNK)))
+        while length:
+            n = os.write(self._fd, zeros[:length])
+            length -= n
+
+    def commit(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 def _part_path(path):
@@ -285,8 +447,3 @@ def _part_path(path):
     return os.fsdecode(path) + ".part" if stat.S_ISREG(st.st_mode) else None
 
 
-def _remove(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -159,6 +159,9 @@ def _runs(buf: bytearray, start: int, length: int, detect_zeros: bool,
 class NbdSource:
     """A local image in any format qemu reads, served read-only."""
 
+    #: Pieces may go in parallel, in any order.
+    sequential = False
+
     def __init__(self, path: str, fmt: str, *, member: str | None,
                  single_layer: bool, connections: int, request_size: int,
                  detect_zeros: bool) -> None:
@@ -213,6 +216,10 @@ class NbdSource:
 
 class NbdDestination:
     """A new local image (qcow2), written through qemu-nbd."""
+
+    #: Pieces may come in parallel, in any order; nothing to resume.
+    sequential = False
+    done: list[tuple[int, int]] = []
 
     def __init__(self, path: str, fmt: str, size: int, *,
                  backing_file: str | None, connections: int,
@@ -308,9 +315,12 @@ class _ChecksumReader:
 
 
 def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
-             block_size: int) -> dict[str, object]:
+             block_size: int,
+             progress: Any = None
+             ) -> dict[str, object]:
     """The daemon's checksum of the guest-visible disk of a local image,
-    read through qemu-nbd: what ``--verify`` compares."""
+    read through qemu-nbd: what ``--verify`` compares. ``progress(n)`` as
+    ``n`` more bytes are hashed."""
     from diskferry import checksum as block_hash
 
     image = formats.open_source(path, fmt, member=member)
@@ -319,7 +329,8 @@ def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
         client = server.connect()
         try:
             result: dict[str, object] = block_hash.compute(  # type: ignore[no-untyped-call]
-                _ChecksumReader(client), algorithm, block_size)
+                _ChecksumReader(client), algorithm, block_size,
+                progress=progress)
             return result
         finally:
             client.close()

@@ -80,6 +80,35 @@ def open_destination(path, size):
         raise
 
 
+def open_existing(path, size):
+    """Open the ``.part`` file of an interrupted download to continue it:
+    kept as it is, and it must have the image's size."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            raise ValueError(
+                f"{path}: not a partial download of this image (it has "
+                f"{st.st_size} bytes, the image {size})")
+        return LocalImage(fd, size, "file")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def punch_hole(image, offset, length):
+    """Make a range of a regular file read as zeros, deallocated where the
+    file system can."""
+    from diskferry.daemon.backends import fallocate
+
+    try:
+        fallocate.punch_hole(image.fd, offset, length)
+    except OSError as e:
+        if e.errno not in fallocate.UNSUPPORTED:
+            raise
+        zero_range(image, offset, length)
+
+
 def zero_range(image, offset, length):
     """Make ``[offset, offset+length)`` of a local image read as zeros."""
     if image.kind == "block":
