@@ -164,8 +164,8 @@ def test_unknown_method_501(diskferry, ticket, method, service, path):
 @pytest.mark.parametrize(
     "service,method,path,allow",
     [
-        ("tls", "DELETE", "/images/{id}", "OPTIONS,GET,PUT,PATCH"),
-        ("unix", "POST", "/images/{id}", "OPTIONS,GET,PUT,PATCH"),
+        ("tls", "DELETE", "/images/{id}", "OPTIONS,GET,HEAD,PUT,PATCH"),
+        ("unix", "POST", "/images/{id}", "OPTIONS,GET,HEAD,PUT,PATCH"),
         ("unix", "PUT", "/images/{id}/extents", "GET"),
         ("tls", "PUT", "/info/", "GET"),
         ("control", "POST", "/tickets/{id}", "GET,PUT,PATCH,DELETE"),

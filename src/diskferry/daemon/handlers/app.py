@@ -30,7 +30,7 @@ def images_app(store, config, options, ticket_options):
         (TICKET, images.ImageHandler(store, config, options,
                                            ticket_options)),
         (r"/images/?", images.NoTicketHandler()),
-        (r"/info/?", info.InfoHandler()),
+        (r"/info/?", info.InfoHandler(cors=True)),
     ])
 
 

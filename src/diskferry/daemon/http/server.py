@@ -338,11 +338,13 @@ class Server:
         keep = False
         try:
             head = parse.parse_head(raw)
+            conn.no_body = head.method == "HEAD"
             length = head.content_length
-            conn.start_body(length or 0, head.expects_continue)
+            conn.start_body(length or 0, head.expects_continue, head.chunked)
             request = Request(head, conn, context, client)
             self.app.handle(request)
-            keep = head.keep_alive and conn.body_left == 0
+            keep = (head.keep_alive and conn.body_done and
+                    not conn.close_after)
             if not conn.response_complete:
                 raise ServerError("Handler did not complete its response")
         except ConnectionGone as e:
@@ -350,7 +352,7 @@ class Server:
             keep = False
         except RequestError as e:
             keep = (not e.close_connection and request is not None and
-                    request.head.keep_alive and
+                    request.head.keep_alive and not conn.close_after and
                     self._discard_body(conn))
             if not self._send_error(conn, e, close=not keep):
                 keep = False
