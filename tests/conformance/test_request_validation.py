@@ -84,10 +84,15 @@ ROWS = [
         closes=True),
     *(Row(f"get-close={v!r}", "GET", f"?close={v}", ("Range: bytes=0-1",), 206)
       for v in ("n", "", "x", "yes", "1", "Y")),
-    Row("options-close=y", "OPTIONS", "?close=y"),
+    # ovirt-imageio honours close=y on GET and PUT only; diskferry on
+    # every request of the images API.
+    Row("options-close=y", "OPTIONS", "?close=y", diskferry_closes=True),
     Row("patch-close=y", "PATCH", "?close=y",
-        ("Content-Type: application/json", "Content-Length: 14")),
-    Row("extents-close=y", "GET", "/extents?close=y"),
+        ("Content-Type: application/json", "Content-Length: 14"),
+        diskferry_closes=True),
+    Row("extents-close=y", "GET", "/extents?close=y", diskferry_closes=True),
+    Row("put-close=y-error", "PUT", "?flush=x&close=y",
+        ("Content-Length: 4",), 400, closes=True),
     # Content-Range on PUT.
     put_range("cr-star", "bytes 0-3/*"),
     put_range("cr-total", "bytes 0-3/4"),

@@ -97,7 +97,6 @@ class ImageHandler:
 
     def get(self, request, ticket_id):
         cors.allow(request)
-        request.conn.close_after = parse.query_close(request.query)
         image = open_image(request, self.store, self.config, ticket_id, "read")
         ticket = image.ticket
         range_header = request.headers.get("range")
@@ -133,7 +132,6 @@ class ImageHandler:
     def head(self, request, ticket_id):
         """GET's answer without its body: the whole image's length."""
         cors.allow(request)
-        request.conn.close_after = parse.query_close(request.query)
         image = open_image(request, self.store, self.config, ticket_id, "read")
         with image.ticket.operation():
             pass  # counts as activity: extends the ticket
@@ -156,7 +154,6 @@ class ImageHandler:
 
     def put(self, request, ticket_id):
         cors.allow(request)
-        request.conn.close_after = parse.query_close(request.query)
         image = open_image(request, self.store, self.config, ticket_id,
                            "write")
         ticket = image.ticket
