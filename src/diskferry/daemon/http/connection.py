@@ -260,10 +260,18 @@ class Connection:
         else:
             n = self._receive(self.sock.recv_into, buf, want)
         self._chunk_left -= n
-        if self._chunk_left == 0 and self._read_line(2) != b"":
+        if self._chunk_left == 0:
+            self._read_crlf()
+        return n
+
+    def _read_crlf(self):
+        """The CRLF after a chunk's data; a 400 as soon as a byte differs."""
+        while len(self._buf) < 2 and self._buf[:1] in (b"", b"\r"):
+            self._buf += self._receive(self.sock.recv, HEAD_RECV_SIZE)
+        if self._buf[:2] != b"\r\n":
             raise BadRequest("Chunk data not followed by CRLF",
                              close_connection=True)
-        return n
+        del self._buf[:2]
 
     def _read_line(self, limit):
         """The next CRLF-terminated line of the body, without the CRLF;
