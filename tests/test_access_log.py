@@ -169,3 +169,20 @@ def test_secret_prefix_is_never_the_secret(secret, shown):
     assert accesslog.redact_path("/tickets/") == "/tickets/"
     assert accesslog.redact(f"No such ticket {secret!r}", secret) == \
         f"No such ticket {shown!r}"
+
+
+def test_a_server_error_is_logged_once_with_its_cause(daemon, tmp_path):
+    """The client hears "cannot open the image"; the log says why, on the
+    request's own line, and nowhere else."""
+    missing = servers.make_sparse_file(tmp_path / "gone.raw", SIZE, {})
+    t = servers.ticket_dict(missing, SIZE, ("read",), uuid=f"{uuid.uuid4()}")
+    daemon.add_ticket(t)
+    missing.unlink()
+    mark = len(daemon.log_text())
+    status, body = request(daemon, "GET", f"/images/{t['uuid']}")
+    daemon.delete_ticket(t["uuid"])
+    assert status == 500
+    assert b"gone.raw" not in body
+    lines = new_lines(daemon, mark, 1, "gone.raw")
+    assert len(lines) == 1, daemon.log_text()[mark:]
+    assert " 500 " in lines[0] and "No such file" in lines[0], lines

@@ -11,13 +11,14 @@ Observed in ovirt-imageio 2.5.1 beyond PROTOCOL.md:
   bad ``flush``) close the connection (``Connection: close``).
 - ``Content-Range: bytes FIRST-LAST/SIZE`` (a numeric total) is accepted
   like ``/*``; LAST is ignored: the body length decides how much is
-  written.
+  written. diskferry refuses a LAST that disagrees with the body's length
+  (400, nothing written: docs/protocol.md).
 - A PUT with no Content-Range and a Content-Length larger than the image
   is a 416.
 - ``Expect: 100-continue`` is answered with ``100 Continue`` before the
   ticket is checked: a PUT on a read-only ticket gets 100, then 403.
 - ``Transfer-Encoding: chunked`` on PUT is refused with 400 (Content-Length
-  is required).
+  is required); diskferry accepts it (test_chunked.py).
 """
 
 from __future__ import annotations
@@ -91,9 +92,25 @@ def test_get_range(endpoint, image, make_ticket, spec, first, last):
     assert res.body == expected_content()[first : last + 1]
 
 
-@pytest.mark.parametrize(
-    "spec", [f"{SIZE - 10}-{SIZE}", f"{SIZE}-{SIZE + 10}", f"0-{SIZE * 2}"]
-)
+@pytest.mark.parametrize("first,last", [(SIZE - 10, SIZE), (0, SIZE * 2)])
+def test_get_range_ending_past_end(endpoint, image, make_ticket, first, last):
+    """ovirt-imageio refuses it (416); diskferry serves the rest of the
+    image, as RFC 9110 says and nbdkit's curl plugin needs."""
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    with endpoint.raw() as con:
+        res = con.request(
+            "GET", f"/images/{t['uuid']}", {"Range": f"bytes={first}-{last}"}
+        )
+    if endpoint.server.name == "diskferry":
+        assert res.status == 206
+        assert res.header("Content-Range") == f"bytes {first}-{SIZE - 1}/{SIZE}"
+        assert res.body == expected_content()[first:]
+    else:
+        assert res.status == 416
+        assert res.header("Content-Range") == f"bytes */{SIZE}"
+
+
+@pytest.mark.parametrize("spec", [f"{SIZE}-{SIZE + 10}"])
 def test_get_range_past_end_416(endpoint, image, make_ticket, spec):
     t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
     with endpoint.raw() as con:
@@ -102,6 +119,22 @@ def test_get_range_past_end_416(endpoint, image, make_ticket, spec):
     assert res.header("Content-Range") == f"bytes */{SIZE}"
     assert res.header("Content-Type").startswith("text/plain")
     assert int(res.header("Content-Length")) == len(res.body)
+
+
+@pytest.mark.parametrize("first,imageio", [(SIZE, 206), (SIZE * 2, 400)])
+def test_get_open_range_past_end(endpoint, image, make_ticket, first, imageio):
+    """``bytes=SIZE-``: diskferry 416; ovirt-imageio answers 206 with an
+    empty body and ``Content-Range: bytes SIZE-(SIZE-1)/SIZE``, and 400
+    further out."""
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": f"bytes={first}-"})
+    if endpoint.server.name == "diskferry":
+        assert res.status == 416
+        assert res.header("Content-Range") == f"bytes */{SIZE}"
+    else:
+        assert res.status == imageio
+        assert res.body == b"" or res.status == 400
 
 
 @pytest.mark.parametrize(
@@ -221,17 +254,27 @@ def test_put_without_range_writes_at_zero(endpoint, image, make_ticket):
     assert after[len(data) : 4096 + len(data)] == expected_content()[len(data) :][:4096]
 
 
-def test_put_range_with_total_and_last_ignored(endpoint, image, make_ticket):
+@pytest.mark.parametrize("last", [302, 301])
+def test_put_range_with_total(endpoint, image, make_ticket, last):
+    """A numeric total is accepted like ``*``. When LAST disagrees with
+    the body's length, ovirt-imageio writes the body and ignores LAST;
+    diskferry refuses the contradiction, writing nothing."""
     t = make_ticket(endpoint.server, image, SIZE)
+    before = read_file(image)
     with endpoint.raw() as con:
         res = con.request(
             "PUT",
             f"/images/{t['uuid']}",
-            {"Content-Range": f"bytes 300-301/{SIZE}"},
+            {"Content-Range": f"bytes 300-{last}/{SIZE}"},
             b"abc",
         )
-    assert res.status == 200
-    assert read_file(image, 299, 5) == CHUNKS[0][299:300] + b"abc" + CHUNKS[0][303:304]
+    if last == 301 and endpoint.server.name == "diskferry":
+        assert res.status == 400
+        assert read_file(image) == before
+    else:
+        assert res.status == 200
+        expected = CHUNKS[0][299:300] + b"abc" + CHUNKS[0][303:304]
+        assert read_file(image, 299, 5) == expected
 
 
 def test_put_whole_image_then_get(endpoint, tmp_path, make_ticket):
@@ -260,7 +303,8 @@ def test_put_missing_content_length_400(endpoint, image, make_ticket):
     assert read_file(image) == before
 
 
-def test_put_chunked_refused_400(endpoint, image, make_ticket):
+def test_put_chunked(endpoint, image, make_ticket):
+    """ovirt-imageio refuses a chunked body; diskferry writes it."""
     t = make_ticket(endpoint.server, image, SIZE)
     before = read_file(image)
     with endpoint.raw() as con:
@@ -269,8 +313,12 @@ def test_put_chunked_refused_400(endpoint, image, make_ticket):
             "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".encode()
         )
         res = con.response("PUT")
-    assert res.status == 400
-    assert read_file(image) == before
+    if endpoint.server.name == "diskferry":
+        assert res.status == 200
+        assert read_file(image) == b"abc" + before[3:]
+    else:
+        assert res.status == 400
+        assert read_file(image) == before
 
 
 @pytest.mark.parametrize("value", ["x", "-3", "1.5"])

@@ -327,6 +327,70 @@ def test_thousands_of_aborted_requests(daemon, tmp_path):
         assert "Traceback" not in daemon.log_text()[log_start:]
 
 
+# --- malformed and cut chunked bodies ----------------------------------------
+
+CHUNKED_ABUSE = [
+    b"zz\r\n",  # not a size
+    b"1;" + b"e" * 5000 + b"\r\n",  # size line too long
+    b"f" * 40 + b"\r\n",  # too many digits
+    b"4\r\nabcdXX",  # data without its CRLF
+    b"10000\r\n" + b"x" * 3000,  # cut inside a chunk
+    b"4\r\nabcd\r\n0\r\n" + b"X-T: 1\r\n" * 200,  # endless trailers
+    b"4\r\nabcd\r\n0\r\n" + b"T" * 9000,  # a trailer line too long
+    b"4\r\nabcd\r\n",  # cut before the last chunk
+]
+
+
+def test_bad_chunked_bodies_leak_nothing(diskferry, tmp_path):
+    """Hundreds of malformed or cut chunked PUTs, over TLS and UNIX: each
+    refused or dropped, nothing written past the range, and the daemon's
+    threads and descriptors back to where they were."""
+    image = make_sparse_file(tmp_path / "img", MiB, {0: b"q" * MiB})
+    t = add_ticket(diskferry, image, MiB)
+    assert serves(diskferry)
+    pid = diskferry.pid
+    base_fds, base_threads = count_fds(pid), count_threads(pid)
+    log_start = len(diskferry.log_text())
+    head = (f"PUT /images/{t['uuid']}?flush=n HTTP/1.1\r\nHost: localhost\r\n"
+            "Transfer-Encoding: chunked\r\n"
+            "Content-Range: bytes 4096-8191/*\r\n\r\n").encode()
+    answered = 0
+    for i in range(200):
+        kind = i % len(CHUNKED_ABUSE)
+        body = CHUNKED_ABUSE[kind]
+        cut = kind in (4, 7)
+        if i % 2:
+            sock = diskferry.raw_remote_socket(timeout=10)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(diskferry.local_socket)
+        with RawConnection(sock) as con:
+            con.send(head + body)
+            if (i // len(CHUNKED_ABUSE)) % 2:
+                continue  # half of them close without waiting
+            # The others wait: a 4xx for a malformed body, no answer at
+            # all for a cut one.
+            socket.socket.shutdown(con.sock, socket.SHUT_WR)
+            if cut:
+                with pytest.raises((ConnectionError, OSError)):
+                    con.response("PUT")
+            else:
+                assert 400 <= con.response("PUT").status < 500, kind
+                answered += 1
+    # 13 rounds of the 8 bodies waited for, 6 of them malformed, not cut.
+    assert answered == 13 * 6
+    assert diskferry.alive()
+    assert serves(diskferry)
+    fds, nthreads = settle(pid, base_fds, base_threads, slack=4)
+    assert fds <= base_fds + 4, f"fds {base_fds} -> {fds}"
+    assert nthreads <= base_threads + 4, f"threads {base_threads} -> {nthreads}"
+    content = image.read_bytes()
+    assert content[:4096] == b"q" * 4096
+    assert content[8192:] == b"q" * (MiB - 8192)
+    assert "Traceback" not in diskferry.log_text()[log_start:]
+
+
 # --- a crash after flush -----------------------------------------------------
 
 

@@ -2,18 +2,27 @@
 
 from diskferry.daemon.handlers import checksum, extents, images, info, tickets
 from diskferry.daemon.handlers.context import release_connection
+from diskferry.daemon.http import parse
 from diskferry.daemon.http.router import Router
 
 TICKET = r"/images/([^/]+)"
 
 
 class App:
-    """What the HTTP server calls: dispatch a request, release a connection."""
+    """What the HTTP server calls: dispatch a request, release a connection.
 
-    def __init__(self, routes):
+    ``close_query``: a request whose query has ``close=y`` is answered,
+    whatever the answer, and then its connection is closed (the images
+    API: ovirt-imageio's clients ask for it so).
+    """
+
+    def __init__(self, routes, close_query=False):
         self._router = Router(routes)
+        self._close_query = close_query
 
     def handle(self, request):
+        if self._close_query:
+            request.conn.close_after = parse.query_close(request.query)
         self._router.dispatch(request)
 
     def connection_closed(self, context):
@@ -30,8 +39,8 @@ def images_app(store, config, options, ticket_options):
         (TICKET, images.ImageHandler(store, config, options,
                                            ticket_options)),
         (r"/images/?", images.NoTicketHandler()),
-        (r"/info/?", info.InfoHandler()),
-    ])
+        (r"/info/?", info.InfoHandler(cors=True)),
+    ], close_query=True)
 
 
 def control_app(store):

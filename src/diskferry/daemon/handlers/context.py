@@ -6,7 +6,6 @@ Closing the connection, or canceling the ticket, releases the backend.
 """
 
 import contextlib
-import logging
 import mmap
 import threading
 
@@ -14,8 +13,6 @@ from diskferry.daemon.backends import open_backend
 from diskferry.daemon.buffers import aligned_buffer
 from diskferry.errors import BackendError, ServerError
 from diskferry.pipe import Pipe
-
-log = logging.getLogger("diskferry.images")
 
 
 class OpenImage:
@@ -52,7 +49,6 @@ def open_image(request, store, config, ticket_id, op):
     try:
         backend = open_backend(ticket, config)
     except BackendError as e:
-        log.error("Opening %s failed: %s", ticket.spec.url, e)
         raise ServerError(f"Cannot open the image of transfer "
                           f"{ticket.transfer_id}") from e
     image = OpenImage(ticket, backend)

@@ -1,4 +1,4 @@
-"""``/images/{ticket}``: OPTIONS, GET, PUT and PATCH.
+"""``/images/{ticket}``: OPTIONS, GET, HEAD, PUT and PATCH.
 
 The data path: on plain sockets (UNIX, TCP) GET sends file ranges with
 ``sendfile`` and PUT splices the body from the socket into the file;
@@ -7,11 +7,16 @@ pipes; with TLS or O_DIRECT both go through the connection's aligned
 buffer. The backend's side of a copy overlaps the connection's
 (``overlap``).
 Each request checks between chunks whether its ticket was canceled.
+
+HEAD answers what GET would, without the body, so that generic HTTP
+clients (qemu's curl driver, nbdkit-curl-plugin, resuming downloaders)
+learn the size and that ranges work. A chunked PUT (no length up front)
+goes through the buffer; a PUT with a length keeps the zero-copy paths.
 """
 
 import urllib.parse
 
-from diskferry.daemon.handlers import overlap
+from diskferry.daemon.handlers import cors, overlap
 from diskferry.daemon.handlers.context import (
     connection_buffer,
     connection_pipe,
@@ -28,6 +33,10 @@ WRITE_FEATURES = BASE_FEATURES + ["flush", "zero"]
 
 #: Bytes sent per sendfile call between cancellation checks.
 SENDFILE_CHUNK = 64 * 1024**2
+
+#: What OPTIONS answers in ``Allow``: HEAD wherever GET is.
+READ_METHODS = "OPTIONS,GET,HEAD"
+WRITE_METHODS = READ_METHODS + ",PUT,PATCH"
 
 
 def check_range(ticket, offset, length):
@@ -63,9 +72,10 @@ class ImageHandler:
         self.ticket_options = ticket_options
 
     def options(self, request, ticket_id):
+        cors.allow(request, preflight=True)
         body = dict(self.server_options)
         if ticket_id == "*":
-            allow = "OPTIONS,GET,PUT,PATCH"
+            allow = WRITE_METHODS
             body["features"] = WRITE_FEATURES
         else:
             image = open_image(request, self.store, self.config, ticket_id,
@@ -74,10 +84,10 @@ class ImageHandler:
             with ticket.operation():
                 pass  # counts as activity: extends the ticket
             if ticket.may("write"):
-                allow = "OPTIONS,GET,PUT,PATCH"
+                allow = WRITE_METHODS
                 body["features"] = WRITE_FEATURES
             else:
-                allow = "OPTIONS,GET"
+                allow = READ_METHODS
                 body["features"] = BASE_FEATURES
             # What the storage cannot do is never advertised (a proxy's
             # upstream server may lack some features).
@@ -90,6 +100,7 @@ class ImageHandler:
         send_json(request, body, headers={"Allow": allow})
 
     def get(self, request, ticket_id):
+        cors.allow(request)
         image = open_image(request, self.store, self.config, ticket_id, "read")
         ticket = image.ticket
         range_header = request.headers.get("range")
@@ -98,20 +109,15 @@ class ImageHandler:
             status = 206
             headers = {"Content-Range":
                        f"bytes {offset}-{offset + length - 1}/{ticket.size}"}
-        else:
-            offset, length, status, headers = 0, ticket.size, 200, {}
-        available = image.backend.size()
-        if offset + length > available:
-            if range_header is None:
-                # As ovirt-imageio: the whole image is what the storage has.
-                length = available
-            else:
+            available = image.backend.size()
+            if offset + length > available:
                 raise RangeNotSatisfiable(
                     f"Requested more bytes than available: "
                     f"{offset + length} > {available}", size=available)
-        headers["Content-Type"] = "application/octet-stream"
-        headers["Content-Disposition"] = content_disposition(
-            ticket.spec.filename)
+        else:
+            offset, length, status = 0, _whole_length(image), 200
+            headers = {}
+        headers.update(_entity_headers(ticket))
         request.log.update(offset=offset, size=length)
         conn = request.conn
         backend = image.backend
@@ -126,6 +132,15 @@ class ImageHandler:
                                          length)
             else:
                 self._send_buffered(request, backend, op, offset, length)
+
+    def head(self, request, ticket_id):
+        """GET's answer without its body: the whole image's length."""
+        cors.allow(request)
+        image = open_image(request, self.store, self.config, ticket_id, "read")
+        with image.ticket.operation():
+            pass  # counts as activity: extends the ticket
+        request.conn.send_head(200, _whole_length(image),
+                               _entity_headers(image.ticket))
 
     def _send_file(self, conn, fd, op, offset, length):
         end = offset + length
@@ -142,17 +157,43 @@ class ImageHandler:
             overlap.send(request.conn, backend, view, op, offset, length)
 
     def put(self, request, ticket_id):
+        cors.allow(request)
         image = open_image(request, self.store, self.config, ticket_id,
                            "write")
         ticket = image.ticket
-        length = request.head.content_length
-        if length is None:
+        head = request.head
+        length = head.content_length
+        if length is None and not head.chunked:
             raise BadRequest("Content-Length header is required",
                              close_connection=True)
-        content_range = request.headers.get("content-range")
-        offset = parse.parse_content_range(content_range) if content_range \
-            else 0
+        content_range = head.headers.get("content-range")
+        span = None
+        if content_range is not None:
+            span = parse.parse_content_range(content_range)
+            if length is not None and span.length != length:
+                raise BadRequest(
+                    f"Content-Range {content_range[:60]!r} is "
+                    f"{span.length} bytes, Content-Length {length}")
+        offset = span.first if span else 0
         flush = parse.query_bool(request.query, "flush", True)
+        if length is None:
+            # Chunked: the body may fill the range, or the image's rest.
+            limit = span.length if span else ticket.size - offset
+            check_range(ticket, offset, limit)
+            request.log["offset"] = offset
+            with ticket.operation(offset) as op:
+                done = self._receive_chunked(request, image.backend, op,
+                                             offset, limit)
+                request.log["size"] = done
+                if span is not None and done != span.length:
+                    raise BadRequest(
+                        f"Chunked body of {done} bytes, Content-Range "
+                        f"{content_range[:60]!r} needs {span.length}",
+                        close_connection=True)
+                if flush:
+                    image.backend.flush()
+            request.conn.send_response(200)
+            return
         check_range(ticket, offset, length)
         request.log.update(offset=offset, size=length)
         conn = request.conn
@@ -171,6 +212,30 @@ class ImageHandler:
             if flush:
                 backend.flush()
         conn.send_response(200)
+
+    def _receive_chunked(self, request, backend, op, offset, limit):
+        """Write a chunked body at ``offset``; its length, at most ``limit``.
+
+        Each buffer is written only once it is known to fit: a body longer
+        than ``limit`` is refused before any byte past the range is
+        written, and a body cut short raises ConnectionGone (no answer).
+        """
+        buf = connection_buffer(request, backend.buffer_size)
+        conn = request.conn
+        pos = offset
+        with memoryview(buf) as view:
+            while True:
+                op.check()
+                n = _fill(conn, view)
+                if n == 0:
+                    return pos - offset
+                if pos + n > offset + limit:
+                    raise BadRequest(
+                        f"Chunked body longer than its range ({limit} bytes)",
+                        close_connection=True)
+                backend.write(view[:n], pos)
+                pos += n
+                op.done += n
 
     def _splice_to_file(self, request, backend, fd, op, offset, length):
         chunk = backend.buffer_size
@@ -194,6 +259,7 @@ class ImageHandler:
             overlap.receive(request.conn, backend, view, op, offset, length)
 
     def patch(self, request, ticket_id):
+        # No CORS here: ovirt-imageio 2.5.1 answers PATCH without it.
         image = open_image(request, self.store, self.config, ticket_id,
                            "write")
         ticket = image.ticket
@@ -221,10 +287,37 @@ class ImageHandler:
         request.conn.send_response(200)
 
 
+def _whole_length(image):
+    """What GET without Range sends: the ticket's size, or as ovirt-imageio
+    what the storage holds when it is shorter."""
+    return min(image.ticket.size, image.backend.size())
+
+
+def _entity_headers(ticket):
+    """The headers GET and HEAD share."""
+    return {
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": content_disposition(ticket.spec.filename),
+    }
+
+
+def _fill(conn, view):
+    """Fill ``view`` from a chunked body; less only at its end."""
+    got = 0
+    while got < len(view):
+        n = conn.readinto(view[got:])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 class NoTicketHandler:
     """``/images/`` without a ticket id."""
 
     def options(self, request):
+        cors.allow(request, preflight=request.method == "OPTIONS")
         raise BadRequest("Ticket id is required")
 
     get = put = patch = options

@@ -25,6 +25,18 @@ State of the body of the current request (a small table, as h11 keeps):
     body_left > 0                     body being read
     body_left == 0                    body consumed; next head may be read
 
+A chunked body (``Transfer-Encoding: chunked``) has no length: it is read
+a chunk at a time, each chunk-size line bounded (``parse.MAX_CHUNK_LINE``)
+and each chunk's trailing CRLF checked; trailers after the last chunk are
+read, bounded as header lines, and dropped, so that no trailer can change
+a header the request was authorized or placed by. A chunked body is read
+through ``readinto`` only: the splice paths need a length up front.
+
+Per response, ``extra_headers`` (CORS) go on whatever answer the request
+gets, errors included, and ``close_after`` (``close=y``) adds
+``Connection: close`` and closes the connection after the answer. The
+answer to a HEAD request (``no_body``) never has a body, errors included.
+
 A response is complete when its declared Content-Length was sent. If a
 handler leaves body bytes unread, the stream is out of sync and the
 connection is closed after the response.
@@ -75,7 +87,13 @@ class Connection:
         self._head_started = time.monotonic()
         self._buf = bytearray()
         self.body_left = 0
+        self.chunked = False
+        self._chunk_left = 0
+        self._chunked_done = True
         self._continue_pending = False
+        self.extra_headers = {}
+        self.close_after = False
+        self.no_body = False
         self._response_left = 0
         self.response_started = False
         self.closed = False
@@ -108,6 +126,9 @@ class Connection:
         longer than ``head_timeout`` seconds to send it.
         """
         self.response_started = False
+        self.extra_headers = {}
+        self.close_after = False
+        self.no_body = False
         idle = self.timeout
         started, self._head_started = self._head_started, None
         try:
@@ -156,16 +177,29 @@ class Connection:
                 return None
             self._buf += chunk
 
-    def start_body(self, length, expect_continue):
+    def start_body(self, length, expect_continue, chunked=False):
         self.body_left = length
-        self._continue_pending = expect_continue and length > 0
+        self.chunked = chunked
+        self._chunk_left = 0
+        self._chunked_done = not chunked
+        self._continue_pending = expect_continue and (length > 0 or chunked)
+
+    @property
+    def body_done(self):
+        """True when the whole body was read: the next head may follow."""
+        if self.chunked:
+            return self._chunked_done
+        return self.body_left == 0
 
     def readinto(self, buf):
         """Receive up to ``len(buf)`` bytes of the body into ``buf``.
 
         Raises ConnectionGone if the peer closes before the whole body
-        came: a short body is never taken for a complete one.
+        came: a short body is never taken for a complete one. Returns 0
+        at the end of the body.
         """
+        if self.chunked:
+            return self._readinto_chunked(buf)
         if self.body_left == 0:
             return 0
         self._send_continue()
@@ -190,15 +224,78 @@ class Connection:
 
     def _receive_body(self, receive, *args):
         """Call ``receive``, the socket to body step of readinto or splice."""
+        n = self._receive(receive, *args)
+        self.body_left -= n
+        return n
+
+    def _receive(self, receive, *args):
         try:
             n = receive(*args)
         except PEER_ERRORS as e:
             raise ConnectionGone(f"Receiving body failed: {e}") from e
-        if n == 0:
-            raise ConnectionGone(
-                f"Peer closed with {self.body_left} body bytes missing")
-        self.body_left -= n
+        if not n:  # 0 from recv_into and splice, b"" from recv
+            missing = "chunked body" if self.chunked else \
+                f"{self.body_left} body bytes"
+            raise ConnectionGone(f"Peer closed with {missing} missing")
         return n
+
+    # Chunked bodies
+
+    def _readinto_chunked(self, buf):
+        if self._chunked_done:
+            return 0
+        self._send_continue()
+        if self._chunk_left == 0:
+            size = parse.parse_chunk_size(self._read_line(parse.MAX_CHUNK_LINE))
+            if size == 0:
+                self._read_trailers()
+                self._chunked_done = True
+                return 0
+            self._chunk_left = size
+        want = min(len(buf), self._chunk_left)
+        if self._buf:
+            n = min(want, len(self._buf))
+            buf[:n] = self._buf[:n]
+            del self._buf[:n]
+        else:
+            n = self._receive(self.sock.recv_into, buf, want)
+        self._chunk_left -= n
+        if self._chunk_left == 0:
+            self._read_crlf()
+        return n
+
+    def _read_crlf(self):
+        """The CRLF after a chunk's data; a 400 as soon as a byte differs."""
+        while len(self._buf) < 2 and self._buf[:1] in (b"", b"\r"):
+            self._buf += self._receive(self.sock.recv, HEAD_RECV_SIZE)
+        if self._buf[:2] != b"\r\n":
+            raise BadRequest("Chunk data not followed by CRLF",
+                             close_connection=True)
+        del self._buf[:2]
+
+    def _read_line(self, limit):
+        """The next CRLF-terminated line of the body, without the CRLF;
+        a 400 if ``limit`` bytes came without a line end."""
+        start = 0
+        while True:
+            end = self._buf.find(b"\r\n", max(0, start - 1))
+            if end != -1 and end <= limit:
+                line = bytes(self._buf[:end])
+                del self._buf[:end + 2]
+                return line
+            if end != -1 or len(self._buf) > limit + 1:
+                raise BadRequest(f"Line in chunked body longer than {limit} "
+                                 f"bytes", close_connection=True)
+            start = len(self._buf)
+            chunk = self._receive(self.sock.recv, HEAD_RECV_SIZE)
+            self._buf += chunk
+
+    def _read_trailers(self):
+        """Read and drop the trailer section, bounded like a head."""
+        for _ in range(parse.MAX_HEADERS + 1):
+            if self._read_line(parse.MAX_HEADER_LINE) == b"":
+                return
+        raise HeadersTooLarge(f"More than {parse.MAX_HEADERS} trailer lines")
 
     def splice_body(self, fd, offset, count, pipe):
         """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
@@ -259,9 +356,9 @@ class Connection:
         False, reading nothing, when the body is larger or the client
         still waits for 100 Continue (it may never send the body).
         """
-        if self.body_left == 0:
+        if self.body_done:
             return True
-        if self.body_left > limit or self._continue_pending:
+        if self.chunked or self.body_left > limit or self._continue_pending:
             return False
         scratch = memoryview(bytearray(min(self.body_left, 65536)))
         while self.body_left:
@@ -287,17 +384,34 @@ class Connection:
 
     def start_response(self, status, content_length, headers=None, body=b""):
         """Send the status line and headers, and ``body`` if given; the
-        rest of the body follows with write() or sendfile()."""
+        rest of the body follows with write() or sendfile().
+
+        The answer to a HEAD request (``no_body``) is the head alone.
+        """
+        if self.no_body:
+            self.send_head(status, content_length, headers)
+            return
+        self._send_head(status, content_length, headers, body)
+        self._response_left = content_length - len(body)
+
+    def send_head(self, status, content_length, headers=None):
+        """Answer a HEAD request: the head GET would send, no body."""
+        self._send_head(status, content_length, headers)
+        self._response_left = 0
+
+    def _send_head(self, status, content_length, headers, body=b""):
         if self.response_started:
             raise RuntimeError("Response already started")
         self.response_started = True
         reason = HTTPStatus(status).phrase
         lines = [f"HTTP/1.1 {status} {reason}"]
-        for name, value in (headers or {}).items():
+        headers = {**self.extra_headers, **(headers or {})}
+        if self.close_after:
+            headers["Connection"] = "close"
+        for name, value in headers.items():
             lines.append(f"{name}: {value}")
         lines.append(f"Content-Length: {content_length}")
         lines.append("\r\n")
-        self._response_left = content_length - len(body)
         self._sendall("\r\n".join(lines).encode("latin-1") + body)
 
     def write(self, data):

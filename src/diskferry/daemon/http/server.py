@@ -354,11 +354,13 @@ class Server:
         cause = None
         try:
             head = parse.parse_head(raw)
+            conn.no_body = head.method == "HEAD"
             length = head.content_length
-            conn.start_body(length or 0, head.expects_continue)
+            conn.start_body(length or 0, head.expects_continue, head.chunked)
             request = Request(head, conn, context, client)
             self.app.handle(request)
-            keep = head.keep_alive and conn.body_left == 0
+            keep = (head.keep_alive and conn.body_done and
+                    not conn.close_after)
             if not conn.response_complete:
                 raise ServerError("Handler did not complete its response")
         except ConnectionGone as e:
@@ -366,8 +368,11 @@ class Server:
             keep = False
         except RequestError as e:
             cause = e.message
+            if e.__cause__ is not None and e.status >= 500:
+                # What the client is not told, the log is: once, here.
+                cause = f"{cause}: {e.__cause__}"
             keep = (not e.close_connection and request is not None and
-                    request.head.keep_alive and
+                    request.head.keep_alive and not conn.close_after and
                     self._discard_body(conn))
             if not self._send_error(conn, e, close=not keep):
                 keep = False
