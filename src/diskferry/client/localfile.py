@@ -5,14 +5,11 @@ image's size (so ranges that are zero need no writing and holes stay
 holes); a block device keeps its size and gets its zero ranges zeroed.
 """
 
-import fcntl
 import os
 import stat
-import struct
 from collections import namedtuple
 
-#: ioctl numbers from <linux/fs.h>: _IO(0x12, 127) and _IO(0x12, 96).
-BLKZEROOUT = 0x127F
+from diskferry import fallocate
 
 #: Zero-filled buffer for zeroing without an ioctl.
 ZERO_CHUNK = 4 * 1024**2
@@ -99,8 +96,6 @@ def open_existing(path, size):
 def punch_hole(image, offset, length):
     """Make a range of a regular file read as zeros, deallocated where the
     file system can."""
-    from diskferry.daemon.backends import fallocate
-
     try:
         fallocate.punch_hole(image.fd, offset, length)
     except OSError as e:
@@ -113,7 +108,7 @@ def zero_range(image, offset, length):
     """Make ``[offset, offset+length)`` of a local image read as zeros."""
     if image.kind == "block":
         try:
-            fcntl.ioctl(image.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+            fallocate.blkzeroout(image.fd, offset, length)
             return
         except OSError:
             pass

@@ -25,7 +25,7 @@ import os
 import stat
 import urllib.parse
 
-from diskferry.daemon.backends import fallocate
+from diskferry import fallocate
 from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.extent import file_extents
