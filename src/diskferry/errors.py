@@ -11,6 +11,8 @@ Two kinds, kept apart as the connection loop treats them differently:
 HTTP statuses are assigned here and only here.
 """
 
+import errno
+
 
 class DiskferryError(Exception):
     """Base of every error raised by diskferry."""
@@ -27,6 +29,10 @@ class RequestError(DiskferryError):
     #: True when the request body was not consumed, so the byte stream is
     #: out of sync and the connection must close after the answer.
     close_connection = False
+    #: Most body bytes read and dropped before answering, so that a client
+    #: still sending reads the answer instead of a broken pipe (None: the
+    #: server's small default for refused requests).
+    discard_limit: int | None = None
 
     def __init__(self, message: str, *,
                  close_connection: bool | None = None) -> None:
@@ -183,3 +189,29 @@ class TicketForbidden(Forbidden):
 
 class TicketInUse(Conflict):
     """Raised when deleting a ticket timed out waiting for its operations."""
+
+
+class InsufficientStorage(RequestError):
+    """Raised when the image's storage is full (ENOSPC, EDQUOT)."""
+
+    status = 507
+
+
+#: Body bytes a failed write drains before its answer: a whole request of
+#: the usual clients (ovirt-imageio's client sends at most 8 MiB pieces,
+#: diskferry's at most 64 MiB), and more than a pipe or a socket buffer.
+STORAGE_ERROR_DISCARD = 256 * 1024**2
+
+
+def storage_error(error: OSError, what: str) -> RequestError:
+    """The answer to writing an image that failed with ``error``: 507 for
+    full storage, else 500, naming the error; the rest of the body is
+    drained first so that every transport reads it."""
+    reason = error.strerror or str(error)
+    answer: RequestError
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        answer = InsufficientStorage(f"{what} failed: {reason}")
+    else:
+        answer = ServerError(f"{what} failed: {reason}")
+    answer.discard_limit = STORAGE_ERROR_DISCARD
+    return answer

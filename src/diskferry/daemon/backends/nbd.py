@@ -26,8 +26,10 @@ while the HTTP connection lives.
   logged once per connection.
 """
 
+import contextlib
 import logging
 import urllib.parse
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
@@ -100,19 +102,22 @@ class NbdBackend:
         return count
 
     def write(self, data: memoryview, offset: int) -> int:
-        self._client.write(data, offset)
+        with _as_os_error():
+            self._client.write(data, offset)
         return len(data)
 
     def zero(self, offset: int, length: int, punch_hole: bool) -> None:
         if length:
-            self._client.zero(offset, length, punch_hole=punch_hole)
+            with _as_os_error():
+                self._client.zero(offset, length, punch_hole=punch_hole)
 
     def flush(self) -> None:
         if not self._client.can_flush and not self._flush_logged:
             log.info("%s offers no flush: its writes are durable as they "
                      "are acknowledged, or not at all", self.url)
             self._flush_logged = True
-        self._client.flush()
+        with _as_os_error():
+            self._client.flush()
 
     def extents(self, start: int, length: int) -> list[Extent]:
         return self._client.extents(start, length)
@@ -131,7 +136,8 @@ class NbdBackend:
 
     def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
         assert pipe.r is not None
-        self._client.write_from_pipe(pipe.r, offset, length)
+        with _as_os_error():
+            self._client.write_from_pipe(pipe.r, offset, length)
 
     def close(self) -> None:
         self._client.close()
@@ -149,3 +155,14 @@ def _connect(url: str, dirty_bitmap: "str | Literal[True] | None"
 
 
 KIND = BackendKind(check_url=check_url, open=open_nbd)
+
+
+@contextlib.contextmanager
+def _as_os_error() -> Iterator[None]:
+    """A command the server refused, as the storage error it names (an
+    NBD_ENOSPC is the file system's ENOSPC), for the handlers to answer
+    as they answer a file's."""
+    try:
+        yield
+    except nbd.RequestError as e:
+        raise OSError(e.errno, str(e)) from e

@@ -14,6 +14,7 @@ learn the size and that ranges work. A chunked PUT (no length up front)
 goes through the buffer; a PUT with a length keeps the zero-copy paths.
 """
 
+import contextlib
 import urllib.parse
 
 from diskferry.daemon.handlers import cors, overlap
@@ -26,7 +27,7 @@ from diskferry.daemon.handlers.context import (
 )
 from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
 from diskferry.daemon.http import parse
-from diskferry.errors import BadRequest, RangeNotSatisfiable
+from diskferry.errors import BadRequest, RangeNotSatisfiable, storage_error
 
 BASE_FEATURES = ["checksum", "extents"]
 WRITE_FEATURES = BASE_FEATURES + ["flush", "zero"]
@@ -181,7 +182,8 @@ class ImageHandler:
             limit = span.length if span else ticket.size - offset
             check_range(ticket, offset, limit)
             request.log["offset"] = offset
-            with ticket.operation(offset) as op:
+            with ticket.operation(offset) as op, \
+                    _writing("Writing the image"):
                 done = self._receive_chunked(request, image.backend, op,
                                              offset, limit)
                 request.log["size"] = done
@@ -199,7 +201,7 @@ class ImageHandler:
         conn = request.conn
         backend = image.backend
         fd = backend.fileno() if conn.zero_copy else None
-        with ticket.operation(offset) as op:
+        with ticket.operation(offset) as op, _writing("Writing the image"):
             if fd is not None:
                 self._splice_to_file(request, backend, fd, op, offset,
                                      length)
@@ -273,13 +275,13 @@ class ImageHandler:
             flush = field(msg, "flush", bool, default=False)
             check_range(ticket, offset, size)
             request.log.update(offset=offset, size=size)
-            with ticket.operation(offset) as op:
+            with ticket.operation(offset) as op, _writing("Zeroing"):
                 image.backend.zero(offset, size, punch_hole=ticket.spec.sparse)
                 op.done = size
                 if flush:
                     image.backend.flush()
         elif op_name == "flush":
-            with ticket.operation():
+            with ticket.operation(), _writing("Flushing"):
                 image.backend.flush()
         else:
             raise BadRequest(f"Invalid field 'op': {op_name!r:.40}; "
@@ -321,3 +323,13 @@ class NoTicketHandler:
         raise BadRequest("Ticket id is required")
 
     get = put = patch = options
+
+
+@contextlib.contextmanager
+def _writing(what):
+    """Storage errors of a write as the client should read them (507 for
+    a full disk), after the rest of the body is drained."""
+    try:
+        yield
+    except OSError as e:
+        raise storage_error(e, what) from e

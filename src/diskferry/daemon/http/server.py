@@ -373,7 +373,7 @@ class Server:
                 cause = f"{cause}: {e.__cause__}"
             keep = (not e.close_connection and request is not None and
                     request.head.keep_alive and not conn.close_after and
-                    self._discard_body(conn))
+                    self._discard_body(conn, e.discard_limit))
             if not self._send_error(conn, e, close=not keep):
                 keep = False
         except Exception as e:
@@ -392,9 +392,9 @@ class Server:
                               started, cause)
         return keep and not self._stopping
 
-    def _discard_body(self, conn):
+    def _discard_body(self, conn, limit=None):
         try:
-            return conn.discard_body(MAX_DISCARDED_BODY)
+            return conn.discard_body(limit or MAX_DISCARDED_BODY)
         except ConnectionGone:
             return False
 

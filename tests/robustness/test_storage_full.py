@@ -1,0 +1,111 @@
+"""A full disk is an answer the client can read, on every transport.
+
+A PUT whose write fails drains the rest of its body (up to a bound), then
+answers: 507 for ENOSPC, with the error's text, so that a client still
+sending reads the status instead of a broken pipe; the connection stays
+usable and the daemon keeps serving. Storage: a small tmpfs (the file
+backend) and nbdkit's error filter answering writes with ENOSPC (the NBD
+backend).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+
+import pytest
+
+import nbd_servers
+import servers
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs, mounted for the test (root only)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    run = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs",
+                          str(mnt)], capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def connections(srv):
+    return {"unix": lambda: srv.local_connection(timeout=30),
+            "tls": srv.remote_connection}
+
+
+def put(con, ticket_id, body, offset=0):
+    con.request("PUT", f"/images/{ticket_id}", body=body, headers={
+        "Content-Range": f"bytes {offset}-{offset + len(body) - 1}/*"})
+    res = con.getresponse()
+    return res.status, res.read()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+def test_full_file_system_answers_507(daemons, small_fs, transport):
+    srv = daemons.get("diskferry", local_socket="path")
+    image = small_fs / "disk.raw"
+    image.write_bytes(b"")
+    os.truncate(image, SIZE)
+    t = servers.ticket_dict(image, SIZE, ("read", "write"),
+                            uuid=str(uuid.uuid4()))
+    srv.add_ticket(t)
+    con = connections(srv)[transport]()
+    try:
+        status, body = put(con, t["uuid"], os.urandom(16 * MiB))
+        assert status == 507, body
+        assert b"No space left on device" in body
+        # The same connection goes on: the body was drained.
+        con.request("GET", f"/images/{t['uuid']}",
+                    headers={"Range": "bytes=0-0"})
+        res = con.getresponse()
+        res.read()
+        assert res.status == 206
+        # What fits is written as asked.
+        status, _ = put(con, t["uuid"], b"\x5a" * MiB)
+        assert status == 200
+    finally:
+        con.close()
+        srv.delete_ticket(t["uuid"])
+    with open(image, "rb") as f:
+        assert f.read(MiB) == b"\x5a" * MiB
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+def test_nbd_export_without_room_answers_507(daemons, tmp_path, transport):
+    srv = daemons.get("diskferry", local_socket="path")
+    sock = str(tmp_path / "full.sock")
+    argv = nbd_servers.nbdkit_argv(
+        None, sock, filters=("error",), plugin="memory",
+        params=(f"{SIZE}", "error-pwrite=ENOSPC", "error-pwrite-rate=100%",
+                "error-zero=ENOSPC", "error-zero-rate=100%"))
+    export = nbd_servers.start_process(argv, sock, sock + ".log")
+    try:
+        t = servers.ticket_dict("/unused", SIZE, ("read", "write"),
+                                url=export.url, uuid=str(uuid.uuid4()))
+        srv.add_ticket(t)
+        con = connections(srv)[transport]()
+        try:
+            status, body = put(con, t["uuid"], os.urandom(4 * MiB))
+            assert status == 507, body
+            assert b"ENOSPC" in body
+            con.request("PATCH", f"/images/{t['uuid']}",
+                        body=b'{"op": "zero", "offset": 0, "size": 65536}',
+                        headers={"Content-Type": "application/json"})
+            res = con.getresponse()
+            assert res.status == 507, res.read()
+            res.read()
+        finally:
+            con.close()
+            srv.delete_ticket(t["uuid"])
+    finally:
+        export.stop()
