@@ -1,7 +1,10 @@
 """The two applications the daemon serves, as routing tables."""
 
 from diskferry.daemon.handlers import checksum, extents, images, info, tickets
-from diskferry.daemon.handlers.context import release_connection
+from diskferry.daemon.handlers.context import (
+    release_connection,
+    release_request,
+)
 from diskferry.daemon.http import parse
 from diskferry.daemon.http.router import Router
 
@@ -23,7 +26,10 @@ class App:
     def handle(self, request):
         if self._close_query:
             request.conn.close_after = parse.query_close(request.query)
-        self._router.dispatch(request)
+        try:
+            self._router.dispatch(request)
+        finally:
+            release_request(request.context)
 
     def connection_closed(self, context):
         release_connection(context)

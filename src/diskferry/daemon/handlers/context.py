@@ -6,11 +6,10 @@ Closing the connection, or canceling the ticket, releases the backend.
 """
 
 import contextlib
-import mmap
 import threading
 
 from diskferry.daemon.backends import open_backend
-from diskferry.daemon.buffers import aligned_buffer
+from diskferry.daemon.buffers import POOL
 from diskferry.errors import BackendError, ServerError
 from diskferry.pipe import Pipe
 
@@ -63,12 +62,22 @@ def open_image(request, store, config, ticket_id, op):
 
 
 def connection_buffer(request, size):
-    """One aligned buffer per connection, reused by every request."""
+    """An aligned buffer for this request, lent by the daemon's pool and
+    given back when the request ends (``release_request``)."""
     buf = request.context.get("buffer")
     if buf is None or len(buf) < size:
-        buf = aligned_buffer(size)
-        request.context["buffer"] = buf
+        if buf is not None:
+            POOL.give(request.context.pop("buffer"))
+        buf = request.context["buffer"] = POOL.take(size)
     return buf
+
+
+def release_request(context):
+    """What a request borrowed goes back, so an idle connection holds no
+    buffer."""
+    buf = context.pop("buffer", None)
+    if buf is not None:
+        POOL.give(buf)
 
 
 def connection_pipe(request):
@@ -107,9 +116,4 @@ def release_connection(context):
     for image in context.pop("images", {}).values():
         _release(context["id"], image)
     discard_pipe(context)
-    buf = context.pop("buffer", None)
-    if isinstance(buf, mmap.mmap):
-        try:
-            buf.close()
-        except BufferError:  # a view is still referenced; GC frees it
-            pass
+    release_request(context)
