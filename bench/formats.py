@@ -25,21 +25,18 @@ daemon's. Images as for ``nbd_ceilings.py`` (``sparse`` and ``qcow2`` in
 """
 
 import argparse
-import http.client
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
+
+from diskferry.benchmark.localdaemon import LocalDaemon
 
 GiB = 1024**3
-TICK = os.sysconf("SC_CLK_TCK")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The ovirt_imageio.client library, as a command:
@@ -58,73 +55,9 @@ else:
 """
 
 
-def cpu_seconds(pid):
-    """User + system time of a process and its reaped children."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / TICK
-
-
-class UnixHTTP(http.client.HTTPConnection):
-    def __init__(self, path):
-        super().__init__("localhost")
-        self._path = path
-
-    def connect(self):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(self._path)
-
-
-class Daemon:
-    """A diskferry daemon with TLS and a local socket, in ``workdir``."""
-
-    def __init__(self, workdir, venv):
-        self.workdir = workdir
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            self.port = s.getsockname()[1]
-        self.control = os.path.join(workdir, "control.sock")
-        config = os.path.join(workdir, "diskferry.toml")
-        with open(config, "w") as f:
-            f.write(f'[daemon]\nstate_dir = "{workdir}"\n'
-                    f'[remote]\nport = {self.port}\n'
-                    f'[local]\nsocket = "{workdir}/local.sock"\n'
-                    f'[control]\nsocket = "{self.control}"\n')
-        self.proc = subprocess.Popen(
-            [os.path.join(venv, "bin", "diskferry"), "serve", "--config",
-             config], stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(workdir, "serve.log"), "wb"))
-        self.ca_file = os.path.join(workdir, "pki", "ca.pem")
-        deadline = time.monotonic() + 30
-        while not (os.path.exists(self.control) and
-                   os.path.exists(self.ca_file)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not start")
-            time.sleep(0.05)
-
-    def ticket(self, path, size, ops):
-        tid = str(uuid.uuid4())
-        body = json.dumps({"uuid": tid, "size": size, "ops": ops,
-                           "url": f"file://{path}", "timeout": 3600,
-                           "sparse": True})
-        con = UnixHTTP(self.control)
-        con.request("PUT", f"/tickets/{tid}", body=body,
-                    headers={"Content-Type": "application/json"})
-        res = con.getresponse()
-        res.read()
-        con.close()
-        if res.status != 200:
-            raise RuntimeError(f"ticket: {res.status}")
-        return f"https://localhost:{self.port}/images/{tid}"
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait()
-
-
 def timed(argv, daemon):
     """Wall, client CPU (with reaped children) and daemon CPU of a run."""
-    before = cpu_seconds(daemon.proc.pid) if daemon else 0.0
+    before = daemon.cpu() if daemon else 0.0
     start = time.monotonic()
     child = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
@@ -134,7 +67,7 @@ def timed(argv, daemon):
     child.stderr.close()
     if status:
         raise RuntimeError(f"{argv} failed: {err[-2000:]}")
-    server = cpu_seconds(daemon.proc.pid) - before if daemon else 0.0
+    server = daemon.cpu() - before if daemon else 0.0
     return wall, usage.ru_utime + usage.ru_stime, server
 
 
@@ -170,7 +103,7 @@ def main():
     os.makedirs(args.dest_dir, exist_ok=True)
     dst = args.dest_dir
     workdir = tempfile.mkdtemp(prefix="bench-formats-")
-    daemon = Daemon(workdir, args.venv)
+    daemon = LocalDaemon()
     try:
         rows = []
         holes_data = GiB // 4 if args.quick else GiB
@@ -188,7 +121,7 @@ def main():
 
             def prepare():
                 fresh(target, size)
-                return daemon.ticket(target, size, ["read", "write"])
+                return daemon.url(target, size, ("read", "write"))
             return target, prepare
 
         cases = []
@@ -208,7 +141,7 @@ def main():
 
         def prep_down():
             drop(out)
-            return daemon.ticket(sparse["path"], sparse["size"], ["read"])
+            return daemon.url(sparse["path"], sparse["size"], ("read",))
         for transport, unix in (("unix", "auto"), ("tls", "never")):
             cases.append(("download-qcow2", transport, "diskferry", prep_down,
                           lambda url, u=unix: [
@@ -238,7 +171,7 @@ def main():
         ]
 
         results = {}
-        for rep in range(args.reps):
+        for _ in range(args.reps):
             for op, transport, client, prep, argv, size in cases:
                 url = prep()
                 results.setdefault((op, transport, client, size), []).append(
@@ -261,7 +194,7 @@ def main():
                   f"{statistics.median(s for _, _, s in runs) / gib:.3f} | "
                   f"{statistics.median(w for w, _, _ in runs):.2f} |")
     finally:
-        daemon.stop()
+        daemon.close()
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(dst, ignore_errors=True)
 

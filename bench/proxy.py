@@ -34,24 +34,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import servers  # noqa: E402  (the suite's daemon launcher)
+from diskferry.benchmark.localdaemon import cpu_seconds  # noqa: E402
+from diskferry.benchmark.runner import make_image  # noqa: E402
 
 GiB = 1024**3
-MiB = 1024**2
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(v) for v in fields[11:15]) / TICK
-
-
-def make_image(path, size):
-    block = bytearray(os.urandom(MiB))
-    with open(path, "wb") as f:
-        for offset in range(0, size, MiB):
-            block[:8] = offset.to_bytes(8, "little")
-            f.write(block)
 
 
 def run_client(argv):
@@ -106,7 +92,7 @@ def main():
 
         command = [os.path.join(ROOT, ".venv", "bin", "diskferry")]
         cases = {}
-        for rep in range(args.reps):
+        for _ in range(args.reps):
             for op in ("download", "upload"):
                 for route, via in (("direct", None),
                                    ("diskferry-proxy", "diskferry"),

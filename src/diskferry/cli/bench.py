@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+from diskferry.cli import arguments
+
 EPILOG = """\
 It starts a daemon of its own (a free port, a scratch state folder),
 makes a fully allocated image, and times `diskferry download` and
@@ -26,10 +28,11 @@ def register(subparsers):
                     "with a local daemon, next to the machine's limits.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--size", type=_size, default=1024**3, metavar="SIZE",
+        "--size", type=arguments.size(1024**2, 64 * 1024**3),
+        default=1024**3, metavar="SIZE",
         help="image size, e.g. 512M or 2G (default 1G)")
     parser.add_argument(
-        "--reps", type=_reps, default=3, metavar="N",
+        "--reps", type=arguments.integer(1, 20), default=3, metavar="N",
         help="runs of each case, interleaved (default 3)")
     parser.add_argument(
         "--dir", metavar="FOLDER",
@@ -39,32 +42,6 @@ def register(subparsers):
         "--json", action="store_true",
         help="print one JSON object instead of the table")
     parser.set_defaults(func=run)
-
-
-_UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def _size(text):
-    text = text.strip().lower().removesuffix("ib").removesuffix("b")
-    unit = _UNITS.get(text[-1:], 1)
-    number = text[:-1] if text[-1:] in _UNITS else text
-    try:
-        value = int(number) * unit
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size: {text!r}") from None
-    if not 1024**2 <= value <= 64 * 1024**3:
-        raise argparse.ArgumentTypeError("must be between 1M and 64G")
-    return value
-
-
-def _reps(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 1 <= value <= 20:
-        raise argparse.ArgumentTypeError("must be between 1 and 20")
-    return value
 
 
 def run(args):
