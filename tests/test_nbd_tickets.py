@@ -336,3 +336,24 @@ def test_large_put_sent_in_small_pieces_then_get(daemons, tmp_path,
         con.close()
     assert res.status == 206
     assert body == data
+
+
+def test_options_of_a_read_only_export_offer_no_writes(daemons, tmp_path):
+    """A write ticket on an export served read-only: OPTIONS offers what
+    the export can do (no PUT, PATCH, zero or flush), not what the ticket
+    says."""
+    srv = daemons.get("diskferry")
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(MiB))
+    with nbd_servers.start_export("qemu-nbd", image, read_only=True) as export:
+        t = add_nbd_ticket(srv, export, size=MiB, ops=("read", "write"))
+        con = srv.remote_connection()
+        try:
+            con.request("OPTIONS", f"/images/{t['uuid']}")
+            res = con.getresponse()
+            body = json.loads(res.read())
+        finally:
+            con.close()
+    assert res.status == 200
+    assert res.getheader("Allow") == "OPTIONS,GET,HEAD"
+    assert set(body["features"]) == {"extents", "checksum"}

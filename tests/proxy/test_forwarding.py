@@ -77,9 +77,12 @@ def test_options_leave_out_what_a_read_only_upstream_cannot_do(
     image_with_data(tmp_path / "img")
     r = route("diskferry", upstream_name, tmp_path / "img", SIZE,
               ops=("read", "write"), upstream_ops=("read",))
-    _, upstream = options(r.upstream, r.upstream_ticket["uuid"])
-    _, proxied = options(r.proxy, r.ticket["uuid"])
+    up_headers, upstream = options(r.upstream, r.upstream_ticket["uuid"])
+    headers, proxied = options(r.proxy, r.ticket["uuid"])
     assert set(proxied["features"]) == {"checksum", "extents"}
+    # Nor does Allow offer what the upstream's ticket refuses.
+    assert "PUT" not in up_headers["Allow"]
+    assert headers["Allow"] == "OPTIONS,GET,HEAD"
     assert set(proxied["features"]) <= set(upstream["features"])
     assert proxied["max_readers"] <= upstream["max_readers"]
     assert proxied["max_writers"] <= upstream["max_writers"]

@@ -48,6 +48,11 @@ class Backend(Protocol):
     #: so that OPTIONS never advertises what would fail.
     features: frozenset[str]
 
+    #: False when the storage refuses writes whatever the ticket says (an
+    #: export served read-only, an upstream whose ticket allows reading
+    #: only): OPTIONS then offers no PUT or PATCH.
+    writable: bool
+
     def size(self) -> int:
         """Size of the image in bytes."""
 

@@ -69,6 +69,8 @@ class FileBackend:
     max_readers = 8
     max_writers = 1
     features = ALL_FEATURES
+    #: A file is opened for writing when its ticket allows it.
+    writable = True
 
     def __init__(self, path, *, writable=False, direct=False, sparse=False,
                  buffer_size=8 * 1024**2):

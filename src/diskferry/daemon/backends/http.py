@@ -104,6 +104,7 @@ class HttpBackend:
         self._pool = pool
         self.buffer_size = buffer_size
         self.features = pool.features & ALL_FEATURES
+        self.writable = pool.writable
         self.max_readers = pool.max_readers
         self.max_writers = pool.max_writers
         self._closed = False

@@ -87,6 +87,8 @@ class NbdBackend:
         else:
             self._client = _connect(url, None)
         self.can_splice = self._client.can_splice
+        #: An export served read-only refuses writes whatever the ticket.
+        self.writable = not self._client.read_only
         connections = (MULTI_CONN_CONNECTIONS if self._client.can_multi_conn
                        else 1)
         self.max_readers = self.max_writers = connections

@@ -86,6 +86,10 @@ class UpstreamPool:
         self._session = session
         #: What OPTIONS told; an old server without OPTIONS offers nothing.
         self.features: frozenset[str] = frozenset(session.features)
+        allow = session.options.allow
+        #: Whether the upstream's ticket takes writes (its ``Allow``; a
+        #: server that sends none is asked and answers for itself).
+        self.writable: bool = allow is None or "PUT" in allow
         self.max_readers: int = session.max_readers
         self.max_writers: int = session.max_writers
         #: The image's size, once a backend asked the server for it.

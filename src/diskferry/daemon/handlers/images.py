@@ -84,7 +84,8 @@ class ImageHandler:
             ticket = image.ticket
             with ticket.operation():
                 pass  # counts as activity: extends the ticket
-            if ticket.may("write"):
+            # Writes need the ticket's leave and the storage's.
+            if ticket.may("write") and image.backend.writable:
                 allow = WRITE_METHODS
                 body["features"] = WRITE_FEATURES
             else:
