@@ -32,8 +32,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
+from diskferry.benchmark.limits import run_command
 from diskferry.benchmark.localdaemon import LocalDaemon
 
 GiB = 1024**3
@@ -58,17 +58,8 @@ else:
 def timed(argv, daemon):
     """Wall, client CPU (with reaped children) and daemon CPU of a run."""
     before = daemon.cpu() if daemon else 0.0
-    start = time.monotonic()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.monotonic() - start
-    err = child.stderr.read().decode(errors="replace")
-    child.stderr.close()
-    if status:
-        raise RuntimeError(f"{argv} failed: {err[-2000:]}")
-    server = daemon.cpu() - before if daemon else 0.0
-    return wall, usage.ru_utime + usage.ru_stime, server
+    wall, client = run_command(argv)
+    return wall, client, daemon.cpu() - before if daemon else 0.0
 
 
 def drop(path):

@@ -24,33 +24,19 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import servers  # noqa: E402  (the suite's daemon launcher)
+from diskferry.benchmark.limits import run_command  # noqa: E402
 from diskferry.benchmark.localdaemon import cpu_seconds  # noqa: E402
 from diskferry.benchmark.runner import make_image  # noqa: E402
 
 GiB = 1024**3
-
-
-def run_client(argv):
-    start = time.monotonic()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.monotonic() - start
-    err = child.stderr.read().decode(errors="replace")
-    child.stderr.close()
-    if status:
-        raise RuntimeError(f"{argv[3]} failed: {err[-1000:]}")
-    return wall, usage.ru_utime + usage.ru_stime
 
 
 def main():
@@ -112,7 +98,7 @@ def main():
                     proxy_pid = proxies[via].pid if via else None
                     up0 = cpu_seconds(upstream.pid)
                     px0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
-                    wall, client = run_client(argv)
+                    wall, client = run_command(argv)
                     cases.setdefault((op, route), []).append((
                         wall, client,
                         (cpu_seconds(proxy_pid) - px0) if proxy_pid else 0.0,

@@ -132,6 +132,23 @@ def tls_in_memory(size: int, cert_file: str, key_file: str) -> Measure:
         server[0].close()
 
 
+def run_command(argv: list[str]) -> Measure:
+    """Wall and CPU seconds of a command run as a whole process (its reaped
+    children included); ``RuntimeError`` with its message if it fails."""
+    start = time.monotonic()
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert child.stderr is not None
+    error = child.stderr.read().decode("utf-8", "replace")
+    child.stderr.close()
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.monotonic() - start
+    if status:
+        raise RuntimeError(f"{os.path.basename(argv[0])} failed: "
+                           f"{error.strip()[-2000:]}")
+    return Measure(seconds, usage.ru_utime + usage.ru_stime)
+
+
 def qemu_img_convert(src: str, dst: str) -> Measure | None:
     """``qemu-img convert -n -W`` to a preallocated ``dst``, through the
     page cache; None without qemu-img."""
@@ -141,16 +158,6 @@ def qemu_img_convert(src: str, dst: str) -> Measure | None:
     size = os.path.getsize(src)
     with open(dst, "wb") as f:
         os.posix_fallocate(f.fileno(), 0, size)
-    start = time.monotonic()
-    child = subprocess.Popen(
-        [binary, "convert", "-n", "-W", "-T", "writeback", "-t", "writeback",
-         "-f", "raw", "-O", "raw", src, dst], stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.monotonic() - start
-    assert child.stderr is not None
-    error = child.stderr.read()
-    child.stderr.close()
-    if status:
-        raise RuntimeError(f"qemu-img convert failed: {error!r}")
-    return Measure(seconds, usage.ru_utime + usage.ru_stime)
+    return run_command([binary, "convert", "-n", "-W", "-T", "writeback",
+                        "-t", "writeback", "-f", "raw", "-O", "raw", src,
+                        dst])

@@ -13,10 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,20 +75,6 @@ def scratch_folder(size: int) -> str:
     return tempfile.gettempdir()
 
 
-def _run_client(argv: list[str]) -> limits.Measure:
-    start = time.monotonic()
-    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.monotonic() - start
-    assert child.stderr is not None
-    error = child.stderr.read().decode("utf-8", "replace")
-    child.stderr.close()
-    if status:
-        raise RuntimeError(f"{' '.join(argv[2:4])} failed: {error.strip()}")
-    return limits.Measure(seconds, usage.ru_utime + usage.ru_stime)
-
-
 def _remove(*paths: str) -> None:
     for path in paths:
         for p in (path, path + ".part"):
@@ -145,7 +129,7 @@ def _transfers(daemon: LocalDaemon, image: str, size: int, reps: int,
                     url = daemon.url(target, size, ("read", "write"))
                     argv = [*command, "upload", *options, image, url]
                 before = daemon.cpu()
-                measure = _run_client(argv)
+                measure = limits.run_command(argv)
                 row = rows[(op, transport)]
                 row.runs.append(measure)
                 row.server_cpu.append(daemon.cpu() - before)

@@ -15,8 +15,9 @@ import sys
 from typing import Any
 
 from diskferry import checksum, client
-from diskferry.cli import arguments, common, output, transfer
+from diskferry.cli import arguments, common, output
 from diskferry.cli.progress import ProgressBar
+from diskferry.client import imageformat
 
 EPILOG = """\
 examples:
@@ -68,13 +69,14 @@ def run(args: argparse.Namespace) -> int:
                         f"{checksum.BLOCK_SIZE_ALIGNMENT}")
     bar = ProgressBar("checksum") if sys.stderr.isatty() else None
     try:
-        fmt, _ = transfer.local_format(  # type: ignore[no-untyped-call]
-            args.file, args.format)
+        fmt = imageformat.path_format(args.file, args.format)
         if bar is not None:
             bar.start(_virtual_size(args.file, fmt))
-        result = transfer.local_checksum(  # type: ignore[no-untyped-call]
-            args.file, fmt, None, bar.update if bar is not None else None,
-            args.algorithm, args.block_size)
+        from diskferry.client import imagecopy
+
+        result = imagecopy.local_checksum(
+            args.file, fmt, progress=bar.update if bar is not None else None,
+            algorithm=args.algorithm, block_size=args.block_size)
     except client.UnsupportedFormat as e:
         return common.fail("checksum", e, status=common.EXIT_USAGE)
     except common.REPORTED as e:

@@ -314,7 +314,7 @@ def _verify(args, command, size, bar):
             bar.start(size)
         fmt, member = _local_format(args, command)
         try:
-            local = local_checksum(args.file, fmt, member,
+            local = _local_checksum(args.file, fmt, member,
                                     bar.update if bar is not None else None)
         finally:
             server.join()
@@ -322,7 +322,7 @@ def _verify(args, command, size, bar):
         raise remote["error"]
     if local["algorithm"] != remote["algorithm"] or \
             local["block_size"] != remote["block_size"]:
-        local = local_checksum(args.file, fmt, member, None,
+        local = _local_checksum(args.file, fmt, member, None,
                                 remote["algorithm"], remote["block_size"])
     if local["checksum"] != remote["checksum"]:
         raise client.ClientError(
@@ -332,36 +332,18 @@ def _verify(args, command, size, bar):
     return remote
 
 
-def local_checksum(path, fmt, member, progress, algorithm=None,
-                    block_size=None):
-    """The server's checksum scheme on the local image (the guest disk
-    for a format read through qemu-nbd)."""
-    from diskferry import checksum
-
-    algorithm = algorithm or checksum.DEFAULT_ALGORITHM
-    block_size = block_size or checksum.DEFAULT_BLOCK_SIZE
-    if fmt == imageformat.RAW and member is None:
-        return checksum.compute_file(path, algorithm, block_size,
-                                     progress=progress)
-    from diskferry.client import imagecopy
-
-    return imagecopy.checksum(path, fmt, member=member, algorithm=algorithm,
-                              block_size=block_size, progress=progress)
-
-
 def _local_format(args, command):
     """(format, member) the local image is read in, as the copy read it."""
     if command == "download":
         return args.format or ("qcow2" if args.backing_file else "raw"), None
-    return local_format(args.file, args.format, args.member)
+    return imageformat.path_format(args.file, args.format,
+                                   args.member), args.member
 
 
-def local_format(path, fmt=None, member=None):
-    """(format, member) of a local image, probed as an upload probes it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        return imageformat.source_format(path, fd, size, fmt,
-                                         member=member), member
-    finally:
-        os.close(fd)
+def _local_checksum(path, fmt, member, progress, algorithm=None,
+                    block_size=None):
+    from diskferry.client import imagecopy
+
+    return imagecopy.local_checksum(path, fmt, member=member,
+                                    progress=progress, algorithm=algorithm,
+                                    block_size=block_size)

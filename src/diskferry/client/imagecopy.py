@@ -337,3 +337,21 @@ def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
             return result
         finally:
             client.close()
+
+
+def local_checksum(path: str, fmt: str, *, member: str | None = None,
+                   progress: Callable[[int], None] | None = None,
+                   algorithm: str | None = None,
+                   block_size: int | None = None) -> dict[str, object]:
+    """The daemon's checksum of a local image: of its bytes for raw, of
+    its guest disk (through qemu-nbd) for any other format."""
+    from diskferry import checksum as block_hash
+
+    algorithm = algorithm or block_hash.DEFAULT_ALGORITHM
+    block_size = block_size or block_hash.DEFAULT_BLOCK_SIZE
+    if fmt == "raw" and member is None:
+        result: dict[str, object] = block_hash.compute_file(  # type: ignore[no-untyped-call]
+            path, algorithm, block_size, progress=progress)
+        return result
+    return checksum(path, fmt, member=member, algorithm=algorithm,
+                    block_size=block_size, progress=progress)

@@ -287,3 +287,14 @@ def _member_format(path: str, fd: int, member: str) -> str:
                    f"uploaded from inside the archive"),
             path=path, format=found)
     return found
+
+
+def path_format(path: str, fmt: str | None = None,
+                member: str | None = None) -> str:
+    """``source_format`` of the image at ``path``, opened for the probe."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        return source_format(path, fd, size, fmt, member=member)
+    finally:
+        os.close(fd)
