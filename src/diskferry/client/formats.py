@@ -22,10 +22,10 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 from dataclasses import dataclass
 
+from diskferry.client import imageformat
 from diskferry.client.errors import UnsupportedFormat
 from diskferry.client.qemunbd import blockdev_filename
 
@@ -59,14 +59,11 @@ def _qemu_img() -> str:
 def run_qemu_img(*args: str) -> str:
     """Run qemu-img; return its output or raise ``RuntimeError`` with its
     message."""
-    proc = subprocess.run([_qemu_img(), *args], stdin=subprocess.DEVNULL,
-                          capture_output=True, timeout=QEMU_IMG_TIMEOUT,
-                          check=False)
-    if proc.returncode != 0:
-        message = proc.stderr.decode("utf-8", "replace").strip()
-        raise RuntimeError(message.removeprefix("qemu-img: ") or
-                           f"qemu-img {args[0]} exited {proc.returncode}")
-    return proc.stdout.decode("utf-8", "replace")
+    try:
+        return imageformat.run_qemu_img(_qemu_img(), *args,
+                                        timeout=QEMU_IMG_TIMEOUT)
+    except RuntimeError as e:
+        raise RuntimeError(str(e).removeprefix("qemu-img: ")) from e
 
 
 def member_location(path: str, name: str) -> tuple[int, int]:
@@ -145,7 +142,7 @@ def open_source(path: str, fmt: str, *, member: str | None = None,
         out = run_qemu_img("info", "--output=json", "--backing-chain", "-U",
                            blockdev_filename(spec))
         chain = json.loads(out)
-    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, ValueError) as e:
         raise UnsupportedFormat(f"{label}: qemu cannot read it as {fmt}: {e}",
                                 path=path, format=fmt) from e
     if isinstance(chain, dict):
@@ -168,8 +165,7 @@ def backing_format(path: str) -> str:
         info = json.loads(run_qemu_img("info", "--output=json", "-U",
                                        os.path.abspath(path)))
         return str(info["format"])
-    except (OSError, RuntimeError, ValueError, KeyError,
-            subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UnsupportedFormat(f"backing file {path}: {e}", path=path,
                                 format="unknown") from e
 
@@ -186,7 +182,7 @@ def create(path: str, fmt: str, size: int, *,
     args += [path, str(size)]
     try:
         run_qemu_img(*args)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError) as e:
         raise UnsupportedFormat(f"{path}: cannot create a {fmt} image: {e}",
                                 path=path, format=fmt) from e
 

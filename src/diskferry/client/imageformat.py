@@ -154,21 +154,30 @@ def read_ends(fd: int, size: int) -> tuple[bytes, bytes]:
     return head, tail
 
 
+def run_qemu_img(qemu_img: str, *args: str,
+                 timeout: float = QEMU_IMG_TIMEOUT) -> str:
+    """Run qemu-img; its output, or ``RuntimeError`` with its message."""
+    try:
+        proc = subprocess.run([qemu_img, *args], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(
+            f"qemu-img {args[0]} did not answer in {timeout:.0f} s") from e
+    if proc.returncode != 0:
+        message = proc.stderr.decode("utf-8", "replace").strip()
+        raise RuntimeError(message or
+                           f"qemu-img {args[0]} exited {proc.returncode}")
+    return proc.stdout.decode("utf-8", "replace")
+
+
 def qemu_img_info(path: str, qemu_img: str) -> dict[str, object]:
     """``qemu-img info`` of ``path`` with the format probed by qemu;
     raise ``RuntimeError`` with qemu-img's message when it fails."""
-    cmd = [qemu_img, "info", "--output=json", "-U", os.path.abspath(path)]
+    out = run_qemu_img(qemu_img, "info", "--output=json", "-U",
+                       os.path.abspath(path))
     try:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=QEMU_IMG_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(
-            f"qemu-img info did not answer in {QEMU_IMG_TIMEOUT:.0f} s") from e
-    if proc.returncode != 0:
-        message = proc.stderr.decode("utf-8", "replace").strip()
-        raise RuntimeError(message or f"qemu-img info exited {proc.returncode}")
-    try:
-        info = json.loads(proc.stdout)
+        info = json.loads(out)
     except ValueError as e:
         raise RuntimeError(f"qemu-img info gave no JSON: {e}") from e
     if not isinstance(info, dict) or not isinstance(info.get("format"), str):
