@@ -59,13 +59,12 @@ def default_transfer_id(secret: str) -> str:
 
 def redact_path(path: str) -> str:
     """``path`` with the ticket id it names shortened."""
-    secret = ticket_id(path)
-    if secret is None:
-        return path
     for prefix in _TICKET_PATHS:
         if path.startswith(prefix):
-            rest = path[len(prefix) + len(secret):]
-            return prefix + secret_prefix(secret) + rest
+            secret, slash, rest = path[len(prefix):].partition("/")
+            if secret in _NOT_SECRETS:
+                return path
+            return prefix + secret_prefix(secret) + slash + rest
     return path
 
 
