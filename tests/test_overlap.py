@@ -177,16 +177,20 @@ class PipeBackend:
         self.received = bytearray()
         self.fail_at = fail_at
 
-    def read_to_pipe(self, pipe, offset, length):
-        pos = offset
-        while pos < offset + length:
+    def pipe_piece(self, capacity):
+        return capacity // 2
+
+    def read_to_pipes(self, pipes, offset, length, piece, reclaim):
+        """Fills the pipes in turn, a piece each; a pipe is reused only
+        after ``reclaim`` says it was drained."""
+        for i, pos in enumerate(range(offset, offset + length, piece)):
+            if i >= len(pipes):
+                reclaim(True)
             if self.fail_at is not None and pos >= self.fail_at:
                 raise BackendError("EIO")
-            n = min(65536, offset + length - pos)
-            view = self.data[pos:pos + n]
+            view = self.data[pos:min(pos + piece, offset + length)]
             while view:
-                view = view[os.write(pipe.w, view):]
-            pos += n
+                view = view[os.write(pipes[i % len(pipes)].w, view):]
 
     def write_from_pipe(self, pipe, offset, length):
         while len(self.received) < length:
@@ -233,26 +237,48 @@ def pipe():
     p.close()
 
 
-def test_send_spliced_streams_the_range(no_thread_left, pipe):
+@pytest.fixture
+def pipes():
+    from diskferry.pipe import Pipe
+
+    ps = [Pipe() for _ in range(overlap.GET_PIPES)]
+    yield ps
+    for p in ps:
+        p.close()
+
+
+def test_send_spliced_streams_the_range(no_thread_left, pipes):
     data = os.urandom(PIPE_DATA + 100)
     conn, op = PipeConnection(), Op()
-    overlap.send_spliced(conn, PipeBackend(data), pipe, op, 100, PIPE_DATA)
+    overlap.send_spliced(conn, PipeBackend(data), pipes, op, 100, PIPE_DATA)
     assert bytes(conn.sent) == data[100:]
     assert op.done == PIPE_DATA
 
 
-def test_send_spliced_backend_error_wins(no_thread_left, pipe):
+def test_send_spliced_backend_error_wins(no_thread_left, pipes):
     data = os.urandom(PIPE_DATA)
     with pytest.raises(BackendError, match="EIO"):
         overlap.send_spliced(PipeConnection(), PipeBackend(data, fail_at=MiB),
-                             pipe, Op(), 0, PIPE_DATA)
+                             pipes, Op(), 0, PIPE_DATA)
 
 
-def test_send_spliced_client_gone_unblocks_the_worker(no_thread_left, pipe):
+@pytest.mark.parametrize("fail_at", [0, MiB, 5 * MiB])
+def test_send_spliced_client_gone_unblocks_the_worker(no_thread_left, pipes,
+                                                      fail_at):
+    """The worker may be writing a pipe or waiting for one to drain:
+    either way it stops."""
     data = os.urandom(PIPE_DATA)
     with pytest.raises(ConnectionGone, match="went away"):
-        overlap.send_spliced(PipeConnection(fail_at=MiB), PipeBackend(data),
-                             pipe, Op(), 0, PIPE_DATA)
+        overlap.send_spliced(PipeConnection(fail_at=fail_at),
+                             PipeBackend(data), pipes, Op(), 0, PIPE_DATA)
+
+
+def test_send_spliced_checks_the_operation(no_thread_left, pipes):
+    data = os.urandom(PIPE_DATA)
+    with pytest.raises(ConnectionGone, match="canceled"):
+        overlap.send_spliced(PipeConnection(), PipeBackend(data), pipes,
+                             Op(cancel_after=2 * overlap.PIPE_CHUNK), 0,
+                             PIPE_DATA)
 
 
 def test_receive_spliced_streams_the_body(no_thread_left, pipe):

@@ -7,7 +7,7 @@ registry in ``diskferry.daemon.backends`` maps URL schemes to kinds; nothing
 else in the daemon knows which backends exist.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import SplitResult
 
@@ -80,13 +80,19 @@ class Backend(Protocol):
     def fileno(self) -> int | None:
         """A descriptor for ``sendfile``/``splice``, or None if there is none."""
 
-    #: True when ``read_to_pipe``/``write_from_pipe`` work: the storage is
+    #: True when ``read_to_pipes``/``write_from_pipe`` work: the storage is
     #: behind a socket whose data the kernel can splice (an NBD export).
     can_splice: bool
 
-    def read_to_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
-        """Splice ``length`` bytes at ``offset`` into ``pipe``, while
-        another thread drains it."""
+    def pipe_piece(self, capacity: int) -> int:
+        """Bytes ``read_to_pipes`` puts in a pipe of ``capacity`` at a time."""
+
+    def read_to_pipes(self, pipes: Sequence[Pipe], offset: int, length: int,
+                      piece: int, reclaim: Callable[[bool], bool]) -> None:
+        """Splice ``length`` bytes at ``offset`` into ``pipes`` in turn,
+        ``piece`` bytes each, several read at once, while another thread
+        drains them in the same turn. A pipe takes its next piece once
+        ``reclaim(block)`` says its last one was drained."""
 
     def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
         """Write ``length`` bytes at ``offset`` spliced from ``pipe``, while

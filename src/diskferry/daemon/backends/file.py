@@ -233,7 +233,10 @@ class FileBackend:
     # A file is spliced through its descriptor (``fileno``), not by these.
     can_splice = False
 
-    def read_to_pipe(self, pipe, offset, length):
+    def pipe_piece(self, capacity):
+        raise NotAvailable("splice through fileno()")
+
+    def read_to_pipes(self, pipes, offset, length, piece, reclaim):
         raise NotAvailable("splice through fileno()")
 
     def write_from_pipe(self, pipe, offset, length):

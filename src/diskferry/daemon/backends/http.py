@@ -32,7 +32,7 @@ protects the data on the way). Every images call is forwarded there:
 
 import logging
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -154,7 +154,11 @@ class HttpBackend:
     def fileno(self) -> None:
         return None
 
-    def read_to_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
+    def pipe_piece(self, capacity: int) -> int:
+        raise NotAvailable("a proxied image is copied through the buffer")
+
+    def read_to_pipes(self, pipes: Sequence[Pipe], offset: int, length: int,
+                      piece: int, reclaim: Callable[[bool], bool]) -> None:
         raise NotAvailable("a proxied image is copied through the buffer")
 
     def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:

@@ -85,7 +85,10 @@ class MemoryBackend:
 
     can_splice = False
 
-    def read_to_pipe(self, pipe, offset, length):
+    def pipe_piece(self, capacity):
+        raise NotAvailable("a memory image has no socket to splice")
+
+    def read_to_pipes(self, pipes, offset, length, piece, reclaim):
         raise NotAvailable("a memory image has no socket to splice")
 
     def write_from_pipe(self, pipe, offset, length):

@@ -29,7 +29,7 @@ while the HTTP connection lives.
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
@@ -132,9 +132,14 @@ class NbdBackend:
     def fileno(self) -> None:
         return None
 
-    def read_to_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
-        assert pipe.w is not None
-        self._client.readinto_pipe(pipe.w, offset, length)
+    def pipe_piece(self, capacity: int) -> int:
+        return self._client.pipe_piece(capacity)
+
+    def read_to_pipes(self, pipes: Sequence[Pipe], offset: int, length: int,
+                      piece: int, reclaim: Callable[[bool], bool]) -> None:
+        ends = [pipe.w for pipe in pipes if pipe.w is not None]
+        assert len(ends) == len(pipes)
+        self._client.readinto_pipes(ends, offset, length, piece, reclaim)
 
     def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
         assert pipe.r is not None

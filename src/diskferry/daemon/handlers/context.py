@@ -89,15 +89,18 @@ def connection_pipe(request):
 
 
 @contextlib.contextmanager
-def request_pipe():
-    """A pipe for one spliced request, closed after it: a connection keeps
+def request_pipes(count=1):
+    """Pipes for one spliced request, closed after it: a connection keeps
     none, so idle connections hold no pipe descriptors, and a failed
     request leaves none holding its bytes."""
-    pipe = Pipe()
+    pipes = []
     try:
-        yield pipe
+        for _ in range(count):
+            pipes.append(Pipe())
+        yield pipes
     finally:
-        pipe.close()
+        for pipe in pipes:
+            pipe.close()
 
 
 def discard_pipe(context):

@@ -23,7 +23,7 @@ from diskferry.daemon.handlers.context import (
     connection_pipe,
     discard_pipe,
     open_image,
-    request_pipe,
+    request_pipes,
 )
 from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
 from diskferry.daemon.http import parse
@@ -129,8 +129,8 @@ class ImageHandler:
             if fd is not None:
                 self._send_file(conn, fd, op, offset, length)
             elif overlap.splices(conn, backend, length):
-                with request_pipe() as pipe:
-                    overlap.send_spliced(conn, backend, pipe, op, offset,
+                with request_pipes(overlap.GET_PIPES) as pipes:
+                    overlap.send_spliced(conn, backend, pipes, op, offset,
                                          length)
             else:
                 self._send_buffered(request, backend, op, offset, length)
@@ -207,7 +207,7 @@ class ImageHandler:
                 self._splice_to_file(request, backend, fd, op, offset,
                                      length)
             elif overlap.splices(conn, backend, length):
-                with request_pipe() as pipe:
+                with request_pipes() as (pipe,):
                     overlap.receive_spliced(conn, backend, pipe, op, offset,
                                             length)
             else:
