@@ -1,8 +1,12 @@
 """The file backend: regular files and block devices.
 
-Buffered I/O by default; with ``direct=True`` the image is opened with
-``O_DIRECT`` so that the host's page cache is not used (right for shared
-storage). Direct I/O needs aligned offsets, lengths and memory: the
+Buffered I/O by default, except reads into a buffer (the TLS path),
+which are direct where the file system allows it: copying out of the
+page cache takes CPU that TLS needs (figures in docs/design.md). Reads
+the kernel moves itself (sendfile, splice) use the page cache. With
+``direct=True`` writes are direct too and nothing uses the page cache
+(right for shared storage). Direct I/O needs aligned offsets, lengths
+and memory: the
 aligned middle of a request goes through the ``O_DIRECT`` descriptor and
 an unaligned head or tail through a second, buffered descriptor of the
 same file. Linux keeps the two coherent (a direct write invalidates the
@@ -87,6 +91,11 @@ class FileBackend:
             if direct:
                 self._direct_fd = self._open_direct(path, flags)
                 self.direct = self._direct_fd is not None
+            #: Where reads into a buffer go: direct even when writes are not.
+            self._read_fd = self._direct_fd
+            if self._read_fd is None:
+                self._read_fd = self._open_direct(
+                    path, os.O_RDONLY | os.O_CLOEXEC, quiet=True)
         except BaseException:
             self.close()
             raise
@@ -115,15 +124,16 @@ class FileBackend:
         return fd
 
     @staticmethod
-    def _open_direct(path, flags):
+    def _open_direct(path, flags, quiet=False):
         """An O_DIRECT descriptor, or None where the file system has none."""
         try:
             fd = os.open(path, flags | os.O_DIRECT | os.O_NONBLOCK)
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
-            log.warning("%s: O_DIRECT not supported here, using buffered I/O",
-                        path)
+            if not quiet:
+                log.warning("%s: O_DIRECT not supported here, using "
+                            "buffered I/O", path)
             return None
         os.set_blocking(fd, True)
         return fd
@@ -142,17 +152,28 @@ class FileBackend:
     # Reading and writing
 
     def readinto(self, buf, offset):
-        if self._direct_fd is None:
+        if self._read_fd is None:
             return _preadv_full(self._fd, buf, offset)
-        return self._direct_io(_preadv_full, offset, buf)
+        try:
+            return self._direct_io(_preadv_full, self._read_fd, offset, buf)
+        except OSError as e:
+            if e.errno != errno.EINVAL or self.direct:
+                raise
+            # A file system that opens with O_DIRECT but refuses the read.
+            log.warning("%s: O_DIRECT reads refused, using buffered I/O",
+                        self.path)
+            os.close(self._read_fd)
+            self._read_fd = None
+            return _preadv_full(self._fd, buf, offset)
 
     def write(self, data, offset):
         if self._direct_fd is None:
             return _pwrite_full(self._fd, data, offset)
-        return self._direct_io(_pwrite_full, offset, data)
+        return self._direct_io(_pwrite_full, self._direct_fd, offset, data)
 
-    def _direct_io(self, io, offset, buf):
-        """Run ``io`` on the aligned middle with O_DIRECT, the rest buffered.
+    def _direct_io(self, io, direct_fd, offset, buf):
+        """Run ``io`` on the aligned middle through ``direct_fd``, the rest
+        buffered.
 
         ``buf`` must come from ``aligned_buffer`` for the middle part to be
         aligned in memory; its start moves with the unaligned head.
@@ -169,7 +190,7 @@ class FileBackend:
         middle = (length - head) // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
         view = buf[head:head + middle]
         if middle and _address_aligned(view):
-            done += io(self._direct_fd, view, offset + head)
+            done += io(direct_fd, view, offset + head)
         elif middle:
             done += io(self._fd, view, offset + head)
         if done < head + middle:
@@ -246,6 +267,10 @@ class FileBackend:
         raise NotAvailable(f"{self.path} has no dirty bitmap")
 
     def close(self):
+        read_fd = getattr(self, "_read_fd", None)
+        self._read_fd = None
+        if read_fd is not None and read_fd != getattr(self, "_direct_fd", None):
+            os.close(read_fd)
         for name in ("_direct_fd", "_fd"):
             fd = getattr(self, name, None)
             if fd is not None:
