@@ -214,16 +214,19 @@ def _zero_spans(extents, start, end):
 
 
 def compute(backend, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
-            progress=None):
+            progress=None, started=None):
     """Checksum the image of ``backend``; returns the JSON answer.
 
     Zero extents are hashed without reading; data is read into one
-    reused buffer. ``progress(count)``, when given, is called with the
-    bytes accounted after each step; an exception it raises (for
-    example because the transfer was canceled) stops the computation.
+    reused buffer. ``started(size)``, when given, is called once with the
+    image's size, then ``progress(count)`` with the bytes accounted after
+    each step; an exception it raises (for example because the transfer
+    was canceled) stops the computation.
     """
     algorithm, block_size = validate(algorithm, block_size)
     size = backend.size()
+    if started:
+        started(size)
     block_hash = BlockHash(algorithm, block_size)
     buf = bytearray(block_size)
     window = max(1, EXTENTS_WINDOW // block_size) * block_size
@@ -265,7 +268,7 @@ def _read_fully(backend, offset, view):
 
 
 def compute_file(path, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
-                 progress=None):
+                 progress=None, started=None):
     """Checksum a local raw image (regular file or block device).
 
     Gives the digest the daemon gives for the same content, so a client
@@ -273,7 +276,8 @@ def compute_file(path, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZ
     """
     image = _LocalImage(os.fspath(path))
     try:
-        return compute(image, algorithm, block_size, progress=progress)
+        return compute(image, algorithm, block_size, progress=progress,
+                       started=started)
     finally:
         image.close()
 

@@ -2,7 +2,7 @@
 
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 
@@ -80,3 +80,10 @@ def file_extents(fd: int, start: int, end: int) -> list[Extent]:
         extents.append(Extent(data, hole - data, zero=False))
         pos = hole
     return extents
+
+
+def split(start: int, end: int, step: int) -> Iterator[tuple[int, int]]:
+    """Cut ``[start, end)`` into ``(offset, length)`` pieces of ``step``
+    (the last one shorter), as requests of at most ``step`` bytes."""
+    for pos in range(start, end, step):
+        yield pos, min(step, end - pos)

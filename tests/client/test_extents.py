@@ -5,7 +5,7 @@ import pytest
 from diskferry.client import extents
 from diskferry.client.engine import Piece, plan
 from diskferry.client.errors import ProtocolError
-from diskferry.extent import Extent
+from diskferry.extent import Extent, split
 
 from .helpers import MiB
 
@@ -31,7 +31,7 @@ def test_subtract(wanted, known, expected):
     (3, 5, 4, [(3, 2)]),
 ])
 def test_split(start, end, step, expected):
-    assert extents.split(start, end, step) == expected
+    assert list(split(start, end, step)) == expected
 
 
 def test_ranges_merge_adjacent():

@@ -10,7 +10,6 @@ file's bytes.
 
 import argparse
 import json
-import subprocess
 import sys
 from typing import Any
 
@@ -70,12 +69,11 @@ def run(args: argparse.Namespace) -> int:
     bar = ProgressBar("checksum") if sys.stderr.isatty() else None
     try:
         fmt = imageformat.path_format(args.file, args.format)
-        if bar is not None:
-            bar.start(_virtual_size(args.file, fmt))
         from diskferry.client import imagecopy
 
         result = imagecopy.local_checksum(
             args.file, fmt, progress=bar.update if bar is not None else None,
+            started=bar.start if bar is not None else None,
             algorithm=args.algorithm, block_size=args.block_size)
     except client.UnsupportedFormat as e:
         return common.fail("checksum", e, status=common.EXIT_USAGE)
@@ -91,13 +89,3 @@ def run(args: argparse.Namespace) -> int:
               f"block size {result['block_size']})")
     return 0
 
-
-def _virtual_size(path: str, fmt: str) -> int:
-    """The disk's size: the file's for raw, qemu-img's virtual size else."""
-    if fmt == "raw":
-        with open(path, "rb") as f:
-            return f.seek(0, 2)
-    info = subprocess.run(["qemu-img", "info", "--output=json", "-U", path],
-                          capture_output=True, text=True, check=True)
-    size: int = json.loads(info.stdout)["virtual-size"]
-    return size

@@ -29,6 +29,7 @@ from collections import namedtuple
 from diskferry.client import extents as _extents
 from diskferry.client.connection import BUFFER_SIZE
 from diskferry.client.errors import ConnectionFailed, TransferError
+from diskferry.extent import split
 
 log = logging.getLogger("diskferry.client")
 
@@ -85,17 +86,17 @@ def plan(extents, request_size, zero_ranges=None):
     def data_pieces():
         for ext in extents:
             if not ext.zero:
-                for off, n in _extents.split(ext.start, ext.end, request_size):
+                for off, n in split(ext.start, ext.end, request_size):
                     yield Piece("data", off, n)
             elif zero_ranges is None:
-                for off, n in _extents.split(ext.start, ext.end, MAX_ZERO_SIZE):
+                for off, n in split(ext.start, ext.end, MAX_ZERO_SIZE):
                     yield Piece("zero", off, n)
 
     if zero_ranges is None:
         return data_pieces()
     zero_pieces = (Piece("zero", off, n)
                    for start, end in zero_ranges
-                   for off, n in _extents.split(start, end, MAX_ZERO_SIZE))
+                   for off, n in split(start, end, MAX_ZERO_SIZE))
     return heapq.merge(data_pieces(), zero_pieces, key=lambda p: p.offset)
 
 

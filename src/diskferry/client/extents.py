@@ -85,11 +85,6 @@ def subtract(wanted, known):
     return out
 
 
-def split(start, end, step):
-    """Cut ``[start, end)`` into ``(offset, length)`` pieces of ``step``."""
-    return [(pos, min(step, end - pos)) for pos in range(start, end, step)]
-
-
 def covered(known: list[tuple[int, int]], start: int, end: int) -> bool:
     """Whether sorted, merged ranges ``known`` cover ``[start, end)``."""
     i = bisect.bisect_right(known, (start, sys.maxsize)) - 1

@@ -319,11 +319,13 @@ class _ChecksumReader:
 
 def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
              block_size: int,
-             progress: Any = None
+             progress: Any = None,
+             started: Callable[[int], None] | None = None
              ) -> dict[str, object]:
     """The daemon's checksum of the guest-visible disk of a local image,
-    read through qemu-nbd: what ``--verify`` compares. ``progress(n)`` as
-    ``n`` more bytes are hashed."""
+    read through qemu-nbd: what ``--verify`` compares. ``started(size)``
+    once the disk's size is known, ``progress(n)`` as ``n`` more bytes are
+    hashed."""
     from diskferry import checksum as block_hash
 
     image = formats.open_source(path, fmt, member=member)
@@ -333,7 +335,7 @@ def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
         try:
             result: dict[str, object] = block_hash.compute(  # type: ignore[no-untyped-call]
                 _ChecksumReader(client), algorithm, block_size,
-                progress=progress)
+                progress=progress, started=started)
             return result
         finally:
             client.close()
@@ -341,6 +343,7 @@ def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
 
 def local_checksum(path: str, fmt: str, *, member: str | None = None,
                    progress: Callable[[int], None] | None = None,
+                   started: Callable[[int], None] | None = None,
                    algorithm: str | None = None,
                    block_size: int | None = None) -> dict[str, object]:
     """The daemon's checksum of a local image: of its bytes for raw, of
@@ -351,7 +354,7 @@ def local_checksum(path: str, fmt: str, *, member: str | None = None,
     block_size = block_size or block_hash.DEFAULT_BLOCK_SIZE
     if fmt == "raw" and member is None:
         result: dict[str, object] = block_hash.compute_file(  # type: ignore[no-untyped-call]
-            path, algorithm, block_size, progress=progress)
+            path, algorithm, block_size, progress=progress, started=started)
         return result
     return checksum(path, fmt, member=member, algorithm=algorithm,
-                    block_size=block_size, progress=progress)
+                    block_size=block_size, progress=progress, started=started)

@@ -47,7 +47,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from diskferry.extent import Extent
+from diskferry.extent import Extent, split
 
 from . import extents as _extents
 from .errors import (
@@ -328,7 +328,7 @@ class Client:
             zeros = _zeros(self.request_size)
             self._pipeline(
                 _Command(Cmd.WRITE, pos, n, payload=zeros[:n])
-                for pos, n in self._split(offset, length, self.request_size)
+                for pos, n in split(offset, offset + length, self.request_size)
             )
             return
         flags = 0 if punch_hole else CmdFlag.NO_HOLE
@@ -336,7 +336,7 @@ class Client:
             flags |= CmdFlag.FAST_ZERO
         self._pipeline(
             _Command(Cmd.WRITE_ZEROES, pos, n, flags)
-            for pos, n in self._split(offset, length, self._effect_max)
+            for pos, n in split(offset, offset + length, self._effect_max)
         )
 
     def trim(self, offset: int, length: int) -> None:
@@ -348,7 +348,7 @@ class Client:
             return
         self._pipeline(
             _Command(Cmd.TRIM, pos, n)
-            for pos, n in self._split(offset, length, self._effect_max)
+            for pos, n in split(offset, offset + length, self._effect_max)
         )
 
     def flush(self) -> None:
@@ -438,7 +438,8 @@ class Client:
         self._pipe_failed = False
         error: RequestError | None = None
         try:
-            for i, (pos, count) in enumerate(self._split(offset, length, piece)):
+            pieces = split(offset, offset + length, piece)
+            for i, (pos, count) in enumerate(pieces):
                 # pipes[i % n] held piece i - n: wait until it is drained,
                 # reading replies meanwhile.
                 while i >= len(pipes) and not reclaim(False):
@@ -486,7 +487,7 @@ class Client:
         self._check_range(offset, length)
         self._pipeline(
             _Command(Cmd.WRITE, pos, count, pipe=pipe)
-            for pos, count in self._split(offset, length,
+            for pos, count in split(offset, offset + length,
                                           self.write_request_size)
         )
 
@@ -584,12 +585,6 @@ class Client:
         if self.can_fua:
             return CmdFlag.FUA, False
         return 0, True
-
-    @staticmethod
-    def _split(offset: int, length: int, step: int) -> Iterator[tuple[int, int]]:
-        end = offset + length
-        for pos in range(offset, end, step):
-            yield pos, min(step, end - pos)
 
     def _submit(
         self,
