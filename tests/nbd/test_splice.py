@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from diskferry.nbd import Client, ProtocolError, RequestError
+from diskferry.nbd import Client, ConnectionClosed, ProtocolError, RequestError
 from diskferry.pipe import Pipe
 
 from .fake_server import CMD_READ, DEFAULT_FLAGS, Conn, FakeServer, Req
@@ -276,3 +276,21 @@ def test_a_piece_that_does_not_fit_the_export_is_refused(
         with pytest.raises(ValueError, match="do not fit"):
             c.readinto_pipes([pipes[0].w], 0, MiB, 64 * MiB,  # > max payload
                              lambda block: True)
+
+
+def test_abandoned_reads_in_flight_break_the_connection(
+        fake: Callable[..., FakeServer], pipes: list[Pipe]) -> None:
+    """The drainer stopped (``reclaim`` raised) with reads in flight: their
+    replies would go to pipes that are closed, so nothing more is sent."""
+    srv = fake(size=16 * MiB)
+
+    def reclaim(block: bool) -> bool:
+        raise RuntimeError("the drainer stopped")
+
+    with Client(srv.path) as c:
+        piece = c.pipe_piece(pipes[0].size)
+        with pytest.raises(RuntimeError, match="drainer"):
+            c.readinto_pipes([p.w for p in pipes], 0, 8 * piece, piece,
+                             reclaim)
+        with pytest.raises(ConnectionClosed, match="unusable"):
+            c.flush()

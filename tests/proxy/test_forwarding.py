@@ -61,6 +61,15 @@ def requests_of(srv, mark, ticket_id, until):
         time.sleep(0.05)
 
 
+def log_once(srv, text):
+    """``srv``'s log once it holds ``text``, or after a few seconds: the
+    cause of a failed request is logged after its answer."""
+    deadline = time.monotonic() + 5
+    while text not in (log := srv.log_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return log
+
+
 def image_with_data(path):
     data = os.urandom(SIZE)
     path.write_bytes(data)
@@ -361,7 +370,8 @@ def test_an_upstream_whose_certificate_is_not_trusted_is_refused(
         try:
             status, _, _ = request(px, "GET", f"/images/{ticket['uuid']}")
             assert status == 500
-            assert "CERTIFICATE_VERIFY_FAILED" in px.log_text()
+            assert "CERTIFICATE_VERIFY_FAILED" in log_once(
+                px, "CERTIFICATE_VERIFY_FAILED")
         finally:
             px.delete_ticket(ticket["uuid"])
     finally:

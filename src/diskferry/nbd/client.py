@@ -116,6 +116,10 @@ ANY_BITMAP: Literal[True] = True
 _WRITES = frozenset((Cmd.WRITE, Cmd.WRITE_ZEROES, Cmd.TRIM))
 
 
+#: Milliseconds ``readinto_pipes`` waits for a reply before it looks
+#: again whether a pipe was drained.
+RECLAIM_POLL_MS = 5
+
 #: Zeros written per call into a pipe for a hole.
 ZEROS_SIZE = 1024 * 1024
 
@@ -441,14 +445,15 @@ class Client:
             pieces = split(offset, offset + length, piece)
             for i, (pos, count) in enumerate(pieces):
                 # pipes[i % n] held piece i - n: wait until it is drained,
-                # reading replies meanwhile.
+                # reading replies as they come meanwhile (a server may hold
+                # one back until it sees the next request).
                 while i >= len(pipes) and not reclaim(False):
-                    if order:
-                        failed = self._complete_in_order(order)
-                        error = error or failed
-                    else:
+                    if not order:
                         reclaim(True)
                         break
+                    if self._reply_waiting(RECLAIM_POLL_MS):
+                        failed = self._complete_in_order(order)
+                        error = error or failed
                 if error is not None:
                     break
                 order.append(self._submit(Cmd.READ, pos, count, flags,
@@ -456,6 +461,12 @@ class Client:
             while order:
                 failed = self._complete_in_order(order)
                 error = error or failed
+        except BaseException:
+            if order:
+                # Replies still to come name pipes that are going away.
+                self._fail(ConnectionClosed("a spliced read was abandoned "
+                                            "with replies in flight"))
+            raise
         finally:
             self._pipe_order = None
             self._pipe_failed = False
@@ -467,6 +478,12 @@ class Client:
         ``capacity`` bytes: aligned to the block size, at most a request."""
         align = self.info.min_block
         return max(align, min(capacity, self.max_payload) // align * align)
+
+    def _reply_waiting(self, timeout_ms: int) -> bool:
+        """Whether reply bytes arrive within ``timeout_ms``."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(timeout_ms))
 
     def _complete_in_order(self, order: deque[Request]) -> RequestError | None:
         """Read one reply; drop the requests complete at the front of
