@@ -92,15 +92,20 @@ def test_send_moves_the_range(no_thread_left, offset, length):
     assert op.done == length
 
 
+@pytest.mark.parametrize("overlapped", [True, False])
 @pytest.mark.parametrize("offset,length", [
     (0, 1), (0, SLOT + 1), (5, 3 * SLOT + 5), (SLOT - 1, 5 * BUFFER + 3),
 ])
-def test_receive_writes_the_range_only(no_thread_left, offset, length):
+def test_receive_writes_the_range_only(no_thread_left, offset, length,
+                                       overlapped, monkeypatch):
+    if not overlapped:  # in turn: no writer thread at all
+        monkeypatch.setattr(overlap.threading, "Thread", None)
     body = os.urandom(length)
     image = bytes(range(256)) * ((offset + length) // 256 + 2)
     backend, op = MemoryBackend(image), Op()
     buf = memoryview(bytearray(BUFFER))
-    overlap.receive(Connection(body), backend, buf, op, offset, length)
+    overlap.receive(Connection(body), backend, buf, op, offset, length,
+                    overlapped=overlapped)
     expected = image[:offset] + body + image[offset + length:]
     assert backend.data == expected
     assert op.done == length

@@ -53,6 +53,11 @@ class Backend(Protocol):
     #: only): OPTIONS then offers no PUT or PATCH.
     writable: bool
 
+    #: True when writes cross a network (a proxied image): a PUT's next
+    #: buffer is then received while the last one is sent, even under
+    #: TLS, where local storage is written in turn.
+    remote: bool
+
     def size(self) -> int:
         """Size of the image in bytes."""
 

@@ -73,6 +73,7 @@ class FileBackend:
     max_readers = 8
     max_writers = 1
     features = ALL_FEATURES
+    remote = False
     #: A file is opened for writing when its ticket allows it.
     writable = True
 

@@ -96,6 +96,7 @@ def open_http(ticket: "Ticket", config: "Config") -> "HttpBackend":
 class HttpBackend:
     """One client connection's use of a ticket's upstream pool."""
 
+    remote = True
     can_splice = False
 
     def __init__(self, ticket: "Ticket", pool: upstream.UpstreamPool,

@@ -25,6 +25,7 @@ class MemoryBackend:
     max_writers = 8
     buffer_size = 1024**2
     features = ALL_FEATURES
+    remote = False
     writable = True
 
     def __init__(self, content=0):

@@ -69,6 +69,7 @@ class NbdBackend:
     """One NBD connection to a ticket's export."""
 
     features = ALL_FEATURES
+    remote = False
 
     def __init__(self, url: str, *, dirty: bool = False,
                  buffer_size: int = 8 * 1024**2) -> None:

@@ -259,7 +259,9 @@ class ImageHandler:
     def _receive_buffered(self, request, backend, op, offset, length):
         buf = connection_buffer(request, backend.buffer_size)
         with memoryview(buf) as view:
-            overlap.receive(request.conn, backend, view, op, offset, length)
+            overlap.receive(request.conn, backend, view, op, offset, length,
+                            overlapped=request.conn.zero_copy
+                            or backend.remote)
 
     def patch(self, request, ticket_id):
         # No CORS here: ovirt-imageio 2.5.1 answers PATCH without it.

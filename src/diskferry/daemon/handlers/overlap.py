@@ -179,15 +179,28 @@ def send_spliced(conn: Connection, backend: Storage, pipes: Sequence[Pipe],
 
 
 def receive(conn: Connection, backend: Storage, buf: memoryview,
-            op: Operation, offset: int, length: int) -> None:
-    """Write the next ``length`` body bytes of ``conn`` at ``offset``."""
+            op: Operation, offset: int, length: int,
+            overlapped: bool = True) -> None:
+    """Write the next ``length`` body bytes of ``conn`` at ``offset``;
+    without ``overlapped``, receive the whole buffer and write it in turn.
+
+    A TLS body for local storage is received in turn (a proxied image
+    keeps the overlap: its writes wait on the network, not the CPU):
+    decrypting keeps the request's thread
+    busy, and on two cores a writer thread beside it only adds hand-offs.
+    Shared harness, same run, TLS (2-core VM), write-behind against in
+    turn: upload-nbd into a new qcow2 through qemu-nbd, pyref 1.39 against
+    1.58 GiB/s (daemon and qemu-nbd 0.62 against 0.53 CPU-s/GiB) and the
+    ovirt-imageio client 1.13 against 1.54 (0.84 against 0.62); a file
+    upload to tmpfs, 0.91 against 0.98 (pyref), 1.08 against 1.10 (curl).
+    """
     def fill(slot: memoryview, count: int) -> None:
         conn.readinto_full(slot[:count])
 
     def drain(slot: memoryview, pos: int, count: int) -> None:
         backend.write(slot[:count], pos)
 
-    slots = slots_of(buf)
+    slots = slots_of(buf) if overlapped else [buf]
     _write_behind(slots, len(slots[0]), fill, drain, op, offset, length)
 
 
