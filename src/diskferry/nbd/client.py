@@ -196,6 +196,8 @@ class Client:
         self._tx = Transmission(info)
         self._poll = select.poll()
         self._poll.register(self._sock, select.POLLIN | select.POLLOUT)
+        self._poll_in = select.poll()
+        self._poll_in.register(self._sock, select.POLLIN)
         align = info.min_block
         self.max_payload = min(info.max_payload, U32_MAX) // align * align
         self.request_size = self._payload_size(request_size)
@@ -481,9 +483,7 @@ class Client:
 
     def _reply_waiting(self, timeout_ms: int) -> bool:
         """Whether reply bytes arrive within ``timeout_ms``."""
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        return bool(poller.poll(timeout_ms))
+        return bool(self._poll_in.poll(timeout_ms))
 
     def _complete_in_order(self, order: deque[Request]) -> RequestError | None:
         """Read one reply; drop the requests complete at the front of

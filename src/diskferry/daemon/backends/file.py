@@ -41,6 +41,9 @@ log = logging.getLogger("diskferry.daemon.backends.file")
 #: ``aligned_buffer`` are aligned to it.
 DIRECT_ALIGNMENT = 4096
 
+#: ``FileBackend._read_fd`` before the first read into a buffer.
+_UNOPENED = -1
+
 #: Largest single write of zeros when nothing faster works.
 ZERO_CHUNK = 8 * 1024**2
 
@@ -92,11 +95,10 @@ class FileBackend:
             if direct:
                 self._direct_fd = self._open_direct(path, flags)
                 self.direct = self._direct_fd is not None
-            #: Where reads into a buffer go: direct even when writes are not.
-            self._read_fd = self._direct_fd
-            if self._read_fd is None:
-                self._read_fd = self._open_direct(
-                    path, os.O_RDONLY | os.O_CLOEXEC, quiet=True)
+            #: Where reads into a buffer go: direct even when writes are
+            #: not; opened on the first such read (a connection that only
+            #: splices never needs it).
+            self._read_fd = self._direct_fd if direct else _UNOPENED
         except BaseException:
             self.close()
             raise
@@ -153,6 +155,9 @@ class FileBackend:
     # Reading and writing
 
     def readinto(self, buf, offset):
+        if self._read_fd == _UNOPENED:
+            self._read_fd = self._open_direct(
+                self.path, os.O_RDONLY | os.O_CLOEXEC, quiet=True)
         if self._read_fd is None:
             return _preadv_full(self._fd, buf, offset)
         try:
@@ -270,7 +275,7 @@ class FileBackend:
     def close(self):
         read_fd = getattr(self, "_read_fd", None)
         self._read_fd = None
-        if read_fd is not None and read_fd != getattr(self, "_direct_fd", None):
+        if read_fd not in (None, _UNOPENED, getattr(self, "_direct_fd", None)):
             os.close(read_fd)
         for name in ("_direct_fd", "_fd"):
             fd = getattr(self, name, None)
