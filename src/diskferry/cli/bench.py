@@ -10,7 +10,11 @@ EPILOG = """\
 It starts a daemon of its own (a free port, a scratch state folder),
 makes a fully allocated image, and times `diskferry download` and
 `diskferry upload` of it over the UNIX socket and over TLS, each run as
-a whole process. Then it measures what the machine allows: reading the
+a whole process. Before each run the image is read into the page cache;
+uploads overwrite a target written in full beforehand, and downloads
+write a new file into memory kept warm for them (on virtual machines
+that give free memory back to the host, fresh pages would cost a host
+fault each). Then it measures what the machine allows: reading the
 image from the page cache, sendfile into a UNIX socket, Python's TLS in
 memory, and a local `qemu-img convert`. GiB/s are per GiB of image;
 CPU seconds per GiB are the client's (the command, start-up included)
@@ -29,8 +33,8 @@ def register(subparsers):
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--size", type=arguments.size(1024**2, 64 * 1024**3),
-        default=1024**3, metavar="SIZE",
-        help="image size, e.g. 512M or 2G (default 1G)")
+        default=2 * 1024**3, metavar="SIZE",
+        help="image size, e.g. 512M or 4G (default 2G)")
     parser.add_argument(
         "--reps", type=arguments.integer(1, 20), default=3, metavar="N",
         help="runs of each case, interleaved (default 3)")
