@@ -9,8 +9,9 @@ transfer can be done, so that a transfer's figure reads against it:
   ``recv_into`` in a thread, the one-copy local path;
 - ``tls_in_memory``: Python's ``ssl`` over a socket pair, both ends in
   this process, one stream: TLS's own cost, before any disk or HTTP;
-- ``qemu_img_convert``: ``qemu-img convert -n -W`` of the image to a
-  file, the local copy a transfer would like to match.
+- ``qemu_img_convert``: ``qemu-img convert -n -W`` of the image into a
+  file written in full beforehand (as an upload's target), the local
+  copy a transfer would like to match.
 
 In-process limits time themselves (no start-up) and count this
 process's CPU; ``qemu-img`` is timed as a whole process.
@@ -150,14 +151,11 @@ def run_command(argv: list[str]) -> Measure:
 
 
 def qemu_img_convert(src: str, dst: str) -> Measure | None:
-    """``qemu-img convert -n -W`` to a preallocated ``dst``, through the
-    page cache; None without qemu-img."""
+    """``qemu-img convert -n -W`` into ``dst``, an existing file of the
+    image's size, through the page cache; None without qemu-img."""
     binary = shutil.which("qemu-img")
     if binary is None:
         return None
-    size = os.path.getsize(src)
-    with open(dst, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, size)
     return run_command([binary, "convert", "-n", "-W", "-T", "writeback",
                         "-t", "writeback", "-f", "raw", "-O", "raw", src,
                         dst])

@@ -191,6 +191,7 @@ def _limits(daemon: LocalDaemon, image: str, size: int, reps: int,
     progress("this machine's limits")
     pki = os.path.join(daemon.folder, "pki")
     converted = os.path.join(dest, "convert.raw")
+    write_zeros(converted, size)
     cases: list[tuple[str, Callable[[], limits.Measure | None]]] = [
         ("page-cache read", lambda: limits.page_cache_read(image)),
         ("sendfile>unix", lambda: limits.sendfile_unix(image)),
