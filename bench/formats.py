@@ -112,7 +112,8 @@ def main():
 
             def prepare():
                 fresh(target, size)
-                return daemon.url(target, size, ("read", "write"))
+                return daemon.url(target, size, ("read", "write"),
+                                  sparse=True)
             return target, prepare
 
         cases = []

@@ -6,6 +6,8 @@ detection; interruptions that leave nothing behind.
 Every comparison is made by qemu itself: the expected content is
 ``qemu-img convert -O raw`` of the source, or ``qemu-img compare``."""
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -44,20 +46,46 @@ def raw_of(image, tmp_path, name="expected.raw"):
     return out.read_bytes()
 
 
-@pytest.fixture
-def chain(tmp_path):
-    """base.qcow2 <- mid.qcow2 <- top.qcow2: data in each layer, and a
-    zero write in the top hiding the base's data."""
-    base = tmp_path / "base.qcow2"
-    qemu_img("create", "-f", "qcow2", base, SIZE)
-    qemu_io(base, "qcow2", "write -P 0x11 0 2M", "write -P 0x12 6M 2M")
+def make_chain(tmp_path, reading="in-place"):
+    """base <- mid.qcow2 <- top.qcow2: data in each layer, and a zero
+    write in the top hiding the base's data.
+
+    ``reading`` says how an upload reads it: "in-place" (qcow2 layers,
+    their data sent from their files), "raw-base" (the same over a raw
+    base) or "qemu-nbd" (a compressed cluster in the top: no plain place
+    to send it from)."""
+    base = tmp_path / ("base.raw" if reading == "raw-base" else "base.qcow2")
+    base_fmt = "raw" if reading == "raw-base" else "qcow2"
+    qemu_img("create", "-f", base_fmt, base, SIZE)
+    qemu_io(base, base_fmt, "write -P 0x11 0 2M", "write -P 0x12 6M 2M")
     mid = tmp_path / "mid.qcow2"
-    qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid)
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", base_fmt, mid)
     qemu_io(mid, "qcow2", "write -P 0x21 1M 1M")
     top = tmp_path / "top.qcow2"
     qemu_img("create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
-    qemu_io(top, "qcow2", "write -P 0x31 1536k 1M", "write -z 6M 1M")
+    compressed = "-c " if reading == "qemu-nbd" else ""
+    qemu_io(top, "qcow2", f"write {compressed}-P 0x31 1536k 1M",
+            "write -z 6M 1M")
     return top
+
+
+@pytest.fixture
+def chain(tmp_path):
+    return make_chain(tmp_path)
+
+
+#: How an upload reads an image that is not raw.
+READINGS = ["in-place", "raw-base", "qemu-nbd"]
+
+
+@contextlib.contextmanager
+def reads(caplog, reading):
+    """Check that an upload read its source as ``reading`` says."""
+    with caplog.at_level(logging.DEBUG, logger="diskferry.client"):
+        yield
+    said = ("through qemu-nbd" if reading == "qemu-nbd"
+            else "read in place")
+    assert said in caplog.text
 
 
 def converted(tmp_path, fmt):
@@ -94,12 +122,16 @@ def target_ticket(srv, make_ticket, tmp_path, fill=b"\xee", size=SIZE):
     return path, srv.image_url(t["uuid"])
 
 
+@pytest.mark.parametrize("reading", READINGS)
 @pytest.mark.parametrize("kind,unix", ROUTES, ids=ROUTE_IDS)
 def test_two_level_chain_uploads_the_guest_disk(daemons, make_ticket,
-                                                tmp_path, chain, kind, unix):
+                                                tmp_path, caplog, kind, unix,
+                                                reading):
     srv = daemons.get(kind)
     target, url = target_ticket(srv, make_ticket, tmp_path)
-    result = client.upload(chain, url, cafile=srv.ca_file, unix=unix)
+    chain = make_chain(tmp_path, reading)
+    with reads(caplog, reading):
+        result = client.upload(chain, url, cafile=srv.ca_file, unix=unix)
     assert target.read_bytes() == raw_of(chain, tmp_path)
     assert result.transport == ("unix" if unix == "auto" else "tls")
     # Holes of the chain were zeroed, never sent as data.
@@ -144,15 +176,19 @@ def test_ova_member_uploads_in_place(daemons, make_ticket, tmp_path, kind,
     assert target.read_bytes() == raw_of(tmp_path / "disk1.vmdk", tmp_path)
 
 
+@pytest.mark.parametrize("reading", ["in-place", "qemu-nbd"])
 def test_zero_runs_inside_data_are_sent_as_zero(daemons, make_ticket,
-                                                tmp_path):
+                                                tmp_path, caplog, reading):
     srv = daemons.get("diskferry")
     # A raw guest converted without -S 0 would lose its zeros: make the
     # allocated zero MiB by hand in the qcow2.
     source = converted(tmp_path, "qcow2")
+    if reading == "qemu-nbd":
+        qemu_io(source, "qcow2", "write -c -P 0x64 4M 64k")
     expected = raw_of(source, tmp_path)
     target, url = target_ticket(srv, make_ticket, tmp_path)
-    found = client.upload(source, url, cafile=srv.ca_file)
+    with reads(caplog, reading):
+        found = client.upload(source, url, cafile=srv.ca_file)
     assert target.read_bytes() == expected
     target.write_bytes(b"\xee" * SIZE)
     plain = client.upload(source, url, cafile=srv.ca_file,
@@ -162,16 +198,20 @@ def test_zero_runs_inside_data_are_sent_as_zero(daemons, make_ticket,
     assert found.zero_bytes - plain.zero_bytes == MiB
 
 
+@pytest.mark.parametrize("reading", ["in-place", "qemu-nbd"])
 def test_single_layer_leaves_what_it_does_not_allocate(daemons, make_ticket,
-                                                       tmp_path, chain):
+                                                       tmp_path, caplog,
+                                                       reading):
     srv = daemons.get("diskferry")
+    chain = make_chain(tmp_path, reading)
     mid = tmp_path / "mid.qcow2"
     # The destination holds the layers below already.
     path = tmp_path / "target.raw"
     path.write_bytes(raw_of(mid, tmp_path, "mid.raw"))
     t = make_ticket(srv, path, SIZE)
-    result = client.upload(chain, srv.image_url(t["uuid"]),
-                           cafile=srv.ca_file, single_layer=True)
+    with reads(caplog, reading):
+        result = client.upload(chain, srv.image_url(t["uuid"]),
+                               cafile=srv.ca_file, single_layer=True)
     assert path.read_bytes() == raw_of(chain, tmp_path)
     # Only the top layer's own 1 MiB of data, and its zeroed MiB.
     assert result.data_bytes == MiB
@@ -309,9 +349,9 @@ def wait_for_qemu_nbd(proc):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM,
                                  signal.SIGKILL])
-def test_interrupted_upload_leaves_no_qemu_nbd(slow_ticket, tmp_path, chain,
-                                               sig):
+def test_interrupted_upload_leaves_no_qemu_nbd(slow_ticket, tmp_path, sig):
     srv, url = slow_ticket
+    chain = make_chain(tmp_path, "qemu-nbd")
     proc = start_cli("upload", "--cafile", srv.ca_file, "--request-size",
                      "64K", "--workers", "1", "--no-detect-zeros", chain, url)
     children = wait_for_qemu_nbd(proc)

@@ -86,12 +86,14 @@ class LocalDaemon:
     def cpu(self) -> float:
         return cpu_seconds(self.proc.pid)
 
-    def url(self, path: str, size: int, ops: tuple[str, ...]) -> str:
-        """A new ticket on ``path``; its TLS transfer URL."""
+    def url(self, path: str, size: int, ops: tuple[str, ...], *,
+            sparse: bool = False) -> str:
+        """A new ticket on ``path``; its TLS transfer URL. A ``sparse``
+        ticket zeroes by punching holes, as for a thin volume."""
         ticket_id = str(uuid.uuid4())
         body = json.dumps({"uuid": ticket_id, "size": size, "ops": list(ops),
                            "url": f"file://{os.path.abspath(path)}",
-                           "timeout": 3600})
+                           "sparse": sparse, "timeout": 3600})
         con = _ControlConnection(self.control)
         try:
             con.request("PUT", f"/tickets/{ticket_id}", body=body,

@@ -35,8 +35,10 @@ image's size.
 FILE is a disk image in any format qemu reads (raw, qcow2 with its
 backing chain, vmdk, vdi, vhdx, qed, vpc, ...) or a block device holding
 one. Its format is probed (qemu-img info, or its magic bytes without
-qemu-img): raw is sent as it is; other formats are read through qemu-nbd
-(package qemu-utils), so the guest's disk is uploaded, not the file. An
+qemu-img): raw is sent as it is; a qcow2 chain from where its data lies
+in its files (qemu-img map); other formats, and compressed qcow2, are
+read through qemu-nbd (package qemu-utils). Either way the guest's disk
+is uploaded, not the file. An
 encrypted or compressed file, or an archive without --member, is refused
 with exit status 2 before anything is sent. --format raw uploads FILE's
 bytes as they are.
@@ -99,8 +101,9 @@ def _add_common(parser):
              "one afterwards")
     parser.add_argument(
         "--no-detect-zeros", dest="detect_zeros", action="store_false",
-        help="move zero blocks inside data as data (default: images read "
-             "or written through qemu-nbd send runs of zeros as zero)")
+        help="move zero blocks inside data as data (default: runs of "
+             "zeros inside the data of an image that is not raw are sent "
+             "as zero)")
     output.add_output_options(parser)
 
 
@@ -118,7 +121,7 @@ def register(subparsers):
     up.add_argument(
         "--format", metavar="FORMAT",
         help="format of FILE, not probed: raw uploads its bytes as they are; "
-             "qcow2, vmdk, ... read it through qemu-nbd (default: probe)")
+             "qcow2, vmdk, ... read the guest's disk (default: probe)")
     up.add_argument(
         "--member", metavar="NAME",
         help="upload member NAME of the tar archive (OVA) FILE, read in "

@@ -317,12 +317,22 @@ class ImageConnection:
         ``offset``) to the image at ``offset``."""
         if src_offset is None:
             src_offset = offset
+        self.write_from_files([(fd, src_offset, length)], offset, flush)
+
+    def write_from_files(self, parts, offset, flush=True):
+        """PUT file ranges ``parts`` (``(fd, file offset, length)`` each),
+        one after the other, to the image at ``offset``: one request, the
+        kernel moving the bytes (through a buffer under TLS)."""
+        length = sum(n for _, _, n in parts)
         if self.transport.encrypted:
             def send(sock):
-                _send_copied(sock, fd, src_offset, length, self._buffer())
+                buf = self._buffer()
+                for fd, src_offset, n in parts:
+                    _send_copied(sock, fd, src_offset, n, buf)
         else:
             def send(sock):
-                _sendfile(sock, fd, src_offset, length)
+                for fd, src_offset, n in parts:
+                    _sendfile(sock, fd, src_offset, n)
         self._put(offset, length, flush, send)
 
     def _put(self, offset, length, flush, send_body):

@@ -2,8 +2,10 @@
 
 ``upload`` and ``download`` are the library's front door. A raw file or
 block device is copied here, the kernel moving the bytes (``sendfile``
-on upload, ``splice`` on download); any other format, an archive member,
-or a download into qcow2 goes through qemu-nbd (``imagecopy``). Both run
+on upload, ``splice`` on download); so is the data of a qcow2 chain,
+from where it lies in its files (``mapped``); any other format, an
+archive member, or a download into qcow2 goes through qemu-nbd
+(``imagecopy``). All run
 on the same engine (``engine``): planned pieces, parallel connections,
 retries from the last acknowledged byte.
 """
@@ -47,7 +49,8 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
 
     ``format`` None probes the source first (``imageformat``): raw is sent
     as it is, a format qemu reads (qcow2 with its backing chain, vmdk,
-    vdi, vhdx, ...) is read through qemu-nbd, and anything else raises
+    vdi, vhdx, ...) is read as the guest sees it (a plain qcow2 chain in
+    place, anything else through qemu-nbd), and anything else raises
     ``UnsupportedFormat`` before any request. ``format="raw"`` uploads
     the bytes as they are; another format names the qemu driver.
     ``member`` names a disk inside a tar archive (an OVA), read in place.
@@ -56,8 +59,8 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
 
     Holes of the source are zeroed with PATCH zero, except where the
     destination already reads zeros (its extents say so). With
-    ``detect_zeros``, zero runs inside data read through qemu-nbd are
-    sent as zero too. ``progress(n)`` is called as ``n`` more bytes of
+    ``detect_zeros``, zero runs inside the data of an image that is not
+    raw are sent as zero too. ``progress(n)`` is called as ``n`` more bytes of
     the image are done, ``on_start(size)`` once the image size is known.
     """
     started = time.monotonic()
@@ -124,19 +127,30 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
 
 def _file_source(path, local, format, member, single_layer, workers,
                  request_size, detect_zeros):
-    """The source of an upload of a file or device: raw as it is, any
-    other format through qemu-nbd."""
+    """The source of an upload of a file or device: raw as it is; any
+    other format from its files when its data lies plain in them
+    (``mapped``), else through qemu-nbd."""
     fmt = imageformat.source_format(os.fsdecode(path), local.fd, local.size,
                                     format, member=member)
-    log.debug("%s: read as %s", path, fmt)
     if fmt == imageformat.RAW and member is None:
+        log.debug("%s: read as raw", path)
         return _RawSource(local)
-    from diskferry.client import imagecopy
+    from diskferry.client import formats, imagecopy, mapped
 
+    path = os.fsdecode(path)
+    image = formats.open_source(path, fmt, member=member,
+                                single_layer=single_layer)
+    layout = mapped.plain_layout(path, image)
+    if layout is not None:
+        log.debug("%s: %s read in place from %d file(s)", path, fmt,
+                  len(layout.files))
+        return mapped.MappedSource(layout, image.size,
+                                   single_layer=single_layer,
+                                   detect_zeros=detect_zeros)
+    log.debug("%s: %s read through qemu-nbd", path, fmt)
     return imagecopy.NbdSource(
-        os.fsdecode(path), fmt, member=member, single_layer=single_layer,
-        connections=workers, request_size=request_size,
-        detect_zeros=detect_zeros)
+        path, image, single_layer=single_layer, connections=workers,
+        request_size=request_size, detect_zeros=detect_zeros)
 
 
 class _RawSource:

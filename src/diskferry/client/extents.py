@@ -94,28 +94,40 @@ def covered(known: list[tuple[int, int]], start: int, end: int) -> bool:
 def zero_runs(buf: bytearray, length: int, block: int, min_run: int,
               start: int = 0) -> list[tuple[int, int, bool]]:
     """Cut ``buf[start:start+length]`` into ``(start, end, zero)`` runs,
-    offsets relative to ``start``.
+    offsets relative to ``start`` (see ``zero_runs_of``)."""
+    with memoryview(buf) as view:
+        return zero_runs_of([view[start:start + length]], block, min_run)
 
-    ``buf`` is a bytearray; zeros are found ``block`` bytes at a time
-    (a C-speed compare, no copy) and a run of them counts as zero only
-    when it is at least ``min_run`` long or fills ``buf[:length]``:
-    shorter ones stay in the data around them, where they cost less
-    than a request of their own.
+
+def zero_runs_of(views: list[memoryview], block: int,
+                 min_run: int) -> list[tuple[int, int, bool]]:
+    """Cut the consecutive buffers ``views`` (one range, in order) into
+    ``(start, end, zero)`` runs, offsets from the first one's start.
+
+    Zeros are found ``block`` bytes at a time (a C-speed compare, no
+    copy; any buffer, a mapped file's too) and a run of them counts as
+    zero only when it is at least ``min_run`` long or fills the whole
+    range: shorter ones stay in the data around them, where they cost
+    less than a request of their own.
     """
     zeros = _zeros(block)
     runs: list[list[Any]] = []
     pos = 0
-    while pos < length:
-        n = min(block, length - pos)
-        zero = buf.startswith(zeros[:n], start + pos)
-        if runs and runs[-1][2] == zero:
-            runs[-1][1] = pos + n
-        else:
-            runs.append([pos, pos + n, zero])
-        pos += n
+    for view in views:
+        size = len(view)
+        at = 0
+        while at < size:
+            n = min(block, size - at)
+            zero = zeros.startswith(view[at:at + n])
+            if runs and runs[-1][2] == zero:
+                runs[-1][1] = pos + n
+            else:
+                runs.append([pos, pos + n, zero])
+            at += n
+            pos += n
     out: list[tuple[int, int, bool]] = []
     for first, end, zero in runs:
-        if zero and end - first < min_run and end - first < length:
+        if zero and end - first < min_run and end - first < pos:
             zero = False
         if out and out[-1][2] == zero:
             out[-1] = (out[-1][0], end, zero)
@@ -125,5 +137,5 @@ def zero_runs(buf: bytearray, length: int, block: int, min_run: int,
 
 
 @functools.lru_cache(maxsize=4)
-def _zeros(size: int) -> memoryview:
-    return memoryview(bytes(size))
+def _zeros(size: int) -> bytes:
+    return bytes(size)

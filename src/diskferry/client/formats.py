@@ -24,6 +24,7 @@ import shutil
 import stat
 import tarfile
 from dataclasses import dataclass
+from typing import Any
 
 from diskferry.client import imageformat
 from diskferry.client.errors import UnsupportedFormat
@@ -43,8 +44,9 @@ class Source:
     spec: dict[str, object]
     format: str
     size: int
-    #: Layers opened to read it (1 for a single layer or no backing).
-    layers: int
+    #: What ``qemu-img info`` says of each layer opened to read it, top
+    #: first (one for a single layer or no backing).
+    chain: tuple[dict[str, Any], ...]
 
 
 def _qemu_img() -> str:
@@ -156,7 +158,7 @@ def open_source(path: str, fmt: str, *, member: str | None = None,
                 f"{label}: {layer.get('filename', 'a layer')} is encrypted; "
                 f"decrypt it first (qemu-img convert with its key to raw or "
                 f"an unencrypted qcow2)", path=path, format=fmt)
-    return Source(spec, fmt, int(chain[0]["virtual-size"]), len(chain))
+    return Source(spec, fmt, int(chain[0]["virtual-size"]), tuple(chain))
 
 
 def backing_format(path: str) -> str:

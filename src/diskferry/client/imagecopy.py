@@ -162,11 +162,9 @@ class NbdSource:
     #: Pieces may go in parallel, in any order.
     sequential = False
 
-    def __init__(self, path: str, fmt: str, *, member: str | None,
+    def __init__(self, path: str, image: formats.Source, *,
                  single_layer: bool, connections: int, request_size: int,
                  detect_zeros: bool) -> None:
-        image = formats.open_source(path, fmt, member=member,
-                                    single_layer=single_layer)
         self.size = image.size
         #: A single layer leaves what it does not allocate untouched.
         self.keeps_holes = single_layer
