@@ -362,13 +362,25 @@ def test_interrupted_upload_leaves_no_qemu_nbd(slow_ticket, tmp_path, sig):
     assert gone(children), "qemu-nbd outlived the upload"
 
 
+@pytest.mark.parametrize("writer", ["qemu-nbd", "own"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_download_leaves_no_image(slow_ticket, tmp_path, sig):
+def test_interrupted_download_leaves_no_image(slow_ticket, tmp_path, sig,
+                                              writer):
+    """Through qemu-nbd (an overlay) or written by the client (a new
+    qcow2): an interrupted download is never taken for an image."""
     srv, url = slow_ticket
     out = tmp_path / "backup.qcow2"
+    part = tmp_path / "backup.qcow2.part"
+    args = ["--backing-file", make_chain(tmp_path)] if writer == "qemu-nbd" \
+        else []
     proc = start_cli("download", "--cafile", srv.ca_file, "--request-size",
-                     "64K", "--workers", "1", "--format", "qcow2", url, out)
-    children = wait_for_qemu_nbd(proc)
+                     "64K", "--workers", "1", "--format", "qcow2", *args, url,
+                     out)
+    children = wait_for_qemu_nbd(proc) if writer == "qemu-nbd" else []
+    deadline = time.monotonic() + 20
+    while not part.exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(sig)
     proc.communicate(timeout=30)
@@ -376,4 +388,4 @@ def test_interrupted_download_leaves_no_image(slow_ticket, tmp_path, sig):
     assert gone(children), "qemu-nbd outlived the download"
     assert not out.exists()
     if sig == signal.SIGINT:
-        assert not (tmp_path / "backup.qcow2.part").exists()
+        assert not part.exists()

@@ -56,8 +56,9 @@ examples:
   diskferry download --incremental --backing-file full.qcow2 URL inc1.qcow2
 
 A raw FILE is written sparse (zero ranges are not transferred and stay
-holes); a block device is written in place. A qcow2 FILE is created with
-qemu-img and written through qemu-nbd, over --backing-file when given.
+holes); a block device is written in place. A new qcow2 FILE is written by
+the client itself; over --backing-file, it is created with qemu-img and
+written through qemu-nbd.
 A file is written as FILE.part and renamed when complete; an existing
 FILE is replaced only with --overwrite. An interrupted download keeps
 FILE.part and its journal FILE.part.done: --resume continues it. FILE

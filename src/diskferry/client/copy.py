@@ -4,8 +4,9 @@
 block device is copied here, the kernel moving the bytes (``sendfile``
 on upload, ``splice`` on download); so is the data of a qcow2 chain,
 from where it lies in its files (``mapped``); any other format, an
-archive member, or a download into qcow2 goes through qemu-nbd
-(``imagecopy``). All run
+archive member, or a download into a qcow2 overlay goes through
+qemu-nbd (``imagecopy``); a new qcow2 is written here (``qcow2``). All
+run
 on the same engine (``engine``): planned pieces, parallel connections,
 retries from the last acknowledged byte.
 """
@@ -252,8 +253,9 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
     continues from it. ``path="-"`` writes a raw stream to standard
     output, in order, on one connection.
 
-    ``format="qcow2"`` creates a qcow2 image (over ``backing_file`` when
-    given, named relative to it) and writes it through qemu-nbd; zero
+    ``format="qcow2"`` writes a new qcow2 image itself (``qcow2``), or,
+    over ``backing_file`` (named relative to it), creates one with
+    qemu-img and writes it through qemu-nbd; zero
     ranges are written only where they must hide backing data.
     ``incremental`` (with a backing file, the previous backup) copies
     only the transfer's dirty extents, so the new image is an overlay
@@ -289,6 +291,14 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
             dst = _StreamDestination(size)
         elif format == imageformat.RAW:
             dst = _RawDestination(path, size, resume)
+        elif backing_file is None:
+            from diskferry.client import qcow2
+
+            image_extents = list(image_extents)
+            dst = qcow2.Destination(
+                os.fsdecode(path), size,
+                [(e.start, e.end) for e in image_extents if not e.zero],
+                request_size=request_size, detect_zeros=detect_zeros)
         else:
             from diskferry.client import imagecopy
 
