@@ -247,16 +247,20 @@ class ImageConnection:
             raise self._failed(f"GET at offset {offset + got}", e) from e
         return got
 
-    def read_to_fd(self, fd, offset, length, ack, positional=True):
-        """Copy ``length`` bytes at ``offset`` to ``fd`` at the same offset.
+    def read_to_fd(self, fd, offset, length, ack, positional=True,
+                   fd_offset=None):
+        """Copy ``length`` bytes at ``offset`` to ``fd`` at ``fd_offset``
+        (default: the same offset).
 
         ``ack(n)`` is called after each ``n`` bytes are written, so that a
         caller can resume after a failure from the last byte written.
         ``positional=False`` for a destination without offsets (a pipe,
         /dev/null).
         """
+        if fd_offset is None:
+            fd_offset = offset
         if splice.AVAILABLE and not self.transport.encrypted:
-            self._splice_to_fd(fd, offset, length, ack, positional)
+            self._splice_to_fd(fd, offset, length, ack, positional, fd_offset)
             return
         view = self._buffer()
         pos = offset
@@ -271,7 +275,8 @@ class ImageConnection:
                 written = 0
                 while written < n:
                     chunk = view[written:n]
-                    written += (os.pwrite(fd, chunk, pos + written)
+                    written += (os.pwrite(fd, chunk,
+                                          pos - offset + fd_offset + written)
                                 if positional else os.write(fd, chunk))
                 pos += n
                 ack(n)
@@ -280,7 +285,7 @@ class ImageConnection:
                 raise
             raise self._failed(f"GET at offset {pos}", e) from e
 
-    def _splice_to_fd(self, fd, offset, length, ack, positional):
+    def _splice_to_fd(self, fd, offset, length, ack, positional, fd_offset):
         pos = offset
 
         def acked(n):
@@ -294,7 +299,7 @@ class ImageConnection:
                 self._pipe = Pipe()
             keep = splice.get_to_fd(con.sock, self.transport.host_header(),
                                     self._pipe, self.path, fd, offset,
-                                    length, acked, positional)
+                                    length, acked, positional, fd_offset)
         except (HTTPError, ProtocolError):
             self.close()
             raise

@@ -70,8 +70,9 @@ def read_head(sock):
 
 
 def get_to_fd(sock, host, pipe, path, fd, offset, length, ack,
-              positional=True):
-    """GET ``length`` bytes at ``offset`` into ``fd`` at the same offset.
+              positional=True, fd_offset=None):
+    """GET ``length`` bytes at ``offset`` into ``fd`` at ``fd_offset``
+    (default: the same offset).
 
     Returns True if the connection may be reused. ``ack(n)`` is called as
     bytes land in ``fd``.
@@ -90,7 +91,8 @@ def get_to_fd(sock, host, pipe, path, fd, offset, length, ack,
         raise ProtocolError(
             f"GET {path} bytes {offset}-{offset + length - 1}: server sent "
             f"{content_length} bytes instead of {length}")
-    _splice_body(sock, pipe, fd, offset, length, ack, positional)
+    _splice_body(sock, pipe, fd, offset if fd_offset is None else fd_offset,
+                 length, ack, positional)
     return keep
 
 
