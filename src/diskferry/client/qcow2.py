@@ -44,6 +44,8 @@ ENTRIES_PER_TABLE = CLUSTER_SIZE // 8
 #: An entry whose cluster has refcount 1 (may be written in place).
 COPIED = 1 << 63
 
+SECTOR_SIZE = 512
+
 HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
 MAGIC = b"QFI\xfb"
 
@@ -153,8 +155,11 @@ def tables(layout: Layout, written: bytearray) -> list[tuple[int, bytes]]:
     for i in range(blocks):
         refcount_table[i * 8:i * 8 + 8] = (
             blocks_offset + i * CLUSTER_SIZE).to_bytes(8, "big")
+    # qemu counts a disk in 512-byte sectors: a size between is rounded
+    # up, as qemu-img create does (the tail reads zeros).
+    virtual_size = -(-layout.size // SECTOR_SIZE) * SECTOR_SIZE
     header = HEADER.pack(
-        MAGIC, 3, 0, 0, CLUSTER_BITS, layout.size, 0, l1_size, l1_offset,
+        MAGIC, 3, 0, 0, CLUSTER_BITS, virtual_size, 0, l1_size, l1_offset,
         table_offset, table_clusters, 0, 0, 0, 0, 0, REFCOUNT_ORDER,
         HEADER.size)
     # The end of header extensions: type 0, length 0.
