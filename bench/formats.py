@@ -12,9 +12,11 @@ Rows, each on one diskferry daemon (UNIX socket and TLS), the same run:
 Clients: ``diskferry`` (this repository's CLI) and ``imageio-client``
 (the ``ovirt_imageio.client`` library 2.5.1 that ``scripts/setup
 --test`` installs as a test peer, kept off the UNIX socket for TLS rows
-by answering its locality check False). Reference: a local ``qemu-img
+by answering its locality check False). References: a local ``qemu-img
 convert -W -m 16`` between the same source and the same kind of
-destination.
+destination, and for downloads ``nbdcopy`` into a qcow2 served by
+``qemu-nbd`` as a client serves it: the most any client writing through
+qemu-nbd reaches.
 
 GiB/s and CPU seconds are per GiB of virtual size; client CPU includes
 the qemu-nbd each client starts (reaped by it), server CPU is the
@@ -153,13 +155,24 @@ def main():
                               daemon.ca_file, path, url], size))
         conv_raw = os.path.join(dst, "convert.raw")
         conv_qcow2 = os.path.join(dst, "convert.qcow2")
+        nbd_qcow2 = os.path.join(dst, "nbdcopy.qcow2")
+
+        def prep_nbd_qcow2():
+            drop(nbd_qcow2)
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2",
+                            nbd_qcow2, str(sparse["size"])], check=True)
         references = [
-            ("upload-qcow2", lambda: drop(conv_raw),
+            ("upload-qcow2", "qemu-img convert", lambda: drop(conv_raw),
              ["qemu-img", "convert", "-W", "-m", "16", "-f", "qcow2", "-O",
               "raw", qcow2["path"], conv_raw], qcow2["size"]),
-            ("download-qcow2", lambda: drop(conv_qcow2),
+            ("download-qcow2", "qemu-img convert", lambda: drop(conv_qcow2),
              ["qemu-img", "convert", "-W", "-m", "16", "-f", "raw", "-O",
               "qcow2", sparse["path"], conv_qcow2], sparse["size"]),
+            # What any client writing a qcow2 through qemu-nbd can reach.
+            ("download-qcow2", "nbdcopy > qemu-nbd", prep_nbd_qcow2,
+             ["nbdcopy", "--", sparse["path"], "[", "qemu-nbd", "-f", "qcow2",
+              "--discard=unmap", "--detect-zeroes=unmap", nbd_qcow2, "]"],
+             sparse["size"]),
         ]
 
         results = {}
@@ -168,9 +181,9 @@ def main():
                 url = prep()
                 results.setdefault((op, transport, client, size), []).append(
                     timed(argv(url), daemon))
-            for op, prep, argv, size in references:
+            for op, name, prep, argv, size in references:
                 prep()
-                results.setdefault((op, "local", "qemu-img convert", size),
+                results.setdefault((op, "local", name, size),
                                    []).append(timed(argv, None))
         print("| op | transport | client | GiB/s median [min-max] "
               "| client CPU s/GiB | server CPU s/GiB | wall s |")

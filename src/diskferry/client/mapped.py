@@ -13,6 +13,8 @@ member, a map too large to hold) goes through qemu-nbd
 (``imagecopy.NbdSource``), which ``plain_layout`` says by returning
 None. Runs of zeros inside data are found by comparing the mapped file
 in place (``mmap``, no copy) and sent as PATCH zero, as through qemu-nbd.
+As for any upload, the image must not change while it is copied (a
+layer truncated under the copy would fault the mapped compare).
 """
 
 from __future__ import annotations
