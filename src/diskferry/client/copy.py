@@ -294,6 +294,7 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
         elif backing_file is None:
             from diskferry.client import qcow2
 
+            log.debug("%s: a new qcow2, written by the client", path)
             image_extents = list(image_extents)
             dst = qcow2.Destination(
                 os.fsdecode(path), size,
@@ -302,6 +303,8 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
         else:
             from diskferry.client import imagecopy
 
+            log.debug("%s: a qcow2 overlay of %s, written through qemu-nbd",
+                      path, backing_file)
             dst = imagecopy.NbdDestination(
                 os.fsdecode(path), format, size, backing_file=backing_file,
                 connections=workers, request_size=request_size,
