@@ -3,12 +3,11 @@
 ``upload`` and ``download`` are the library's front door. A raw file or
 block device is copied here, the kernel moving the bytes (``sendfile``
 on upload, ``splice`` on download); so is the data of a qcow2 chain,
-from where it lies in its files (``mapped``); any other format, an
-archive member, or a download into a qcow2 overlay goes through
-qemu-nbd (``imagecopy``); a new qcow2 is written here (``qcow2``). All
-run
-on the same engine (``engine``): planned pieces, parallel connections,
-retries from the last acknowledged byte.
+from where it lies in its files (``mapped``), and a new qcow2 is
+written by the client itself (``qcow2``); any other format, an archive
+member, or a download into a qcow2 overlay goes through qemu-nbd
+(``imagecopy``). All run on the same engine (``engine``): planned
+pieces, parallel connections, retries from the last acknowledged byte.
 """
 
 import logging
@@ -61,8 +60,9 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
     Holes of the source are zeroed with PATCH zero, except where the
     destination already reads zeros (its extents say so). With
     ``detect_zeros``, zero runs inside the data of an image that is not
-    raw are sent as zero too. ``progress(n)`` is called as ``n`` more bytes of
-    the image are done, ``on_start(size)`` once the image size is known.
+    raw are sent as zero too. ``progress(n)`` is called as ``n`` more
+    bytes of the image are done, ``on_start(size)`` once the image size
+    is known.
     """
     started = time.monotonic()
     report = engine.Progress(progress)
@@ -255,8 +255,8 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
 
     ``format="qcow2"`` writes a new qcow2 image itself (``qcow2``), or,
     over ``backing_file`` (named relative to it), creates one with
-    qemu-img and writes it through qemu-nbd; zero
-    ranges are written only where they must hide backing data.
+    qemu-img and writes it through qemu-nbd; zero ranges are written
+    only where they must hide backing data.
     ``incremental`` (with a backing file, the previous backup) copies
     only the transfer's dirty extents, so the new image is an overlay
     that reads as the disk reads now. ``progress`` and ``on_start`` as
