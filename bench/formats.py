@@ -84,6 +84,8 @@ def main():
         "BENCH_IMAGES", "/var/tmp/bench-images"))
     p.add_argument("--dest-dir", default="/dev/shm/bench-formats")
     p.add_argument("--venv", default=os.path.join(ROOT, ".venv"))
+    p.add_argument("--max-writers", type=int,
+                   help="the daemon's [backend_file] max_writers")
     args = p.parse_args()
     imageio = [os.path.join(args.venv, "bin", "python"), "-c",
                IMAGEIO_CLIENT]
@@ -96,7 +98,9 @@ def main():
     os.makedirs(args.dest_dir, exist_ok=True)
     dst = args.dest_dir
     workdir = tempfile.mkdtemp(prefix="bench-formats-")
-    daemon = LocalDaemon()
+    daemon = LocalDaemon(
+        f"[backend_file]\nmax_writers = {args.max_writers}\n"
+        if args.max_writers else "")
     try:
         rows = []
         holes_data = GiB // 4 if args.quick else GiB

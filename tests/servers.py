@@ -268,7 +268,7 @@ def _toml_str(s: str) -> str:
 
 def _diskferry_conf(
     workdir: Path, pki, tls, host, port, local_addr, control, remove_timeout=None,
-    daemon_options=None,
+    daemon_options=None, sections=None,
 ) -> list[str]:
     lines = [
         "[remote]",
@@ -305,6 +305,9 @@ def _diskferry_conf(
                       **(daemon_options or {})}
     lines += ["", "[daemon]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in daemon_options.items()]
+    for section, options in (sections or {}).items():
+        lines += ["", f"[{section}]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in options.items()]
     lines.append("")
     path = workdir / "diskferry.toml"
     path.write_text("\n".join(lines))
@@ -392,6 +395,7 @@ def start_server(
     pki: PKI | None = None,
     remove_timeout: int | None = None,
     daemon_options: dict | None = None,
+    sections: dict[str, dict] | None = None,
 ) -> Server:
     """Start a daemon of the given kind and wait until it serves.
 
@@ -402,6 +406,8 @@ def start_server(
     for tests of the 409 answer).
     daemon_options: diskferry only, options of its [daemon] section (limits
     under test: head_timeout, connection_limit).
+    sections: diskferry only, other sections of its configuration, as
+    {"backend_file": {"max_writers": 4}}.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown server kind {kind!r}")
@@ -423,10 +429,11 @@ def start_server(
     log_path = workdir / f"{kind}.log"
 
     configure = _ovirt_imageio_conf if kind == "ovirt-imageio" else _diskferry_conf
-    if daemon_options:
+    if daemon_options or sections:
         if kind != "diskferry":
-            raise ValueError("daemon_options are diskferry's [daemon] options")
-        configure = functools.partial(_diskferry_conf, daemon_options=daemon_options)
+            raise ValueError("daemon_options and sections are diskferry's")
+        configure = functools.partial(_diskferry_conf, daemon_options=daemon_options,
+                                      sections=sections)
 
     attempts = 3
     for attempt in range(attempts):

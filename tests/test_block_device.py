@@ -69,3 +69,19 @@ def test_block_device_roundtrip(daemons, make_ticket, loop_device, transport):
     assert served[MiB:2 * MiB] == data
     assert served[4 * MiB:8 * MiB] == b"\0" * 4 * MiB
     assert hashlib.sha256(served).digest() == hashlib.sha256(on_disk).digest()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("kind", ["diskferry", "ovirt-imageio"])
+def test_block_device_takes_many_writers(daemons, make_ticket, loop_device,
+                                         kind):
+    """A block device is written by as many connections as read it, as
+    ovirt-imageio 2.5.1 answers (a regular file: one, unless configured)."""
+    dev, _ = loop_device
+    endpoint = Endpoint(daemons.get(kind), "tls")
+    t = make_ticket(endpoint.server, dev, SIZE)
+    with endpoint.raw() as con:
+        res = con.request("OPTIONS", f"/images/{t['uuid']}")
+    assert res.status == 200
+    body = res.json()
+    assert (body["max_readers"], body["max_writers"]) == (8, 8)

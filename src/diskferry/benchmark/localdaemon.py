@@ -48,7 +48,7 @@ class _ControlConnection(http.client.HTTPConnection):
 class LocalDaemon:
     """A daemon in a scratch folder; ``url(path, size)`` makes a ticket."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_config: str = "") -> None:
         self.folder = tempfile.mkdtemp(prefix="diskferry-bench-")
         with socket.socket() as s:
             s.bind(("localhost", 0))
@@ -61,7 +61,8 @@ class LocalDaemon:
                     f'run_dir = "{self.folder}"\n'
                     f'[remote]\nhost = "localhost"\nport = {self.port}\n'
                     f'[local]\nsocket = "{self.folder}/local.sock"\n'
-                    f'[control]\nsocket = "{self.control}"\n')
+                    f'[control]\nsocket = "{self.control}"\n'
+                    + extra_config)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify_path = os.path.join(self.folder, "notify.sock")
         notify.bind(notify_path)

@@ -96,6 +96,9 @@ class BackendFile:
     buffer_size: int = 8 * 1024**2
     #: Open images with O_DIRECT (bypass the host page cache).
     direct: bool = False
+    #: Connections that may write one image at once (OPTIONS
+    #: ``max_writers``, capped by ``[daemon] max_connections``).
+    max_writers: int = 1
 
 
 @dataclass
@@ -268,10 +271,12 @@ def _check(path, config):
         if size < 4096 or size % 4096:
             raise ConfigError(f"{path}: [{name}] buffer_size must be a "
                               f"multiple of 4096")
-    for name, value in (("connection_limit", config.daemon.connection_limit),
-                        ("head_timeout", config.daemon.head_timeout)):
+    for name, value in (
+            ("[daemon] connection_limit", config.daemon.connection_limit),
+            ("[daemon] head_timeout", config.daemon.head_timeout),
+            ("[backend_file] max_writers", config.backend_file.max_writers)):
         if value < 1:
-            raise ConfigError(f"{path}: [daemon] {name} must be at least 1")
+            raise ConfigError(f"{path}: {name} must be at least 1")
     for name, value in (("[remote] port", config.remote.port),
                         ("[control] port", config.control.port)):
         if not 0 <= value <= 65535:

@@ -65,23 +65,27 @@ def open_file(ticket, config):
                            ticket.spec.url).path),
                        writable="write" in ticket.spec.ops,
                        direct=section.direct, sparse=ticket.spec.sparse,
-                       buffer_size=section.buffer_size)
+                       buffer_size=section.buffer_size,
+                       max_writers=section.max_writers)
 
 
 class FileBackend:
     """A regular file or block device, open for one connection."""
 
-    #: Connections that may read or write at once. One writer, as two
-    #: connections writing the same O_DIRECT block would race on it.
+    #: Connections that may read at once. Writers: ``max_writers`` for a
+    #: regular file (one unless configured), as many as readers for a
+    #: block device, as ovirt-imageio answers. Writers of distinct ranges
+    #: are safe in both modes: a direct write's unaligned edges go through
+    #: the page cache, so no block is ever read, modified and written back
+    #: by two connections.
     max_readers = 8
-    max_writers = 1
     features = ALL_FEATURES
     remote = False
     #: A file is opened for writing when its ticket allows it.
     writable = True
 
     def __init__(self, path, *, writable=False, direct=False, sparse=False,
-                 buffer_size=8 * 1024**2):
+                 buffer_size=8 * 1024**2, max_writers=1):
         self.path = path
         self.buffer_size = buffer_size
         self.direct = direct
@@ -91,6 +95,8 @@ class FileBackend:
         self._fd = self._open_checked(path, flags)
         try:
             self.is_block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
+            self.max_writers = self.max_readers if self.is_block \
+                else max_writers
             self._size = os.lseek(self._fd, 0, os.SEEK_END)
             if direct:
                 self._direct_fd = self._open_direct(path, flags)
