@@ -20,7 +20,10 @@ qemu-nbd reaches.
 
 GiB/s and CPU seconds are per GiB of virtual size; client CPU includes
 the qemu-nbd each client starts (reaped by it), server CPU is the
-daemon's. Images as for ``nbd_ceilings.py`` (``sparse`` and ``qcow2`` in
+daemon's. Before each run the sources are read into the page cache and
+the new pages the run will write are lent from memory kept warm
+(``diskferry.benchmark.warmmemory``); after it, its output is removed.
+Images as for ``nbd_ceilings.py`` (``sparse`` and ``qcow2`` in
 ``images.json``):
 
     .venv/bin/python bench/formats.py [--quick] [--reps 3]
@@ -35,8 +38,9 @@ import subprocess
 import sys
 import tempfile
 
-from diskferry.benchmark.limits import run_command
+from diskferry.benchmark.limits import page_cache_read, run_command
 from diskferry.benchmark.localdaemon import LocalDaemon
+from diskferry.benchmark.warmmemory import WarmMemory
 
 GiB = 1024**3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +102,7 @@ def main():
     os.makedirs(args.dest_dir, exist_ok=True)
     dst = args.dest_dir
     workdir = tempfile.mkdtemp(prefix="bench-formats-")
+    warm = WarmMemory(max(sparse["data_bytes"], GiB) + 64 * 1024**2)
     daemon = LocalDaemon(
         f"[backend_file]\nmax_writers = {args.max_writers}\n"
         if args.max_writers else "")
@@ -179,16 +184,34 @@ def main():
              sparse["size"]),
         ]
 
+        # Every run writes at most the images' data (or the holes
+        # images'), metadata aside, into new pages.
+        outputs = [os.path.join(dst, f"{name}-target.raw")
+                   for name in ("up", "holes-8t", "holes-small")]
+        outputs += [out, conv_raw, conv_qcow2, nbd_qcow2]
+        writes = max(sparse["data_bytes"], holes_data) + 64 * 1024**2
+
+        def measure(prep, argv, with_daemon):
+            """One run: sources in the page cache, warm pages lent for what
+            it writes, every output removed after it."""
+            target = prep()
+            for source in (qcow2["path"], sparse["path"]):
+                page_cache_read(source)
+            warm.lend(writes)
+            result = timed(argv(target), daemon if with_daemon else None)
+            for path in outputs:
+                drop(path)
+            warm.take_back()
+            return result
+
         results = {}
         for _ in range(args.reps):
             for op, transport, client, prep, argv, size in cases:
-                url = prep()
                 results.setdefault((op, transport, client, size), []).append(
-                    timed(argv(url), daemon))
+                    measure(prep, argv, True))
             for op, name, prep, argv, size in references:
-                prep()
-                results.setdefault((op, "local", name, size),
-                                   []).append(timed(argv, None))
+                results.setdefault((op, "local", name, size), []).append(
+                    measure(prep, lambda _, argv=argv: argv, False))
         print("| op | transport | client | GiB/s median [min-max] "
               "| client CPU s/GiB | server CPU s/GiB | wall s |")
         print("|---|---|---|---|---|---|---|")
@@ -204,6 +227,7 @@ def main():
                   f"{statistics.median(w for w, _, _ in runs):.2f} |")
     finally:
         daemon.close()
+        warm.close()
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(dst, ignore_errors=True)
 

@@ -96,8 +96,9 @@ class BackendFile:
     buffer_size: int = 8 * 1024**2
     #: Open images with O_DIRECT (bypass the host page cache).
     direct: bool = False
-    #: Connections that may write one image at once (OPTIONS
-    #: ``max_writers``, capped by ``[daemon] max_connections``).
+    #: Connections that may write one regular file at once (OPTIONS
+    #: ``max_writers``, capped by ``[daemon] max_connections``); a block
+    #: device takes as many writers as readers, as ovirt-imageio does.
     max_writers: int = 1
 
 
