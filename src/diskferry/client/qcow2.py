@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
 
+from diskferry.fileio import pwrite_all
+
 CLUSTER_BITS = 16
 CLUSTER_SIZE = 1 << CLUSTER_BITS
 #: 16-bit refcounts: a refcount block counts this many clusters.
@@ -178,7 +180,7 @@ def _clusters(nbytes: int) -> int:
 def write_tables(fd: int, layout: Layout, written: bytearray) -> None:
     """Write the header and tables into image ``fd``."""
     for offset, data in tables(layout, written):
-        _pwrite_all(fd, memoryview(data), offset)
+        pwrite_all(fd, memoryview(data), offset)
 
 
 class Destination:
@@ -263,7 +265,7 @@ class Destination:
                     runs.append([pos, stop])
             pos = stop
         for start, stop in runs:
-            _pwrite_all(self._fd, view[start - offset:stop - offset],
+            pwrite_all(self._fd, view[start - offset:stop - offset],
                         layout.host_offset(start))
 
     def zero(self, offset: int, length: int) -> None:
@@ -292,12 +294,6 @@ class Destination:
             os.unlink(self._part)
         except FileNotFoundError:
             pass
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 @functools.lru_cache(maxsize=1)

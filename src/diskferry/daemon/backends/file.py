@@ -33,6 +33,7 @@ from diskferry import fallocate
 from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.extent import file_extents
+from diskferry.fileio import preadv_full, pwrite_all
 
 log = logging.getLogger("diskferry.daemon.backends.file")
 
@@ -165,9 +166,9 @@ class FileBackend:
             self._read_fd = self._open_direct(
                 self.path, os.O_RDONLY | os.O_CLOEXEC, quiet=True)
         if self._read_fd is None:
-            return _preadv_full(self._fd, buf, offset)
+            return preadv_full(self._fd, buf, offset)
         try:
-            return self._direct_io(_preadv_full, self._read_fd, offset, buf)
+            return self._direct_io(preadv_full, self._read_fd, offset, buf)
         except OSError as e:
             if e.errno != errno.EINVAL or self.direct:
                 raise
@@ -176,12 +177,12 @@ class FileBackend:
                         self.path)
             os.close(self._read_fd)
             self._read_fd = None
-            return _preadv_full(self._fd, buf, offset)
+            return preadv_full(self._fd, buf, offset)
 
     def write(self, data, offset):
         if self._direct_fd is None:
-            return _pwrite_full(self._fd, data, offset)
-        return self._direct_io(_pwrite_full, self._direct_fd, offset, data)
+            return pwrite_all(self._fd, data, offset)
+        return self._direct_io(pwrite_all, self._direct_fd, offset, data)
 
     def _direct_io(self, io, direct_fd, offset, buf):
         """Run ``io`` on the aligned middle through ``direct_fd``, the rest
@@ -296,26 +297,6 @@ def _address_aligned(view):
     except TypeError:  # read-only memory; cannot tell, take the safe path
         return False
     return address % DIRECT_ALIGNMENT == 0
-
-
-def _preadv_full(fd, buf, offset):
-    """Read until ``buf`` is full or EOF; returns bytes read."""
-    view = memoryview(buf)
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            break
-        done += n
-    return done
-
-
-def _pwrite_full(fd, data, offset):
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        done += os.pwrite(fd, view[done:], offset + done)
-    return done
 
 
 KIND = BackendKind(check_url=check_url, open=open_file)

@@ -57,6 +57,7 @@ from diskferry.errors import (
     RequestTimeout,
     ServerError,
 )
+from diskferry.fileio import pwrite_all
 
 #: Bytes asked of recv() when reading a head; also bounds how much of a
 #: body can land in the head buffer.
@@ -308,7 +309,7 @@ class Connection:
         if self._buf:
             head = bytes(self._buf[:count])
             del self._buf[:len(head)]
-            _pwrite_all(fd, head, offset)
+            pwrite_all(fd, head, offset)
             done = len(head)
             self.body_left -= done
         sockfd = self.sock.fileno()
@@ -477,11 +478,3 @@ def _write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _pwrite_all(fd, data, offset):
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
