@@ -5,7 +5,6 @@ ranges need the Linux flags, reached through libc with ctypes.
 """
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -23,7 +22,10 @@ BLKZEROOUT = 0x127F
 UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY,
                          errno.EINVAL, errno.ENODEV, errno.ENOSYS})
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+#: The C library Python itself is linked with (dlopen(NULL)): no
+#: ``ctypes.util.find_library``, which runs ``ldconfig -p`` in a child
+#: process at every start of every command.
+_libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate64
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                        ctypes.c_int64)
