@@ -31,12 +31,16 @@ def test_layout_places_shared_clusters_once_and_in_guest_order():
 def write(path, size, extents, guest, detect_zeros=True):
     """Write ``guest`` (the whole disk) as a download would: what
     ``extents`` name, in pieces that do not fall on clusters."""
-    dst = qcow2.Destination(str(path), size, extents, request_size=MiB,
+    dst = qcow2.Destination(str(path), size, extents,
                             detect_zeros=detect_zeros)
 
     class Con:
-        def readinto(self, view, offset):
-            view[:] = guest[offset:offset + len(view)]
+        """Hands a body out 100 KiB at a time: clusters straddle chunks."""
+
+        def read_chunks(self, offset, length, consume):
+            for pos in range(offset, offset + length, 100 * K):
+                n = min(100 * K, offset + length - pos)
+                consume(memoryview(bytearray(guest[pos:pos + n])), pos)
 
     with dst:
         for start, end in extents:
@@ -147,8 +151,7 @@ def test_refcounts_span_several_blocks(tmp_path):
 def test_interrupted_image_is_removed(tmp_path):
     out = tmp_path / "disk.qcow2"
     with pytest.raises(RuntimeError):
-        with qcow2.Destination(str(out), MiB, [(0, MiB)], request_size=MiB,
-                               detect_zeros=True):
+        with qcow2.Destination(str(out), MiB, [(0, MiB)], detect_zeros=True):
             assert (tmp_path / "disk.qcow2.part").exists()
             raise RuntimeError("interrupted")
     assert os.listdir(tmp_path) == []

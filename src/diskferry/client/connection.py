@@ -30,10 +30,19 @@ from diskferry.client.errors import (
     HTTPError,
     ProtocolError,
 )
+from diskferry.fileio import pwrite_all
 from diskferry.pipe import Pipe
 
 #: Default size of the reused I/O buffer, and of the largest request.
 BUFFER_SIZE = 8 * 1024**2
+
+#: Bytes of a GET body received before they are handed on (written,
+#: scanned for zeros): small enough to still be in the CPU's cache when
+#: they are, where a whole 8 MiB request would not. A 4 GiB qcow2 with
+#: 1 GiB of data downloaded over the UNIX socket: 0.581 s against 0.599
+#: s; over TLS 2-3% less client CPU (bench/results/
+#: 20261206-stream-chunks.md); 256 KiB was no better.
+STREAM_CHUNK = 1024**2
 
 #: Error bodies are short messages; never read more of one than this.
 MAX_ERROR_BODY = 64 * 1024
@@ -262,28 +271,45 @@ class ImageConnection:
         if splice.AVAILABLE and not self.transport.encrypted:
             self._splice_to_fd(fd, offset, length, ack, positional, fd_offset)
             return
-        view = self._buffer()
+
+        def write(view, pos):
+            if positional:
+                pwrite_all(fd, view, pos - offset + fd_offset)
+            else:
+                rest = view
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+            ack(len(view))
+        self.read_chunks(offset, length, write)
+
+    def read_chunks(self, offset, length, consume):
+        """GET ``length`` bytes at ``offset`` as one request, handing them
+        to ``consume(view, offset)`` in order, ``STREAM_CHUNK`` bytes at a
+        time; a view is valid only during its call.
+
+        A failure of ``consume`` propagates as it is and closes the
+        connection, whose response is then unread.
+        """
+        view = self._buffer()[:STREAM_CHUNK]
         pos = offset
+        end = offset + length
         try:
             res = self._start_get(offset, length)
-            end = offset + length
             readinto = res.readinto
             while pos < end:
                 n = readinto(view[:min(end - pos, len(view))])
                 if not n:
                     raise ConnectionFailed("body ended early")
-                written = 0
-                while written < n:
-                    chunk = view[written:n]
-                    written += (os.pwrite(fd, chunk,
-                                          pos - offset + fd_offset + written)
-                                if positional else os.write(fd, chunk))
+                consume(view[:n], pos)
                 pos += n
-                ack(n)
         except (OSError, http.client.HTTPException, ConnectionFailed) as e:
             if isinstance(e, OSError) and not _is_network_error(e):
+                self.close()
                 raise
             raise self._failed(f"GET at offset {pos}", e) from e
+        except BaseException:
+            self.close()
+            raise
 
     def _splice_to_fd(self, fd, offset, length, ack, positional, fd_offset):
         pos = offset

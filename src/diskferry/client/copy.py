@@ -299,7 +299,7 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
             dst = qcow2.Destination(
                 os.fsdecode(path), size,
                 [(e.start, e.end) for e in image_extents if not e.zero],
-                request_size=request_size, detect_zeros=detect_zeros)
+                detect_zeros=detect_zeros)
         else:
             from diskferry.client import imagecopy
 

@@ -29,7 +29,6 @@ import functools
 import math
 import os
 import struct
-import threading
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
@@ -199,14 +198,12 @@ class Destination:
     done: list[tuple[int, int]] = []
 
     def __init__(self, path: str, size: int, extents: list[tuple[int, int]],
-                 *, request_size: int, detect_zeros: bool) -> None:
+                 *, detect_zeros: bool) -> None:
         self.path = path
         self._part: str | None = path + ".part"
         self._layout = Layout(size, extents)
         self._written = bytearray(self._layout.clusters)
         self._detect_zeros = detect_zeros
-        self._request_size = request_size
-        self._buffers = threading.local()
         self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT | os.O_TRUNC
                            | os.O_CLOEXEC, 0o644)
 
@@ -218,14 +215,7 @@ class Destination:
         if not self._detect_zeros:
             self._splice(con, state, end, report)
             return
-        buf = getattr(self._buffers, "buf", None)
-        if buf is None or len(buf) < length:
-            buf = self._buffers.buf = bytearray(max(length,
-                                                    self._request_size))
-        with memoryview(buf) as whole:
-            view = whole[:length]
-            con.readinto(view, offset)
-            self._write(view, offset)
+        con.read_chunks(offset, length, self._write)
         report(length)
         state["offset"] = end
 
