@@ -2,11 +2,10 @@
 
 import hashlib
 import os
-import shutil
-import subprocess
 
 import pytest
 
+import loopdev
 from servers import Endpoint
 
 MiB = 1024**2
@@ -15,18 +14,11 @@ SIZE = 16 * MiB
 
 @pytest.fixture
 def loop_device(tmp_path):
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("loop devices need root and losetup")
     backing = tmp_path / "backing.raw"
     with open(backing, "wb") as f:
         f.write(os.urandom(SIZE))
-    run = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        pytest.skip(f"losetup cannot attach a loop device here: {run.stderr}")
-    dev = run.stdout.strip()
-    yield dev, backing
-    subprocess.run(["losetup", "-d", dev], check=False)
+    with loopdev.attached(backing) as dev:
+        yield dev, backing
 
 
 @pytest.mark.root

@@ -1,12 +1,11 @@
 """The file backend on real sparse files, O_DIRECT, and a loop device."""
 
 import os
-import shutil
-import subprocess
 import time
 
 import pytest
 
+import loopdev
 from diskferry.daemon.backends.file import FileBackend
 from diskferry.daemon.buffers import aligned_buffer
 from diskferry.errors import BackendError
@@ -142,24 +141,12 @@ def test_open_errors(tmp_path):
         FileBackend(str(tmp_path))
 
 
-def _losetup_available():
-    return os.geteuid() == 0 and shutil.which("losetup") is not None
-
-
 @pytest.fixture
 def loop_device(tmp_path):
-    if not _losetup_available():
-        pytest.skip("loop devices need root and losetup")
     backing = tmp_path / "loop.raw"
     backing.write_bytes(b"L" * 4 * MiB)
-    try:
-        dev = subprocess.run(
-            ["losetup", "--find", "--show", str(backing)],
-            check=True, capture_output=True, text=True).stdout.strip()
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"losetup cannot attach a loop device here: {e.stderr}")
-    yield dev, backing
-    subprocess.run(["losetup", "-d", dev], check=False)
+    with loopdev.attached(backing) as dev:
+        yield dev, backing
 
 
 @pytest.mark.root

@@ -14,13 +14,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
 import threading
 import uuid
 
 import pytest
 
+import loopdev
 import servers
 from diskferry.client import upload
 from diskferry.daemon import config
@@ -102,17 +101,8 @@ def image(request, tmp_path):
     if request.param == "file":
         yield backing, backing
         return
-    if os.geteuid() != 0 or shutil.which("losetup") is None:
-        pytest.skip("loop devices need root and losetup")
-    run = subprocess.run(["losetup", "--find", "--show", str(backing)],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        pytest.skip(f"losetup cannot attach a loop device here: {run.stderr}")
-    dev = run.stdout.strip()
-    try:
+    with loopdev.attached(backing) as dev:
         yield dev, backing
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 @pytest.mark.parametrize("transport", ["local", "tls"])

@@ -235,11 +235,10 @@ class Connection:
                 got += n
         except PEER_ERRORS as e:
             self.body_left -= got
-            raise ConnectionGone(f"Receiving body failed: {e}") from e
+            raise _receive_failed(e) from e
         self.body_left -= got
         if got < want:
-            raise ConnectionGone(
-                f"Peer closed with {self.body_left} body bytes missing")
+            raise self._peer_closed()
         return got
 
     def _receive_body(self, receive, *args):
@@ -252,12 +251,15 @@ class Connection:
         try:
             n = receive(*args)
         except PEER_ERRORS as e:
-            raise ConnectionGone(f"Receiving body failed: {e}") from e
+            raise _receive_failed(e) from e
         if not n:  # 0 from recv_into and splice, b"" from recv
-            missing = "chunked body" if self.chunked else \
-                f"{self.body_left} body bytes"
-            raise ConnectionGone(f"Peer closed with {missing} missing")
+            raise self._peer_closed()
         return n
+
+    def _peer_closed(self):
+        missing = "chunked body" if self.chunked else \
+            f"{self.body_left} body bytes"
+        return ConnectionGone(f"Peer closed with {missing} missing")
 
     # Chunked bodies
 
@@ -491,6 +493,10 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+
+def _receive_failed(error):
+    return ConnectionGone(f"Receiving body failed: {error}")
 
 
 def _write_all(fd, data):
