@@ -12,7 +12,7 @@ import tarfile
 import threading
 import time
 
-from diskferry.daemon.http.accesslog import redact_path
+from diskferry.daemon.handlers.app import TICKET_PATHS
 
 MiB = 1024**2
 
@@ -59,7 +59,7 @@ def data_transports(srv, log_offset, ticket_id, wait=3.0):
     """Transports ("local" / "remote") that carried image data since
     ``log_offset`` of the server's log, as the server itself logged them."""
     # The log shows a ticket id shortened (a bearer secret).
-    shown = redact_path(f"/images/{ticket_id}")
+    shown = TICKET_PATHS.redact_path(f"/images/{ticket_id}")
     deadline = time.monotonic() + wait
     while True:
         text = srv.log_text()[log_offset:]

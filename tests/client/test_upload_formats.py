@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from diskferry import client
-from diskferry.daemon.http.accesslog import redact_path
+from diskferry.daemon.handlers.app import TICKET_PATHS
 
 from .helpers import KINDS, MiB, format_image, log_offset, make_image
 
@@ -54,7 +54,7 @@ def assert_refused(proc, srv, mark, url, path, content, named):
     assert path.read_bytes() == content
     # Not one request: the ticket never shows in the server's log (where
     # its id is shortened, a bearer secret).
-    assert redact_path(f"/images/{url.rsplit('/', 1)[1]}") not in \
+    assert TICKET_PATHS.redact_path(f"/images/{url.rsplit('/', 1)[1]}") not in \
         srv.log_text()[mark:]
 
 

@@ -1,14 +1,41 @@
-"""The two applications the daemon serves, as routing tables."""
+"""The two applications the daemon serves, as routing tables.
 
+Their paths name tickets (``/images/{id}``, ``/tickets/{id}``), and a
+ticket id is a bearer secret: the applications tell the access log so
+(``TICKET_PATHS``), as the server core knows no route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from diskferry.daemon.config import Config
 from diskferry.daemon.handlers import checksum, extents, images, info, tickets
 from diskferry.daemon.handlers.context import (
+    ConnectionContext,
+    HandlerRequest,
     release_connection,
     release_request,
 )
 from diskferry.daemon.http import parse
+from diskferry.daemon.http.accesslog import SecretPaths
 from diskferry.daemon.http.router import Router
+from diskferry.daemon.tickets import TicketStore
 
 TICKET = r"/images/([^/]+)"
+
+
+def default_transfer_id(ticket_id: str) -> str:
+    """The transfer id of a ticket that has none: its id's first 18
+    characters, as ovirt-imageio names it; too much of a secret for a
+    log."""
+    return f"(ticket/{ticket_id[:18]})"
+
+
+#: Paths whose segment after these prefixes is a ticket id, on either
+#: service; messages also name a ticket by its default transfer id.
+TICKET_PATHS = SecretPaths(("/images/", "/tickets/"), default_transfer_id)
 
 
 class App:
@@ -19,11 +46,17 @@ class App:
     API: ovirt-imageio's clients ask for it so).
     """
 
-    def __init__(self, routes, close_query=False):
+    secret_paths = TICKET_PATHS
+
+    def __init__(self, routes: Iterable[tuple[str, object]],
+                 close_query: bool = False) -> None:
         self._router = Router(routes)
         self._close_query = close_query
 
-    def handle(self, request):
+    def connection_opened(self, conn_id: str) -> ConnectionContext:
+        return ConnectionContext(conn_id)
+
+    def handle(self, request: HandlerRequest) -> None:
         if self._close_query:
             request.conn.close_after = parse.query_close(request.query)
         try:
@@ -31,11 +64,12 @@ class App:
         finally:
             release_request(request.context)
 
-    def connection_closed(self, context):
+    def connection_closed(self, context: ConnectionContext) -> None:
         release_connection(context)
 
 
-def images_app(store, config, options, ticket_options):
+def images_app(store: TicketStore, config: Config, options: dict[str, Any],
+               ticket_options: dict[str, Any]) -> App:
     """The images API. ``options`` holds what OPTIONS advertises, and
     ``ticket_options`` what it adds for a valid ticket only."""
     return App([
@@ -43,13 +77,13 @@ def images_app(store, config, options, ticket_options):
         (TICKET + "/checksum/algorithms", checksum.AlgorithmsHandler()),
         (TICKET + "/checksum", checksum.ChecksumHandler(store, config)),
         (TICKET, images.ImageHandler(store, config, options,
-                                           ticket_options)),
+                                     ticket_options)),
         (r"/images/?", images.NoTicketHandler()),
         (r"/info/?", info.InfoHandler(cors=True)),
     ], close_query=True)
 
 
-def control_app(store):
+def control_app(store: TicketStore) -> App:
     """The tickets API."""
     return App([
         (r"/tickets/([^/]*)", tickets.TicketsHandler(store)),

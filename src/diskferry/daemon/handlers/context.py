@@ -5,11 +5,21 @@ it for its next requests; the ticket counts the connection while it does.
 Closing the connection, or canceling the ticket, releases the backend.
 """
 
+from __future__ import annotations
+
 import contextlib
+import mmap
 import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from diskferry.daemon.backends import open_backend
+from diskferry.daemon.backends.base import Backend
 from diskferry.daemon.buffers import POOL
+from diskferry.daemon.config import Config
+from diskferry.daemon.http.request import Request
+from diskferry.daemon.tickets import Ticket, TicketStore
 from diskferry.errors import BackendError, ServerError
 from diskferry.pipe import Pipe
 
@@ -17,13 +27,13 @@ from diskferry.pipe import Pipe
 class OpenImage:
     """A ticket's backend as one connection uses it."""
 
-    def __init__(self, ticket, backend):
+    def __init__(self, ticket: Ticket, backend: Backend) -> None:
         self.ticket = ticket
         self.backend = backend
         self._lock = threading.Lock()
         self._closed = False
 
-    def close(self):
+    def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -31,20 +41,37 @@ class OpenImage:
         self.backend.close()
 
 
-def open_image(request, store, config, ticket_id, op):
+@dataclass
+class ConnectionContext:
+    """What a connection holds across its requests (``images``, the
+    ticket's ``idle_timeout``) and during one (``buffer``, ``pipe``)."""
+
+    id: str
+    idle_timeout: float | None = None
+    images: dict[str, OpenImage] = field(default_factory=dict)
+    buffer: mmap.mmap | None = None
+    pipe: Pipe | None = None
+
+
+#: A request of the images and tickets APIs.
+HandlerRequest: TypeAlias = Request[ConnectionContext]
+
+
+def open_image(request: HandlerRequest, store: TicketStore, config: Config,
+               ticket_id: str, op: str) -> OpenImage:
     """Authorize ``op`` on the ticket and return the connection's backend.
 
     The first use of a ticket on a connection opens the backend and
     switches the connection to the ticket's inactivity timeout.
     """
     ticket = store.authorize(ticket_id, op)
-    request.log["transfer_id"] = ticket.transfer_id
-    images = request.context.setdefault("images", {})
-    image = images.get(ticket_id)
+    request.log.transfer_id = ticket.transfer_id
+    context = request.context
+    image = context.images.get(ticket_id)
     if image is not None and image.ticket is ticket:
         return image
     if image is not None:  # the ticket was replaced
-        _release(request.context["id"], image)
+        _release(context.id, image)
     try:
         backend = open_backend(ticket, config)
     except BackendError as e:
@@ -52,44 +79,46 @@ def open_image(request, store, config, ticket_id, op):
                           f"{ticket.transfer_id}") from e
     image = OpenImage(ticket, backend)
     try:
-        ticket.add_connection(request.context["id"], image.close)
+        ticket.add_connection(context.id, image.close)
     except BaseException:
         image.close()
         raise
-    images[ticket_id] = image
-    request.context["idle_timeout"] = ticket.spec.inactivity_timeout
+    context.images[ticket_id] = image
+    context.idle_timeout = ticket.spec.inactivity_timeout
     return image
 
 
-def connection_buffer(request, size):
+def connection_buffer(request: HandlerRequest, size: int) -> mmap.mmap:
     """An aligned buffer for this request, lent by the daemon's pool and
     given back when the request ends (``release_request``)."""
-    buf = request.context.get("buffer")
+    context = request.context
+    buf = context.buffer
     if buf is None or len(buf) < size:
         if buf is not None:
-            POOL.give(request.context.pop("buffer"))
-        buf = request.context["buffer"] = POOL.take(size)
+            context.buffer = None
+            POOL.give(buf)
+        buf = context.buffer = POOL.take(size)
     return buf
 
 
-def release_request(context):
+def release_request(context: ConnectionContext) -> None:
     """What a request borrowed goes back, so an idle connection holds no
     buffer."""
-    buf = context.pop("buffer", None)
+    buf, context.buffer = context.buffer, None
     if buf is not None:
         POOL.give(buf)
 
 
-def connection_pipe(request):
+def connection_pipe(request: HandlerRequest) -> Pipe:
     """One pipe per connection for splicing request bodies to files."""
-    pipe = request.context.get("pipe")
+    pipe = request.context.pipe
     if pipe is None:
-        pipe = request.context["pipe"] = Pipe()
+        pipe = request.context.pipe = Pipe()
     return pipe
 
 
 @contextlib.contextmanager
-def request_pipes(count=1):
+def request_pipes(count: int = 1) -> Iterator[list[Pipe]]:
     """Pipes for one spliced request, closed after it: a connection keeps
     none, so idle connections hold no pipe descriptors, and a failed
     request leaves none holding its bytes."""
@@ -103,20 +132,21 @@ def request_pipes(count=1):
             pipe.close()
 
 
-def discard_pipe(context):
+def discard_pipe(context: ConnectionContext) -> None:
     """Close the connection's pipe; the next splice gets a new one."""
-    pipe = context.pop("pipe", None)
+    pipe, context.pipe = context.pipe, None
     if pipe is not None:
         pipe.close()
 
 
-def _release(conn_id, image):
+def _release(conn_id: str, image: OpenImage) -> None:
     image.ticket.remove_connection(conn_id)
     image.close()
 
 
-def release_connection(context):
-    for image in context.pop("images", {}).values():
-        _release(context["id"], image)
+def release_connection(context: ConnectionContext) -> None:
+    images, context.images = context.images, {}
+    for image in images.values():
+        _release(context.id, image)
     discard_pipe(context)
     release_request(context)

@@ -120,7 +120,7 @@ class ImageHandler:
             offset, length, status = 0, _whole_length(image), 200
             headers = {}
         headers.update(_entity_headers(ticket))
-        request.log.update(offset=offset, size=length)
+        request.log.offset, request.log.size = offset, length
         conn = request.conn
         backend = image.backend
         with ticket.operation(offset) as op:
@@ -182,12 +182,12 @@ class ImageHandler:
             # Chunked: the body may fill the range, or the image's rest.
             limit = span.length if span else ticket.size - offset
             check_range(ticket, offset, limit)
-            request.log["offset"] = offset
+            request.log.offset = offset
             with ticket.operation(offset) as op, \
                     _writing("Writing the image"):
                 done = self._receive_chunked(request, image.backend, op,
                                              offset, limit)
-                request.log["size"] = done
+                request.log.size = done
                 if span is not None and done != span.length:
                     raise BadRequest(
                         f"Chunked body of {done} bytes, Content-Range "
@@ -198,7 +198,7 @@ class ImageHandler:
             request.conn.send_response(200)
             return
         check_range(ticket, offset, length)
-        request.log.update(offset=offset, size=length)
+        request.log.offset, request.log.size = offset, length
         conn = request.conn
         backend = image.backend
         fd = backend.fileno() if conn.zero_copy else None
@@ -277,7 +277,7 @@ class ImageHandler:
             offset = field(msg, "offset", int, default=0, minimum=0)
             flush = field(msg, "flush", bool, default=False)
             check_range(ticket, offset, size)
-            request.log.update(offset=offset, size=size)
+            request.log.offset, request.log.size = offset, size
             with ticket.operation(offset) as op, _writing("Zeroing"):
                 image.backend.zero(offset, size, punch_hole=ticket.spec.sparse)
                 op.done = size

@@ -47,9 +47,12 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import TypeAlias, TypeVar
 
 from diskferry.daemon.http import parse
+from diskferry.daemon.http.parse import RequestHead
 from diskferry.errors import (
     BadRequest,
     ConnectionGone,
@@ -58,6 +61,7 @@ from diskferry.errors import (
     ServerError,
 )
 from diskferry.fileio import pwrite_all
+from diskferry.pipe import Pipe
 
 #: Bytes asked of recv() when reading a head; also bounds how much of a
 #: body can land in the head buffer.
@@ -75,35 +79,51 @@ PEER_ERRORS = (ConnectionError, TimeoutError, BlockingIOError, ssl.SSLError)
 #: ovirt-imageio has no such bound.
 HEAD_TIMEOUT = 30.0
 
+#: What a body is received into: a caller's reused buffer or a view of it.
+Writable: TypeAlias = bytearray | memoryview
+
+#: What a response body is sent from.
+Readable: TypeAlias = bytes | bytearray | memoryview
+
+#: What one receive step returns: a count (recv_into, splice) or bytes.
+_Received = TypeVar("_Received", int, bytes)
+
 
 class Connection:
     """A client connection, used by one thread at a time."""
 
-    def __init__(self, sock, *, tls=False, timeout=60.0,
-                 head_timeout=HEAD_TIMEOUT):
+    def __init__(self, sock: socket.socket, *, tls: bool = False,
+                 timeout: float = 60.0,
+                 head_timeout: float = HEAD_TIMEOUT) -> None:
         self.sock = sock
         self.tls = tls
         self.head_timeout = head_timeout
         # The first head's deadline runs from the connection's start.
-        self._head_started = time.monotonic()
+        self._head_started: float | None = time.monotonic()
+        #: When the current request's head began: its first byte (the
+        #: connection's start for the first one); None while idle.
+        self.request_started: float | None = None
         self._buf = bytearray()
         self.body_left = 0
         self.chunked = False
         self._chunk_left = 0
         self._chunked_done = True
         self._continue_pending = False
-        self.extra_headers = {}
+        self.extra_headers: dict[str, str] = {}
         self.close_after = False
         self.no_body = False
+        self.keep_alive = False
         self._response_left = 0
         self.response_started = False
+        #: The status of the response started, for the access log.
+        self.status: int | None = None
         self.closed = False
-        self.timeout = None
+        self.timeout: float | None = None
         self.set_timeout(timeout)
 
     # Timeouts
 
-    def set_timeout(self, seconds):
+    def set_timeout(self, seconds: float) -> None:
         """Bound every blocking receive and send on this connection."""
         if seconds == self.timeout:
             return
@@ -119,25 +139,55 @@ class Connection:
 
     # Reading
 
-    def read_head(self):
+    def read_request(self) -> RequestHead | None:
+        """Read and parse the next request head and frame its body; None
+        if the peer closed cleanly between requests.
+
+        After it, the body (Content-Length or chunked, behind an
+        ``Expect: 100-continue`` if asked) is read with the read methods,
+        and ``reusable`` says whether another request may follow. A head
+        that breaks a limit or cannot be parsed raises its RequestError.
+        """
+        self.response_started = False
+        self.status = None
+        self.extra_headers = {}
+        self.close_after = False
+        self.no_body = False
+        self.keep_alive = False
+        raw = self._read_head_bytes()
+        if raw is None:
+            return None
+        head = parse.parse_head(raw)
+        self.no_body = head.method == "HEAD"
+        self.start_body(head.content_length or 0, head.expects_continue,
+                        head.chunked)
+        self.keep_alive = head.keep_alive
+        return head
+
+    @property
+    def reusable(self) -> bool:
+        """True when the next request may be read after this answer: the
+        client keeps the connection, the body was read to its end, and no
+        one asked to close after the answer."""
+        return self.keep_alive and self.body_done and not self.close_after
+
+    def _read_head_bytes(self) -> bytes | None:
         """Read the next request head; None if the peer closed cleanly.
 
         Enforces the head limits while reading, so that a peer cannot make
         the server buffer more than ``parse.MAX_HEAD`` bytes, nor take
         longer than ``head_timeout`` seconds to send it.
         """
-        self.response_started = False
-        self.extra_headers = {}
-        self.close_after = False
-        self.no_body = False
         idle = self.timeout
+        assert idle is not None
         started, self._head_started = self._head_started, None
+        self.request_started = started
         try:
             return self._read_head(idle, started)
         finally:
             self.set_timeout(idle)
 
-    def _read_head(self, idle, started):
+    def _read_head(self, idle: float, started: float | None) -> bytes | None:
         start = 0
         while True:
             end = self._buf.find(b"\r\n\r\n", max(0, start - 3))
@@ -151,7 +201,7 @@ class Connection:
                 raise HeadersTooLarge(
                     f"Request head longer than {parse.MAX_HEAD} bytes")
             if started is None and self._buf:
-                started = time.monotonic()
+                started = self.request_started = time.monotonic()
             if started is not None:
                 left = started + self.head_timeout - time.monotonic()
                 if left <= 0:
@@ -178,7 +228,8 @@ class Connection:
                 return None
             self._buf += chunk
 
-    def start_body(self, length, expect_continue, chunked=False):
+    def start_body(self, length: int, expect_continue: bool,
+                   chunked: bool = False) -> None:
         self.body_left = length
         self.chunked = chunked
         self._chunk_left = 0
@@ -186,13 +237,13 @@ class Connection:
         self._continue_pending = expect_continue and (length > 0 or chunked)
 
     @property
-    def body_done(self):
+    def body_done(self) -> bool:
         """True when the whole body was read: the next head may follow."""
         if self.chunked:
             return self._chunked_done
         return self.body_left == 0
 
-    def readinto(self, buf):
+    def readinto(self, buf: Writable) -> int:
         """Receive up to ``len(buf)`` bytes of the body into ``buf``.
 
         Raises ConnectionGone if the peer closes before the whole body
@@ -213,7 +264,7 @@ class Connection:
             return n
         return self._receive_body(self.sock.recv_into, buf, want)
 
-    def readinto_full(self, view):
+    def readinto_full(self, view: memoryview) -> int:
         """Fill ``view`` with body bytes.
 
         A TLS socket hands out one 16 KiB record per receive, so this loop
@@ -241,13 +292,15 @@ class Connection:
             raise self._peer_closed()
         return got
 
-    def _receive_body(self, receive, *args):
+    def _receive_body(self, receive: Callable[..., int],
+                      *args: object) -> int:
         """Call ``receive``, the socket to body step of readinto or splice."""
         n = self._receive(receive, *args)
         self.body_left -= n
         return n
 
-    def _receive(self, receive, *args):
+    def _receive(self, receive: Callable[..., _Received],
+                 *args: object) -> _Received:
         try:
             n = receive(*args)
         except PEER_ERRORS as e:
@@ -256,14 +309,14 @@ class Connection:
             raise self._peer_closed()
         return n
 
-    def _peer_closed(self):
+    def _peer_closed(self) -> ConnectionGone:
         missing = "chunked body" if self.chunked else \
             f"{self.body_left} body bytes"
         return ConnectionGone(f"Peer closed with {missing} missing")
 
     # Chunked bodies
 
-    def _readinto_chunked(self, buf):
+    def _readinto_chunked(self, buf: Writable) -> int:
         if self._chunked_done:
             return 0
         self._send_continue()
@@ -286,7 +339,7 @@ class Connection:
             self._read_crlf()
         return n
 
-    def _read_crlf(self):
+    def _read_crlf(self) -> None:
         """The CRLF after a chunk's data; a 400 as soon as a byte differs."""
         while len(self._buf) < 2 and self._buf[:1] in (b"", b"\r"):
             self._buf += self._receive(self.sock.recv, HEAD_RECV_SIZE)
@@ -295,7 +348,7 @@ class Connection:
                              close_connection=True)
         del self._buf[:2]
 
-    def _read_line(self, limit):
+    def _read_line(self, limit: int) -> bytes:
         """The next CRLF-terminated line of the body, without the CRLF;
         a 400 if ``limit`` bytes came without a line end."""
         start = 0
@@ -312,14 +365,15 @@ class Connection:
             chunk = self._receive(self.sock.recv, HEAD_RECV_SIZE)
             self._buf += chunk
 
-    def _read_trailers(self):
+    def _read_trailers(self) -> None:
         """Read and drop the trailer section, bounded like a head."""
         for _ in range(parse.MAX_HEADERS + 1):
             if self._read_line(parse.MAX_HEADER_LINE) == b"":
                 return
         raise HeadersTooLarge(f"More than {parse.MAX_HEADERS} trailer lines")
 
-    def splice_body(self, fd, offset, count, pipe):
+    def splice_body(self, fd: int, offset: int, count: int,
+                    pipe: Pipe) -> int:
         """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
 
         socket -> pipe -> file with ``os.splice``: the bytes are never
@@ -333,34 +387,36 @@ class Connection:
             pwrite_all(fd, head, offset)
             done = len(head)
             self.body_left -= done
+        r, w = _open_end(pipe.r), _open_end(pipe.w)
         sockfd = self.sock.fileno()
         while done < count:
-            n = self._receive_body(os.splice, sockfd, pipe.w,
+            n = self._receive_body(os.splice, sockfd, w,
                                    min(pipe.size, count - done))
             left = n
             while left:
-                left -= os.splice(pipe.r, fd, left,
+                left -= os.splice(r, fd, left,
                                   offset_dst=offset + done + n - left)
             done += n
         return done
 
-    def splice_body_to_pipe(self, pipe, count):
+    def splice_body_to_pipe(self, pipe: Pipe, count: int) -> int:
         """Move the next ``count`` body bytes into ``pipe`` (at most its
         capacity), for a consumer that splices them on (an NBD WRITE)."""
         self._send_continue()
+        w = _open_end(pipe.w)
         done = 0
         if self._buf:
             head = bytes(self._buf[:count])
             del self._buf[:len(head)]
-            _write_all(pipe.w, head)
+            _write_all(w, head)
             done = len(head)
             self.body_left -= done
         sockfd = self.sock.fileno()
         while done < count:
-            done += self._receive_body(os.splice, sockfd, pipe.w, count - done)
+            done += self._receive_body(os.splice, sockfd, w, count - done)
         return done
 
-    def read_body(self, limit):
+    def read_body(self, limit: int) -> bytes:
         """The whole body as bytes, for small (JSON) bodies."""
         if self.body_left > limit:
             raise BadRequest(f"Body larger than {limit} bytes")
@@ -371,7 +427,7 @@ class Connection:
             pos += self.readinto(view[pos:])
         return bytes(data)
 
-    def discard_body(self, limit):
+    def discard_body(self, limit: int) -> bool:
         """Read and drop an unread body of at most ``limit`` bytes.
 
         Keeps the connection in sync after a request was refused. Returns
@@ -387,15 +443,16 @@ class Connection:
             self.readinto(scratch)
         return True
 
-    def _send_continue(self):
+    def _send_continue(self) -> None:
         if self._continue_pending:
             self._continue_pending = False
             self._sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # Writing
 
-    def send_response(self, status, body=b"", content_type="text/plain",
-                      headers=None):
+    def send_response(self, status: int, body: bytes | str = b"",
+                      content_type: str = "text/plain",
+                      headers: dict[str, str] | None = None) -> None:
         """Send a whole response with a small body."""
         if isinstance(body, str):
             body = body.encode("utf-8")
@@ -404,43 +461,48 @@ class Connection:
         # One send for head and body: one packet, one TLS record.
         self.start_response(status, len(body), headers, body)
 
-    def start_response(self, status, content_length, headers=None, body=b""):
+    def start_response(self, status: int, content_length: int,
+                       headers: dict[str, str] | None = None,
+                       body: bytes = b"") -> None:
         """Send the status line and headers, and ``body`` if given; the
         rest of the body follows with write() or sendfile().
 
         The answer to a HEAD request (``no_body``) is the head alone.
         """
+        self.status = status
         if self.no_body:
             self.send_head(status, content_length, headers)
             return
         self._send_head(status, content_length, headers, body)
         self._response_left = content_length - len(body)
 
-    def send_head(self, status, content_length, headers=None):
+    def send_head(self, status: int, content_length: int,
+                  headers: dict[str, str] | None = None) -> None:
         """Answer a HEAD request: the head GET would send, no body."""
         self._send_head(status, content_length, headers)
         self._response_left = 0
 
-    def _send_head(self, status, content_length, headers, body=b""):
+    def _send_head(self, status: int, content_length: int,
+                   headers: dict[str, str] | None, body: bytes = b"") -> None:
         if self.response_started:
             raise RuntimeError("Response already started")
         self.response_started = True
         reason = HTTPStatus(status).phrase
         lines = [f"HTTP/1.1 {status} {reason}"]
-        headers = {**self.extra_headers, **(headers or {})}
+        fields = {**self.extra_headers, **(headers or {})}
         if self.close_after:
-            headers["Connection"] = "close"
-        for name, value in headers.items():
+            fields["Connection"] = "close"
+        for name, value in fields.items():
             lines.append(f"{name}: {value}")
         lines.append(f"Content-Length: {content_length}")
         lines.append("\r\n")
         self._sendall("\r\n".join(lines).encode("latin-1") + body)
 
-    def write(self, data):
+    def write(self, data: Readable) -> None:
         self._response_left -= len(data)
         self._sendall(data)
 
-    def sendfile(self, fd, offset, count):
+    def sendfile(self, fd: int, offset: int, count: int) -> None:
         """Send ``count`` bytes of file ``fd`` from ``offset`` in the kernel."""
         sockfd = self.sock.fileno()
         while count:
@@ -454,13 +516,14 @@ class Connection:
             count -= n
             self._response_left -= n
 
-    def send_pipe(self, pipe, count):
+    def send_pipe(self, pipe: Pipe, count: int) -> None:
         """Send ``count`` bytes the read end of ``pipe`` holds, in the
         kernel (a pipe filled from another socket: an NBD reply)."""
+        r = _open_end(pipe.r)
         sockfd = self.sock.fileno()
         while count:
             try:
-                n = os.splice(pipe.r, sockfd, count)
+                n = os.splice(r, sockfd, count)
             except PEER_ERRORS as e:
                 raise ConnectionGone(f"Sending failed: {e}") from e
             if n == 0:
@@ -470,21 +533,21 @@ class Connection:
             self._response_left -= n
 
     @property
-    def response_complete(self):
+    def response_complete(self) -> bool:
         return self.response_started and self._response_left == 0
 
-    def _sendall(self, data):
+    def _sendall(self, data: Readable) -> None:
         try:
             self.sock.sendall(data)
         except PEER_ERRORS as e:
             raise ConnectionGone(f"Sending failed: {e}") from e
 
     @property
-    def zero_copy(self):
+    def zero_copy(self) -> bool:
         """True when sendfile() can be used (plain TCP and UNIX sockets)."""
         return not self.tls
 
-    def close(self):
+    def close(self) -> None:
         if self.closed:
             return
         self.closed = True
@@ -495,11 +558,18 @@ class Connection:
         self.sock.close()
 
 
-def _receive_failed(error):
+def _receive_failed(error: Exception) -> ConnectionGone:
     return ConnectionGone(f"Receiving body failed: {error}")
 
 
-def _write_all(fd, data):
+def _open_end(fd: int | None) -> int:
+    """One end of a pipe, which must still be open."""
+    if fd is None:
+        raise ValueError("Splicing through a closed pipe end")
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]

@@ -33,8 +33,9 @@ def unix_address(address):
     return address
 
 
-def tcp_listener(host, port):
+def tcp_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket; "" or "::" listen on every address."""
+    addr: tuple[str, int] | tuple[str, int, int, int]
     if host in ("", "::"):
         family, addr = socket.AF_INET6, ("::", port)
     else:
@@ -54,7 +55,7 @@ def tcp_listener(host, port):
     return sock
 
 
-def unix_listener(address, mode=None):
+def unix_listener(address: str, mode: int | None = None) -> socket.socket:
     """A listening UNIX stream socket, abstract or at a path.
 
     A socket file at the path is removed first only if it is stale (no
@@ -121,7 +122,7 @@ def socket_answers(path: str) -> bool:
         return True
 
 
-def describe(sock):
+def describe(sock: socket.socket) -> str:
     """A printable address: host:port, a path, or @name when abstract."""
     addr = sock.getsockname()
     if sock.family == socket.AF_UNIX:

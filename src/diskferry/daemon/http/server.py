@@ -2,9 +2,15 @@
 
     listening socket --accept--> worker thread
                                    TLS handshake (bounded by a timeout)
-                                   loop: read head -> app.handle(request)
+                                   context = app.connection_opened(id)
+                                   loop: conn.read_request()
+                                         -> app.handle(request)
                                          -> access log line
                                    app.connection_closed(context)
+
+The connection owns the framing (head limits, body length, chunks,
+100-continue, whether another request may follow); the server accepts,
+runs one exchange after another per connection, and logs each.
 
 Blocking I/O in threads is enough here: a server moves bulk data over a
 few dozen connections, and every syscall releases the GIL.
@@ -13,27 +19,32 @@ Connections open at once are capped (``ConnectionLimit``, shared by the
 services that serve clients): past the cap a new connection is answered
 ``503`` with ``Retry-After`` and closed, never queued or left hanging.
 
-Error handling is in one place, ``_serve_request``: a ``RequestError``
-becomes its status and a text body; ``ConnectionGone`` closes the
-connection silently; anything else is logged and answered with a 500
-whose body says nothing of the internals.
+Errors become answers in one place, ``exchange.serve_request``: a
+``RequestError`` becomes its status and a text body; ``ConnectionGone``
+closes the connection silently; anything else is logged and answered
+with a 500 whose body says nothing of the internals.
 """
 
 import errno
 import logging
 import socket
+import ssl
 import threading
 import time
+from functools import partial
+from typing import Generic
 
-from diskferry.daemon.http import accesslog, parse
+from diskferry.daemon.http import accesslog
 from diskferry.daemon.http.connection import HEAD_TIMEOUT, Connection
-from diskferry.daemon.http.listener import describe
-from diskferry.errors import (
-    ConnectionGone,
-    RequestError,
-    ServerError,
-    ServiceUnavailable,
+from diskferry.daemon.http.exchange import (
+    Application,
+    Outcome,
+    send_error,
+    serve_request,
 )
+from diskferry.daemon.http.listener import describe
+from diskferry.daemon.http.request import StateT
+from diskferry.errors import ServiceUnavailable
 
 log = logging.getLogger("diskferry.daemon.http")
 
@@ -49,10 +60,6 @@ ACCEPT_BACKOFF = 0.1
 #: a reader of 8 MiB requests wake up dozens of times per request.
 #: Capped by net.core.wmem_max (often 208 KiB, 4 MiB on some hosts).
 UNIX_SEND_BUFFER = 4 * 1024**2
-
-#: Largest unread body drained after a refused request to keep the
-#: connection; a larger one (refused image data) closes it instead.
-MAX_DISCARDED_BODY = 64 * 1024
 
 ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -77,12 +84,12 @@ MAX_REJECTING = 16
 class ConnectionLimit:
     """How many connections may be open at once; shared by services."""
 
-    def __init__(self, limit=DEFAULT_CONNECTION_LIMIT):
+    def __init__(self, limit: int = DEFAULT_CONNECTION_LIMIT) -> None:
         self.limit = limit
         self._lock = threading.Lock()
         self.count = 0
 
-    def acquire(self):
+    def acquire(self) -> bool:
         """Count one more connection; False, counting none, when full."""
         with self._lock:
             if self.count >= self.limit:
@@ -90,61 +97,23 @@ class ConnectionLimit:
             self.count += 1
             return True
 
-    def release(self):
+    def release(self) -> None:
         with self._lock:
             self.count -= 1
 
 
-class Request:
-    """One request: its parsed head, its connection and per-connection state.
-
-    ``context`` lives as long as the connection (handlers keep open
-    backends there); ``log`` collects fields for the access log line.
-    """
-
-    def __init__(self, head, conn, context, client):
-        self.head = head
-        self.conn = conn
-        self.context = context
-        self.client = client
-        self.log = {}
-
-    @property
-    def method(self):
-        return self.head.method
-
-    @property
-    def path(self):
-        return self.head.path
-
-    @property
-    def query(self):
-        return self.head.query
-
-    @property
-    def headers(self):
-        return self.head.headers
-
-
-class _Connection(Connection):
-    """A Connection that remembers the status it answered, for the log."""
-
-    status = None
-
-    def start_response(self, status, *args, **kwargs):
-        self.status = status
-        return super().start_response(status, *args, **kwargs)
-
-
-class Server:
+class Server(Generic[StateT]):
     """Serves ``app`` on one listening socket until ``stop()``.
 
-    ``app`` has ``handle(request)`` and ``connection_closed(context)``.
     ``tls_context``, when given, wraps every accepted socket.
     """
 
-    def __init__(self, name, sock, app, *, tls_context=None,
-                 idle_timeout=60.0, head_timeout=HEAD_TIMEOUT, limit=None):
+    def __init__(self, name: str, sock: socket.socket,
+                 app: Application[StateT], *,
+                 tls_context: ssl.SSLContext | None = None,
+                 idle_timeout: float = 60.0,
+                 head_timeout: float = HEAD_TIMEOUT,
+                 limit: ConnectionLimit | None = None) -> None:
         self.name = name
         self.sock = sock
         self.app = app
@@ -156,20 +125,20 @@ class Server:
         self._full = False  # logged once per episode
         self.address = describe(sock)
         self._lock = threading.Lock()
-        self._connections = {}  # Connection -> busy (bool)
-        self._threads = set()
+        self._connections: dict[Connection, bool] = {}  # -> busy
+        self._threads: set[threading.Thread] = set()
         self._stopping = False
-        self._accept_thread = None
+        self._accept_thread: threading.Thread | None = None
         self._next_id = 0
 
-    def start(self):
+    def start(self) -> None:
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
         self._accept_thread.start()
 
     # Accepting
 
-    def _accept_loop(self):
+    def _accept_loop(self) -> None:
         starved = False  # logged once per episode, not 10 times a second
         while not self._stopping:
             try:
@@ -177,17 +146,7 @@ class Server:
             except OSError as e:
                 if self._stopping:
                     return
-                if e.errno in ACCEPT_EXHAUSTED:
-                    if not starved:
-                        log.warning("%s: accept failed (%s), backing off",
-                                    self.name, e)
-                        starved = True
-                    time.sleep(ACCEPT_BACKOFF)
-                    continue
-                if e.errno in (errno.ECONNABORTED, errno.EINTR):
-                    continue
-                log.exception("%s: accept failed", self.name)
-                time.sleep(ACCEPT_BACKOFF)
+                starved = self._accept_failed(e, starved)
                 continue
             if starved:
                 log.info("%s: accepting again", self.name)
@@ -200,9 +159,24 @@ class Server:
                 self._full = False
             self._start_worker(sock, addr)
 
+    def _accept_failed(self, error: OSError, starved: bool) -> bool:
+        """Back off after a failed accept; returns whether descriptors
+        ran out (logged once per episode)."""
+        if error.errno in ACCEPT_EXHAUSTED:
+            if not starved:
+                log.warning("%s: accept failed (%s), backing off",
+                            self.name, error)
+            time.sleep(ACCEPT_BACKOFF)
+            return True
+        if error.errno in (errno.ECONNABORTED, errno.EINTR):
+            return starved
+        log.exception("%s: accept failed", self.name)
+        time.sleep(ACCEPT_BACKOFF)
+        return starved
+
     # Refusing
 
-    def _reject(self, sock):
+    def _reject(self, sock: socket.socket) -> None:
         """Answer 503 and close: plain sockets at once, TLS in a thread."""
         if not self._full:
             log.warning("%s: %d connections open, the limit; refusing new "
@@ -221,7 +195,8 @@ class Server:
         else:
             sock.close()
 
-    def _refuse_tls(self, sock):
+    def _refuse_tls(self, sock: socket.socket) -> None:
+        assert self.tls_context is not None
         try:
             sock.settimeout(REJECT_TIMEOUT)
             try:
@@ -233,7 +208,7 @@ class Server:
         finally:
             self._rejecting.release()
 
-    def _refuse(self, sock, tls=False):
+    def _refuse(self, sock: socket.socket, tls: bool = False) -> None:
         # A plain socket is answered in the accept loop: its send buffer
         # is empty, so the short answer never waits.
         conn = Connection(sock, tls=tls,
@@ -242,7 +217,7 @@ class Server:
             f"Too many connections ({self.limit.limit}); retry in "
             f"{RETRY_AFTER} seconds", retry_after=RETRY_AFTER)
         try:
-            self._send_error(conn, error, close=True)
+            send_error(conn, error, close=True)
             # Take in what the client already sent, so that closing does
             # not reset the connection under the answer (TCP).
             sock.setblocking(False)
@@ -254,7 +229,7 @@ class Server:
         finally:
             conn.close()
 
-    def _start_worker(self, sock, addr):
+    def _start_worker(self, sock: socket.socket, addr: object) -> None:
         with self._lock:
             if self._stopping:
                 self.limit.release()
@@ -278,162 +253,106 @@ class Server:
 
     # Serving one connection
 
-    def _serve_connection(self, sock, addr, conn_id):
+    def _serve_connection(self, sock: socket.socket, addr: object,
+                          conn_id: int) -> None:
         conn = None
-        context = {"id": f"{self.name}/{conn_id}"}
+        context = self.app.connection_opened(f"{self.name}/{conn_id}")
         client = _client_name(addr)
         try:
-            if sock.family == socket.AF_UNIX:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                                UNIX_SEND_BUFFER)
-            else:
-                # A head and a small body sent apart must not wait for the
-                # peer's delayed ACK (~40 ms a request).
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls_context is not None:
-                sock = self._handshake(sock)  # closes it on failure
-                if sock is None:
-                    return
-            conn = _Connection(sock, tls=self.tls_context is not None,
-                               timeout=self.idle_timeout,
-                               head_timeout=self.head_timeout)
-            with self._lock:
-                if self._stopping:
-                    return
-                self._connections[conn] = False
+            conn = self._open_connection(sock)
+            if conn is None:
+                return
             while self._serve_request(conn, context, client):
                 pass
         except Exception:
-            log.exception("%s: connection %s failed", self.name, context["id"])
+            log.exception("%s: connection %s failed", self.name, context.id)
         finally:
             try:
                 self.app.connection_closed(context)
             except Exception:
                 log.exception("%s: releasing connection %s failed",
-                              self.name, context["id"])
+                              self.name, context.id)
             with self._lock:
                 if conn is not None:
                     self._connections.pop(conn, None)
                 self._threads.discard(threading.current_thread())
             if conn is not None:
                 conn.close()
-            elif sock is not None:
+            else:
                 sock.close()
             self.limit.release()
 
-    def _handshake(self, sock):
+    def _open_connection(self, sock: socket.socket) -> Connection | None:
+        """The accepted socket tuned, TLS wrapped, as a registered
+        Connection; None when the handshake failed or the server stops."""
+        if sock.family == socket.AF_UNIX:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                            UNIX_SEND_BUFFER)
+        else:
+            # A head and a small body sent apart must not wait for the
+            # peer's delayed ACK (~40 ms a request).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = self.tls_context is not None
+        if self.tls_context is not None:
+            wrapped = self._handshake(self.tls_context, sock)
+            if wrapped is None:
+                return None
+            sock = wrapped
+        conn = Connection(sock, tls=tls, timeout=self.idle_timeout,
+                          head_timeout=self.head_timeout)
+        with self._lock:
+            if self._stopping:
+                conn.close()
+                return None
+            self._connections[conn] = False
+        return conn
+
+    def _handshake(self, tls_context: ssl.SSLContext,
+                   sock: socket.socket) -> ssl.SSLSocket | None:
+        """The TLS socket; None, ``sock`` closed, if the handshake failed."""
         sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
         try:
-            return self.tls_context.wrap_socket(sock, server_side=True)
+            return tls_context.wrap_socket(sock, server_side=True)
         except (OSError, ValueError) as e:
             log.debug("%s: TLS handshake failed: %s", self.name, e)
             sock.close()
             return None
 
-    def _serve_request(self, conn, context, client):
+    def _serve_request(self, conn: Connection, context: StateT,
+                       client: str) -> bool:
         """Serve one request; returns False when the connection must close."""
-        conn.set_timeout(context.get("idle_timeout", self.idle_timeout))
-        conn.status = None
-        started = time.monotonic()
-        try:
-            raw = conn.read_head()
-        except ConnectionGone:
+        idle = context.idle_timeout
+        conn.set_timeout(idle if idle is not None else self.idle_timeout)
+        outcome = serve_request(conn, self.app, context, client,
+                                service=self.name,
+                                busy=partial(self._set_busy, conn))
+        if outcome is None:
             return False
-        except RequestError as e:
-            self._send_error(conn, e, close=True)
-            self._log_request(conn, context, client, None, {}, started,
-                              e.message)
-            return False
-        if raw is None:
-            return False
-        started = time.monotonic()
-        self._set_busy(conn, True)
-        request = None
-        head = None
-        keep = False
-        cause = None
-        try:
-            head = parse.parse_head(raw)
-            conn.no_body = head.method == "HEAD"
-            length = head.content_length
-            conn.start_body(length or 0, head.expects_continue, head.chunked)
-            request = Request(head, conn, context, client)
-            self.app.handle(request)
-            keep = (head.keep_alive and conn.body_done and
-                    not conn.close_after)
-            if not conn.response_complete:
-                raise ServerError("Handler did not complete its response")
-        except ConnectionGone as e:
-            cause = f"connection lost: {e}"
-            keep = False
-        except RequestError as e:
-            cause = e.message
-            if e.__cause__ is not None and e.status >= 500:
-                # What the client is not told, the log is: once, here.
-                cause = f"{cause}: {e.__cause__}"
-            keep = (not e.close_connection and request is not None and
-                    request.head.keep_alive and not conn.close_after and
-                    self._discard_body(conn, e.discard_limit))
-            if not self._send_error(conn, e, close=not keep):
-                keep = False
-        except Exception as e:
-            # The traceback is the cause; the access line below says which
-            # request it was (a path with its ticket id shortened).
-            log.exception("%s: %s: request failed", self.name,
-                          context["id"])
-            cause = f"internal error: {type(e).__name__}"
-            self._send_error(conn, ServerError("Internal server error"),
-                             close=True)
-            keep = False
-        finally:
-            self._set_busy(conn, False)
-            self._log_request(conn, context, client, head,
-                              request.log if request is not None else {},
-                              started, cause)
-        return keep and not self._stopping
+        self._log_request(conn, context, client, outcome)
+        return outcome.keep and not self._stopping
 
-    def _discard_body(self, conn, limit=None):
-        try:
-            return conn.discard_body(limit or MAX_DISCARDED_BODY)
-        except ConnectionGone:
-            return False
-
-    def _send_error(self, conn, error, close):
-        """Answer ``error`` if no response was started; False if it could not.
-
-        ``close`` says the connection closes after it, and the answer says so.
-        """
-        if conn.response_started:
-            return False
-        headers = error.headers()
-        if close:
-            headers["Connection"] = "close"
-        try:
-            conn.send_response(error.status, error.message + "\n",
-                               headers=headers)
-        except ConnectionGone:
-            return False
-        return True
-
-    def _set_busy(self, conn, busy):
+    def _set_busy(self, conn: Connection, busy: bool) -> None:
         with self._lock:
             if conn in self._connections:
                 self._connections[conn] = busy
 
-    def _log_request(self, conn, context, client, head, fields, started,
-                     cause):
+    def _log_request(self, conn: Connection, context: StateT, client: str,
+                     outcome: Outcome) -> None:
         """The request's access line (see ``accesslog``); a head that
         could not be parsed shows as ``- -``."""
+        head, now = outcome.head, time.monotonic()
+        started = outcome.started if outcome.started is not None else now
         log.info("%s", accesslog.line(
-            conn_id=context["id"], client=client,
+            conn_id=context.id, client=client,
             method=head.method if head is not None else "-",
             path=head.path if head is not None else "-",
-            status=conn.status, fields=fields,
-            elapsed=time.monotonic() - started, cause=cause))
+            status=conn.status, record=outcome.record,
+            elapsed=now - started, cause=outcome.cause,
+            secrets=self.app.secret_paths))
 
     # Stopping
 
-    def stop(self, timeout=30.0):
+    def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, let running requests finish, close the rest.
 
         Idle connections are closed at once; busy ones get up to
@@ -448,16 +367,7 @@ class Server:
         self.sock.close()
         if self._accept_thread is not None:
             self._accept_thread.join(timeout)
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                idle = [c for c, busy in self._connections.items() if not busy]
-                threads = list(self._threads)
-            for conn in idle:
-                _shutdown(conn.sock)
-            if not threads or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
+        threads = self._close_idle_until(time.monotonic() + timeout)
         with self._lock:
             leftover = list(self._connections)
         for conn in leftover:
@@ -465,15 +375,28 @@ class Server:
         for thread in threads:
             thread.join(1.0)
 
+    def _close_idle_until(self, deadline: float) -> list[threading.Thread]:
+        """Close idle connections as they become idle, until every worker
+        ended or ``deadline``; returns the workers still running."""
+        while True:
+            with self._lock:
+                idle = [c for c, busy in self._connections.items() if not busy]
+                threads = list(self._threads)
+            for conn in idle:
+                _shutdown(conn.sock)
+            if not threads or time.monotonic() >= deadline:
+                return threads
+            time.sleep(0.05)
 
-def _shutdown(sock):
+
+def _shutdown(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
 
 
-def _client_name(addr):
+def _client_name(addr: object) -> str:
     if isinstance(addr, tuple) and addr:
         return f"{addr[0]}:{addr[1]}"
     return "local"
