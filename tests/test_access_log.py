@@ -18,6 +18,7 @@ import pytest
 import servers
 from diskferry.daemon.handlers.app import TICKET_PATHS
 from diskferry.daemon.http import accesslog
+from diskferry.daemon.http.request import AccessRecord
 
 SIZE = 1 << 20
 
@@ -187,3 +188,46 @@ def test_a_server_error_is_logged_once_with_its_cause(daemon, tmp_path):
     lines = new_lines(daemon, mark, 1, "gone.raw")
     assert len(lines) == 1, daemon.log_text()[mark:]
     assert " 500 " in lines[0] and "No such file" in lines[0], lines
+
+
+SECRET = "6f1c0a1e-2b3c-4d5e-8f90-a1b2c3d4e5f6"
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(method="GET", path=f"/images/{SECRET}", status=206,
+          record=AccessRecord(f"(ticket/{SECRET[:18]})", 0, 1048576),
+          elapsed=0.004),
+     "[remote/3] 127.0.0.1:40112 GET /images/6f1c... 206 "
+     "transfer=(ticket/6f1c...) offset=0 bytes=1048576 0.004s 250.0MiB/s"),
+    (dict(method="OPTIONS", path="/images/demo", status=403,
+          record=AccessRecord(), elapsed=0.0,
+          cause="No such ticket 'demo'"),
+     "[remote/3] 127.0.0.1:40112 OPTIONS /images/d... 403 0.000s: "
+     "No such ticket 'd...'"),
+    (dict(method="GET", path=f"/images/{SECRET}/extents", status=None,
+          record=AccessRecord("t1", 4096, 65536), elapsed=1.5,
+          cause=f"connection lost: {SECRET} gone"),
+     "[remote/3] 127.0.0.1:40112 GET /images/6f1c.../extents - "
+     "transfer=t1 offset=4096 size=65536 1.500s: connection lost: "
+     "6f1c... gone"),
+    (dict(method="-", path="-", status=400, record=AccessRecord(),
+          elapsed=0.0,
+          cause=f"Malformed request line: 'GET /tickets/{SECRET} HTTP/9'"),
+     "[remote/3] 127.0.0.1:40112 - - 400 0.000s: Malformed request "
+     "line: 'GET /tickets/6f1c... HTTP/9'"),
+    (dict(method="GET", path="/info/", status=200, record=AccessRecord(),
+          elapsed=0.0),
+     "[remote/3] 127.0.0.1:40112 GET /info/ 200 bytes=0 0.000s"),
+])
+def test_line_format(kwargs, expected):
+    assert accesslog.line(conn_id="remote/3", client="127.0.0.1:40112",
+                          secrets=TICKET_PATHS, **kwargs) == expected
+
+
+def test_an_application_naming_no_secret_has_nothing_shortened():
+    line = accesslog.line(conn_id="c/1", client="local", method="GET",
+                          path=f"/images/{SECRET}", status=200,
+                          record=AccessRecord(), elapsed=0.0,
+                          cause=f"No such ticket {SECRET!r}")
+    assert line == (f"[c/1] local GET /images/{SECRET} 200 0.000s: "
+                    f"No such ticket {SECRET!r}")

@@ -19,6 +19,12 @@ bounds apply while waiting for a request:
                    past it the request is answered 408 and the
                    connection closed, however often bytes trickle in
 
+The connection owns the framing: ``read_request`` reads a head within
+these bounds, parses it, and sets up its body from Content-Length or
+chunked coding and ``Expect: 100-continue``; after the answer,
+``reusable`` says whether the next head may be read (the client keeps
+the connection, the body was consumed, nothing asked to close).
+
 State of the body of the current request (a small table, as h11 keeps):
 
     body_left > 0, continue pending   Expect: 100-continue not answered yet
@@ -118,16 +124,18 @@ class Connection:
         #: The status of the response started, for the access log.
         self.status: int | None = None
         self.closed = False
-        self.timeout: float | None = None
-        self.set_timeout(timeout)
+        self.timeout = timeout
+        self._apply_timeout(timeout)
 
     # Timeouts
 
     def set_timeout(self, seconds: float) -> None:
         """Bound every blocking receive and send on this connection."""
-        if seconds == self.timeout:
-            return
-        self.timeout = seconds
+        if seconds != self.timeout:
+            self.timeout = seconds
+            self._apply_timeout(seconds)
+
+    def _apply_timeout(self, seconds: float) -> None:
         if self.tls:
             self.sock.settimeout(seconds)
             return
@@ -179,7 +187,6 @@ class Connection:
         longer than ``head_timeout`` seconds to send it.
         """
         idle = self.timeout
-        assert idle is not None
         started, self._head_started = self._head_started, None
         self.request_started = started
         try:

@@ -3,8 +3,9 @@
     listening socket --accept--> worker thread
                                    TLS handshake (bounded by a timeout)
                                    context = app.connection_opened(id)
-                                   loop: conn.read_request()
-                                         -> app.handle(request)
+                                   loop: serve_request (exchange.py)
+                                           conn.read_request()
+                                           -> app.handle(request)
                                          -> access log line
                                    app.connection_closed(context)
 
