@@ -12,7 +12,7 @@ names an attribute, so ``STORE`` cannot reach a handler's ``store``.
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 from diskferry.errors import MethodNotAllowed, MethodNotImplemented, NotFound
 
@@ -22,7 +22,7 @@ from diskferry.errors import MethodNotAllowed, MethodNotImplemented, NotFound
 HTTP_METHODS = ("OPTIONS", "GET", "HEAD", "PUT", "PATCH", "POST", "DELETE",
                 "CONNECT", "TRACE")
 
-Handler = Callable[..., None]
+Handler = Callable[..., object]
 
 
 class RoutedRequest(Protocol):
@@ -52,7 +52,7 @@ class Router:
         self._routes = [(re.compile(pattern + r"\Z"), handler_methods(handler))
                         for pattern, handler in routes]
 
-    def dispatch(self, request: RoutedRequest) -> Any:
+    def dispatch(self, request: RoutedRequest) -> object:
         if request.method not in HTTP_METHODS:
             raise MethodNotImplemented(
                 f"Method {request.method[:20]!r} is not implemented")
