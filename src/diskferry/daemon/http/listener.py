@@ -33,7 +33,7 @@ def unix_address(address):
     return address
 
 
-def tcp_listener(host: str, port: int) -> socket.socket:
+def tcp_listener(host, port):
     """A listening TCP socket; "" or "::" listen on every address."""
     addr: tuple[str, int] | tuple[str, int, int, int]
     if host in ("", "::"):
