@@ -12,13 +12,13 @@ import mmap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 from diskferry.daemon.backends import open_backend
 from diskferry.daemon.backends.base import Backend
 from diskferry.daemon.buffers import POOL
 from diskferry.daemon.config import Config
-from diskferry.daemon.http.request import Request
+from diskferry.daemon.http.request import AccessRecord, Request
 from diskferry.daemon.tickets import Ticket, TicketStore
 from diskferry.errors import BackendError, ServerError
 from diskferry.pipe import Pipe
@@ -53,11 +53,22 @@ class ConnectionContext:
     pipe: Pipe | None = None
 
 
-#: A request of the images and tickets APIs.
+#: A request of the images and tickets APIs, as the server makes it.
 HandlerRequest: TypeAlias = Request[ConnectionContext]
 
 
-def open_image(request: HandlerRequest, store: TicketStore, config: Config,
+class ImageRequest(Protocol):
+    """What the functions here use of a request: its connection's state
+    and its access record."""
+
+    @property
+    def context(self) -> ConnectionContext: ...
+
+    @property
+    def log(self) -> AccessRecord: ...
+
+
+def open_image(request: ImageRequest, store: TicketStore, config: Config,
                ticket_id: str, op: str) -> OpenImage:
     """Authorize ``op`` on the ticket and return the connection's backend.
 
@@ -88,7 +99,7 @@ def open_image(request: HandlerRequest, store: TicketStore, config: Config,
     return image
 
 
-def connection_buffer(request: HandlerRequest, size: int) -> mmap.mmap:
+def connection_buffer(request: ImageRequest, size: int) -> mmap.mmap:
     """An aligned buffer for this request, lent by the daemon's pool and
     given back when the request ends (``release_request``)."""
     context = request.context
@@ -109,7 +120,7 @@ def release_request(context: ConnectionContext) -> None:
         POOL.give(buf)
 
 
-def connection_pipe(request: HandlerRequest) -> Pipe:
+def connection_pipe(request: ImageRequest) -> Pipe:
     """One pipe per connection for splicing request bodies to files."""
     pipe = request.context.pipe
     if pipe is None:
