@@ -11,13 +11,20 @@ from collections.abc import Iterable
 from typing import Any
 
 from diskferry.daemon.config import Config
-from diskferry.daemon.handlers import checksum, extents, images, info, tickets
+from diskferry.daemon.handlers.checksum import (
+    AlgorithmsHandler,
+    ChecksumHandler,
+)
 from diskferry.daemon.handlers.context import (
     ConnectionContext,
     HandlerRequest,
     release_connection,
     release_request,
 )
+from diskferry.daemon.handlers.extents import ExtentsHandler
+from diskferry.daemon.handlers.images import ImageHandler, NoTicketHandler
+from diskferry.daemon.handlers.info import InfoHandler
+from diskferry.daemon.handlers.tickets import TicketsHandler
 from diskferry.daemon.http import parse
 from diskferry.daemon.http.accesslog import SecretPaths
 from diskferry.daemon.http.router import Router
@@ -73,19 +80,18 @@ def images_app(store: TicketStore, config: Config, options: dict[str, Any],
     """The images API. ``options`` holds what OPTIONS advertises, and
     ``ticket_options`` what it adds for a valid ticket only."""
     return App([
-        (TICKET + "/extents", extents.ExtentsHandler(store, config)),
-        (TICKET + "/checksum/algorithms", checksum.AlgorithmsHandler()),
-        (TICKET + "/checksum", checksum.ChecksumHandler(store, config)),
-        (TICKET, images.ImageHandler(store, config, options,
-                                     ticket_options)),
-        (r"/images/?", images.NoTicketHandler()),
-        (r"/info/?", info.InfoHandler(cors=True)),
+        (TICKET + "/extents", ExtentsHandler(store, config)),
+        (TICKET + "/checksum/algorithms", AlgorithmsHandler()),
+        (TICKET + "/checksum", ChecksumHandler(store, config)),
+        (TICKET, ImageHandler(store, config, options, ticket_options)),
+        (r"/images/?", NoTicketHandler()),
+        (r"/info/?", InfoHandler(cors=True)),
     ], close_query=True)
 
 
 def control_app(store: TicketStore) -> App:
     """The tickets API."""
     return App([
-        (r"/tickets/([^/]*)", tickets.TicketsHandler(store)),
-        (r"/info/?", info.InfoHandler()),
+        (r"/tickets/([^/]*)", TicketsHandler(store)),
+        (r"/info/?", InfoHandler()),
     ])
