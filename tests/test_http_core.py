@@ -69,11 +69,12 @@ class EchoApp:
 class Pair:
     """A client socket and the server end, served in a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, idle: float = TIMEOUT,
+                 head_timeout: float = TIMEOUT) -> None:
         self.client, server = socket.socketpair()
         self.client.settimeout(TIMEOUT)
         self.reader = self.client.makefile("rb")
-        self.conn = Connection(server, timeout=TIMEOUT, head_timeout=TIMEOUT)
+        self.conn = Connection(server, timeout=idle, head_timeout=head_timeout)
         self.outcomes: list[Outcome] = []
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -335,3 +336,45 @@ def test_peer_closing_between_requests_ends_quietly(pair):
     pair.client.shutdown(socket.SHUT_WR)
     assert pair.closed()
     assert len(pair.outcomes) == 1
+
+
+# Timeouts
+
+
+def test_idle_connection_closes_quietly():
+    p = Pair(idle=0.2)
+    try:
+        pair_served = p.closed()
+        assert pair_served and p.outcomes == []
+    finally:
+        p.close()
+
+
+def test_head_trickled_past_its_deadline_is_408_and_closes():
+    p = Pair(idle=1.0, head_timeout=0.3)
+    try:
+        # The first head's deadline runs from the connection's start;
+        # each byte restarts the idle timeout, never the deadline.
+        for byte in b"GET /":
+            p.send(bytes([byte]))
+            time.sleep(0.04)
+        status, headers, _ = p.response()
+        assert (status, headers["connection"]) == (408, "close")
+        assert p.closed()
+        [outcome] = p.outcomes
+        assert outcome.head is None
+        assert outcome.cause.startswith("Request head not received within")
+    finally:
+        p.close()
+
+
+def test_head_deadline_runs_from_the_first_byte_of_a_later_request():
+    p = Pair(idle=1.0, head_timeout=0.5)
+    try:
+        p.send(req("PUT", "/echo", b"one"))
+        assert p.response()[::2] == (200, b"one")
+        time.sleep(0.6)  # idle, not past a deadline: none runs yet
+        p.send(req("PUT", "/echo", b"two"))
+        assert p.response()[::2] == (200, b"two")
+    finally:
+        p.close()
