@@ -8,7 +8,7 @@ ticket id is a bearer secret: the applications tell the access log so
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from diskferry.daemon.config import Config
 from diskferry.daemon.handlers.checksum import (
@@ -28,7 +28,9 @@ from diskferry.daemon.handlers.tickets import TicketsHandler
 from diskferry.daemon.http import parse
 from diskferry.daemon.http.accesslog import SecretPaths
 from diskferry.daemon.http.router import Router
-from diskferry.daemon.tickets import TicketStore
+
+if TYPE_CHECKING:
+    from diskferry.daemon.tickets import TicketStore
 
 TICKET = r"/images/([^/]+)"
 
