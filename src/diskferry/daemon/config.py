@@ -29,6 +29,7 @@ from diskferry.daemon.http.connection import HEAD_TIMEOUT
 from diskferry.daemon.http.server import DEFAULT_CONNECTION_LIMIT
 from diskferry.daemon.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
 from diskferry.errors import DiskferryError
+from diskferry.sockaddr import kernel_address
 
 
 class ConfigError(DiskferryError):
@@ -178,8 +179,7 @@ class Config:
     @property
     def local_socket(self):
         """The local address with an abstract name spelled with NUL."""
-        address = self.local.socket
-        return "\0" + address[1:] if address.startswith("@") else address
+        return kernel_address(self.local.socket)
 
 
 def sections(config):

@@ -23,12 +23,13 @@ import uuid
 
 from diskferry import __version__
 from diskferry.daemon.handlers import control_app, images_app
-from diskferry.daemon.http.listener import is_abstract, tcp_listener, unix_listener
+from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
 from diskferry.daemon.instancelock import InstanceLock
 from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import DiskferryError
 from diskferry.hostid import host_id
+from diskferry.sockaddr import display_address, is_abstract, kernel_address
 
 log = logging.getLogger("diskferry.daemon.service")
 
@@ -69,10 +70,6 @@ def _bind_cause(error):
 
 def _tcp_address(host, port):
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _unix_address(address):
-    return "@" + address[1:] if address.startswith("\0") else address
 
 
 def tls_context(cert_file, key_file):
@@ -179,7 +176,7 @@ class Daemon:
         try:
             sock = unix_listener(address, mode=mode)
         except OSError as e:
-            raise BindError(service, _unix_address(address), e) from e
+            raise BindError(service, display_address(address), e) from e
         if not is_abstract(address):
             try:
                 st = os.lstat(address)
@@ -275,7 +272,5 @@ def notify_systemd(state):
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(state.encode(), address)
+        sock.sendto(state.encode(), kernel_address(address))
