@@ -22,6 +22,7 @@ import threading
 import uuid
 
 from diskferry import __version__
+from diskferry.daemon import backends
 from diskferry.daemon.handlers import control_app, images_app
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
@@ -90,6 +91,7 @@ class Daemon:
     def __init__(self, config):
         self.config = config
         self.store = TicketStore(
+            backends.check_url,
             remove_timeout=config.control.remove_timeout,
             default_inactivity=config.daemon.inactivity_timeout)
         self.server_id = uuid.uuid4().hex

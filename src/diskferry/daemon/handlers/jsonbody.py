@@ -3,6 +3,8 @@
 import json
 from typing import Any
 
+# Request bodies' fields are checked as tickets' are, by one function.
+from diskferry.daemon.jsonfield import field as field
 from diskferry.errors import BadRequest, PayloadTooLarge
 
 #: Largest JSON body accepted (tickets, PATCH). A ticket is a few hundred
@@ -68,24 +70,3 @@ def send_json(request: Any, obj: Any, status: int = 200,
     body = json.dumps(obj).encode("utf-8")
     request.conn.send_response(status, body, content_type="application/json",
                                headers=headers)
-
-
-def field(obj: dict[str, Any], name: str, kind: type[Any], default: Any = None,
-          required: bool = False, minimum: int | None = None,
-          maximum: int | None = None) -> Any:
-    """A field of a JSON object, 400 naming it if missing, ill-typed or out
-    of range."""
-    if name not in obj:
-        if required:
-            raise BadRequest(f"Missing required field {name!r}")
-        return default
-    value = obj[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and
-                                       kind is not bool):
-        raise BadRequest(f"Invalid field {name!r}: expected "
-                         f"{kind.__name__}, got {value!r:.60}")
-    if minimum is not None and value < minimum:
-        raise BadRequest(f"Invalid field {name!r}: must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise BadRequest(f"Invalid field {name!r}: must be <= {maximum}")
-    return value
