@@ -33,7 +33,6 @@ from diskferry.daemon.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_
 from diskferry.errors import DiskferryError
 from diskferry.sockaddr import kernel_address
 
-
 #: A configuration file's name, as a command line or a test gives it.
 Path: TypeAlias = str | os.PathLike[str]
 

@@ -23,6 +23,7 @@ import uuid
 
 from diskferry import __version__
 from diskferry.daemon import backends
+from diskferry.daemon.config import Config
 from diskferry.daemon.handlers import control_app, images_app
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
@@ -45,13 +46,13 @@ class StartError(DiskferryError):
 class BindError(StartError):
     """Raised when a service cannot listen on its address."""
 
-    def __init__(self, service, address, error):
+    def __init__(self, service: str, address: str, error: OSError) -> None:
         super().__init__(f"{service} service: {address} {_bind_cause(error)}")
         self.service = service
         self.address = address
 
 
-def _bind_cause(error):
+def _bind_cause(error: OSError) -> str:
     if isinstance(error, socket.gaierror):
         return f"cannot be resolved: {error.strerror}"
     code = error.errno
@@ -69,11 +70,15 @@ def _bind_cause(error):
     return f"cannot be bound: {error.strerror or error}"
 
 
-def _tcp_address(host, port):
+def _tcp_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def tls_context(cert_file, key_file):
+#: A file name as the configuration (str) or ``pki`` (Path) gives it.
+FileName = str | os.PathLike[str]
+
+
+def tls_context(cert_file: FileName, key_file: FileName) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -88,21 +93,21 @@ def tls_context(cert_file, key_file):
 
 class Daemon:
 
-    def __init__(self, config):
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.store = TicketStore(
             backends.check_url,
             remove_timeout=config.control.remove_timeout,
             default_inactivity=config.daemon.inactivity_timeout)
         self.server_id = uuid.uuid4().hex
-        self.servers = []
-        self.ca_file = None
+        self.servers: list[Server] = []
+        self.ca_file: FileName | None = None
         self.lock = InstanceLock(config.run_dir)
         # Socket files this daemon bound: path -> (st_dev, st_ino).
-        self._socket_files = {}
+        self._socket_files: dict[str, tuple[int, int]] = {}
         self._stopped = threading.Event()
 
-    def start(self):
+    def start(self) -> None:
         config = self.config
         try:
             os.makedirs(config.run_dir, exist_ok=True)
@@ -121,9 +126,9 @@ class Daemon:
             self.lock.release()
             raise
 
-    def _start(self):
+    def _start(self) -> None:
         config = self.config
-        options = {}
+        options: dict[str, str] = {}
         if config.local.enable:
             options["unix_socket"] = config.local_socket
         # Told only to a client that holds a valid ticket.
@@ -168,13 +173,14 @@ class Daemon:
         for server in self.servers:
             server.start()
 
-    def _tcp(self, service, host, port):
+    def _tcp(self, service: str, host: str, port: int) -> socket.socket:
         try:
             return tcp_listener(host, port)
         except OSError as e:
             raise BindError(service, _tcp_address(host, port), e) from e
 
-    def _unix(self, service, address, mode=None):
+    def _unix(self, service: str, address: str,
+              mode: int | None = None) -> socket.socket:
         try:
             sock = unix_listener(address, mode=mode)
         except OSError as e:
@@ -189,7 +195,7 @@ class Daemon:
                 self._socket_files[address] = (st.st_dev, st.st_ino)
         return sock
 
-    def _tls_files(self):
+    def _tls_files(self) -> tuple[FileName, FileName]:
         tls = self.config.tls
         if tls.cert_file and tls.key_file:
             self.ca_file = tls.ca_file or None
@@ -201,16 +207,22 @@ class Daemon:
         self.ca_file = pki.ca_file
         return pki.cert_file, pki.key_file
 
-    def server(self, name):
+    def server(self, name: str) -> Server | None:
         for server in self.servers:
             if server.name == name:
                 return server
         return None
 
+    def _started(self, name: str) -> Server:
+        server = self.server(name)
+        if server is None:
+            raise RuntimeError(f"no {name} service: the daemon is not started")
+        return server
+
     @property
-    def url(self):
+    def url(self) -> str:
         """Base URL of the images API on the remote service."""
-        remote = self.server("remote")
+        remote = self._started("remote")
         scheme = "https" if self.config.tls.enable else "http"
         port = remote.sock.getsockname()[1]
         host = self.config.remote.host
@@ -218,7 +230,7 @@ class Daemon:
             host = "localhost"
         return f"{scheme}://{host}:{port}/images/"
 
-    def describe(self):
+    def describe(self) -> list[str]:
         """Lines telling a user where everything is."""
         lines = [f"diskferry {__version__} serving"]
         lines.append(f"  images URL:     {self.url}{{ticket-id}}")
@@ -227,17 +239,17 @@ class Daemon:
         local = self.server("local")
         if local:
             lines.append(f"  local socket:   {local.address}")
-        control = self.server("control")
+        control = self._started("control")
         lines.append(f"  control socket: {control.address}")
         return lines
 
-    def wait(self):
+    def wait(self) -> None:
         self._stopped.wait()
 
-    def request_stop(self):
+    def request_stop(self) -> None:
         self._stopped.set()
 
-    def stop(self):
+    def stop(self) -> None:
         timeout = self.config.daemon.shutdown_timeout
         threads = [threading.Thread(target=s.stop, args=(timeout,))
                    for s in self.servers]
@@ -249,7 +261,7 @@ class Daemon:
         self.lock.release()
         self._stopped.set()
 
-    def _remove_socket_files(self):
+    def _remove_socket_files(self) -> None:
         """Remove the socket files this daemon bound, and only those: a
         path now naming another file (another daemon bound it since) is
         left alone."""
@@ -269,7 +281,7 @@ class Daemon:
                 pass
 
 
-def notify_systemd(state):
+def notify_systemd(state: str) -> None:
     """Tell systemd (Type=notify) our state; a no-op outside systemd."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
