@@ -1,7 +1,9 @@
 """Small JSON request bodies and JSON responses."""
 
 import json
-from typing import Any
+from typing import Any, Protocol
+
+from diskferry.daemon.http.parse import RequestHead
 
 # Request bodies' fields are checked as tickets' are, by one function.
 from diskferry.daemon.jsonfield import field as field
@@ -55,7 +57,27 @@ def parse_json(data: bytes) -> Any:
     return obj
 
 
-def read_json(request: Any) -> Any:
+class JsonConnection(Protocol):
+    """What of a connection a JSON body and answer need."""
+
+    def read_body(self, limit: int) -> bytes: ...
+
+    def send_response(self, status: int, body: bytes = b"",
+                      content_type: str = "text/plain",
+                      headers: dict[str, str] | None = None) -> None: ...
+
+
+class JsonRequest(Protocol):
+    """What of a request a JSON body and answer need."""
+
+    @property
+    def head(self) -> RequestHead: ...
+
+    @property
+    def conn(self) -> JsonConnection: ...
+
+
+def read_json(request: JsonRequest) -> Any:
     length = request.head.content_length
     if length is None:
         raise BadRequest("Content-Length header is required")
@@ -65,7 +87,7 @@ def read_json(request: Any) -> Any:
     return parse_json(request.conn.read_body(MAX_JSON_BODY))
 
 
-def send_json(request: Any, obj: Any, status: int = 200,
+def send_json(request: JsonRequest, obj: object, status: int = 200,
               headers: dict[str, str] | None = None) -> None:
     body = json.dumps(obj).encode("utf-8")
     request.conn.send_response(status, body, content_type="application/json",
