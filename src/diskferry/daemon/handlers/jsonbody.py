@@ -1,6 +1,7 @@
 """Small JSON request bodies and JSON responses."""
 
 import json
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from diskferry.daemon.http.parse import RequestHead
@@ -21,14 +22,14 @@ MAX_JSON_BODY = 64 * 1024
 MAX_JSON_DEPTH = 32
 
 
-def json_depth(obj: Any) -> int:
+def json_depth(obj: object) -> int:
     """How deeply arrays and objects nest in ``obj``; without recursion."""
     deepest = 0
-    stack: list[tuple[Any, int]] = [(obj, 1)]
+    stack: list[tuple[object, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, dict):
-            children: Any = value.values()
+            children: Iterable[object] = value.values()
         elif isinstance(value, list):
             children = value
         else:
