@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 import uuid
+from typing import Protocol
 
 from diskferry import __version__
 from diskferry.daemon import backends
@@ -91,6 +92,19 @@ def tls_context(cert_file: FileName, key_file: FileName) -> ssl.SSLContext:
     return ctx
 
 
+class Service(Protocol):
+    """What the daemon uses of a running service (an HTTP server)."""
+
+    name: str
+    sock: socket.socket
+    #: Where it listens, printable.
+    address: str
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
 class Daemon:
 
     def __init__(self, config: Config) -> None:
@@ -100,7 +114,7 @@ class Daemon:
             remove_timeout=config.control.remove_timeout,
             default_inactivity=config.daemon.inactivity_timeout)
         self.server_id = uuid.uuid4().hex
-        self.servers: list[Server] = []
+        self.servers: list[Service] = []
         self.ca_file: FileName | None = None
         self.lock = InstanceLock(config.run_dir)
         # Socket files this daemon bound: path -> (st_dev, st_ino).
@@ -128,42 +142,30 @@ class Daemon:
 
     def _start(self) -> None:
         config = self.config
-        options: dict[str, str] = {}
-        if config.local.enable:
-            options["unix_socket"] = config.local_socket
-        # Told only to a client that holds a valid ticket.
-        ticket_options = {"server_id": self.server_id}
-        if (this_host := host_id()) is not None:
-            ticket_options["host_id"] = this_host
-        images = images_app(self.store, config, options, ticket_options)
+        images = images_app(self.store, config, self._options(),
+                            self._ticket_options())
         idle = config.daemon.inactivity_timeout
+        head = config.daemon.head_timeout
         # Image clients share one limit; the control service has its own,
         # so that they can never lock the management plane out.
         clients = ConnectionLimit(config.daemon.connection_limit)
-        limits = {"idle_timeout": idle, "limit": clients,
-                  "head_timeout": config.daemon.head_timeout}
         try:
             context = None
             if config.tls.enable:
-                cert_file, key_file = self._tls_files()
-                context = tls_context(cert_file, key_file)
+                context = tls_context(*self._tls_files())
             remote = self._tcp("remote", config.remote.host,
                                config.remote.port)
             self.servers.append(Server(
-                "remote", remote, images, tls_context=context, **limits))
+                "remote", remote, images, tls_context=context,
+                idle_timeout=idle, head_timeout=head, limit=clients))
             if config.local.enable:
                 self.servers.append(Server(
                     "local", self._unix("local", config.local_socket),
-                    images, **limits))
-            if config.control.transport == "unix":
-                control_sock = self._unix("control", config.control_socket,
-                                          mode=CONTROL_SOCKET_MODE)
-            else:
-                control_sock = self._tcp("control", "localhost",
-                                         config.control.port)
+                    images, idle_timeout=idle, head_timeout=head,
+                    limit=clients))
             self.servers.append(Server(
-                "control", control_sock, control_app(self.store),
-                idle_timeout=idle, head_timeout=config.daemon.head_timeout,
+                "control", self._control_socket(), control_app(self.store),
+                idle_timeout=idle, head_timeout=head,
                 limit=ConnectionLimit(config.daemon.connection_limit)))
         except BaseException:
             for server in self.servers:
@@ -172,6 +174,26 @@ class Daemon:
             raise
         for server in self.servers:
             server.start()
+
+    def _options(self) -> dict[str, str]:
+        """What OPTIONS tells every client."""
+        if self.config.local.enable:
+            return {"unix_socket": self.config.local_socket}
+        return {}
+
+    def _ticket_options(self) -> dict[str, str]:
+        """What OPTIONS tells only a client that holds a valid ticket."""
+        options = {"server_id": self.server_id}
+        if (this_host := host_id()) is not None:
+            options["host_id"] = this_host
+        return options
+
+    def _control_socket(self) -> socket.socket:
+        control = self.config.control
+        if control.transport == "unix":
+            return self._unix("control", self.config.control_socket,
+                              mode=CONTROL_SOCKET_MODE)
+        return self._tcp("control", "localhost", control.port)
 
     def _tcp(self, service: str, host: str, port: int) -> socket.socket:
         try:
@@ -207,13 +229,13 @@ class Daemon:
         self.ca_file = pki.ca_file
         return pki.cert_file, pki.key_file
 
-    def server(self, name: str) -> Server | None:
+    def server(self, name: str) -> Service | None:
         for server in self.servers:
             if server.name == name:
                 return server
         return None
 
-    def _started(self, name: str) -> Server:
+    def _started(self, name: str) -> Service:
         server = self.server(name)
         if server is None:
             raise RuntimeError(f"no {name} service: the daemon is not started")

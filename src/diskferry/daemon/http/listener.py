@@ -23,8 +23,9 @@ LISTEN_BACKLOG = 1024
 PROBE_TIMEOUT = 1.0
 
 
-def tcp_listener(host, port):
+def tcp_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket; "" or "::" listen on every address."""
+    addr: tuple[str, int] | tuple[str, int, int, int]
     if host in ("", "::"):
         family, addr = socket.AF_INET6, ("::", port)
     else:
