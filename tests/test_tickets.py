@@ -54,6 +54,21 @@ def test_invalid_field_is_named(kw, field):
         store_of().add(ticket(**kw))
 
 
+def test_url_is_checked_by_the_check_given():
+    seen = []
+
+    def refuse_all(url):
+        seen.append(url.geturl())
+        raise ValueError("no backend here")
+
+    with pytest.raises(BadRequest,
+                       match="Invalid ticket field 'url': no backend here"):
+        TicketStore(refuse_all).add(ticket())
+    assert seen == ["file:///var/tmp/x.raw"]
+    assert TicketStore(lambda url: None).add(ticket(url="ftp://x/y")).spec.url \
+        == "ftp://x/y"
+
+
 def test_uuid_must_match_url():
     with pytest.raises(BadRequest, match="uuid"):
         store_of().add(ticket(uuid="a"), "b")
