@@ -33,8 +33,8 @@ from diskferry.daemon.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_
 from diskferry.errors import DiskferryError
 from diskferry.sockaddr import kernel_address
 
-#: A configuration file's name, as a command line or a test gives it.
-Path: TypeAlias = str | os.PathLike[str]
+#: A file name, as a command line, a configuration or pathlib gives it.
+FileName: TypeAlias = str | os.PathLike[str]
 
 
 class ConfigError(DiskferryError):
@@ -215,10 +215,10 @@ def dumps(config: Config) -> str:
                             for name, section in sections(config)})
 
 
-def files(path: Path | None = None,
-          conf_dir: str | None = None) -> list[Path]:
+def files(path: FileName | None = None,
+          conf_dir: str | None = None) -> list[FileName]:
     """The files a configuration is read from, in the order applied."""
-    found: list[Path] = [path] if path is not None else []
+    found: list[FileName] = [path] if path is not None else []
     if conf_dir is not None:
         # A mistyped folder fails; a folder without drop-ins (yet) is
         # the defaults, as a freshly installed package has it.
@@ -229,7 +229,7 @@ def files(path: Path | None = None,
     return found
 
 
-def load(path: Path | None = None, conf_dir: str | None = None) -> Config:
+def load(path: FileName | None = None, conf_dir: str | None = None) -> Config:
     """The defaults, overridden by ``path`` and then by the drop-ins of
     ``conf_dir`` (``conf.d/*.toml``, in name order)."""
     config = Config()
@@ -240,7 +240,7 @@ def load(path: Path | None = None, conf_dir: str | None = None) -> Config:
     return config
 
 
-def _apply_file(config: Config, path: Path) -> None:
+def _apply_file(config: Config, path: FileName) -> None:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -257,7 +257,7 @@ def _apply_file(config: Config, path: Path) -> None:
         _apply(path, section_name, section, values)
 
 
-def _apply(path: Path, section_name: str, section: Section,
+def _apply(path: FileName, section_name: str, section: Section,
            values: dict[str, object]) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     for key, value in values.items():

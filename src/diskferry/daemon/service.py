@@ -24,7 +24,7 @@ from typing import Protocol
 
 from diskferry import __version__
 from diskferry.daemon import backends
-from diskferry.daemon.config import Config
+from diskferry.daemon.config import Config, FileName
 from diskferry.daemon.handlers import control_app, images_app
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
@@ -73,10 +73,6 @@ def _bind_cause(error: OSError) -> str:
 
 def _tcp_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-#: A file name as the configuration (str) or ``pki`` (Path) gives it.
-FileName = str | os.PathLike[str]
 
 
 def tls_context(cert_file: FileName, key_file: FileName) -> ssl.SSLContext:
