@@ -206,7 +206,7 @@ def test_one_buffer_for_all_reads():
 
 
 def test_extents_asked_by_window(monkeypatch):
-    monkeypatch.setattr(checksum, "EXTENTS_WINDOW", 2 * BS)
+    monkeypatch.setattr(checksum, "CHECKSUM_EXTENTS_WINDOW", 2 * BS)
     content = image(b"x", 4 * BS, b"y" * (BS // 3))
     calls = []
 

@@ -1,6 +1,8 @@
 """The generated CA and server certificate, checked with real TLS handshakes."""
 
+import fcntl
 import os
+import signal
 import socket
 import ssl
 import stat
@@ -178,3 +180,45 @@ def test_directory_created_private(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(files.ca_file.parent.stat().st_mode) == 0o700
+
+
+class Interrupted(Exception):
+    pass
+
+
+def descriptors_of(path):
+    """This process's descriptors open on ``path``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == str(path):
+                found.append(int(name))
+        except FileNotFoundError:
+            pass  # the descriptor of the listing itself
+    return found
+
+
+def test_interrupted_lock_wait_closes_the_lock_file(tmp_path):
+    # Another start holds the lock; a signal ends this one's wait for it.
+    folder = tmp_path / "tls"
+    folder.mkdir()
+    lock = folder / pki.LOCK_NAME
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(Interrupted):
+            pki.ensure_pki(folder)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    try:
+        assert descriptors_of(lock) == [holder]
+    finally:
+        os.close(holder)
+    assert not (folder / "ca.pem").exists()

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from diskferry.daemon import backends
 from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import (
     BadRequest,
@@ -13,6 +14,11 @@ from diskferry.errors import (
     TicketInUse,
     TicketNotFound,
 )
+
+
+def store_of(**kw):
+    """A store that checks URLs as the daemon's does."""
+    return TicketStore(backends.check_url, **kw)
 
 
 def ticket(**kw):
@@ -45,21 +51,36 @@ def ticket(**kw):
 ])
 def test_invalid_field_is_named(kw, field):
     with pytest.raises(BadRequest, match=repr(field)):
-        TicketStore().add(ticket(**kw))
+        store_of().add(ticket(**kw))
+
+
+def test_url_is_checked_by_the_check_given():
+    seen = []
+
+    def refuse_all(url):
+        seen.append(url.geturl())
+        raise ValueError("no backend here")
+
+    with pytest.raises(BadRequest,
+                       match="Invalid ticket field 'url': no backend here"):
+        TicketStore(refuse_all).add(ticket())
+    assert seen == ["file:///var/tmp/x.raw"]
+    assert TicketStore(lambda url: None).add(ticket(url="ftp://x/y")).spec.url \
+        == "ftp://x/y"
 
 
 def test_uuid_must_match_url():
     with pytest.raises(BadRequest, match="uuid"):
-        TicketStore().add(ticket(uuid="a"), "b")
+        store_of().add(ticket(uuid="a"), "b")
 
 
 def test_not_an_object():
     with pytest.raises(BadRequest):
-        TicketStore().add(["uuid"])
+        store_of().add(["uuid"])
 
 
 def test_add_replace_get_remove():
-    store = TicketStore()
+    store = store_of()
     store.add(ticket())
     assert store.get("t1").size == 1024
     store.add(ticket(size=2048))
@@ -71,7 +92,7 @@ def test_add_replace_get_remove():
 
 
 def test_authorize():
-    store = TicketStore()
+    store = store_of()
     store.add(ticket(ops=["write"]))
     assert store.authorize("t1", "read").uuid == "t1"  # write implies read
     store.add(ticket(uuid="ro"))
@@ -82,7 +103,7 @@ def test_authorize():
 
 
 def test_expiry_and_extend():
-    store = TicketStore()
+    store = store_of()
     store.add(ticket(timeout=0))
     with pytest.raises(TicketForbidden, match="expired"):
         store.authorize("t1", "read")
@@ -91,7 +112,7 @@ def test_expiry_and_extend():
 
 
 def test_completed_operation_extends_expiry():
-    store = TicketStore()
+    store = store_of()
     t = store.add(ticket(timeout=50))
     t.expires -= 40
     with t.operation(0):
@@ -100,7 +121,7 @@ def test_completed_operation_extends_expiry():
 
 
 def test_transferred_counts_overlaps_once():
-    t = TicketStore().add(ticket())
+    t = store_of().add(ticket())
     for offset, n in ((0, 100), (50, 100), (500, 10)):
         with t.operation(offset) as op:
             op.done = n
@@ -108,7 +129,7 @@ def test_transferred_counts_overlaps_once():
 
 
 def test_transferred_includes_ongoing():
-    t = TicketStore().add(ticket())
+    t = store_of().add(ticket())
     with t.operation(0) as op:
         op.done = 30
         info = t.info()
@@ -119,12 +140,12 @@ def test_transferred_includes_ongoing():
 
 
 def test_transferred_absent_for_read_write():
-    t = TicketStore().add(ticket(ops=["read", "write"]))
+    t = store_of().add(ticket(ops=["read", "write"]))
     assert "transferred" not in t.info()
 
 
 def test_info_fields():
-    t = TicketStore(default_inactivity=77).add(
+    t = store_of(default_inactivity=77).add(
         ticket(transfer_id="x", filename="disk.raw", sparse=True))
     info = t.info()
     assert info["inactivity_timeout"] == 77
@@ -136,7 +157,7 @@ def test_info_fields():
 
 
 def test_connections_counted_and_closed_on_cancel():
-    store = TicketStore()
+    store = store_of()
     t = store.add(ticket())
     closed = []
     t.add_connection("c1", lambda: closed.append("c1"))
@@ -150,7 +171,7 @@ def test_connections_counted_and_closed_on_cancel():
 
 
 def test_cancel_waits_for_operation_then_409():
-    store = TicketStore(remove_timeout=0.2)
+    store = store_of(remove_timeout=0.2)
     t = store.add(ticket())
     with pytest.raises(Forbidden, match="canceled"):
         with t.operation(0) as op:
@@ -170,7 +191,7 @@ def test_cancel_waits_for_operation_then_409():
 
 
 def test_cancel_returns_when_operation_ends():
-    store = TicketStore(remove_timeout=5)
+    store = store_of(remove_timeout=5)
     t = store.add(ticket())
     started = threading.Event()
     outcome = []
@@ -195,7 +216,7 @@ def test_cancel_returns_when_operation_ends():
 
 
 def test_clear():
-    store = TicketStore()
+    store = store_of()
     store.add(ticket())
     store.add(ticket(uuid="t2"))
     store.clear()

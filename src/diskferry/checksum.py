@@ -28,9 +28,11 @@ block size, which is why the result names both.
 import functools
 import hashlib
 import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from .errors import BackendError, BadRequest
-from .extent import file_extents
+from .extent import Extent, file_extents
 
 MiB = 1024 * 1024
 
@@ -53,15 +55,53 @@ MAX_BLOCK_SIZE_DIGITS = 20
 #: Blocks must be whole storage sectors, so reads can use direct I/O.
 BLOCK_SIZE_ALIGNMENT = 4096
 
-#: Extents are asked for a window at a time, so that a huge fragmented
-#: image never needs its whole extent list in memory at once.
-EXTENTS_WINDOW = 1024 * MiB
+#: Bytes of image whose extents are asked for at once, so that a huge
+#: fragmented image never needs its whole extent list in memory. The
+#: image is local to the hashing code (the daemon's backend, or the
+#: client's own file or qemu-nbd), so a window costs one cheap call and
+#: can be small; the client walking a server's extents over HTTP pays a
+#: round trip per window and asks for far more at once
+#: (``client/session.py``).
+CHECKSUM_EXTENTS_WINDOW = 1024 * MiB
 #: Zero-block digests fed to the outer hash in one call: few calls for
 #: a terabyte of zeros, yet at most a few MiB of digests in memory.
 ZERO_DIGESTS_PER_UPDATE = 32768
 
 
-def _usable_algorithms():
+#: Called with a byte count: the image's size once, then each step's bytes.
+Progress = Callable[[int], None]
+
+
+class Source(Protocol):
+    """The image being hashed: a daemon backend, a local file, an export."""
+
+    def size(self) -> int: ...
+
+    def extents(self, start: int, length: int) -> Iterable[Extent]: ...
+
+    def readinto(self, buf: memoryview, offset: int) -> int: ...
+
+
+class _Hash(Protocol):
+    """What of a ``hashlib`` object the scheme uses."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+    def digest(self) -> bytes: ...
+
+    def hexdigest(self) -> str: ...
+
+
+#: The blake2 variants, which take the digest size the scheme fixes.
+#: Other spellings of them (OpenSSL's "blake2b512") refuse a digest size,
+#: so they are not offered.
+_BLAKE2: dict[str, Callable[..., _Hash]] = {
+    "blake2b": hashlib.blake2b,
+    "blake2s": hashlib.blake2s,
+}
+
+
+def _usable_algorithms() -> list[str]:
     """Algorithms of this Python build that give a fixed-size digest.
 
     ``hashlib.algorithms_available`` also lists the shake variants, whose
@@ -79,21 +119,25 @@ def _usable_algorithms():
     return sorted(usable)
 
 
-def _new_hash(algorithm, data=b""):
+def _new_hash(algorithm: str, data: bytes | memoryview = b"") -> _Hash:
     if algorithm.startswith("blake2"):
-        return hashlib.new(algorithm, data, digest_size=BLAKE2_DIGEST_SIZE)
+        blake2 = _BLAKE2.get(algorithm)
+        if blake2 is None:
+            raise TypeError(f"{algorithm} takes no digest size")
+        return blake2(data, digest_size=BLAKE2_DIGEST_SIZE)
     return hashlib.new(algorithm, data)
 
 
 ALGORITHMS = _usable_algorithms()
 
 
-def algorithms():
+def algorithms() -> dict[str, list[str]]:
     """The JSON answer of ``GET /images/{id}/checksum/algorithms``."""
     return {"algorithms": list(ALGORITHMS)}
 
 
-def validate(algorithm=None, block_size=None):
+def validate(algorithm: str | None = None,
+             block_size: int | str | None = None) -> tuple[str, int]:
     """Check request parameters; return ``(algorithm, block_size)``.
 
     None means the default. ``block_size`` may be the query string text.
@@ -130,7 +174,7 @@ def validate(algorithm=None, block_size=None):
 
 
 @functools.lru_cache(maxsize=16)
-def _zero_digest(algorithm, length):
+def _zero_digest(algorithm: str, length: int) -> bytes:
     """Digest of ``length`` zero bytes; computed once per size."""
     return _new_hash(algorithm, bytes(length)).digest()
 
@@ -143,21 +187,22 @@ class BlockHash:
     the image's last block may be shorter than ``block_size``.
     """
 
-    def __init__(self, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE):
+    def __init__(self, algorithm: str = DEFAULT_ALGORITHM,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self.algorithm = algorithm
         self.block_size = block_size
         self._outer = _new_hash(algorithm)
         # calloc'd memory: comparing with it touches no real pages.
         self._zero_block = bytes(block_size)
 
-    def update(self, block):
+    def update(self, block: bytes | memoryview) -> None:
         """Hash one block of data (zero blocks take the precomputed digest)."""
         if self._zero_block.startswith(block):
             self.zero(len(block))
         else:
             self._outer.update(_new_hash(self.algorithm, block).digest())
 
-    def zero(self, length):
+    def zero(self, length: int) -> None:
         """Hash ``length`` bytes of zeros: whole blocks, then a shorter tail."""
         whole, tail = divmod(length, self.block_size)
         digest = _zero_digest(self.algorithm, self.block_size)
@@ -168,11 +213,12 @@ class BlockHash:
         if tail:
             self._outer.update(_zero_digest(self.algorithm, tail))
 
-    def hexdigest(self):
+    def hexdigest(self) -> str:
         return self._outer.hexdigest()
 
 
-def block_runs(extents, start, end, block_size):
+def block_runs(extents: Iterable[Extent], start: int, end: int,
+               block_size: int) -> Iterator[tuple[int, int, bool]]:
     """Split ``[start, end)`` into runs of zero blocks and of data blocks.
 
     ``start`` is a multiple of ``block_size``; ``end`` is one too, or the
@@ -194,27 +240,30 @@ def block_runs(extents, start, end, block_size):
         yield position, end, False
 
 
-def _zero_spans(extents, start, end):
+def _zero_spans(extents: Iterable[Extent], start: int,
+                end: int) -> Iterator[tuple[int, int]]:
     """Merged zero ranges of ``extents``, clipped to ``[start, end)``."""
-    span_start = span_end = None
+    span: tuple[int, int] | None = None
     for extent in sorted(extents, key=lambda e: e.start):
         if not extent.zero:
             continue
         low, high = max(extent.start, start), min(extent.end, end)
         if low >= high:
             continue
-        if span_end is not None and low <= span_end:
-            span_end = max(span_end, high)
+        if span is not None and low <= span[1]:
+            span = span[0], max(span[1], high)
             continue
-        if span_end is not None:
-            yield span_start, span_end
-        span_start, span_end = low, high
-    if span_end is not None:
-        yield span_start, span_end
+        if span is not None:
+            yield span
+        span = low, high
+    if span is not None:
+        yield span
 
 
-def compute(backend, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
-            progress=None, started=None):
+def compute(backend: Source, algorithm: str = DEFAULT_ALGORITHM,
+            block_size: int = DEFAULT_BLOCK_SIZE,
+            progress: Progress | None = None,
+            started: Progress | None = None) -> dict[str, object]:
     """Checksum the image of ``backend``; returns the JSON answer.
 
     Zero extents are hashed without reading; data is read into one
@@ -229,7 +278,7 @@ def compute(backend, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
         started(size)
     block_hash = BlockHash(algorithm, block_size)
     buf = bytearray(block_size)
-    window = max(1, EXTENTS_WINDOW // block_size) * block_size
+    window = max(1, CHECKSUM_EXTENTS_WINDOW // block_size) * block_size
 
     with memoryview(buf) as view:
         for window_start in range(0, size, window):
@@ -242,12 +291,8 @@ def compute(backend, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
                     if progress:
                         progress(run_end - run_start)
                     continue
-                for offset in range(run_start, run_end, block_size):
-                    length = min(block_size, run_end - offset)
-                    _read_fully(backend, offset, view[:length])
-                    block_hash.update(view[:length])
-                    if progress:
-                        progress(length)
+                _hash_data(backend, run_start, run_end, view, block_hash,
+                           progress)
 
     return {
         "algorithm": algorithm,
@@ -256,7 +301,19 @@ def compute(backend, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
     }
 
 
-def _read_fully(backend, offset, view):
+def _hash_data(backend: Source, start: int, end: int, view: memoryview,
+               block_hash: BlockHash, progress: Progress | None) -> None:
+    """Read and hash the data blocks of ``[start, end)`` through ``view``."""
+    block_size = len(view)
+    for offset in range(start, end, block_size):
+        length = min(block_size, end - offset)
+        _read_fully(backend, offset, view[:length])
+        block_hash.update(view[:length])
+        if progress:
+            progress(length)
+
+
+def _read_fully(backend: Source, offset: int, view: memoryview) -> None:
     done = 0
     while done < len(view):
         count = backend.readinto(view[done:], offset + done)
@@ -267,8 +324,11 @@ def _read_fully(backend, offset, view):
         done += count
 
 
-def compute_file(path, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZE,
-                 progress=None, started=None):
+def compute_file(path: str | os.PathLike[str],
+                 algorithm: str = DEFAULT_ALGORITHM,
+                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 progress: Progress | None = None,
+                 started: Progress | None = None) -> dict[str, object]:
     """Checksum a local raw image (regular file or block device).
 
     Gives the digest the daemon gives for the same content, so a client
@@ -285,21 +345,21 @@ def compute_file(path, algorithm=DEFAULT_ALGORITHM, block_size=DEFAULT_BLOCK_SIZ
 class _LocalImage:
     """The three calls ``compute`` makes, on a local file or block device."""
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise BackendError(f"Cannot open {path}: {e.strerror}") from e
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
 
-    def size(self):
+    def size(self) -> int:
         return self._size
 
-    def extents(self, start, length):
+    def extents(self, start: int, length: int) -> list[Extent]:
         return file_extents(self._fd, start, min(start + length, self._size))
 
-    def readinto(self, buf, offset):
+    def readinto(self, buf: memoryview, offset: int) -> int:
         return os.preadv(self._fd, [buf], offset)
 
-    def close(self):
+    def close(self) -> None:
         os.close(self._fd)

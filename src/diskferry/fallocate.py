@@ -32,19 +32,19 @@ _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64,
 _fallocate.restype = ctypes.c_int
 
 
-def fallocate(fd, mode, offset, length):
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
 
-def punch_hole(fd, offset, length):
+def punch_hole(fd: int, offset: int, length: int) -> None:
     fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
-def zero_range(fd, offset, length):
+def zero_range(fd: int, offset: int, length: int) -> None:
     fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
 
 
-def blkzeroout(fd, offset, length):
+def blkzeroout(fd: int, offset: int, length: int) -> None:
     fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))

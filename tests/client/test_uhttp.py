@@ -6,7 +6,7 @@ import time
 import pytest
 
 from diskferry.client import TunnelNotSupported, UnixHTTPConnection
-from diskferry.client.uhttp import display_address, normalize_address
+from diskferry.sockaddr import display_address
 
 from .helpers import KINDS
 
@@ -29,13 +29,6 @@ def test_request_over_socket(daemons, kind, local):
                 assert "features" in res.read().decode()
         finally:
             con.close()
-
-
-def test_address_spellings():
-    assert normalize_address("@name") == "\0name"
-    assert normalize_address(b"\0name") == "\0name"
-    assert normalize_address("/run/x.sock") == "/run/x.sock"
-    assert display_address("\0name") == "@name"
 
 
 def test_set_tunnel_is_refused():

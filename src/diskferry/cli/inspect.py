@@ -15,8 +15,8 @@ from typing import Any
 
 from diskferry import client
 from diskferry.cli import common, output, units
-from diskferry.client.uhttp import display_address
 from diskferry.extent import Extent
+from diskferry.sockaddr import display_address
 
 INFO_EPILOG = """\
 examples:

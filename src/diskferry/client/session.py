@@ -31,9 +31,9 @@ from diskferry.client.errors import (
 from diskferry.client.extents import parse_extents
 from diskferry.client.policy import Timeout
 from diskferry.client.transport import Transport
-from diskferry.client.uhttp import display_address, normalize_address
 from diskferry.extent import Extent
 from diskferry.hostid import host_id
+from diskferry.sockaddr import display_address, kernel_address
 
 log = logging.getLogger("diskferry.client")
 
@@ -67,7 +67,7 @@ class ServerOptions(namedtuple("ServerOptions", (
             allow=frozenset(allow) if allow else None,
             max_readers=_positive(data.get("max_readers")),
             max_writers=_positive(data.get("max_writers")),
-            unix_socket=normalize_address(unix_socket) if unix_socket else None,
+            unix_socket=kernel_address(unix_socket) if unix_socket else None,
             host_id=data.get("host_id") or None,
             server_id=data.get("server_id") or None,
         )

@@ -13,7 +13,8 @@ from collections import namedtuple
 
 from diskferry.client.errors import ClientError
 from diskferry.client.policy import Timeout
-from diskferry.client.uhttp import UnixHTTPConnection, display_address
+from diskferry.client.uhttp import UnixHTTPConnection
+from diskferry.sockaddr import display_address
 
 #: Socket buffer for bulk transfers: large enough that a multi-MiB request
 #: needs few wake-ups, small enough to be a harmless default.

@@ -16,22 +16,7 @@ import http.client
 import socket
 
 from diskferry.client.errors import TunnelNotSupported
-
-
-def normalize_address(address):
-    """Return ``address`` as ``connect()`` takes it ("@name" -> "\\0name")."""
-    if isinstance(address, bytes):
-        address = address.decode()
-    if address.startswith("@"):
-        return "\0" + address[1:]
-    return address
-
-
-def display_address(address):
-    """Return ``address`` printable: an abstract one as "@name"."""
-    if address.startswith("\0"):
-        return "@" + address[1:]
-    return address
+from diskferry.sockaddr import display_address, kernel_address
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -44,7 +29,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def __init__(self, address, timeout=socket._GLOBAL_DEFAULT_TIMEOUT,
                  blocksize=8192):
         super().__init__("localhost", timeout=timeout, blocksize=blocksize)
-        self.address = normalize_address(address)
+        self.address = kernel_address(address)
 
     def connect(self):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -18,17 +18,23 @@ more field of ``Config``: loading, checking types and printing
 See docs/configuration.md for every option.
 """
 
+import copy
 import dataclasses
 import glob
 import os
 import tomllib
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 from diskferry.daemon import places, tomlwrite
 from diskferry.daemon.http.connection import HEAD_TIMEOUT
 from diskferry.daemon.http.server import DEFAULT_CONNECTION_LIMIT
 from diskferry.daemon.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
 from diskferry.errors import DiskferryError
+from diskferry.sockaddr import kernel_address
+
+#: A file name, as a command line, a configuration or pathlib gives it.
+FileName: TypeAlias = str | os.PathLike[str]
 
 
 class ConfigError(DiskferryError):
@@ -134,6 +140,11 @@ class Logging:
     level: str = "INFO"
 
 
+#: Any section of a configuration.
+Section: TypeAlias = (Daemon | Tls | Remote | Local | Control | BackendFile
+                      | BackendNbd | BackendHttp | Logging)
+
+
 @dataclass
 class Config:
     daemon: Daemon = field(default_factory=Daemon)
@@ -147,69 +158,67 @@ class Config:
     logging: Logging = field(default_factory=Logging)
 
     @property
-    def state_place(self):
+    def state_place(self) -> places.Place:
         return places.state_dir(self.daemon.state_dir, os.environ,
                                 os.geteuid())
 
     @property
-    def run_place(self):
+    def run_place(self) -> places.Place:
         return places.run_dir(self.daemon.run_dir, self.state_place,
                               os.environ, os.geteuid())
 
     @property
-    def state_dir(self):
+    def state_dir(self) -> str:
         return self.state_place.path
 
     @property
-    def run_dir(self):
+    def run_dir(self) -> str:
         return self.run_place.path
 
     @property
-    def control_socket(self):
+    def control_socket(self) -> str:
         return self.control.socket or os.path.join(self.run_dir,
                                                    "control.sock")
 
-    def control_socket_origin(self):
+    def control_socket_origin(self) -> str:
         """Why ``control_socket`` is where it is, for a message."""
         if self.control.socket:
             return "[control] socket"
         return f"control.sock in {self.run_place.origin}"
 
     @property
-    def local_socket(self):
+    def local_socket(self) -> str:
         """The local address with an abstract name spelled with NUL."""
-        address = self.local.socket
-        return "\0" + address[1:] if address.startswith("@") else address
+        return kernel_address(self.local.socket)
 
 
-def sections(config):
+def sections(config: Config) -> list[tuple[str, Section]]:
     """(name, section) of every section, in the order of ``Config``."""
     return [(f.name, getattr(config, f.name))
             for f in dataclasses.fields(config)]
 
 
-def effective(config):
+def effective(config: Config) -> Config:
     """A copy of ``config`` with the folders and the control socket it
     would use written out: what ``serve --show-config`` prints."""
-    copy = dataclasses.replace(config, **{
-        name: dataclasses.replace(section) for name, section in
-        sections(config)})
-    copy.daemon.state_dir = config.state_dir
-    copy.daemon.run_dir = config.run_dir
+    written = copy.deepcopy(config)
+    written.daemon.state_dir = config.state_dir
+    written.daemon.run_dir = config.run_dir
     if config.control.transport == "unix":
-        copy.control.socket = config.control_socket
-    return copy
+        written.control.socket = config.control_socket
+    return written
 
 
-def dumps(config):
+def dumps(config: Config) -> str:
     """``config`` as TOML text that ``load`` reads back to an equal one."""
     return tomlwrite.dumps({name: dataclasses.asdict(section)
                             for name, section in sections(config)})
 
 
-def files(path=None, conf_dir=None):
+def files(path: FileName | None = None,
+          conf_dir: str | None = None) -> list[FileName]:
     """The files a configuration is read from, in the order applied."""
-    found = [path] if path is not None else []
+    found: list[FileName] = [path] if path is not None else []
     if conf_dir is not None:
         # A mistyped folder fails; a folder without drop-ins (yet) is
         # the defaults, as a freshly installed package has it.
@@ -220,7 +229,7 @@ def files(path=None, conf_dir=None):
     return found
 
 
-def load(path=None, conf_dir=None):
+def load(path: FileName | None = None, conf_dir: str | None = None) -> Config:
     """The defaults, overridden by ``path`` and then by the drop-ins of
     ``conf_dir`` (``conf.d/*.toml``, in name order)."""
     config = Config()
@@ -231,7 +240,7 @@ def load(path=None, conf_dir=None):
     return config
 
 
-def _apply_file(config, path):
+def _apply_file(config: Config, path: FileName) -> None:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -248,7 +257,8 @@ def _apply_file(config, path):
         _apply(path, section_name, section, values)
 
 
-def _apply(path, section_name, section, values):
+def _apply(path: FileName, section_name: str, section: Section,
+           values: dict[str, object]) -> None:
     fields = {f.name: f for f in dataclasses.fields(section)}
     for key, value in values.items():
         if key not in fields:
@@ -263,7 +273,7 @@ def _apply(path, section_name, section, values):
         setattr(section, key, value)
 
 
-def _check(path, config):
+def _check(path: str, config: Config) -> None:
     if config.control.transport not in ("unix", "tcp"):
         raise ConfigError(f"{path}: [control] transport must be 'unix' or "
                           f"'tcp', got {config.control.transport!r}")

@@ -18,6 +18,7 @@ in a private temporary directory and renamed into place, under a lock,
 so a concurrent start never sees a half-written key.
 """
 
+import contextlib
 import fcntl
 import ipaddress
 import os
@@ -25,6 +26,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,41 +78,43 @@ class PKIFiles:
     key_file: Path
 
 
-def pki_files(directory):
+def pki_files(directory: str | os.PathLike[str]) -> PKIFiles:
     """The paths ``ensure_pki`` uses in ``directory``."""
-    directory = Path(directory)
+    folder = Path(directory)
     return PKIFiles(
-        ca_file=directory / CA_CERT_NAME,
-        ca_key_file=directory / CA_KEY_NAME,
-        cert_file=directory / SERVER_CERT_NAME,
-        key_file=directory / SERVER_KEY_NAME,
+        ca_file=folder / CA_CERT_NAME,
+        ca_key_file=folder / CA_KEY_NAME,
+        cert_file=folder / SERVER_CERT_NAME,
+        key_file=folder / SERVER_KEY_NAME,
     )
 
 
-def ensure_pki(directory, hostnames=DEFAULT_HOSTNAMES, ips=DEFAULT_IPS,
-               *, openssl="openssl"):
+def ensure_pki(directory: str | os.PathLike[str],
+               hostnames: Iterable[str] = DEFAULT_HOSTNAMES,
+               ips: Iterable[str] = DEFAULT_IPS,
+               *, openssl: str = "openssl") -> PKIFiles:
     """Return the PKI files in ``directory``, making the missing ones.
 
     The server certificate has CN = ``hostnames[0]`` and a subjectAltName
     entry for every host name and IP address. ``openssl`` is the command
     to run (a name looked up in PATH, or a path).
     """
-    hostnames = tuple(hostnames)
-    if not hostnames:
+    names = tuple(hostnames)
+    if not names:
         raise ValueError("at least one host name is needed for the certificate")
-    ips = tuple(str(ipaddress.ip_address(ip)) for ip in ips)
+    addresses = tuple(str(ipaddress.ip_address(ip)) for ip in ips)
 
-    directory = Path(directory)
-    directory.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
-    files = pki_files(directory)
+    folder = Path(directory)
+    folder.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+    files = pki_files(folder)
 
-    with _locked(directory / LOCK_NAME):
+    with _locked(folder / LOCK_NAME):
         if _all_exist(files.ca_file, files.ca_key_file, files.cert_file,
                       files.key_file):
             return files
         command = _find_openssl(openssl)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".new-") as tmp:
-            tmp = Path(tmp)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".new-") as name:
+            tmp = Path(name)
             made = pki_files(tmp)
             if _all_exist(files.ca_file, files.ca_key_file):
                 ca_cert, ca_key = files.ca_file, files.ca_key_file
@@ -118,33 +122,31 @@ def ensure_pki(directory, hostnames=DEFAULT_HOSTNAMES, ips=DEFAULT_IPS,
                 _make_ca(command, made.ca_file, made.ca_key_file)
                 ca_cert, ca_key = made.ca_file, made.ca_key_file
             _make_server(command, tmp, ca_cert, ca_key, made.cert_file,
-                         made.key_file, hostnames, ips)
+                         made.key_file, names, addresses)
             _install(made, files)
     return files
 
 
-def _all_exist(*paths):
+def _all_exist(*paths: Path) -> bool:
     return all(path.exists() for path in paths)
 
 
-class _locked:
-    """An exclusive ``flock`` on ``path`` for the duration of a block."""
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` for the duration of a block.
 
-    def __init__(self, path):
-        self._path = path
-        self._fd = None
-
-    def __enter__(self):
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                           KEY_MODE)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc_info):
-        os.close(self._fd)
+    The descriptor is closed however the block ends, the wait for the
+    lock included (a signal may end it while another start holds it).
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, KEY_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
-def _find_openssl(openssl):
+def _find_openssl(openssl: str) -> str:
     path = shutil.which(openssl)
     if path is None:
         raise PKIError(
@@ -153,7 +155,7 @@ def _find_openssl(openssl):
     return path
 
 
-def _make_ca(openssl, cert_file, key_file):
+def _make_ca(openssl: str, cert_file: Path, key_file: Path) -> None:
     _run(openssl, "req", "-x509", "-new", "-nodes",
          "-newkey", "ec", "-pkeyopt", f"ec_paramgen_curve:{KEY_CURVE}",
          "-keyout", key_file, "-out", cert_file,
@@ -165,8 +167,9 @@ def _make_ca(openssl, cert_file, key_file):
          "-addext", "subjectKeyIdentifier=hash")
 
 
-def _make_server(openssl, workdir, ca_cert, ca_key, cert_file, key_file,
-                 hostnames, ips):
+def _make_server(openssl: str, workdir: Path, ca_cert: Path, ca_key: Path,
+                 cert_file: Path, key_file: Path, hostnames: Sequence[str],
+                 ips: Sequence[str]) -> None:
     request = workdir / "server.csr"
     extensions = workdir / "server.ext"
     extensions.write_text(_server_extensions(hostnames, ips))
@@ -181,7 +184,7 @@ def _make_server(openssl, workdir, ca_cert, ca_key, cert_file, key_file,
          "-extfile", extensions, "-out", cert_file)
 
 
-def _server_extensions(hostnames, ips):
+def _server_extensions(hostnames: Sequence[str], ips: Sequence[str]) -> str:
     names = [f"DNS:{name}" for name in hostnames] + [f"IP:{ip}" for ip in ips]
     return "\n".join([
         "basicConstraints=critical,CA:FALSE",
@@ -194,18 +197,18 @@ def _server_extensions(hostnames, ips):
     ])
 
 
-def _escape_subject(value):
+def _escape_subject(value: str) -> str:
     """Escape the characters openssl's ``-subj`` syntax gives a meaning."""
     return value.replace("\\", "\\\\").replace("/", "\\/").replace("=", "\\=")
 
 
-def _random_serial():
+def _random_serial() -> str:
     # Clear the top bit so the DER INTEGER stays positive within the octets.
     serial = secrets.randbits(SERIAL_BYTES * 8 - 1) | 1
     return f"0x{serial:x}"
 
 
-def _run(openssl, *args):
+def _run(openssl: str, *args: str | Path) -> None:
     command = [openssl, *map(str, args)]
     try:
         subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
@@ -223,7 +226,7 @@ def _run(openssl, *args):
         raise PKIError(f"cannot run {openssl!r}: {e}") from e
 
 
-def _install(made, files):
+def _install(made: PKIFiles, files: PKIFiles) -> None:
     """Move the new files into place, keys first so a cert never lacks its key."""
     pairs = [
         (made.ca_key_file, files.ca_key_file, KEY_MODE),

@@ -5,16 +5,17 @@ Sequential transfers keep it to a handful of ranges.
 """
 
 import bisect
+from collections.abc import Collection, Iterator
 
 
 class RangeSet:
     """Disjoint, sorted half-open ranges ``[start, end)``."""
 
-    def __init__(self):
-        self._starts = []
-        self._ends = []
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
 
-    def add(self, start, end):
+    def add(self, start: int, end: int) -> None:
         if end <= start:
             return
         # Every range that overlaps or touches [start, end) is merged.
@@ -26,7 +27,7 @@ class RangeSet:
         self._starts[lo:hi] = [start]
         self._ends[lo:hi] = [end]
 
-    def total(self, extra=()):
+    def total(self, extra: Collection[tuple[int, int]] = ()) -> int:
         """Bytes covered, with ``extra`` ranges counted as if added."""
         if extra:
             merged = RangeSet()
@@ -37,5 +38,5 @@ class RangeSet:
             return merged.total()
         return sum(self._ends) - sum(self._starts)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         return iter(zip(self._starts, self._ends, strict=True))

@@ -20,15 +20,19 @@ import socket
 import ssl
 import threading
 import uuid
+from typing import Protocol
 
 from diskferry import __version__
+from diskferry.daemon import backends
+from diskferry.daemon.config import Config, FileName
 from diskferry.daemon.handlers import control_app, images_app
-from diskferry.daemon.http.listener import is_abstract, tcp_listener, unix_listener
+from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
 from diskferry.daemon.instancelock import InstanceLock
 from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import DiskferryError
 from diskferry.hostid import host_id
+from diskferry.sockaddr import display_address, is_abstract, kernel_address
 
 log = logging.getLogger("diskferry.daemon.service")
 
@@ -43,13 +47,13 @@ class StartError(DiskferryError):
 class BindError(StartError):
     """Raised when a service cannot listen on its address."""
 
-    def __init__(self, service, address, error):
+    def __init__(self, service: str, address: str, error: OSError) -> None:
         super().__init__(f"{service} service: {address} {_bind_cause(error)}")
         self.service = service
         self.address = address
 
 
-def _bind_cause(error):
+def _bind_cause(error: OSError) -> str:
     if isinstance(error, socket.gaierror):
         return f"cannot be resolved: {error.strerror}"
     code = error.errno
@@ -67,15 +71,11 @@ def _bind_cause(error):
     return f"cannot be bound: {error.strerror or error}"
 
 
-def _tcp_address(host, port):
+def _tcp_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _unix_address(address):
-    return "@" + address[1:] if address.startswith("\0") else address
-
-
-def tls_context(cert_file, key_file):
+def tls_context(cert_file: FileName, key_file: FileName) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -88,22 +88,36 @@ def tls_context(cert_file, key_file):
     return ctx
 
 
+class Service(Protocol):
+    """What the daemon uses of a running service (an HTTP server)."""
+
+    name: str
+    sock: socket.socket
+    #: Where it listens, printable.
+    address: str
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
 class Daemon:
 
-    def __init__(self, config):
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.store = TicketStore(
+            backends.check_url,
             remove_timeout=config.control.remove_timeout,
             default_inactivity=config.daemon.inactivity_timeout)
         self.server_id = uuid.uuid4().hex
-        self.servers = []
-        self.ca_file = None
+        self.servers: list[Service] = []
+        self.ca_file: FileName | None = None
         self.lock = InstanceLock(config.run_dir)
         # Socket files this daemon bound: path -> (st_dev, st_ino).
-        self._socket_files = {}
+        self._socket_files: dict[str, tuple[int, int]] = {}
         self._stopped = threading.Event()
 
-    def start(self):
+    def start(self) -> None:
         config = self.config
         try:
             os.makedirs(config.run_dir, exist_ok=True)
@@ -122,44 +136,32 @@ class Daemon:
             self.lock.release()
             raise
 
-    def _start(self):
+    def _start(self) -> None:
         config = self.config
-        options = {}
-        if config.local.enable:
-            options["unix_socket"] = config.local_socket
-        # Told only to a client that holds a valid ticket.
-        ticket_options = {"server_id": self.server_id}
-        if (this_host := host_id()) is not None:
-            ticket_options["host_id"] = this_host
-        images = images_app(self.store, config, options, ticket_options)
+        images = images_app(self.store, config, self._options(),
+                            self._ticket_options())
         idle = config.daemon.inactivity_timeout
+        head = config.daemon.head_timeout
         # Image clients share one limit; the control service has its own,
         # so that they can never lock the management plane out.
         clients = ConnectionLimit(config.daemon.connection_limit)
-        limits = {"idle_timeout": idle, "limit": clients,
-                  "head_timeout": config.daemon.head_timeout}
         try:
             context = None
             if config.tls.enable:
-                cert_file, key_file = self._tls_files()
-                context = tls_context(cert_file, key_file)
+                context = tls_context(*self._tls_files())
             remote = self._tcp("remote", config.remote.host,
                                config.remote.port)
             self.servers.append(Server(
-                "remote", remote, images, tls_context=context, **limits))
+                "remote", remote, images, tls_context=context,
+                idle_timeout=idle, head_timeout=head, limit=clients))
             if config.local.enable:
                 self.servers.append(Server(
                     "local", self._unix("local", config.local_socket),
-                    images, **limits))
-            if config.control.transport == "unix":
-                control_sock = self._unix("control", config.control_socket,
-                                          mode=CONTROL_SOCKET_MODE)
-            else:
-                control_sock = self._tcp("control", "localhost",
-                                         config.control.port)
+                    images, idle_timeout=idle, head_timeout=head,
+                    limit=clients))
             self.servers.append(Server(
-                "control", control_sock, control_app(self.store),
-                idle_timeout=idle, head_timeout=config.daemon.head_timeout,
+                "control", self._control_socket(), control_app(self.store),
+                idle_timeout=idle, head_timeout=head,
                 limit=ConnectionLimit(config.daemon.connection_limit)))
         except BaseException:
             for server in self.servers:
@@ -169,17 +171,38 @@ class Daemon:
         for server in self.servers:
             server.start()
 
-    def _tcp(self, service, host, port):
+    def _options(self) -> dict[str, str]:
+        """What OPTIONS tells every client."""
+        if self.config.local.enable:
+            return {"unix_socket": self.config.local_socket}
+        return {}
+
+    def _ticket_options(self) -> dict[str, str]:
+        """What OPTIONS tells only a client that holds a valid ticket."""
+        options = {"server_id": self.server_id}
+        if (this_host := host_id()) is not None:
+            options["host_id"] = this_host
+        return options
+
+    def _control_socket(self) -> socket.socket:
+        control = self.config.control
+        if control.transport == "unix":
+            return self._unix("control", self.config.control_socket,
+                              mode=CONTROL_SOCKET_MODE)
+        return self._tcp("control", "localhost", control.port)
+
+    def _tcp(self, service: str, host: str, port: int) -> socket.socket:
         try:
             return tcp_listener(host, port)
         except OSError as e:
             raise BindError(service, _tcp_address(host, port), e) from e
 
-    def _unix(self, service, address, mode=None):
+    def _unix(self, service: str, address: str,
+              mode: int | None = None) -> socket.socket:
         try:
             sock = unix_listener(address, mode=mode)
         except OSError as e:
-            raise BindError(service, _unix_address(address), e) from e
+            raise BindError(service, display_address(address), e) from e
         if not is_abstract(address):
             try:
                 st = os.lstat(address)
@@ -190,7 +213,7 @@ class Daemon:
                 self._socket_files[address] = (st.st_dev, st.st_ino)
         return sock
 
-    def _tls_files(self):
+    def _tls_files(self) -> tuple[FileName, FileName]:
         tls = self.config.tls
         if tls.cert_file and tls.key_file:
             self.ca_file = tls.ca_file or None
@@ -202,16 +225,22 @@ class Daemon:
         self.ca_file = pki.ca_file
         return pki.cert_file, pki.key_file
 
-    def server(self, name):
+    def server(self, name: str) -> Service | None:
         for server in self.servers:
             if server.name == name:
                 return server
         return None
 
+    def _started(self, name: str) -> Service:
+        server = self.server(name)
+        if server is None:
+            raise RuntimeError(f"no {name} service: the daemon is not started")
+        return server
+
     @property
-    def url(self):
+    def url(self) -> str:
         """Base URL of the images API on the remote service."""
-        remote = self.server("remote")
+        remote = self._started("remote")
         scheme = "https" if self.config.tls.enable else "http"
         port = remote.sock.getsockname()[1]
         host = self.config.remote.host
@@ -219,7 +248,7 @@ class Daemon:
             host = "localhost"
         return f"{scheme}://{host}:{port}/images/"
 
-    def describe(self):
+    def describe(self) -> list[str]:
         """Lines telling a user where everything is."""
         lines = [f"diskferry {__version__} serving"]
         lines.append(f"  images URL:     {self.url}{{ticket-id}}")
@@ -228,17 +257,17 @@ class Daemon:
         local = self.server("local")
         if local:
             lines.append(f"  local socket:   {local.address}")
-        control = self.server("control")
+        control = self._started("control")
         lines.append(f"  control socket: {control.address}")
         return lines
 
-    def wait(self):
+    def wait(self) -> None:
         self._stopped.wait()
 
-    def request_stop(self):
+    def request_stop(self) -> None:
         self._stopped.set()
 
-    def stop(self):
+    def stop(self) -> None:
         timeout = self.config.daemon.shutdown_timeout
         threads = [threading.Thread(target=s.stop, args=(timeout,))
                    for s in self.servers]
@@ -250,7 +279,7 @@ class Daemon:
         self.lock.release()
         self._stopped.set()
 
-    def _remove_socket_files(self):
+    def _remove_socket_files(self) -> None:
         """Remove the socket files this daemon bound, and only those: a
         path now naming another file (another daemon bound it since) is
         left alone."""
@@ -270,12 +299,10 @@ class Daemon:
                 pass
 
 
-def notify_systemd(state):
+def notify_systemd(state: str) -> None:
     """Tell systemd (Type=notify) our state; a no-op outside systemd."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.sendto(state.encode(), address)
+        sock.sendto(state.encode(), kernel_address(address))

@@ -24,10 +24,12 @@ transfer after its current chunk rather than after the whole request.
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from types import TracebackType
+from typing import NotRequired, TypedDict
 
-from diskferry.daemon import backends
+from diskferry.daemon.jsonfield import TICKET_FIELDS, field
 from diskferry.daemon.ranges import RangeSet
 from diskferry.errors import (
     BadRequest,
@@ -61,46 +63,28 @@ MAX_INACTIVITY_TIMEOUT = 7 * 24 * 3600
 MAX_SIZE = 2**63 - 1
 
 
-def monotonic():
+#: Raises ValueError saying what is wrong with a ticket's URL: no backend
+#: serves its scheme, or the backend refuses it. The daemon passes the
+#: backend registry's check, so that a bad URL is a 400 when the ticket is
+#: installed, not a 500 on first use; tickets know no backend.
+UrlCheck = Callable[[urllib.parse.SplitResult], None]
+
+
+def monotonic() -> int:
     return int(time.monotonic())
 
 
 # Validation
 
 
-def _field(d, name, kind, required, default=None, minimum=None,
-           maximum=None):
-    if name not in d:
-        if required:
-            raise BadRequest(f"Missing required ticket field {name!r}")
-        return default
-    value = d[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    # bool is an int in Python, never in a ticket.
-    if not isinstance(value, kinds) or (
-            isinstance(value, bool) and bool not in kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise BadRequest(
-            f"Invalid ticket field {name!r}: expected {names}, "
-            f"got {value!r:.100}")
-    if minimum is not None and value < minimum:
-        raise BadRequest(
-            f"Invalid ticket field {name!r}: must be >= {minimum}, "
-            f"got {value!r:.40}")
-    if maximum is not None and value > maximum:
-        raise BadRequest(
-            f"Invalid ticket field {name!r}: must be <= {maximum}, "
-            f"got {value!r:.40}")
-    return value
-
-
-def parse_ticket_url(value):
+def parse_ticket_url(value: str,
+                     check_url: UrlCheck) -> urllib.parse.SplitResult:
     try:
         url = urllib.parse.urlsplit(value)
     except ValueError as e:
         raise BadRequest(f"Invalid ticket field 'url': {e}") from None
     try:
-        backends.check_url(url)
+        check_url(url)
     except ValueError as e:
         raise BadRequest(f"Invalid ticket field 'url': {e}") from None
     return url
@@ -113,7 +97,7 @@ class TicketSpec:
     uuid: str
     size: int
     url: str
-    ops: tuple
+    ops: tuple[str, ...]
     timeout: int
     inactivity_timeout: int
     sparse: bool = False
@@ -122,35 +106,65 @@ class TicketSpec:
     filename: str | None = None
 
     @classmethod
-    def from_dict(cls, d, default_inactivity=DEFAULT_INACTIVITY_TIMEOUT):
+    def from_dict(cls, d: object, check_url: UrlCheck,
+                  default_inactivity: int = DEFAULT_INACTIVITY_TIMEOUT,
+                  ) -> "TicketSpec":
         if not isinstance(d, dict):
             raise BadRequest("Ticket must be a JSON object")
-        ops = _field(d, "ops", list, True)
-        for op in ops:
-            if op not in VALID_OPS:
-                raise BadRequest(
-                    f"Invalid ticket field 'ops': unknown op {op!r:.40}; "
-                    f"valid ops: {', '.join(VALID_OPS)}")
-        url = _field(d, "url", str, True)
-        parse_ticket_url(url)
+        ops = _ops(d)
+        url = field(d, "url", str, required=True, errors=TICKET_FIELDS)
+        parse_ticket_url(url, check_url)
         return cls(
-            uuid=_field(d, "uuid", str, True),
-            size=_field(d, "size", int, True, minimum=0, maximum=MAX_SIZE),
+            uuid=field(d, "uuid", str, required=True, errors=TICKET_FIELDS),
+            size=field(d, "size", int, required=True, minimum=0,
+                       maximum=MAX_SIZE, errors=TICKET_FIELDS),
             url=url,
-            ops=tuple(ops),
-            timeout=_field(d, "timeout", int, True, minimum=0,
-                           maximum=MAX_TIMEOUT),
-            inactivity_timeout=_field(d, "inactivity_timeout", int, False,
-                                      default_inactivity, minimum=0,
-                                      maximum=MAX_INACTIVITY_TIMEOUT),
-            sparse=_field(d, "sparse", bool, False, False),
-            dirty=_field(d, "dirty", bool, False, False),
-            transfer_id=_field(d, "transfer_id", str, False),
-            filename=_field(d, "filename", str, False),
+            ops=ops,
+            timeout=field(d, "timeout", int, required=True, minimum=0,
+                          maximum=MAX_TIMEOUT, errors=TICKET_FIELDS),
+            inactivity_timeout=field(
+                d, "inactivity_timeout", int, default_inactivity, minimum=0,
+                maximum=MAX_INACTIVITY_TIMEOUT, errors=TICKET_FIELDS),
+            sparse=field(d, "sparse", bool, False, errors=TICKET_FIELDS),
+            dirty=field(d, "dirty", bool, False, errors=TICKET_FIELDS),
+            transfer_id=field(d, "transfer_id", str, errors=TICKET_FIELDS),
+            filename=field(d, "filename", str, errors=TICKET_FIELDS),
         )
 
 
+def _ops(d: dict[str, object]) -> tuple[str, ...]:
+    ops = field(d, "ops", list, required=True, errors=TICKET_FIELDS)
+    for op in ops:
+        if op not in VALID_OPS:
+            raise BadRequest(
+                f"Invalid ticket field 'ops': unknown op {op!r:.40}; "
+                f"valid ops: {', '.join(VALID_OPS)}")
+    return tuple(ops)
+
+
 # Tickets
+
+
+class TicketInfo(TypedDict):
+    """A ticket as ``GET /tickets/{id}`` shows it."""
+
+    active: bool
+    canceled: bool
+    connections: int
+    expires: int
+    idle_time: int
+    inactivity_timeout: int
+    ops: list[str]
+    size: int
+    sparse: bool
+    dirty: bool
+    timeout: int
+    url: str
+    uuid: str
+    transfer_id: str
+    filename: NotRequired[str]
+    #: Only for a read-only or write-only ticket.
+    transferred: NotRequired[int]
 
 
 class Operation:
@@ -158,12 +172,12 @@ class Operation:
 
     __slots__ = ("ticket", "offset", "done")
 
-    def __init__(self, ticket, offset):
+    def __init__(self, ticket: "Ticket", offset: int) -> None:
         self.ticket = ticket
         self.offset = offset
         self.done = 0
 
-    def check(self):
+    def check(self) -> None:
         """Raise if the ticket was canceled since the operation started."""
         if self.ticket.canceled:
             raise Forbidden(f"Transfer {self.ticket.transfer_id} was canceled")
@@ -172,50 +186,51 @@ class Operation:
 class Ticket:
     """A ticket and its run-time state; thread-safe."""
 
-    def __init__(self, spec: TicketSpec):
+    def __init__(self, spec: TicketSpec) -> None:
         self.spec = spec
         self._lock = threading.Lock()
-        self._ongoing = set()
+        self._ongoing: set[Operation] = set()
         self._idle = threading.Condition(self._lock)
         self._completed = RangeSet()
-        self._connections = {}  # connection id -> closer of its resources
+        # connection id -> closer of its resources
+        self._connections: dict[Hashable, Callable[[], None]] = {}
         self.canceled = False
         now = monotonic()
         self.expires = now + spec.timeout
         self._access_time = now
 
     @property
-    def uuid(self):
+    def uuid(self) -> str:
         return self.spec.uuid
 
     @property
-    def size(self):
+    def size(self) -> int:
         return self.spec.size
 
     @property
-    def transfer_id(self):
+    def transfer_id(self) -> str:
         return self.spec.transfer_id or f"(ticket/{self.spec.uuid[:18]})"
 
-    def may(self, op):
+    def may(self, op: str) -> bool:
         """``write`` implies ``read``."""
         if op == "read":
             return bool(self.spec.ops)
         return op in self.spec.ops
 
     @property
-    def expired(self):
+    def expired(self) -> bool:
         return monotonic() >= self.expires
 
-    def extend(self, timeout):
+    def extend(self, timeout: int) -> None:
         self.expires = monotonic() + timeout
 
     # Operations
 
-    def operation(self, offset=0):
+    def operation(self, offset: int = 0) -> "_OperationScope":
         """Context manager registering an operation for its duration."""
         return _OperationScope(self, offset)
 
-    def _begin(self, offset):
+    def _begin(self, offset: int) -> Operation:
         op = Operation(self, offset)
         with self._lock:
             if self.canceled:
@@ -224,7 +239,7 @@ class Ticket:
             self._ongoing.add(op)
         return op
 
-    def _end(self, op, completed):
+    def _end(self, op: Operation, completed: bool) -> None:
         with self._lock:
             self._ongoing.discard(op)
             if completed and len(self.spec.ops) == 1:
@@ -237,10 +252,10 @@ class Ticket:
                 self.expires = now + self.spec.timeout
 
     @property
-    def active(self):
+    def active(self) -> bool:
         return bool(self._ongoing)
 
-    def transferred(self):
+    def transferred(self) -> int | None:
         """Bytes moved, overlaps once; None for read-write tickets.
 
         A read-write ticket mixes both directions, so no single figure
@@ -254,20 +269,21 @@ class Ticket:
 
     # Connections
 
-    def add_connection(self, conn_id, closer: Callable[[], None]):
+    def add_connection(self, conn_id: Hashable,
+                       closer: Callable[[], None]) -> None:
         with self._lock:
             if self.canceled:
                 raise TicketForbidden(
                     f"Transfer {self.transfer_id} was canceled")
             self._connections[conn_id] = closer
 
-    def remove_connection(self, conn_id):
+    def remove_connection(self, conn_id: Hashable) -> None:
         with self._lock:
             self._connections.pop(conn_id, None)
 
     # Canceling
 
-    def cancel(self, timeout):
+    def cancel(self, timeout: float) -> None:
         """Refuse new requests, wait up to ``timeout`` for running ones.
 
         Returns when no operation runs, having released the resources of
@@ -283,13 +299,13 @@ class Ticket:
         for close in closers:
             close()
 
-    def info(self):
+    def info(self) -> TicketInfo:
         spec = self.spec
         with self._lock:
             active = bool(self._ongoing)
             idle_time = 0 if active else monotonic() - self._access_time
             connections = len(self._connections)
-        info = {
+        info: TicketInfo = {
             "active": active,
             "canceled": self.canceled,
             "connections": connections,
@@ -316,15 +332,17 @@ class Ticket:
 class _OperationScope:
     __slots__ = ("ticket", "offset", "op")
 
-    def __init__(self, ticket, offset):
+    def __init__(self, ticket: Ticket, offset: int) -> None:
         self.ticket = ticket
         self.offset = offset
 
-    def __enter__(self):
+    def __enter__(self) -> Operation:
         self.op = self.ticket._begin(self.offset)
         return self.op
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.ticket._end(self.op, completed=exc_type is None)
         if exc_type is None:
             # Canceled while running: the work is not acknowledged.
@@ -332,17 +350,24 @@ class _OperationScope:
 
 
 class TicketStore:
-    """The daemon's tickets, by id; thread-safe."""
+    """The daemon's tickets, by id; thread-safe.
 
-    def __init__(self, remove_timeout=DEFAULT_REMOVE_TIMEOUT,
-                 default_inactivity=DEFAULT_INACTIVITY_TIMEOUT):
+    ``check_url`` vets the URL of every ticket added (see ``UrlCheck``).
+    """
+
+    def __init__(self, check_url: UrlCheck,
+                 remove_timeout: float = DEFAULT_REMOVE_TIMEOUT,
+                 default_inactivity: int = DEFAULT_INACTIVITY_TIMEOUT,
+                 ) -> None:
+        self.check_url = check_url
         self.remove_timeout = remove_timeout
         self.default_inactivity = default_inactivity
         self._lock = threading.Lock()
-        self._tickets = {}
+        self._tickets: dict[str, Ticket] = {}
 
-    def add(self, ticket_dict, ticket_id=None):
-        spec = TicketSpec.from_dict(ticket_dict, self.default_inactivity)
+    def add(self, ticket_dict: object, ticket_id: str | None = None) -> Ticket:
+        spec = TicketSpec.from_dict(ticket_dict, self.check_url,
+                                    self.default_inactivity)
         if ticket_id is not None and spec.uuid != ticket_id:
             raise BadRequest(
                 f"Invalid ticket field 'uuid': {spec.uuid!r} does not match "
@@ -352,19 +377,19 @@ class TicketStore:
             self._tickets[spec.uuid] = ticket
         return ticket
 
-    def get(self, ticket_id):
+    def get(self, ticket_id: str) -> Ticket:
         with self._lock:
             ticket = self._tickets.get(ticket_id)
         if ticket is None:
             raise TicketNotFound(f"No such ticket {ticket_id!r}")
         return ticket
 
-    def tickets(self):
+    def tickets(self) -> list[Ticket]:
         """Every ticket, ordered by id."""
         with self._lock:
             return [self._tickets[key] for key in sorted(self._tickets)]
 
-    def authorize(self, ticket_id, op):
+    def authorize(self, ticket_id: str, op: str) -> Ticket:
         """The ticket if it allows ``op`` now; 403 otherwise."""
         with self._lock:
             ticket = self._tickets.get(ticket_id)
@@ -380,7 +405,7 @@ class TicketStore:
                 f"Ticket {ticket_id!r} does not allow {op!r}")
         return ticket
 
-    def remove(self, ticket_id):
+    def remove(self, ticket_id: str) -> None:
         """Cancel and remove; idempotent. Raises TicketInUse (409)."""
         with self._lock:
             ticket = self._tickets.get(ticket_id)
@@ -391,7 +416,7 @@ class TicketStore:
             if self._tickets.get(ticket_id) is ticket:
                 del self._tickets[ticket_id]
 
-    def clear(self):
+    def clear(self) -> None:
         with self._lock:
             tickets = list(self._tickets.values())
             self._tickets.clear()
@@ -401,6 +426,6 @@ class TicketStore:
             except TicketInUse:
                 pass
 
-    def __len__(self):
+    def __len__(self) -> int:
         with self._lock:
             return len(self._tickets)

@@ -434,11 +434,7 @@ class Client:
         in the socket. Raises RequestError for a failed read, after the
         reads sent have ended; the pipes may then hold part of the data.
         """
-        self._check_range(offset, length)
-        if not self.can_splice:
-            raise ValueError("the server cannot send unfragmented reads")
-        if piece != self.pipe_piece(piece):
-            raise ValueError(f"pieces of {piece} bytes do not fit the export")
+        self._check_spliced_read(offset, length, piece)
         flags = CmdFlag.DF if self.info.structured_replies else 0
         order = self._pipe_order = deque()
         self._pipe_failed = False
@@ -446,16 +442,9 @@ class Client:
         try:
             pieces = split(offset, offset + length, piece)
             for i, (pos, count) in enumerate(pieces):
-                # pipes[i % n] held piece i - n: wait until it is drained,
-                # reading replies as they come meanwhile (a server may hold
-                # one back until it sees the next request).
-                while i >= len(pipes) and not reclaim(False):
-                    if not order:
-                        reclaim(True)
-                        break
-                    if self._reply_waiting(RECLAIM_POLL_MS):
-                        failed = self._complete_in_order(order)
-                        error = error or failed
+                # pipes[i % n] held piece i - n.
+                if i >= len(pipes):
+                    error = self._await_drained(order, reclaim)
                 if error is not None:
                     break
                 order.append(self._submit(Cmd.READ, pos, count, flags,
@@ -480,6 +469,29 @@ class Client:
         ``capacity`` bytes: aligned to the block size, at most a request."""
         align = self.info.min_block
         return max(align, min(capacity, self.max_payload) // align * align)
+
+    def _check_spliced_read(self, offset: int, length: int,
+                            piece: int) -> None:
+        self._check_range(offset, length)
+        if not self.can_splice:
+            raise ValueError("the server cannot send unfragmented reads")
+        if piece != self.pipe_piece(piece):
+            raise ValueError(f"pieces of {piece} bytes do not fit the export")
+
+    def _await_drained(self, order: deque[Request],
+                       reclaim: Callable[[bool], bool]) -> RequestError | None:
+        """Wait until ``reclaim`` says a pipe was drained, completing the
+        replies that come meanwhile (a server may hold one back until it
+        sees the next request); returns the first of them that failed."""
+        error = None
+        while not reclaim(False):
+            if not order:
+                reclaim(True)
+                break
+            if self._reply_waiting(RECLAIM_POLL_MS):
+                failed = self._complete_in_order(order)
+                error = error or failed
+        return error
 
     def _reply_waiting(self, timeout_ms: int) -> bool:
         """Whether reply bytes arrive within ``timeout_ms``."""

@@ -37,8 +37,8 @@ from diskferry.client import session as client_session
 from diskferry.client.connection import ImageConnection
 from diskferry.client.errors import ClientError
 from diskferry.client.policy import Timeout
-from diskferry.client.uhttp import normalize_address
 from diskferry.errors import BackendError
+from diskferry.sockaddr import kernel_address
 
 if TYPE_CHECKING:
     from diskferry.daemon.tickets import Ticket
@@ -75,7 +75,7 @@ class UpstreamPool:
         # on another host (another network namespace) with the same
         # socket: the socket here leads back to this daemon, which would
         # open this ticket's pool again to answer the probe.
-        if advertised and normalize_address(advertised) == \
+        if advertised and kernel_address(advertised) == \
                 settings.own_socket:
             log.info("%s advertises this daemon's own socket address: it "
                      "runs on another host; staying on %s", self.server,

@@ -1,8 +1,13 @@
 """Small JSON request bodies and JSON responses."""
 
 import json
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
+from diskferry.daemon.http.parse import RequestHead
+
+# Request bodies' fields are checked as tickets' are, by one function.
+from diskferry.daemon.jsonfield import field as field
 from diskferry.errors import BadRequest, PayloadTooLarge
 
 #: Largest JSON body accepted (tickets, PATCH). A ticket is a few hundred
@@ -17,14 +22,14 @@ MAX_JSON_BODY = 64 * 1024
 MAX_JSON_DEPTH = 32
 
 
-def json_depth(obj: Any) -> int:
+def json_depth(obj: object) -> int:
     """How deeply arrays and objects nest in ``obj``; without recursion."""
     deepest = 0
-    stack: list[tuple[Any, int]] = [(obj, 1)]
+    stack: list[tuple[object, int]] = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, dict):
-            children: Any = value.values()
+            children: Iterable[object] = value.values()
         elif isinstance(value, list):
             children = value
         else:
@@ -53,7 +58,27 @@ def parse_json(data: bytes) -> Any:
     return obj
 
 
-def read_json(request: Any) -> Any:
+class JsonConnection(Protocol):
+    """What of a connection a JSON body and answer need."""
+
+    def read_body(self, limit: int) -> bytes: ...
+
+    def send_response(self, status: int, body: bytes = b"",
+                      content_type: str = "text/plain",
+                      headers: dict[str, str] | None = None) -> None: ...
+
+
+class JsonRequest(Protocol):
+    """What of a request a JSON body and answer need."""
+
+    @property
+    def head(self) -> RequestHead: ...
+
+    @property
+    def conn(self) -> JsonConnection: ...
+
+
+def read_json(request: JsonRequest) -> Any:
     length = request.head.content_length
     if length is None:
         raise BadRequest("Content-Length header is required")
@@ -63,29 +88,8 @@ def read_json(request: Any) -> Any:
     return parse_json(request.conn.read_body(MAX_JSON_BODY))
 
 
-def send_json(request: Any, obj: Any, status: int = 200,
+def send_json(request: JsonRequest, obj: object, status: int = 200,
               headers: dict[str, str] | None = None) -> None:
     body = json.dumps(obj).encode("utf-8")
     request.conn.send_response(status, body, content_type="application/json",
                                headers=headers)
-
-
-def field(obj: dict[str, Any], name: str, kind: type[Any], default: Any = None,
-          required: bool = False, minimum: int | None = None,
-          maximum: int | None = None) -> Any:
-    """A field of a JSON object, 400 naming it if missing, ill-typed or out
-    of range."""
-    if name not in obj:
-        if required:
-            raise BadRequest(f"Missing required field {name!r}")
-        return default
-    value = obj[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and
-                                       kind is not bool):
-        raise BadRequest(f"Invalid field {name!r}: expected "
-                         f"{kind.__name__}, got {value!r:.60}")
-    if minimum is not None and value < minimum:
-        raise BadRequest(f"Invalid field {name!r}: must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise BadRequest(f"Invalid field {name!r}: must be <= {maximum}")
-    return value

@@ -10,6 +10,8 @@ import os
 import socket
 import stat
 
+from diskferry.sockaddr import display_address, is_abstract, kernel_address
+
 #: Pending connections the kernel queues per listener. Clients open
 #: dozens of connections at once on the local socket (parallel imports and
 #: backups); the kernel caps this at net.core.somaxconn (4096 by default).
@@ -21,19 +23,7 @@ LISTEN_BACKLOG = 1024
 PROBE_TIMEOUT = 1.0
 
 
-def is_abstract(address):
-    """True for a UNIX address in Linux's abstract namespace."""
-    return address.startswith(("\0", "@"))
-
-
-def unix_address(address):
-    """The address to bind: "@name" is written "\\0name" for the kernel."""
-    if address.startswith("@"):
-        return "\0" + address[1:]
-    return address
-
-
-def tcp_listener(host, port):
+def tcp_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket; "" or "::" listen on every address."""
     addr: tuple[str, int] | tuple[str, int, int, int]
     if host in ("", "::"):
@@ -62,7 +52,7 @@ def unix_listener(address: str, mode: int | None = None) -> socket.socket:
     process answers on it); a live one, or a path holding anything else,
     is refused: OSError EADDRINUSE or EEXIST, with the file left alone.
     """
-    address = unix_address(address)
+    address = kernel_address(address)
     if not is_abstract(address):
         remove_stale_socket(address)
         os.makedirs(os.path.dirname(os.path.abspath(address)), exist_ok=True)
@@ -126,8 +116,6 @@ def describe(sock: socket.socket) -> str:
     """A printable address: host:port, a path, or @name when abstract."""
     addr = sock.getsockname()
     if sock.family == socket.AF_UNIX:
-        if isinstance(addr, bytes):
-            addr = addr.decode("utf-8", "replace")
-        return "@" + addr[1:] if addr.startswith("\0") else addr
+        return display_address(addr)
     host, port = addr[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
