@@ -15,6 +15,7 @@ from typing import Any
 
 from diskferry import client
 from diskferry.cli import common, output, units
+from diskferry.cli.arguments import Subparsers
 from diskferry.client.uhttp import display_address
 from diskferry.extent import Extent
 
@@ -35,7 +36,7 @@ it changed since the backup's checkpoint.
 """
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Subparsers) -> None:
     info = subparsers.add_parser(
         "info", help="show what a transfer URL offers and how it would be "
                      "reached",
@@ -91,13 +92,14 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open(args: argparse.Namespace) -> Any:
+def _open(args: argparse.Namespace) -> client.Session:
     """The transfer, opened as a download would open it."""
-    return client.open(
+    sess: client.Session = client.open(
         args.url, "r", **common.connection_kwargs(args))
+    return sess
 
 
-def describe(sess: Any) -> dict[str, Any]:
+def describe(sess: client.Session) -> dict[str, Any]:
     """What ``info`` shows, as JSON-ready values."""
     options = sess.options
     return {

@@ -1,0 +1,66 @@
+"""What ``diskferry ticket add IMAGE`` installs: the ticket's url and size.
+
+IMAGE is one of two kinds, told by its start:
+
+- an NBD URL (``nbd:``, ``nbd+unix:``): kept as written; the size is the
+  export's, asked of the NBD server;
+- anything else is a file or block device: its absolute path, quoted
+  into a ``file://`` URL (the daemon unquotes it, so a ``?``, ``#``,
+  ``%`` or space in a name stays part of the name), and its size.
+
+``--size`` overrides the size of any kind; a size that cannot be learnt
+says how it was asked and that ``--size`` gives it.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+
+from diskferry.cli.control import ControlError
+
+NBD_PREFIXES = ("nbd:", "nbd+unix:")
+
+
+def ticket_url(image: str) -> str:
+    """The ticket ``url`` that names ``image``."""
+    if image.startswith(NBD_PREFIXES):
+        return image
+    return file_url(os.path.abspath(image))
+
+
+def file_url(path: str) -> str:
+    """``file://`` and ``path`` percent-encoded, which the file backend
+    decodes back to ``path``."""
+    return "file://" + urllib.parse.quote(path)
+
+
+def image_size(image: str) -> int:
+    """The size of ``image`` in bytes, asked of whatever holds it."""
+    if image.startswith(NBD_PREFIXES):
+        return _export_size(image)
+    return _file_size(os.path.abspath(image))
+
+
+def _file_size(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.seek(0, os.SEEK_END)
+    except OSError as e:
+        raise ControlError(f"cannot read the size of {path}: "
+                           f"{e.strerror}; give --size") from e
+
+
+def _export_size(url: str) -> int:
+    from diskferry import nbd
+
+    try:
+        client = nbd.open_client(url)
+    except (ValueError, nbd.NbdError) as e:
+        raise ControlError(f"cannot read the size of {url}: {e}; "
+                           f"give --size") from e
+    try:
+        size: int = client.size
+        return size
+    finally:
+        client.close()
