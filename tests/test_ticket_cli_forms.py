@@ -4,8 +4,10 @@ real files and a real qemu-nbd."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -113,3 +115,130 @@ def test_relative_image_is_made_absolute(df, tmp_path):
     df.delete_ticket(info["uuid"])
     assert info["url"] == "file://" + os.fspath(tmp_path).replace(
         " ", "%20") + "/in%20here.raw"
+
+
+# --- list and show: a table for people, the protocol's JSON for scripts ------
+
+
+def _expires_at(text):
+    """The wall-clock time of an EXPIRES cell, in seconds since the epoch."""
+    match = re.search(r"(\d{4}-\d\d-\d\d )?(\d\d:\d\d:\d\d) \(in (\w+)\)",
+                      text)
+    assert match, text
+    day = match[1] or time.strftime("%Y-%m-%d ")
+    return time.mktime(time.strptime(day + match[2], "%Y-%m-%d %H:%M:%S"))
+
+
+def test_list_prints_a_table(df, tmp_path):
+    image = tmp_path / "disk one.raw"
+    image.write_bytes(b"d" * 8192)
+    big = tmp_path / "big.raw"
+    big.write_bytes(b"")
+    first = add(df, "--ops", "read", "--timeout", "300", image)
+    second = add(df, "--id", "table-test-2", "--ops", "read,write", "--size",
+                 "1G", "--timeout", "7200", big)
+    try:
+        run = client_cmd(df, "download", "--quiet", df.image_url(first),
+                         tmp_path / "copy.raw")
+        assert run.returncode == 0, run.stderr
+        run = ticket_cmd(df, "list")
+        assert run.returncode == 0, run.stderr
+        lines = run.stdout.splitlines()
+        assert lines[0].split() == ["ID", "URL", "OPS", "SIZE", "TRANSFERRED",
+                                    "CONNECTIONS", "IDLE", "EXPIRES"]
+        assert first not in run.stdout and "table-test-2" not in run.stdout
+        row = next(line for line in lines if line.startswith(first[:4] + "..."))
+        assert f"file://{tmp_path}/disk%20one.raw" in row
+        assert " read " in row and "8.00 KiB  8.00 KiB" in row
+        assert abs(_expires_at(row) - (time.time() + 300)) < 10
+        assert re.search(r"\(in [45]m\)$", row), row
+        row = next(line for line in lines if line.startswith("tab..."))
+        assert "read,write" in row and "1.00 GiB" in row
+        assert re.search(r"\(in (2h|1h 59m)\)$", row), row
+
+        run = ticket_cmd(df, "list", "--full-ids")
+        assert first in run.stdout and "table-test-2" in run.stdout
+    finally:
+        df.delete_ticket(first)
+        df.delete_ticket(second)
+
+
+def test_list_json_is_the_protocols(df, tmp_path):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"j" * 4096)
+    ticket_id = add(df, image)
+    try:
+        run = ticket_cmd(df, "list", "--json")
+        assert run.returncode == 0, run.stderr
+        listed = {t["uuid"]: t for t in json.loads(run.stdout)}
+        status, _, body = df.control("GET", "/tickets/")
+        assert status == 200
+        answered = {t["uuid"]: t for t in json.loads(body)}
+        assert listed.keys() == answered.keys()
+        for key, value in answered[ticket_id].items():
+            if key not in ("expires", "idle_time"):
+                assert listed[ticket_id][key] == value, key
+        assert abs(listed[ticket_id]["expires"] -
+                   answered[ticket_id]["expires"]) < 5
+
+        run = ticket_cmd(df, "show", "--json", ticket_id)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout).keys() == answered[ticket_id].keys()
+    finally:
+        df.delete_ticket(ticket_id)
+
+
+def test_show_prints_a_field_a_line(df, tmp_path):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"s" * 4096)
+    ticket_id = add(df, "--id", "show-me-please", "--transfer-id", "t-show",
+                    "--sparse", "--timeout", "600", image)
+    try:
+        run = ticket_cmd(df, "show", ticket_id)
+        assert run.returncode == 0, run.stderr
+        fields = dict(line.split(":", 1) for line in run.stdout.splitlines())
+        fields = {key: value.strip() for key, value in fields.items()}
+        assert fields["id"] == "sho..."
+        assert fields["url"] == f"file://{image}"
+        assert fields["ops"] == "read"
+        assert fields["size"] == "4.00 KiB"
+        assert fields["transfer id"] == "t-show"
+        assert fields["sparse"] == "yes" and fields["dirty"] == "no"
+        assert fields["timeout"] == "600"
+        assert re.search(r"\(in (10|9)m\)$", fields["expires"])
+        run = ticket_cmd(df, "show", "--full-ids", ticket_id)
+        assert "show-me-please" in run.stdout
+    finally:
+        df.delete_ticket(ticket_id)
+
+
+def test_list_without_tickets(tmp_path):
+    import servers
+
+    with servers.start_server("diskferry", tmp_path) as server:
+        run = ticket_cmd(server, "list")
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == "" and run.stderr == "no tickets\n"
+        assert ticket_cmd(server, "list", "--json").stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (0, "0s"), (45, "45s"), (59.6, "1m"), (300, "5m"), (3600, "1h"),
+    (3900, "1h 5m"), (86400 * 2, "2d"), (86400 + 7200, "1d 2h"),
+])
+def test_durations(seconds, text):
+    from diskferry.cli import tickettable
+
+    assert tickettable.duration(seconds) == text
+
+
+@pytest.mark.parametrize("ticket_id,shown", [
+    ("6f1c4a3e-0000-4000-8000-000000000000", "6f1c..."), ("abcdefgh", "ab..."),
+    ("abc", "..."),
+])
+def test_ids_shortened_as_in_logs(ticket_id, shown):
+    from diskferry.cli import tickettable
+    from diskferry.daemon.http import accesslog
+
+    assert tickettable.short_id(ticket_id) == shown
+    assert accesslog.secret_prefix(ticket_id) == shown

@@ -8,7 +8,7 @@ import sys
 import uuid
 from collections.abc import Callable
 
-from diskferry.cli import arguments
+from diskferry.cli import arguments, tickettable
 from diskferry.cli.arguments import Subparsers
 from diskferry.cli.control import ControlError, ControlSocket
 from diskferry.cli.ticketimage import image_size, ticket_url
@@ -68,6 +68,21 @@ _CONNECTION.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
 #: The action a parsed command line runs: returns the exit status.
 Action = Callable[[argparse.Namespace], int]
 
+LIST_EPILOG = """\
+Columns: the id (shortened as the daemon's log shows it, unless
+--full-ids), the image's url, the operations allowed, the size, the
+bytes transferred (tickets with one op), client connections, time since
+last used, and when the ticket expires (local time, and how long from
+now). --json prints the control service's answer (expires in the
+daemon's monotonic seconds) for scripts.
+"""
+
+SHOW_EPILOG = """\
+The fields of 'ticket list', and the rest of the ticket. --json prints
+the control service's answer for scripts.
+"""
+
+
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "ticket", help="add, list, show, extend or delete tickets",
@@ -126,10 +141,22 @@ def _add_access_arguments(add: argparse.ArgumentParser) -> None:
 
 
 def _register_views(actions: Subparsers) -> None:
-    _action(actions, "list", list_tickets, "print every ticket as JSON")
+    listing = _action(actions, "list", list_tickets,
+                      "print every ticket as a table", epilog=LIST_EPILOG)
+    _add_view_options(listing)
     show = _action(actions, "show", show_ticket,
-                   "print a ticket's state as JSON")
+                   "print a ticket's state, a field a line",
+                   epilog=SHOW_EPILOG)
     show.add_argument("id", type=arguments.ticket_id)
+    _add_view_options(show)
+
+
+def _add_view_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print the control service's JSON unchanged")
+    parser.add_argument("--full-ids", action="store_true",
+                        help="print ticket ids whole (they are secrets: "
+                             "shortened by default, as in logs)")
 
 
 def _register_changes(actions: Subparsers) -> None:
@@ -189,13 +216,21 @@ def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
 @_run
 def list_tickets(args: argparse.Namespace, control: ControlSocket) -> None:
     infos = json.loads(control.request("GET", "/tickets/"))
-    print(json.dumps(infos, indent=2, sort_keys=True))
+    if args.json:
+        print(json.dumps(infos, indent=2, sort_keys=True))
+    elif infos:
+        print(tickettable.table(infos, full_ids=args.full_ids))
+    else:
+        print("no tickets", file=sys.stderr)
 
 
 @_run
 def show_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     info = json.loads(control.request("GET", f"/tickets/{args.id}"))
-    print(json.dumps(info, indent=2, sort_keys=True))
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(tickettable.details(info, full_ids=args.full_ids))
 
 
 @_run
