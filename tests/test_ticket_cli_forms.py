@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-CA_FILE_HINT = "--cafile"
+from servers import ticket_dict
 
 
 def ticket_cmd(server, *args):
@@ -242,3 +242,105 @@ def test_ids_shortened_as_in_logs(ticket_id, shown):
 
     assert tickettable.short_id(ticket_id) == shown
     assert accesslog.secret_prefix(ticket_id) == shown
+
+
+# --- a transfer URL as IMAGE: a proxy ticket ----------------------------------
+
+
+@pytest.fixture
+def upstream_ticket(tmp_path):
+    """Adds a ticket for a 3 MiB image on an upstream daemon; yields its
+    transfer URL and the image's path."""
+    added = []
+
+    def make(server):
+        image = tmp_path / f"upstream-{len(added)}.raw"
+        image.write_bytes(os.urandom(1024**2) + b"\0" * 2 * 1024**2)
+        ticket = ticket_dict(image, 3 * 1024**2)
+        server.add_ticket(ticket)
+        added.append((server, ticket["uuid"]))
+        return server.image_url(ticket["uuid"]), image
+
+    yield make
+    for server, ticket_id in added:
+        server.delete_ticket(ticket_id)
+
+
+def _copy_through(proxy, ticket_id, image, tmp_path):
+    """A download and an upload through the proxy ticket reach ``image``."""
+    url = proxy.image_url(ticket_id)
+    got = tmp_path / "through-proxy.raw"
+    run = client_cmd(proxy, "download", "--quiet", url, got)
+    assert run.returncode == 0, run.stderr
+    assert got.read_bytes() == image.read_bytes()
+    new = tmp_path / "new.raw"
+    new.write_bytes(os.urandom(3 * 1024**2))
+    run = client_cmd(proxy, "upload", "--quiet", new, url)
+    assert run.returncode == 0, run.stderr
+    assert image.read_bytes() == new.read_bytes()
+
+
+@pytest.mark.parametrize("upstream_kind", ["ovirt-imageio", "diskferry"])
+def test_proxy_ticket_learns_the_size(df, daemons, upstream_ticket, tmp_path,
+                                      upstream_kind):
+    up = daemons.get(upstream_kind, local_socket=None)
+    up_url, image = upstream_ticket(up)
+    ticket_id = add(df, "--ops", "read,write", "--cafile", up.ca_file, up_url)
+    try:
+        info = df.get_ticket(ticket_id)
+        assert info["url"] == up_url
+        assert info["size"] == 3 * 1024**2
+        _copy_through(df, ticket_id, image, tmp_path)
+    finally:
+        df.delete_ticket(ticket_id)
+
+
+def test_proxy_ticket_over_http(df, daemons, upstream_ticket, tmp_path):
+    up = daemons.get("diskferry", tls=False, local_socket=None)
+    up_url, image = upstream_ticket(up)
+    assert up_url.startswith("http://")
+    ticket_id = add(df, "--ops", "read,write", up_url)
+    try:
+        info = df.get_ticket(ticket_id)
+        assert (info["url"], info["size"]) == (up_url, 3 * 1024**2)
+        _copy_through(df, ticket_id, image, tmp_path)
+    finally:
+        df.delete_ticket(ticket_id)
+
+
+def test_proxy_ticket_errors(df, daemons, upstream_ticket):
+    up = daemons.get("ovirt-imageio", local_socket=None)
+    up_url, _ = upstream_ticket(up)
+    # The upstream's certificate is not signed by a system CA.
+    run = ticket_cmd(df, "add", up_url)
+    assert run.returncode == 1
+    assert f"cannot read the size of {up_url}" in run.stderr
+    assert "give --cafile" in run.stderr and "Traceback" not in run.stderr
+    # No such upstream ticket.
+    gone = up_url.rsplit("/", 1)[0] + "/no-such-ticket"
+    run = ticket_cmd(df, "add", "--cafile", up.ca_file, gone)
+    assert run.returncode == 1
+    assert "403" in run.stderr and "give --size" in run.stderr
+    assert "--cafile" not in run.stderr
+    # With --size, the URL is kept and nothing is asked of the upstream.
+    ticket_id = add(df, "--size", "1M", up_url)
+    try:
+        info = df.get_ticket(ticket_id)
+        assert (info["url"], info["size"]) == (up_url, 1024**2)
+    finally:
+        df.delete_ticket(ticket_id)
+
+
+def test_proxy_ticket_url_shortened_in_the_table(df, daemons, upstream_ticket):
+    up = daemons.get("ovirt-imageio", local_socket=None)
+    up_url, _ = upstream_ticket(up)
+    upstream_id = up_url.rsplit("/", 1)[1]
+    ticket_id = add(df, "--size", "1M", up_url)
+    try:
+        run = ticket_cmd(df, "list")
+        assert upstream_id not in run.stdout
+        assert up_url.replace(upstream_id, upstream_id[:4] + "...") in \
+            run.stdout
+        assert up_url in ticket_cmd(df, "list", "--full-ids").stdout
+    finally:
+        df.delete_ticket(ticket_id)

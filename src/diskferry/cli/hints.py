@@ -29,6 +29,12 @@ def for_error(url: str, error: BaseException) -> str | None:
     return None
 
 
+def certificate_unverified(error: BaseException) -> bool:
+    """Whether ``error`` comes from a server certificate that could not
+    be verified (a CA file would fix it)."""
+    return "CERTIFICATE_VERIFY_FAILED" in _chain(error)
+
+
 def speaks_tls(host: str, port: int) -> bool:
     """Whether ``host:port`` completes a TLS handshake (not verified:
     this only tells the protocol)."""

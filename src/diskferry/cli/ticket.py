@@ -11,7 +11,7 @@ from collections.abc import Callable
 from diskferry.cli import arguments, tickettable
 from diskferry.cli.arguments import Subparsers
 from diskferry.cli.control import ControlError, ControlSocket
-from diskferry.cli.ticketimage import image_size, ticket_url
+from diskferry.cli.ticketimage import UpstreamAccess, image_size, ticket_url
 from diskferry.errors import DiskferryError
 
 #: Longest ticket timeout the daemon accepts (a year), as in its tickets.
@@ -45,6 +45,12 @@ examples:
   diskferry ticket add --ops read,write --sparse disk.raw
   diskferry ticket add --id upload-1 --ops write --size 10G /dev/vg/lv
   diskferry ticket add --ops read nbd:unix:/run/vdsm/nbd/disk.sock
+  diskferry ticket add --ops read,write https://host-17:54322/images/ID
+                                                 a proxy ticket
+
+A transfer URL (https:// or http://) as IMAGE makes this daemon a proxy
+for that server's image; its size is asked of the server (give --cafile
+when the server's certificate is not signed by a system CA).
 
 The ticket's id is a bearer secret: anyone who knows it may use the
 image. The default random id (a UUID) is the safe choice. An id given
@@ -109,15 +115,22 @@ def _register_add(actions: Subparsers) -> None:
     add = _action(actions, "add", add_ticket, "authorize access to an image",
                   description=ADD_DESCRIPTION, epilog=ADD_EPILOG)
     add.add_argument("path", metavar="IMAGE",
-                     help="image file, block device, or NBD URL "
+                     help="image file, block device, NBD URL "
                           "(nbd:unix:/sock, nbd://host/export, "
-                          "nbd+unix:///export?socket=/sock)")
+                          "nbd+unix:///export?socket=/sock) or another "
+                          "server's transfer URL (https://host:port/"
+                          "images/ID: a proxy ticket)")
     add.add_argument("--id", type=arguments.ticket_id,
                      help="ticket id (default: a new UUID)")
     add.add_argument("--size", type=arguments.size(0, arguments.MAX_SIZE),
                      help="image size in bytes, or with K, M, G, T "
-                          "(binary: 1G = 1073741824) (default: the file's "
-                          "or the export's size)")
+                          "(binary: 1G = 1073741824) (default: the file's, "
+                          "the export's or the upstream image's size)")
+    add.add_argument("--cafile", metavar="FILE",
+                     type=arguments.readable_file,
+                     help="CA certificate to verify an https:// IMAGE's "
+                          "server with, when asking its size (default: "
+                          "system CAs)")
     _add_access_arguments(add)
 
 
@@ -195,7 +208,7 @@ def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
 def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     size = args.size
     if size is None:
-        size = image_size(args.path)
+        size = image_size(args.path, UpstreamAccess(cafile=args.cafile))
     ticket: dict[str, object] = {
         "uuid": args.id or str(uuid.uuid4()),
         "size": size,

@@ -1,9 +1,11 @@
 """What ``diskferry ticket add IMAGE`` installs: the ticket's url and size.
 
-IMAGE is one of two kinds, told by its start:
+IMAGE is one of three kinds, told by its start:
 
 - an NBD URL (``nbd:``, ``nbd+unix:``): kept as written; the size is the
   export's, asked of the NBD server;
+- a transfer URL (``https://`` or ``http://``): the proxy form, kept as
+  written; the size is the upstream image's, asked as a download would;
 - anything else is a file or block device: its absolute path, quoted
   into a ``file://`` URL (the daemon unquotes it, so a ``?``, ``#``,
   ``%`` or space in a name stays part of the name), and its size.
@@ -16,15 +18,25 @@ from __future__ import annotations
 
 import os
 import urllib.parse
+from dataclasses import dataclass
 
+from diskferry.cli import hints
 from diskferry.cli.control import ControlError
 
 NBD_PREFIXES = ("nbd:", "nbd+unix:")
+TRANSFER_PREFIXES = ("https://", "http://")
+
+
+@dataclass(frozen=True)
+class UpstreamAccess:
+    """How to verify an ``https://`` IMAGE's server when asking its size."""
+
+    cafile: str | None = None
 
 
 def ticket_url(image: str) -> str:
     """The ticket ``url`` that names ``image``."""
-    if image.startswith(NBD_PREFIXES):
+    if image.startswith(NBD_PREFIXES + TRANSFER_PREFIXES):
         return image
     return file_url(os.path.abspath(image))
 
@@ -35,10 +47,12 @@ def file_url(path: str) -> str:
     return "file://" + urllib.parse.quote(path)
 
 
-def image_size(image: str) -> int:
+def image_size(image: str, access: UpstreamAccess) -> int:
     """The size of ``image`` in bytes, asked of whatever holds it."""
     if image.startswith(NBD_PREFIXES):
         return _export_size(image)
+    if image.startswith(TRANSFER_PREFIXES):
+        return _upstream_size(image, access)
     return _file_size(os.path.abspath(image))
 
 
@@ -64,3 +78,18 @@ def _export_size(url: str) -> int:
         return size
     finally:
         client.close()
+
+
+def _upstream_size(url: str, access: UpstreamAccess) -> int:
+    from diskferry import client
+
+    try:
+        with client.open(url, "r", cafile=access.cafile) as upstream:
+            size: int = upstream.size()
+            return size
+    except (client.ClientError, OSError, ValueError) as e:
+        fix = ("give --cafile (the CA that signed its certificate) or "
+               "--size" if hints.certificate_unverified(e) else
+               "give --size")
+        raise ControlError(f"cannot read the size of {url}: {e}; "
+                           f"{fix}") from e

@@ -6,7 +6,8 @@ monotonic clock; the command runs on the daemon's host (the control
 socket is a UNIX socket), where ``time.monotonic()`` reads the same
 clock, so the time left is exact and is shown as a local wall-clock time
 and as "in 5m". An id is a bearer secret: it is shortened as the
-daemon's log shortens it, unless ``--full-ids`` asks for it whole.
+daemon's log shortens it, unless ``--full-ids`` asks for it whole; so
+is the upstream's ticket id at the end of a proxy ticket's URL.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ DETAILS = (("TRANSFER ID", "transfer_id"), ("TIMEOUT", "timeout"),
            ("SPARSE", "sparse"), ("DIRTY", "dirty"),
            ("ACTIVE", "active"), ("CANCELED", "canceled"),
            ("FILENAME", "filename"))
+
+#: Schemes of a proxy ticket's URL, which ends in the upstream's ticket id.
+UPSTREAM_SCHEMES = ("https://", "http://")
 
 #: Characters of an id the log shows at most; no more than a quarter of
 #: the id, never enough to use it.
@@ -75,7 +79,7 @@ class Formatter:
         self.now_monotonic = time.monotonic()
         self.now_wall = time.time()
         self._by_field: dict[str, Callable[[object], str]] = {
-            "uuid": self._ticket_id, "ops": _ops, "size": _size,
+            "uuid": self._ticket_id, "url": self._url, "ops": _ops, "size": _size,
             "transferred": _size, "idle_time": _idle,
             "expires": self._expires}
 
@@ -87,6 +91,14 @@ class Formatter:
 
     def _ticket_id(self, value: object) -> str:
         return str(value) if self.full_ids else short_id(str(value))
+
+    def _url(self, value: object) -> str:
+        """A proxy ticket's URL names the upstream's ticket: a secret."""
+        url = str(value)
+        base, sep, upstream_id = url.rpartition("/images/")
+        if self.full_ids or not sep or not url.startswith(UPSTREAM_SCHEMES):
+            return url
+        return base + sep + short_id(upstream_id)
 
     def _expires(self, value: object) -> str:
         if not isinstance(value, int | float):
