@@ -344,3 +344,81 @@ def test_proxy_ticket_url_shortened_in_the_table(df, daemons, upstream_ticket):
         assert up_url in ticket_cmd(df, "list", "--full-ids").stdout
     finally:
         df.delete_ticket(ticket_id)
+
+
+# --- every documented NBD URL form, as a ticket --------------------------------
+
+
+@pytest.fixture(scope="module")
+def nbd_exports(tmp_path_factory):
+    """One raw image served by qemu-nbd three ways: unnamed and named
+    ("disk") on UNIX sockets, and named on TCP."""
+    import nbd_servers
+
+    folder = tmp_path_factory.mktemp("nbd forms")
+    image = folder / "disk.raw"
+    image.write_bytes(os.urandom(1024**2))
+    unnamed = nbd_servers.start_export("qemu-nbd", image,
+                                       sock=str(folder / "unnamed.sock"))
+    named = nbd_servers.start_export("qemu-nbd", image,
+                                     sock=str(folder / "named.sock"),
+                                     extra=["--export-name=disk"])
+    port = nbd_servers.free_port()
+    tcp = nbd_servers.start_process(
+        nbd_servers.qemu_nbd_argv(image, ("127.0.0.1", port),
+                                  extra=["--export-name=disk"]),
+        ("127.0.0.1", port), folder / "tcp.log")
+    try:
+        yield {"image": image, "unnamed": unnamed.sock, "named": named.sock,
+               "port": port}
+    finally:
+        for export in (unnamed, named, tcp):
+            export.stop()
+
+
+NBD_FORMS = {
+    "legacy unix": "nbd:unix:{unnamed}",
+    "legacy unix named": "nbd:unix:{named}:exportname=disk",
+    "tcp uri": "nbd://127.0.0.1:{port}/disk",
+    "unix uri": "nbd+unix:///disk?socket={named}",
+    "unix uri unnamed": "nbd+unix:///?socket={unnamed}",
+}
+
+
+@pytest.mark.parametrize("how", ["cli", "raw PUT"])
+@pytest.mark.parametrize("form", NBD_FORMS)
+def test_every_documented_nbd_form_is_a_ticket(df, nbd_exports, tmp_path,
+                                               form, how):
+    url = NBD_FORMS[form].format(**nbd_exports)
+    image = nbd_exports["image"]
+    if how == "cli":
+        ticket_id = add(df, "--ops", "read,write", url)
+    else:
+        ticket = ticket_dict(image, 1024**2, url=url)
+        ticket_id = ticket["uuid"]
+        status, _, body = df.control("PUT", f"/tickets/{ticket_id}", ticket)
+        assert status == 200, body
+    try:
+        info = df.get_ticket(ticket_id)
+        assert (info["url"], info["size"]) == (url, 1024**2)
+        got = tmp_path / "got.raw"
+        run = client_cmd(df, "download", "--quiet", df.image_url(ticket_id),
+                         got)
+        assert run.returncode == 0, run.stderr
+        assert got.read_bytes() == image.read_bytes()
+        new = tmp_path / "new.raw"
+        new.write_bytes(os.urandom(1024**2))
+        run = client_cmd(df, "upload", "--quiet", new, df.image_url(ticket_id))
+        assert run.returncode == 0, run.stderr
+        assert image.read_bytes() == new.read_bytes()
+    finally:
+        df.delete_ticket(ticket_id)
+
+
+@pytest.mark.parametrize("url", ["nbd+unix:///disk?socket=relative.sock",
+                                 "nbd+unix:///disk", "nbd+unix://h/?socket=/s"])
+def test_bad_nbd_unix_uris_are_refused(df, url):
+    run = ticket_cmd(df, "add", "--size", "1M", url)
+    assert run.returncode == 1
+    assert "400" in run.stderr and "'url'" in run.stderr
+    assert "Traceback" not in run.stderr
