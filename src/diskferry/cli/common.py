@@ -9,7 +9,10 @@ mistake (``hints``); never a traceback.
 
 import argparse
 import logging
+import os
+import signal
 import sys
+from collections.abc import Iterable
 
 from diskferry import client
 from diskferry.cli import arguments, hints
@@ -18,6 +21,10 @@ from diskferry.cli import arguments, hints
 EXIT_USAGE = 2
 #: Exit status of a failed operation.
 EXIT_FAILED = 1
+
+#: Exit status when standard output's reader went away (``| head``):
+#: a shell's status of a command that SIGPIPE ended, as ``seq`` ends.
+EXIT_READER_GONE = 128 + signal.SIGPIPE
 
 #: Errors a command reports as one line; anything else is a bug.
 REPORTED = (client.ClientError, OSError, ValueError)
@@ -75,3 +82,32 @@ def fail(command: str, error: BaseException, url: str | None = None,
 def usage_error(command: str, message: str) -> int:
     print(f"diskferry {command}: error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+class ReaderGone(Exception):
+    """Raised when standard output's reader went away (``| head``): not a
+    failure of the command, which ends quietly."""
+
+
+def print_lines(lines: Iterable[str]) -> None:
+    """Print ``lines`` on standard output, then flush it. A broken pipe
+    there is ReaderGone; one in producing ``lines`` (the network) stays
+    an error."""
+    for line in lines:
+        try:
+            print(line)
+        except BrokenPipeError as e:
+            raise ReaderGone from e
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError as e:
+        raise ReaderGone from e
+
+
+def reader_gone() -> int:
+    """End quietly: nothing more goes to the closed standard output, not
+    even the interpreter's last flush."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_READER_GONE
