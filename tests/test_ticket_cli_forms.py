@@ -422,3 +422,30 @@ def test_bad_nbd_unix_uris_are_refused(df, url):
     assert run.returncode == 1
     assert "400" in run.stderr and "'url'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+# --- what a refused IMAGE says ----------------------------------------------
+
+
+def test_missing_file_is_named_whatever_the_size(df, tmp_path):
+    missing = tmp_path / "nowhere" / "file.raw"
+    run = ticket_cmd(df, "add", missing)
+    assert run.returncode == 1
+    assert run.stderr.strip() == (f"diskferry ticket: cannot read the size "
+                                  f"of {missing}: No such file or directory")
+    run = ticket_cmd(df, "add", "--size", "1G", missing)
+    assert run.returncode == 1
+    assert f"{missing}: No such file or directory" in run.stderr
+    assert "give --size" not in run.stderr
+    assert df.control("GET", "/tickets/")[2].find(b"nowhere") == -1
+
+
+@pytest.mark.parametrize("url", ["nbd:foo", "nbd:unix:", "nbd://",
+                                 "nbd+unix:///x"])
+def test_malformed_nbd_url_says_why_not_size(df, url):
+    run = ticket_cmd(df, "add", url)
+    assert run.returncode == 1
+    assert run.stderr.startswith(f"diskferry ticket: {url} is not an NBD "
+                                 f"URL: ")
+    assert "give --size" not in run.stderr
+    assert len(run.stderr.splitlines()) == 1

@@ -16,6 +16,7 @@ says how it was asked and that ``--size`` gives it.
 
 from __future__ import annotations
 
+import errno
 import os
 import urllib.parse
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from diskferry.cli.control import ControlError
 
 NBD_PREFIXES = ("nbd:", "nbd+unix:")
 TRANSFER_PREFIXES = ("https://", "http://")
+
+#: Errors of a file IMAGE that no --size mends: it is not there.
+MISSING = (errno.ENOENT, errno.ENOTDIR)
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,17 @@ def ticket_url(image: str) -> str:
     """The ticket ``url`` that names ``image``."""
     if image.startswith(NBD_PREFIXES + TRANSFER_PREFIXES):
         return image
-    return file_url(os.path.abspath(image))
+    path = os.path.abspath(image)
+    try:
+        os.stat(path)
+    except OSError as e:
+        # The daemon would take the ticket and fail every request on it;
+        # a file this command may not see (EACCES) may be the daemon's.
+        if e.errno in MISSING:
+            raise ControlError(f"{path}: {e.strerror}; IMAGE is an "
+                               f"existing file or block device, an NBD "
+                               f"URL or a transfer URL") from e
+    return file_url(path)
 
 
 def file_url(path: str) -> str:
@@ -61,8 +75,11 @@ def _file_size(path: str) -> int:
         with open(path, "rb") as f:
             return f.seek(0, os.SEEK_END)
     except OSError as e:
+        # Only a file that exists may be readable to the daemon and not
+        # to this command: --size helps then, and only then.
+        fix = "" if e.errno in MISSING else "; give --size"
         raise ControlError(f"cannot read the size of {path}: "
-                           f"{e.strerror}; give --size") from e
+                           f"{e.strerror}{fix}") from e
 
 
 def _export_size(url: str) -> int:
@@ -70,7 +87,9 @@ def _export_size(url: str) -> int:
 
     try:
         client = nbd.open_client(url)
-    except (ValueError, nbd.NbdError) as e:
+    except ValueError as e:
+        raise ControlError(f"{url} is not an NBD URL: {e}") from e
+    except nbd.NbdError as e:
         raise ControlError(f"cannot read the size of {url}: {e}; "
                            f"give --size") from e
     try:
