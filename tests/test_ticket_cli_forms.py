@@ -449,3 +449,41 @@ def test_malformed_nbd_url_says_why_not_size(df, url):
                                  f"URL: ")
     assert "give --size" not in run.stderr
     assert len(run.stderr.splitlines()) == 1
+
+
+# --- certificates: --cafile checked at the door, named when it would help ----
+
+
+@pytest.mark.parametrize("command", [["info"], ["map"],
+                                     ["download", "{tmp}/out.raw"]])
+def test_unverified_certificate_hints_at_cafile(df, tmp_path, command):
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"c" * 4096)
+    ticket_id = add(df, image)
+    try:
+        argv = [arg.replace("{tmp}", str(tmp_path)) for arg in command]
+        run = subprocess.run(
+            [sys.executable, "-m", "diskferry", argv[0],
+             df.image_url(ticket_id), *argv[1:]],
+            capture_output=True, text=True, timeout=120)
+    finally:
+        df.delete_ticket(ticket_id)
+    assert run.returncode == 1
+    assert "CERTIFICATE_VERIFY_FAILED" in run.stderr
+    assert "give --cafile with the CA that signed the server's " \
+           "certificate" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("command", [["info", "https://h/images/x"],
+                                     ["ticket", "add", "x.raw"]])
+def test_cafile_that_is_no_pem_is_named(tmp_path, command):
+    not_pem = tmp_path / "not-a-ca.txt"
+    not_pem.write_text("hello\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "diskferry", *command, "--cafile",
+         str(not_pem)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert f"argument --cafile: {not_pem}: not a PEM file of CA " \
+           f"certificates" in run.stderr
+    assert "Traceback" not in run.stderr

@@ -10,6 +10,7 @@ value never reaches a socket (``--read-timeout 0`` used to surface as
 import argparse
 import os
 import re
+import ssl
 from collections.abc import Callable
 from typing import TypeAlias, TypeVar
 
@@ -90,6 +91,19 @@ def readable_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text}: is a directory")
     if not os.access(text, os.R_OK):
         raise argparse.ArgumentTypeError(f"{text}: permission denied")
+    return text
+
+
+def ca_file(text: str) -> str:
+    """A readable file of PEM CA certificates, named when it is not one
+    (OpenSSL's own message names no file)."""
+    readable_file(text)
+    try:
+        ssl.create_default_context(cafile=text)
+    except ssl.SSLError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text}: not a PEM file of CA certificates "
+            f"({e.reason or e})") from None
     return text
 
 

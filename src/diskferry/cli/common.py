@@ -32,7 +32,7 @@ REPORTED = (client.ClientError, OSError, ValueError)
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--cafile", metavar="FILE", type=arguments.readable_file,
+        "--cafile", metavar="FILE", type=arguments.ca_file,
         help="CA certificate to verify the server with (default: system CAs)")
     parser.add_argument(
         "--insecure", action="store_true",

@@ -126,8 +126,7 @@ def _register_add(actions: Subparsers) -> None:
                      help="image size in bytes, or with K, M, G, T "
                           "(binary: 1G = 1073741824) (default: the file's, "
                           "the export's or the upstream image's size)")
-    add.add_argument("--cafile", metavar="FILE",
-                     type=arguments.readable_file,
+    add.add_argument("--cafile", metavar="FILE", type=arguments.ca_file,
                      help="CA certificate to verify an https:// IMAGE's "
                           "server with, when asking its size (default: "
                           "system CAs)")
