@@ -10,6 +10,7 @@ mistake (``hints``); never a traceback.
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterable
@@ -25,6 +26,12 @@ EXIT_FAILED = 1
 #: Exit status when standard output's reader went away (``| head``):
 #: a shell's status of a command that SIGPIPE ended, as ``seq`` ends.
 EXIT_READER_GONE = 128 + signal.SIGPIPE
+
+#: Longest error message printed: a server's answer may be a whole page.
+MAX_MESSAGE = 500
+
+#: An HTML page in an error answer, from its start to its end.
+_HTML_PAGE = re.compile(r"\s*<(?:!DOCTYPE|html)\b.*", re.IGNORECASE | re.DOTALL)
 
 #: Errors a command reports as one line; anything else is a bug.
 REPORTED = (client.ClientError, OSError, ValueError)
@@ -71,12 +78,23 @@ def setup_logging(args: argparse.Namespace, quiet: bool = False) -> None:
 def fail(command: str, error: BaseException, url: str | None = None,
          status: int = EXIT_FAILED) -> int:
     """Print ``error`` as one line (with a hint when one applies)."""
-    message = str(error) or type(error).__name__
+    message = one_line(str(error) or type(error).__name__)
     hint = hints.for_error(url, error) if url else None
     if hint:
         message += f" ({hint})"
     print(f"diskferry {command}: error: {message}", file=sys.stderr)
     return status
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: an HTML page a server answered (a web
+    server, not an image server) is not printed, and a long message is
+    cut."""
+    message = _HTML_PAGE.sub(" (an HTML page)", message)
+    message = " ".join(message.split())
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE - 3] + "..."
+    return message
 
 
 def usage_error(command: str, message: str) -> int:
