@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import uuid
 from collections.abc import Callable
 
@@ -39,7 +40,7 @@ Authorize access to an image: the daemon serves IMAGE under
 ticket expires or is deleted. Prints the ticket's id.
 """
 
-ADD_EPILOG = """\
+ADD_EPILOG = f"""\
 examples:
   diskferry ticket add disk.raw                  read-only, new random id
   diskferry ticket add --ops read,write --sparse disk.raw
@@ -52,9 +53,10 @@ A transfer URL (https:// or http://) as IMAGE makes this daemon a proxy
 for that server's image; its size is asked of the server (give --cafile
 when the server's certificate is not signed by a system CA).
 
-The ticket's id is a bearer secret: anyone who knows it may use the
-image. The default random id (a UUID) is the safe choice. An id given
-with --id is made of letters, digits, '-', '_', '.' and '~'.
+{textwrap.fill(
+    "The ticket's id is a bearer secret: anyone who knows it may use the "
+    "image. The default random id (a UUID) is the safe choice. An id "
+    f"given with --id is made of {arguments.TICKET_ID_RULE}.", 72)}
 """
 
 #: Options every action takes, after "ticket" or after the action
