@@ -27,7 +27,7 @@ def test_add_show_extend_delete(df, tmp_path):
     assert run.returncode == 0, run.stderr
     ticket_id = run.stdout.strip()
 
-    info = json.loads(ticket_cmd(df, "show", ticket_id).stdout)
+    info = json.loads(ticket_cmd(df, "show", "--json", ticket_id).stdout)
     assert info["size"] == 8192
     assert info["url"] == f"file://{image}"
     assert info["ops"] == ["read", "write"]
@@ -117,14 +117,14 @@ def test_size_with_suffix_and_list(df, tmp_path):
         assert run.returncode == 0, run.stderr
         ids.append(run.stdout.strip())
         assert df.get_ticket(ids[-1])["size"] == expected
-    run = ticket_cmd(df, "list")
+    run = ticket_cmd(df, "list", "--json")
     assert run.returncode == 0, run.stderr
     listed = {t["uuid"]: t for t in json.loads(run.stdout)}
     assert set(ids) <= set(listed)
     assert listed[ids[0]]["size"] == 1024**3
     for ticket_id in ids:
         df.delete_ticket(ticket_id)
-    remaining = json.loads(ticket_cmd(df, "list").stdout)
+    remaining = json.loads(ticket_cmd(df, "list", "--json").stdout)
     assert not set(ids) & {t["uuid"] for t in remaining}
 
 
@@ -222,7 +222,7 @@ def test_found_from_any_folder_under_systemd(tmp_path):
 
         run = ticket("add", "--id", "anywhere", "--size", "1M", str(image))
         assert run.returncode == 0, run.stderr
-        assert [t["uuid"] for t in json.loads(ticket("list").stdout)] == \
+        assert [t["uuid"] for t in json.loads(ticket("list", "--json").stdout)] == \
             ["anywhere"]
         # Elsewhere, the message says where it looked and why there.
         other = dict(env, RUNTIME_DIRECTORY=str(tmp_path / "nothing"))

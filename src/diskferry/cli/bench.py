@@ -5,6 +5,7 @@ import json
 import sys
 
 from diskferry.cli import arguments
+from diskferry.cli.arguments import Subparsers
 
 EPILOG = """\
 It starts a daemon of its own (a free port, a scratch state folder),
@@ -25,7 +26,7 @@ of one run, and read the spread before a ratio.
 """
 
 
-def register(subparsers):
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="measure transfer speed on this machine",
         description="Measure download and upload speed on this machine "
@@ -48,10 +49,10 @@ def register(subparsers):
     parser.set_defaults(func=run)
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     from diskferry.benchmark import runner
 
-    def progress(text):
+    def progress(text: str) -> None:
         if not args.json:
             print(f"diskferry bench: {text}", file=sys.stderr)
 

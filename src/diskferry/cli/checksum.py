@@ -11,10 +11,10 @@ file's bytes.
 import argparse
 import json
 import sys
-from typing import Any
 
 from diskferry import checksum, client
 from diskferry.cli import arguments, common, output
+from diskferry.cli.arguments import Subparsers
 from diskferry.cli.progress import ProgressBar
 from diskferry.client import imageformat
 
@@ -29,7 +29,7 @@ disk).
 """
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "checksum", help="checksum a local image as the server's /checksum "
                          "does",

@@ -1,7 +1,9 @@
 """Hints for failures whose message does not say what went wrong.
 
-An ``http://`` URL sent to a TLS port gets a reset connection (or a
-TLS alert read as garbage), which says nothing about the scheme. When a
+A certificate that cannot be verified says nothing of ``--cafile``: the
+hint names it. An ``http://`` URL sent to a TLS port gets a reset
+connection (or a TLS alert read as garbage), which says nothing about
+the scheme. When a
 request on an ``http://`` URL fails, the port is asked for a TLS
 handshake: if it answers one, the hint says to use ``https://``. The
 converse, ``https://`` to a plain HTTP port, shows as an SSL "wrong
@@ -26,7 +28,16 @@ def for_error(url: str, error: BaseException) -> str | None:
     if parts.scheme == "https" and "WRONG_VERSION_NUMBER" in _chain(error):
         return (f"{parts.netloc} does not speak TLS: is it a plain HTTP "
                 f"port (http://{parts.netloc}{parts.path})?")
+    if parts.scheme == "https" and certificate_unverified(error):
+        return ("give --cafile with the CA that signed the server's "
+                "certificate (a daemon's own: pki/ca.pem in its state folder)")
     return None
+
+
+def certificate_unverified(error: BaseException) -> bool:
+    """Whether ``error`` comes from a server certificate that could not
+    be verified (a CA file would fix it)."""
+    return "CERTIFICATE_VERIFY_FAILED" in _chain(error)
 
 
 def speaks_tls(host: str, port: int) -> bool:

@@ -10,11 +10,15 @@ since the backup's checkpoint).
 """
 
 import argparse
+import itertools
 import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from diskferry import client
 from diskferry.cli import common, output, units
+from diskferry.cli.arguments import Subparsers
 from diskferry.extent import Extent
 from diskferry.sockaddr import display_address
 
@@ -31,11 +35,13 @@ examples:
 
 Each line is an extent: its start, its length and what it holds (data,
 zero, or hole: zeros no layer allocates). With --context dirty, whether
-it changed since the backup's checkpoint.
+it changed since the backup's checkpoint. Adjacent extents alike are one
+line. A reader that goes away (| head) ends the command quietly, with
+status 141, as a command that SIGPIPE ends.
 """
 
 
-def register(subparsers: Any) -> None:
+def register(subparsers: Subparsers) -> None:
     info = subparsers.add_parser(
         "info", help="show what a transfer URL offers and how it would be "
                      "reached",
@@ -72,32 +78,40 @@ def run_info(args: argparse.Namespace) -> int:
     try:
         with _open(args) as sess:
             facts = describe(sess)
+        common.print_lines([json.dumps(facts)] if args.output == output.JSON
+                           else _info_lines(facts))
+    except common.ReaderGone:
+        return common.reader_gone()
     except common.REPORTED as e:
         return common.fail("info", e, args.url)
-    if args.output == output.JSON:
-        print(json.dumps(facts))
-        return 0
-    print(f"url:          {facts['url']}")
-    print(f"size:         {facts['size']} ({units.human(facts['size'])})")
-    print(f"features:     {', '.join(facts['features']) or '-'}")
-    print(f"allows:       {', '.join(facts['allow'] or ()) or '-'}")
-    print(f"max readers:  {facts['max_readers']}")
-    print(f"max writers:  {facts['max_writers']}")
-    print(f"unix socket:  {facts['unix_socket'] or '-'}")
-    print(f"host id:      {facts['host_id'] or '-'}")
-    print(f"server id:    {facts['server_id'] or '-'}")
-    print(f"transport:    {facts['transport']} ({facts['transport_address']})")
-    print(f"why:          {facts['transport_reason']}")
     return 0
 
 
-def _open(args: argparse.Namespace) -> Any:
+def _info_lines(facts: dict[str, Any]) -> list[str]:
+    return [
+        f"url:          {facts['url']}",
+        f"size:         {facts['size']} ({units.human(facts['size'])})",
+        f"features:     {', '.join(facts['features']) or '-'}",
+        f"allows:       {', '.join(facts['allow'] or ()) or '-'}",
+        f"max readers:  {facts['max_readers']}",
+        f"max writers:  {facts['max_writers']}",
+        f"unix socket:  {facts['unix_socket'] or '-'}",
+        f"host id:      {facts['host_id'] or '-'}",
+        f"server id:    {facts['server_id'] or '-'}",
+        f"transport:    {facts['transport']} "
+        f"({facts['transport_address']})",
+        f"why:          {facts['transport_reason']}",
+    ]
+
+
+def _open(args: argparse.Namespace) -> client.Session:
     """The transfer, opened as a download would open it."""
-    return client.open(
+    sess: client.Session = client.open(
         args.url, "r", **common.connection_kwargs(args))
+    return sess
 
 
-def describe(sess: Any) -> dict[str, Any]:
+def describe(sess: client.Session) -> dict[str, Any]:
     """What ``info`` shows, as JSON-ready values."""
     options = sess.options
     return {
@@ -126,18 +140,66 @@ def run_map(args: argparse.Namespace) -> int:
             if "extents" not in sess.features:
                 return common.fail("map", client.UnsupportedOperation(
                     "the server offers no extents for this image"))
-            if args.output == output.JSON:
-                print(json.dumps([_extent_json(e, args.context)
-                                  for e in sess.walk_extents(args.context)]))
-                return 0
-            print(f"{'start':>20} {'length':>20}  {'size':>10}  type")
-            for e in sess.walk_extents(args.context):
-                print(f"{e.start:>20} {e.length:>20}  "
-                      f"{units.human(e.length):>10}  "
-                      f"{_kind(e, args.context)}")
+            common.print_lines(_map_lines(sess, args))
+    except common.ReaderGone:
+        return common.reader_gone()
     except common.REPORTED as e:
         return common.fail("map", e, args.url)
     return 0
+
+
+def _map_lines(sess: client.Session,
+               args: argparse.Namespace) -> Iterator[str]:
+    """The lines ``map`` prints, as the extents arrive."""
+    rows = _rows(sess.walk_extents(args.context), args.context)
+    if args.output == output.JSON:
+        yield json.dumps([row.json(args.context) for row in rows])
+        return
+    # The first window is asked before the heading: a refused context
+    # prints the error alone.
+    first = next(rows, None)
+    yield f"{'start':>20} {'length':>20}  {'size':>10}  type"
+    for row in itertools.chain([first] if first else [], rows):
+        yield (f"{row.start:>20} {row.length:>20}  "
+               f"{units.human(row.length):>10}  {row.kind}")
+
+
+@dataclass
+class MapRow:
+    """Adjacent extents that ``map`` shows alike, as one row."""
+
+    start: int
+    length: int
+    kind: str
+    extent: Extent
+
+    def json(self, context: str) -> dict[str, object]:
+        item: dict[str, object] = {"start": self.start,
+                                   "length": self.length}
+        if context == "dirty":
+            item["dirty"] = self.extent.dirty
+        else:
+            item["zero"] = self.extent.zero
+            item["hole"] = self.extent.hole
+        item["type"] = self.kind
+        return item
+
+
+def _rows(extents: Iterable[Extent], context: str) -> Iterator[MapRow]:
+    """Rows of ``extents``: the server's windows, and extents that differ
+    in what this context does not show, split what reads as one."""
+    row: MapRow | None = None
+    for extent in extents:
+        kind = _kind(extent, context)
+        if row is not None and row.kind == kind and \
+                row.start + row.length == extent.start:
+            row.length += extent.length
+            continue
+        if row is not None:
+            yield row
+        row = MapRow(extent.start, extent.length, kind, extent)
+    if row is not None:
+        yield row
 
 
 def _kind(extent: Extent, context: str) -> str:
@@ -146,14 +208,3 @@ def _kind(extent: Extent, context: str) -> str:
     if extent.hole:
         return "hole"
     return "zero" if extent.zero else "data"
-
-
-def _extent_json(extent: Extent, context: str) -> dict[str, object]:
-    item: dict[str, object] = {"start": extent.start, "length": extent.length}
-    if context == "dirty":
-        item["dirty"] = extent.dirty
-    else:
-        item["zero"] = extent.zero
-        item["hole"] = extent.hole
-    item["type"] = _kind(extent, context)
-    return item

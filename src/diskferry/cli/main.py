@@ -7,6 +7,7 @@ Each module listed in ``COMMAND_MODULES`` adds its subcommands through a
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 
 from diskferry import __version__
 
@@ -36,7 +37,7 @@ Run 'diskferry COMMAND --help' for the options of a command.
 """
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diskferry",
         description=DESCRIPTION,
@@ -55,10 +56,11 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status: int = args.func(args)
+        return status
     except KeyboardInterrupt:
         return 130
 

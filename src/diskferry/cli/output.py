@@ -8,16 +8,18 @@ the verification when ``--verify`` ran; the copy's own time and rate are
 given apart, since they measure the transfer alone.
 """
 
+import argparse
 import json
 import sys
-from typing import Any, TextIO
+from typing import TextIO
 
 from diskferry.cli import units
+from diskferry.client import TransferResult
 
 HUMAN, JSON, QUIET = "human", "json", "quiet"
 
 
-def summary_fields(result: Any, verify_seconds: float | None,
+def summary_fields(result: TransferResult, verify_seconds: float | None,
                    verified: bool) -> dict[str, object]:
     """The JSON summary of a ``TransferResult`` and its verification."""
     total = result.seconds + (verify_seconds or 0.0)
@@ -39,7 +41,7 @@ def summary_fields(result: Any, verify_seconds: float | None,
     }
 
 
-def human_line(result: Any, verify_seconds: float | None,
+def human_line(result: TransferResult, verify_seconds: float | None,
                verified: bool) -> str:
     """``downloaded 4.00 GiB (1.02 GiB data) in 17.31 s (copy 1.31 s at
     3.05 GiB/s, verify 16.00 s) via unix (4 connections), checksum
@@ -62,7 +64,7 @@ def human_line(result: Any, verify_seconds: float | None,
     return line
 
 
-def print_summary(mode: str, result: Any, verify_seconds: float | None,
+def print_summary(mode: str, result: TransferResult, verify_seconds: float | None,
                   verified: bool, stream: TextIO | None = None) -> None:
     stream = stream or sys.stdout
     if mode == QUIET:
@@ -74,7 +76,7 @@ def print_summary(mode: str, result: Any, verify_seconds: float | None,
         print(human_line(result, verify_seconds, verified), file=stream)
 
 
-def add_output_options(parser: Any, what: str = "summary") -> None:
+def add_output_options(parser: argparse.ArgumentParser, what: str = "summary") -> None:
     """``--quiet`` and ``--json``, which exclude each other."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument(

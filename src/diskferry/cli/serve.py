@@ -5,6 +5,8 @@ import logging
 import signal
 import sys
 
+from diskferry.cli.arguments import Subparsers
+
 EPILOG = """\
 examples:
   diskferry serve                       embedded defaults
@@ -22,7 +24,7 @@ requests get time to finish.
 """
 
 
-def register(subparsers):
+def register(subparsers: Subparsers) -> None:
     p = subparsers.add_parser(
         "serve", help="run the daemon in the foreground",
         description="Run the diskferry daemon: images API over TLS and a "
@@ -34,7 +36,7 @@ def register(subparsers):
     p.set_defaults(func=run)
 
 
-def add_config_arguments(parser):
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE and --conf-dir DIR: the files ``config.load`` merges."""
     parser.add_argument("--config", metavar="FILE",
                         help="TOML configuration (default: embedded "
@@ -44,7 +46,7 @@ def add_config_arguments(parser):
                              "--config")
 
 
-def run(args):
+def run(args: argparse.Namespace) -> int:
     # Imported here: the client commands need none of the daemon.
     from diskferry import logformat
     from diskferry.daemon import config as config_mod

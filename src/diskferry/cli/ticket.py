@@ -1,12 +1,18 @@
 """``diskferry ticket``: manage tickets on a running daemon's control socket."""
 
+from __future__ import annotations
+
 import argparse
 import json
-import os
 import sys
+import textwrap
 import uuid
+from collections.abc import Callable
 
-from diskferry.cli import argtypes
+from diskferry.cli import arguments, tickettable
+from diskferry.cli.arguments import Subparsers
+from diskferry.cli.control import ControlError, ControlSocket
+from diskferry.cli.ticketimage import UpstreamAccess, image_size, ticket_url
 from diskferry.errors import DiskferryError
 
 #: Longest ticket timeout the daemon accepts (a year), as in its tickets.
@@ -34,15 +40,23 @@ Authorize access to an image: the daemon serves IMAGE under
 ticket expires or is deleted. Prints the ticket's id.
 """
 
-ADD_EPILOG = """\
+ADD_EPILOG = f"""\
 examples:
   diskferry ticket add disk.raw                  read-only, new random id
   diskferry ticket add --ops read,write --sparse disk.raw
   diskferry ticket add --id upload-1 --ops write --size 10G /dev/vg/lv
   diskferry ticket add --ops read nbd:unix:/run/vdsm/nbd/disk.sock
+  diskferry ticket add --ops read,write https://host-17:54322/images/ID
+                                                 a proxy ticket
 
-The ticket's id is a bearer secret: anyone who knows it may use the
-image. The default random id (a UUID) is the safe choice.
+A transfer URL (https:// or http://) as IMAGE makes this daemon a proxy
+for that server's image; its size is asked of the server (give --cafile
+when the server's certificate is not signed by a system CA).
+
+{textwrap.fill(
+    "The ticket's id is a bearer secret: anyone who knows it may use the "
+    "image. The default random id (a UUID) is the safe choice. An id "
+    f"given with --id is made of {arguments.TICKET_ID_RULE}.", 72)}
 """
 
 #: Options every action takes, after "ticket" or after the action
@@ -59,37 +73,78 @@ _CONNECTION.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
                          help="control socket (overrides the configuration)")
 
 
-def register(subparsers):
-    p = subparsers.add_parser(
+#: The action a parsed command line runs: returns the exit status.
+Action = Callable[[argparse.Namespace], int]
+
+LIST_EPILOG = """\
+Columns: the id (shortened as the daemon's log shows it, unless
+--full-ids), the image's url, the operations allowed, the size, the
+bytes transferred (tickets with one op), client connections, time since
+last used, and when the ticket expires (local time, and how long from
+now). --json prints the control service's answer (expires in the
+daemon's monotonic seconds) for scripts.
+"""
+
+SHOW_EPILOG = """\
+The fields of 'ticket list', and the rest of the ticket. --json prints
+the control service's answer for scripts.
+"""
+
+
+def register(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
         "ticket", help="add, list, show, extend or delete tickets",
         description="Manage the tickets of a running daemon.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[_CONNECTION])
-    sub = p.add_subparsers(metavar="ACTION", required=True)
+    actions = parser.add_subparsers(metavar="ACTION", required=True)
+    _register_add(actions)
+    _register_views(actions)
+    _register_changes(actions)
 
-    def action(name, **kwargs):
-        return sub.add_parser(name, parents=[_CONNECTION], **kwargs)
 
-    add = action("add", help="authorize access to an image",
-                 description=ADD_DESCRIPTION, epilog=ADD_EPILOG,
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def _action(actions: Subparsers, name: str, func: Action, summary: str,
+            description: str | None = None,
+            epilog: str | None = None) -> argparse.ArgumentParser:
+    parser = actions.add_parser(
+        name, parents=[_CONNECTION], help=summary, description=description,
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _register_add(actions: Subparsers) -> None:
+    add = _action(actions, "add", add_ticket, "authorize access to an image",
+                  description=ADD_DESCRIPTION, epilog=ADD_EPILOG)
     add.add_argument("path", metavar="IMAGE",
-                     help="image file, block device, or NBD URL "
+                     help="image file, block device, NBD URL "
                           "(nbd:unix:/sock, nbd://host/export, "
-                          "nbd+unix:///export?socket=/sock)")
-    add.add_argument("--id", help="ticket id (default: a new UUID)")
-    add.add_argument("--size", type=argtypes.size,
+                          "nbd+unix:///export?socket=/sock) or another "
+                          "server's transfer URL (https://host:port/"
+                          "images/ID: a proxy ticket)")
+    add.add_argument("--id", type=arguments.ticket_id,
+                     help="ticket id (default: a new UUID)")
+    add.add_argument("--size", type=arguments.size(0, arguments.MAX_SIZE),
                      help="image size in bytes, or with K, M, G, T "
-                          "(binary: 1G = 1073741824) (default: the file's "
-                          "or the export's size)")
+                          "(binary: 1G = 1073741824) (default: the file's, "
+                          "the export's or the upstream image's size)")
+    add.add_argument("--cafile", metavar="FILE", type=arguments.ca_file,
+                     help="CA certificate to verify an https:// IMAGE's "
+                          "server with, when asking its size (default: "
+                          "system CAs)")
+    _add_access_arguments(add)
+
+
+def _add_access_arguments(add: argparse.ArgumentParser) -> None:
+    """What the ticket allows, for how long, and how it is logged."""
     add.add_argument("--ops", default=["read"],
-                     type=argtypes.word_list(("read", "write")),
+                     type=arguments.word_list(("read", "write")),
                      help="comma separated: read, write (default: read)")
-    add.add_argument("--timeout", type=argtypes.integer(0, MAX_TIMEOUT),
+    add.add_argument("--timeout", type=arguments.integer(0, MAX_TIMEOUT),
                      default=3600,
                      help="seconds until the ticket expires (default: 3600)")
     add.add_argument("--inactivity-timeout",
-                     type=argtypes.integer(0, MAX_TIMEOUT),
+                     type=arguments.integer(0, MAX_TIMEOUT),
                      help="seconds before idle connections are closed")
     add.add_argument("--sparse", action="store_true",
                      help="zeroing may punch holes")
@@ -97,82 +152,49 @@ def register(subparsers):
                      help="serve dirty extents (an NBD export with a dirty "
                           "bitmap, for incremental backup)")
     add.add_argument("--transfer-id", help="shown in logs")
-    add.set_defaults(func=add_ticket)
 
-    listing = action("list", help="print every ticket as JSON")
-    listing.set_defaults(func=list_tickets)
 
-    show = action("show", help="print a ticket's state as JSON")
-    show.add_argument("id")
-    show.set_defaults(func=show_ticket)
+def _register_views(actions: Subparsers) -> None:
+    listing = _action(actions, "list", list_tickets,
+                      "print every ticket as a table", epilog=LIST_EPILOG)
+    _add_view_options(listing)
+    show = _action(actions, "show", show_ticket,
+                   "print a ticket's state, a field a line",
+                   epilog=SHOW_EPILOG)
+    show.add_argument("id", type=arguments.ticket_id)
+    _add_view_options(show)
 
-    extend = action("extend", help="make a ticket expire later")
-    extend.add_argument("id")
-    extend.add_argument("timeout", type=argtypes.integer(0, MAX_TIMEOUT),
+
+def _add_view_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true",
+                        help="print the control service's JSON unchanged")
+    parser.add_argument("--full-ids", action="store_true",
+                        help="print ticket ids whole (they are secrets: "
+                             "shortened by default, as in logs)")
+
+
+def _register_changes(actions: Subparsers) -> None:
+    extend = _action(actions, "extend", extend_ticket,
+                     "make a ticket expire later")
+    extend.add_argument("id", type=arguments.ticket_id)
+    extend.add_argument("timeout", type=arguments.integer(0, MAX_TIMEOUT),
                         help="seconds from now until it expires")
-    extend.set_defaults(func=extend_ticket)
-
-    delete = action("del", help="cancel and remove a ticket")
-    delete.add_argument("id", nargs="?",
+    delete = _action(actions, "del", delete_ticket,
+                     "cancel and remove a ticket")
+    delete.add_argument("id", nargs="?", type=arguments.ticket_id,
                         help="ticket id (omit with --all)")
     delete.add_argument("--all", action="store_true",
                         help="remove every ticket")
-    delete.set_defaults(func=delete_ticket)
 
 
-class ControlError(Exception):
-    """Raised when the control service answers with an error."""
-
-
-def control_socket(args):
-    """(path, how it was found): as ``diskferry serve`` would bind it."""
-    from diskferry.daemon import config as config_mod
-
-    socket_path = getattr(args, "socket", None)
-    if socket_path is not None:
-        return socket_path, "--socket"
-    config = config_mod.load(getattr(args, "config", None),
-                             getattr(args, "conf_dir", None))
-    if config.control.transport != "unix":
-        raise ControlError("the daemon's control service is on TCP "
-                           "([control] transport); this command speaks "
-                           "to a UNIX socket only: give --socket")
-    return config.control_socket, config.control_socket_origin()
-
-
-def _request(args, method, path, body=None):
-    from diskferry.client.uhttp import UnixHTTPConnection
-
-    socket_path, origin = args.control
-    con = UnixHTTPConnection(socket_path, timeout=120)
-    try:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload else {}
-        try:
-            con.request(method, path, body=payload, headers=headers)
-        except OSError as e:
-            raise ControlError(
-                f"cannot reach the control socket {socket_path} "
-                f"({origin}): {e.strerror or e}; is the daemon running? "
-                f"Give --socket, or the daemon's --config or "
-                f"--conf-dir") from e
-        res = con.getresponse()
-        data = res.read()
-    finally:
-        con.close()
-    if res.status >= 400:
-        raise ControlError(f"{res.status} {res.reason}: "
-                           f"{data.decode(errors='replace').strip()}")
-    return data
-
-
-def _run(func):
-    def wrapper(args):
+def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
+    """``func`` with the control socket found, its failures told as one
+    line: status 2 for a configuration error, 1 for a failed request."""
+    def wrapper(args: argparse.Namespace) -> int:
         from diskferry.daemon.config import ConfigError
 
         try:
-            args.control = control_socket(args)
-            func(args)
+            func(args, ControlSocket.find(args))
         except ConfigError as e:
             print(f"diskferry ticket: {e}", file=sys.stderr)
             return 2
@@ -183,22 +205,15 @@ def _run(func):
     return wrapper
 
 
-NBD_PREFIXES = ("nbd:", "nbd+unix:")
-
-
 @_run
-def add_ticket(args):
-    if args.path.startswith(NBD_PREFIXES):
-        url = args.path
-        size = args.size if args.size is not None else _export_size(url)
-    else:
-        path = os.path.abspath(args.path)
-        url = "file://" + path
-        size = args.size if args.size is not None else _file_size(path)
-    ticket = {
+def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
+    size = args.size
+    if size is None:
+        size = image_size(args.path, UpstreamAccess(cafile=args.cafile))
+    ticket: dict[str, object] = {
         "uuid": args.id or str(uuid.uuid4()),
         "size": size,
-        "url": url,
+        "url": ticket_url(args.path),
         "ops": args.ops,
         "timeout": args.timeout,
         "sparse": args.sparse,
@@ -208,52 +223,38 @@ def add_ticket(args):
         ticket["inactivity_timeout"] = args.inactivity_timeout
     if args.transfer_id:
         ticket["transfer_id"] = args.transfer_id
-    _request(args, "PUT", f"/tickets/{ticket['uuid']}", ticket)
+    control.request("PUT", f"/tickets/{ticket['uuid']}", ticket)
     print(ticket["uuid"])
 
 
-def _file_size(path):
-    try:
-        with open(path, "rb") as f:
-            return f.seek(0, os.SEEK_END)
-    except OSError as e:
-        raise ControlError(f"cannot read the size of {path}: "
-                           f"{e.strerror}; give --size") from e
-
-
-def _export_size(url):
-    from diskferry import nbd
-
-    try:
-        client = nbd.open_client(url)
-    except (ValueError, nbd.NbdError) as e:
-        raise ControlError(f"cannot read the size of {url}: {e}; "
-                           f"give --size") from e
-    try:
-        return client.size
-    finally:
-        client.close()
+@_run
+def list_tickets(args: argparse.Namespace, control: ControlSocket) -> None:
+    infos = json.loads(control.request("GET", "/tickets/"))
+    if args.json:
+        print(json.dumps(infos, indent=2, sort_keys=True))
+    elif infos:
+        print(tickettable.table(infos, full_ids=args.full_ids))
+    else:
+        print("no tickets", file=sys.stderr)
 
 
 @_run
-def list_tickets(args):
-    data = _request(args, "GET", "/tickets/")
-    print(json.dumps(json.loads(data), indent=2, sort_keys=True))
+def show_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
+    info = json.loads(control.request("GET", f"/tickets/{args.id}"))
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(tickettable.details(info, full_ids=args.full_ids))
 
 
 @_run
-def show_ticket(args):
-    data = _request(args, "GET", f"/tickets/{args.id}")
-    print(json.dumps(json.loads(data), indent=2, sort_keys=True))
+def extend_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
+    control.request("PATCH", f"/tickets/{args.id}",
+                    {"timeout": args.timeout})
 
 
 @_run
-def extend_ticket(args):
-    _request(args, "PATCH", f"/tickets/{args.id}", {"timeout": args.timeout})
-
-
-@_run
-def delete_ticket(args):
+def delete_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     if args.all == bool(args.id):
         raise ControlError("give a ticket id or --all")
-    _request(args, "DELETE", f"/tickets/{args.id or ''}")
+    control.request("DELETE", f"/tickets/{args.id or ''}")

@@ -52,11 +52,15 @@ CONNECT_TIMEOUT = 10.0
 
 
 def check_url(url: urllib.parse.SplitResult) -> None:
-    address = nbd.parse_url(url.geturl()).address
+    text = url.geturl()
+    if url.scheme == "nbd+unix" and not url.netloc:
+        # geturl() drops an empty authority (nbd+unix:///e -> nbd+unix:/e).
+        text = text.replace(":", "://", 1)
+    address = nbd.parse_url(text).address
     # The daemon's working directory is nobody's business: a socket is
     # named by an absolute path (or an abstract address).
     if isinstance(address, str) and not address.startswith(("/", "\0")):
-        raise ValueError(f"{url.geturl()!r}: the socket path is not absolute")
+        raise ValueError(f"{text!r}: the socket path is not absolute")
 
 
 def open_nbd(ticket: "Ticket", config: "Config") -> "NbdBackend":
