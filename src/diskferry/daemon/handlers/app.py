@@ -7,6 +7,7 @@ from diskferry.daemon.handlers.context import (
 )
 from diskferry.daemon.http import parse
 from diskferry.daemon.http.router import Router
+from diskferry.errors import BackendError, request_error
 
 TICKET = r"/images/([^/]+)"
 
@@ -28,6 +29,8 @@ class App:
             request.conn.close_after = parse.query_close(request.query)
         try:
             self._router.dispatch(request)
+        except BackendError as e:
+            raise request_error(e) from e
         finally:
             release_request(request.context)
 
