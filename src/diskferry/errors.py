@@ -249,20 +249,9 @@ class UpstreamFailed(BackendError):
 #: error this daemon could send.
 BAD_GATEWAY = 502
 
-#: The message of a backend error whose details are for the log only.
+#: The message of a backend error whose details are for the log only (as
+#: the server's answer to any other failure).
 INTERNAL_ERROR = "Internal server error"
-
-
-def request_error(error: BackendError) -> RequestError:
-    """The answer to a request that failed with ``error``."""
-    message = str(error)
-    if isinstance(error, FeatureNotOffered):
-        return BadRequest(message)
-    if isinstance(error, UpstreamAnswered):
-        return UpstreamError(error.status, message)
-    if isinstance(error, UpstreamFailed):
-        return ServerError(message)
-    return ServerError(INTERNAL_ERROR)
 
 
 class UpstreamError(RequestError):
@@ -280,3 +269,15 @@ _STATUSES = frozenset(HTTPStatus)
 
 def _sendable(status: int) -> bool:
     return 400 <= status < 600 and status in _STATUSES
+
+
+def request_error(error: BackendError) -> RequestError:
+    """The answer to a request that failed with ``error``."""
+    message = str(error)
+    if isinstance(error, FeatureNotOffered):
+        return BadRequest(message)
+    if isinstance(error, UpstreamAnswered):
+        return UpstreamError(error.status, message)
+    if isinstance(error, UpstreamFailed):
+        return ServerError(message)
+    return ServerError(INTERNAL_ERROR)

@@ -1,10 +1,21 @@
 """The backend interface: what a handler needs from an image's storage.
 
-A backend module (``file``, ``nbd``, ``memory``) provides a
+A backend module (``file``, ``nbd``, ``http``, ``memory``) provides a
 ``BackendKind``: how to check a ticket URL of its schemes when the
 ticket is installed, and how to open the image for one connection. The
 registry in ``diskferry.daemon.backends`` maps URL schemes to kinds; nothing
 else in the daemon knows which backends exist.
+
+``Backend`` is what every backend has. What only some have is a
+capability protocol of its own, claimed by having its members::
+
+    ZeroCopyFile       file      a descriptor for sendfile and splice
+    SplicesPipes       nbd       reads and writes spliced through pipes
+    ForwardsChecksum   http      checksums computed by the storage
+
+Each backend module lets mypy check its class against every protocol it
+claims. Backends raise ``BackendError`` and its subclasses, never an
+HTTP status.
 """
 
 from collections.abc import Callable, Sequence
