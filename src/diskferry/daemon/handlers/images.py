@@ -28,7 +28,6 @@ from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
 from diskferry.daemon.handlers.overlap import Operation
 from diskferry.daemon.handlers.request import Connection, Request
 from diskferry.daemon.http import parse
-from diskferry.daemon.http.parse import RequestHead
 from diskferry.daemon.tickets import Ticket, TicketStore
 from diskferry.errors import BadRequest, RangeNotSatisfiable, storage_error
 
@@ -111,7 +110,7 @@ class ImageHandler:
         if range_header is not None:
             offset, length = parse.parse_range(range_header, ticket.size)
             status = 206
-            headers: dict[str, str] = {"Content-Range":
+            headers = {"Content-Range":
                        f"bytes {offset}-{offset + length - 1}/{ticket.size}"}
             available = image.backend.size()
             if offset + length > available:
@@ -123,9 +122,11 @@ class ImageHandler:
             headers = {}
         headers.update(_entity_headers(ticket))
         request.log.update(offset=offset, size=length)
+        conn = request.conn
+        backend = image.backend
         with ticket.operation(offset) as op:
-            request.conn.start_response(status, length, headers)
-            datapath.send(request, image.backend, op, offset, length)
+            conn.start_response(status, length, headers)
+            datapath.send(request, backend, op, offset, length)
 
     def head(self, request: Request, ticket_id: str) -> None:
         """GET's answer without its body: the whole image's length."""
@@ -141,42 +142,50 @@ class ImageHandler:
         image = open_image(request, self.store, self.config, ticket_id,
                            "write")
         ticket = image.ticket
-        length, span = _body_span(request.head)
+        head = request.head
+        length = head.content_length
+        if length is None and not head.chunked:
+            raise BadRequest("Content-Length header is required",
+                             close_connection=True)
+        content_range = head.headers.get("content-range")
+        span = None
+        if content_range is not None:
+            span = parse.parse_content_range(content_range)
+            if length is not None and span.length != length:
+                raise BadRequest(
+                    f"Content-Range {content_range[:60]!r} is "
+                    f"{span.length} bytes, Content-Length {length}")
         offset = span.first if span else 0
         flush = parse.query_bool(request.query, "flush", True)
         if length is None:
-            self._put_chunked(request, image, span, offset, flush)
+            # Chunked: the body may fill the range, or the image's rest.
+            limit = span.length if span else ticket.size - offset
+            check_range(ticket, offset, limit)
+            request.log["offset"] = offset
+            with ticket.operation(offset) as op, \
+                    _writing("Writing the image"):
+                done = self._receive_chunked(request, image.backend, op,
+                                             offset, limit)
+                request.log["size"] = done
+                if span is not None and done != span.length:
+                    raise BadRequest(
+                        f"Chunked body of {done} bytes, Content-Range "
+                        f"{head.headers['content-range'][:60]!r} needs "
+                        f"{span.length}",
+                        close_connection=True)
+                if flush:
+                    image.backend.flush()
+            request.conn.send_response(200)
             return
         check_range(ticket, offset, length)
         request.log.update(offset=offset, size=length)
+        conn = request.conn
+        backend = image.backend
         with ticket.operation(offset) as op, _writing("Writing the image"):
-            datapath.receive(request, image.backend, op, offset, length)
+            datapath.receive(request, backend, op, offset, length)
             if flush:
-                image.backend.flush()
-        request.conn.send_response(200)
-
-    def _put_chunked(self, request: Request, image: OpenImage,
-                     span: parse.ContentRange | None, offset: int,
-                     flush: bool) -> None:
-        """A PUT without a length: the body may fill the range, or the
-        image's rest."""
-        ticket = image.ticket
-        limit = span.length if span else ticket.size - offset
-        check_range(ticket, offset, limit)
-        request.log["offset"] = offset
-        with ticket.operation(offset) as op, _writing("Writing the image"):
-            done = self._receive_chunked(request, image.backend, op, offset,
-                                         limit)
-            request.log["size"] = done
-            if span is not None and done != span.length:
-                content_range = request.head.headers["content-range"]
-                raise BadRequest(
-                    f"Chunked body of {done} bytes, Content-Range "
-                    f"{content_range[:60]!r} needs {span.length}",
-                    close_connection=True)
-            if flush:
-                image.backend.flush()
-        request.conn.send_response(200)
+                backend.flush()
+        conn.send_response(200)
 
     def _receive_chunked(self, request: Request, backend: Backend,
                          op: Operation, offset: int, limit: int) -> int:
@@ -230,25 +239,6 @@ class ImageHandler:
             raise BadRequest(f"Invalid field 'op': {op_name!r:.40}; "
                              f"expected 'zero' or 'flush'")
         request.conn.send_response(200)
-
-
-def _body_span(head: RequestHead
-               ) -> tuple[int | None, parse.ContentRange | None]:
-    """A PUT body's length (None: chunked) and the range it fills (None:
-    from the image's start)."""
-    length = head.content_length
-    if length is None and not head.chunked:
-        raise BadRequest("Content-Length header is required",
-                         close_connection=True)
-    content_range = head.headers.get("content-range")
-    if content_range is None:
-        return length, None
-    span = parse.parse_content_range(content_range)
-    if length is not None and span.length != length:
-        raise BadRequest(
-            f"Content-Range {content_range[:60]!r} is "
-            f"{span.length} bytes, Content-Length {length}")
-    return length, span
 
 
 def _whole_length(image: OpenImage) -> int:
