@@ -160,8 +160,9 @@ def offers_zero_copy_file(backend: object) -> TypeGuard[ZeroCopyFile]:
     """``isinstance(backend, ZeroCopyFile)``, answered once per class.
 
     ``isinstance`` on a protocol walks its members at every call in
-    Python 3.11 (9-15 us here, as much as a small request's whole
-    answer); ``issubclass`` keeps its answer per class.
+    Python 3.11: 9-15 us here, where the daemon spends about 190 us of
+    CPU on a whole 4 KiB GET. ``issubclass`` keeps its answer per class
+    (0.25 us).
     """
     return issubclass(type(backend), ZeroCopyFile)
 

@@ -14,10 +14,13 @@ from its socket (``SplicesPipes``)::
                                     memory image, a short NBD range)
 
     PUT with a length, client -> image
-    splice socket -> pipe -> file   as sendfile above
-    splice socket -> pipe -> backend   as the spliced GET above
+    socket -> pipe -> file          as sendfile above
+    socket -> pipe -> backend       as the spliced GET above
     the request's buffer            otherwise; written behind (``overlap``)
                                     unless TLS into local storage
+
+A chunked PUT has no length to choose by: images.py receives it through
+the buffer, each piece checked against the range before it is written.
 
 Every path checks the ticket's operation between chunks and counts what
 it moved in ``op.done``. The buffer and the pipes are lent by the
