@@ -6,7 +6,9 @@ the server's classes.
 
 from typing import Protocol
 
+from diskferry.daemon.handlers.context import ConnectionContext
 from diskferry.daemon.http.parse import RequestHead
+from diskferry.daemon.http.request import AccessRecord
 from diskferry.pipe import Pipe
 
 
@@ -54,9 +56,6 @@ class Connection(Protocol):
 class Request(Protocol):
     """One request, as a handler sees it."""
 
-    #: Fields of the request's access log line.
-    log: dict[str, object]
-
     @property
     def head(self) -> RequestHead: ...
 
@@ -73,6 +72,10 @@ class Request(Protocol):
     def conn(self) -> Connection: ...
 
     @property
-    def context(self) -> object:
+    def log(self) -> AccessRecord:
+        """Fields of the request's access log line."""
+
+    @property
+    def context(self) -> ConnectionContext:
         """The connection's state, which lends the request its buffer and
         pipes (``handlers.context``)."""
