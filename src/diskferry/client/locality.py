@@ -18,7 +18,7 @@ import ipaddress
 import socket
 
 
-def is_own_address(address):
+def is_own_address(address: str) -> bool:
     """True if ``address`` (an IP string, with %scope for IPv6) is ours."""
     host = address.split("%", 1)[0]
     try:
