@@ -215,7 +215,9 @@ class Destination:
         if not self._detect_zeros:
             self._splice(con, state, end, report)
             return
-        con.read_chunks(offset, length, self._write)
+        with con.get(offset, length) as body:
+            for view, pos in body:
+                self._write(view, pos)
         report(length)
         state["offset"] = end
 
