@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from diskferry.client import qcow2
+from diskferry.client.piece import DATA, Cursor, Piece, Progress
 from nbd_servers import qemu_img, qemu_io
 
 K = 1024
@@ -47,9 +48,9 @@ def write(path, size, extents, guest, detect_zeros=True):
     with dst:
         for start, end in extents:
             for offset in range(start, end, 300 * K):
-                state = {"offset": offset}
-                dst.receive(Con(), state, min(end, offset + 300 * K),
-                            lambda n: None)
+                length = min(end, offset + 300 * K) - offset
+                dst.receive(Con(), Cursor(Piece(DATA, offset, length),
+                                          Progress(None)))
         dst.commit()
 
 

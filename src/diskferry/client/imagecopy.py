@@ -32,7 +32,11 @@ from typing import Any
 from diskferry import nbd
 from diskferry.client import extents as _extents
 from diskferry.client import formats
+from diskferry.client.connection import ImageConnection
+from diskferry.client.extents import Range
+from diskferry.client.piece import Cursor, Piece
 from diskferry.client.qemunbd import QemuNbd
+from diskferry.client.sender import Sender
 from diskferry.extent import Extent
 
 #: Granularity of zero detection: a qcow2 cluster, the smallest range a
@@ -161,6 +165,8 @@ class NbdSource:
 
     #: Pieces may go in parallel, in any order.
     sequential = False
+    #: A piece is read from qemu-nbd while the one before is sent.
+    reads_ahead = True
 
     def __init__(self, path: str, image: formats.Source, *,
                  single_layer: bool, connections: int, request_size: int,
@@ -174,32 +180,35 @@ class NbdSource:
                                cache=_cache_mode(path))
         self._workers = _Workers(self._server, request_size)
 
+    def sized(self, image_size: int) -> int:
+        return self.size
+
     def extents(self) -> list[Extent]:
         size = self.size
         result: list[Extent] = self._workers.get().call(
             lambda client: client.extents(0, size))
         return result
 
-    def prefetch(self, piece: Any) -> None:
+    def prefetch(self, piece: Piece) -> None:
         """Read a data piece ahead, while the worker sends the one before."""
         if piece.op == "data":
             self._workers.get().read_ahead(piece.offset, piece.length)
 
-    def send(self, con: Any, state: dict[str, int], end: int,
-             sender: Any) -> None:
-        """Send ``[state offset, end)`` of the piece ending at ``end``
-        (all of it, or what a broken connection left unsent)."""
+    def send(self, con: ImageConnection, cursor: Cursor,
+             sender: Sender) -> None:
+        """Send the piece from ``cursor.offset`` to its end (all of it,
+        or what a broken connection left unsent)."""
         worker = self._workers.get()
-        offset = state["offset"]
+        offset, end = cursor.offset, cursor.end
         buf, start = worker.read(offset, end)
         view = memoryview(buf)[offset - start:end - start]
         for run_start, run_end, zero in _runs(
                 buf, offset - start, end - offset, self._detect_zeros,
                 MIN_ZERO_REQUEST):
             if zero:
-                sender.zero(con, state, offset + run_end)
+                sender.zero(con, cursor, offset + run_end)
             else:
-                sender.write(con, view[run_start:run_end], state)
+                sender.write(con, view[run_start:run_end], cursor)
         worker.sent(end)
 
     def finish(self) -> None:
@@ -220,7 +229,7 @@ class NbdDestination:
 
     #: Pieces may come in parallel, in any order; nothing to resume.
     sequential = False
-    done: list[tuple[int, int]] = []
+    done: list[Range] = []
 
     def __init__(self, path: str, fmt: str, size: int, *,
                  backing_file: str | None, connections: int,
@@ -241,13 +250,12 @@ class NbdDestination:
             raise
         self._workers = _Workers(self._server, request_size)
 
-    def receive(self, con: Any, state: dict[str, int], end: int,
-                report: Any) -> None:
-        """GET ``[state offset, end)`` and write it into the image behind
-        the next GET."""
+    def receive(self, con: ImageConnection, cursor: Cursor) -> None:
+        """GET the piece from ``cursor.offset`` to its end and write it
+        into the image behind the next GET."""
         worker = self._workers.get()
         buf = worker.receive_buffer()
-        offset = state["offset"]
+        offset, end = cursor.offset, cursor.end
         length = end - offset
         view = memoryview(buf)[:length]
         con.readinto(view, offset)
@@ -262,8 +270,7 @@ class NbdDestination:
                     client.zero(offset + start, stop - start, punch_hole=True)
 
         worker.write_behind(buf, offset, end, writes)
-        report(length)
-        state["offset"] = end
+        cursor.advance_to(end)
 
     def zero(self, offset: int, length: int) -> None:
         """Make a range read as zeros, hiding what the backing file has."""

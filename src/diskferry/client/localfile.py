@@ -11,6 +11,9 @@ from collections import namedtuple
 
 from diskferry import fallocate
 
+#: A local image's name, as ``os.open`` takes it.
+LocalPath = str | os.PathLike[str]
+
 #: Zero-filled buffer for zeroing without an ioctl.
 ZERO_CHUNK = 4 * 1024**2
 
@@ -39,7 +42,7 @@ def _kind(mode: int) -> str:
     return "other"
 
 
-def open_source(path: str) -> LocalImage:
+def open_source(path: LocalPath) -> LocalImage:
     """Open a raw file or block device for reading."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -54,7 +57,7 @@ def open_source(path: str) -> LocalImage:
     return LocalImage(fd, size, kind)
 
 
-def open_destination(path: str, size: int) -> LocalImage:
+def open_destination(path: LocalPath, size: int) -> LocalImage:
     """Open (creating if needed) where a download of ``size`` bytes goes.
 
     A regular file is truncated to a fresh sparse file of ``size``; a
@@ -81,7 +84,7 @@ def open_destination(path: str, size: int) -> LocalImage:
         raise
 
 
-def open_existing(path: str, size: int) -> LocalImage:
+def open_existing(path: LocalPath, size: int) -> LocalImage:
     """Open the ``.part`` file of an interrupted download to continue it:
     kept as it is, and it must have the image's size."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
