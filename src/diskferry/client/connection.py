@@ -16,6 +16,8 @@ connection (the next request reconnects); an error status becomes
 ``HTTPError`` and the connection goes on when the server keeps it.
 """
 
+from __future__ import annotations
+
 import errno
 import http.client
 import json
@@ -304,7 +306,7 @@ class ImageConnection:
                         rest = rest[os.write(fd, rest):]
                 ack(len(view))
 
-    def get(self, offset: int, length: int) -> "Body":
+    def get(self, offset: int, length: int) -> Body:
         """GET ``length`` bytes at ``offset`` as one request, its body
         handed out in order by the ``Body`` (use it as a context manager).
         """
@@ -472,7 +474,7 @@ class Body:
         #: Where the chunk in the caller's hands starts.
         self._at = offset
 
-    def __enter__(self) -> "Body":
+    def __enter__(self) -> Body:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None,

@@ -20,11 +20,13 @@ image is read in place when its data lies plain in its files, else
 through qemu-nbd. Modules for images are imported only when used.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field, replace
 from typing import TypedDict, Unpack
 
 from diskferry.client import engine, imageformat, localfile, session
@@ -59,6 +61,10 @@ __all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "STREAM",
 log = logging.getLogger("diskferry.client")
 
 
+# Records here are named tuples and plain classes, not dataclasses: a
+# dataclass costs about a millisecond to define, at every command's start.
+
+
 class CopyOptions(TypedDict, total=False):
     """The keywords ``upload()`` and ``download()`` share; ``_Job`` gives
     their defaults."""
@@ -74,24 +80,30 @@ class CopyOptions(TypedDict, total=False):
     on_start: Callable[[int], None] | None
 
 
-@dataclass(frozen=True)
 class _Job:
-    """How a copy runs, whatever its direction (``CopyOptions``)."""
+    """How a copy runs, whatever its direction: the ``CopyOptions``, the
+    user's progress serialized (``report``), and when it started."""
 
-    workers: int = DEFAULT_WORKERS
-    request_size: int = DEFAULT_REQUEST_SIZE
-    cafile: str | None = None
-    secure: bool = True
-    unix: str = "auto"
-    timeout: Timeout = Timeout()
-    retry: Retry = Retry()
-    progress: Callable[[int], None] | None = None
-    on_start: Callable[[int], None] | None = None
-    started: float = field(default_factory=time.monotonic)
-    report: Progress = field(init=False)
+    __slots__ = ("workers", "request_size", "cafile", "secure", "unix",
+                 "timeout", "retry", "report", "on_start", "started")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "report", Progress(self.progress))
+    def __init__(self, *, workers: int = DEFAULT_WORKERS,
+                 request_size: int = DEFAULT_REQUEST_SIZE,
+                 cafile: str | None = None, secure: bool = True,
+                 unix: str = "auto", timeout: Timeout = Timeout(),
+                 retry: Retry = Retry(),
+                 progress: Callable[[int], None] | None = None,
+                 on_start: Callable[[int], None] | None = None) -> None:
+        self.workers = workers
+        self.request_size = request_size
+        self.cafile = cafile
+        self.secure = secure
+        self.unix = unix
+        self.timeout = timeout
+        self.retry = retry
+        self.report = Progress(progress)
+        self.on_start = on_start
+        self.started = time.monotonic()
 
     def open(self, url: str, mode: str) -> session.Session:
         return session.open(url, mode, cafile=self.cafile,
@@ -100,11 +112,12 @@ class _Job:
                             buffer_size=self.request_size)
 
 
-@dataclass(frozen=True)
-class _SourcePlan:
+class _SourcePlan(namedtuple("_SourcePlan", "path local format member "
+                             "single_layer detect_zeros size")):
     """What opens an upload's source: ``local`` is the open file (None
     for standard input), ``format`` the one to read it in."""
 
+    __slots__ = ()
     path: LocalPath
     local: LocalImage | None
     format: str | None
@@ -168,7 +181,7 @@ def _source_kind(plan: _SourcePlan) -> tuple[str, _SourcePlan]:
                                     member=plan.member)
     kind = "raw" if fmt == imageformat.RAW and plan.member is None \
         else "image"
-    return kind, replace(plan, format=fmt)
+    return kind, plan._replace(format=fmt)
 
 
 def upload(path: LocalPath, url: str, *, format: str | None = None,
@@ -257,11 +270,12 @@ def _send(sess: session.Session, source: Source, path: LocalPath,
                          count)
 
 
-@dataclass(frozen=True)
-class _Target:
+class _Target(namedtuple("_Target", "path size format backing_file resume "
+                         "detect_zeros extents")):
     """What opens a download's destination: ``extents`` are the image's,
     a list when the destination plans ahead."""
 
+    __slots__ = ()
     path: LocalPath
     size: int
     format: str
@@ -300,13 +314,14 @@ def _overlay_destination(target: _Target, job: _Job) -> Destination:
         request_size=job.request_size, detect_zeros=target.detect_zeros)
 
 
-@dataclass(frozen=True)
-class DestinationKind:
+class DestinationKind(namedtuple("DestinationKind", "open plans_ahead",
+                                 defaults=(False,))):
     """How a download's destination is opened; ``plans_ahead`` when it
     needs every extent before the first byte (it lays the image out)."""
 
+    __slots__ = ()
     open: Callable[[_Target, _Job], Destination]
-    plans_ahead: bool = False
+    plans_ahead: bool
 
 
 #: What writes a download's destination, by its kind (``_target_kind``).

@@ -21,6 +21,8 @@ Each piece goes one way: a worker hands it to ``UploadPieces`` or
 ``Destination`` (``local``), which moves it over the connection.
 """
 
+from __future__ import annotations
+
 import heapq
 import logging
 import threading

@@ -9,6 +9,8 @@ Two families, because the copy engine treats them differently:
   cannot help; the transfer stops and the error says why and where.
 """
 
+from __future__ import annotations
+
 from diskferry.errors import DiskferryError
 
 

@@ -6,6 +6,8 @@ local file with ``SEEK_DATA``/``SEEK_HOLE``, and cutting data into
 requests.
 """
 
+from __future__ import annotations
+
 import bisect
 import functools
 import sys

@@ -11,6 +11,8 @@ pieces through it, one way: engine -> source or destination ->
 connection.
 """
 
+from __future__ import annotations
+
 from types import TracebackType
 from typing import Protocol, Self
 

@@ -5,6 +5,8 @@ image's size (so ranges that are zero need no writing and holes stay
 holes); a block device keeps its size and gets its zero ranges zeroed.
 """
 
+from __future__ import annotations
+
 import os
 import stat
 from collections import namedtuple

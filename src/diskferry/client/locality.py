@@ -14,6 +14,8 @@ Either is only a hint; the session still confirms over the socket that
 it reaches the same daemon and that it knows the ticket.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import socket
 

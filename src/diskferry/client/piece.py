@@ -7,6 +7,8 @@ connection resends the piece from there, and every step forward is
 reported to the user's progress callback as it happens.
 """
 
+from __future__ import annotations
+
 import threading
 from collections import namedtuple
 from collections.abc import Callable

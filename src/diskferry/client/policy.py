@@ -7,6 +7,8 @@ Both are named tuples (like ``urllib.parse.SplitResult``): immutable,
 and cheap to define, which keeps the command's start-up short.
 """
 
+from __future__ import annotations
+
 import time
 from collections import namedtuple
 
@@ -46,7 +48,7 @@ class Retry(namedtuple("Retry", "total backoff_factor backoff_max history",
     backoff_max: float
     history: tuple[BaseException, ...]
 
-    def increment(self, error: BaseException) -> "Retry":
+    def increment(self, error: BaseException) -> Retry:
         """Return the policy after one more failure, or raise when spent."""
         history = self.history + (error,)
         if len(history) > self.total:

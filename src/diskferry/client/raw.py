@@ -6,10 +6,12 @@ into a regular file writes ``NAME.part`` with its journal (``resume``)
 and renames it once complete; a block device is written in place.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import stat
-from dataclasses import dataclass
+from collections import namedtuple
 from types import TracebackType
 
 from diskferry.client import extents as _extents
@@ -58,7 +60,7 @@ class RawSource:
     def finish(self) -> None:
         """Every piece is sent: nothing to check for a file."""
 
-    def __enter__(self) -> "RawSource":
+    def __enter__(self) -> RawSource:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None,
@@ -67,11 +69,11 @@ class RawSource:
         """The caller closes the file it opened."""
 
 
-@dataclass(frozen=True)
-class _Partial:
+class _Partial(namedtuple("_Partial", "part journal")):
     """A download into a regular file, until it is complete: written as
     ``part``, with the journal of what is synced."""
 
+    __slots__ = ()
     part: str
     journal: Journal
 
@@ -130,7 +132,7 @@ class RawDestination:
             os.rename(partial.part, self.path)
             partial.journal.remove()
 
-    def __enter__(self) -> "RawDestination":
+    def __enter__(self) -> RawDestination:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None,

@@ -6,6 +6,8 @@ set of options breaks, or None. ``upload()`` and ``download()`` raise
 same functions first and words the rule in its own flags.
 """
 
+from __future__ import annotations
+
 import enum
 
 from diskferry.client.imageformat import RAW

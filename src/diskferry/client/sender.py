@@ -6,6 +6,8 @@ zeros the destination already reads not at all. Bytes are counted by how
 they went, as the server acknowledges them.
 """
 
+from __future__ import annotations
+
 import threading
 
 from diskferry.client import extents as _extents

@@ -16,6 +16,8 @@ The reason is kept in ``Session.transport_reason`` and logged, so that a
 slow transfer on TLS can be explained.
 """
 
+from __future__ import annotations
+
 import logging
 import urllib.parse
 from collections import namedtuple
@@ -73,7 +75,7 @@ class ServerOptions(namedtuple("ServerOptions", (
 
     @classmethod
     def parse(cls, answer: tuple[set[str], dict[str, Any]] | None
-              ) -> "ServerOptions":
+              ) -> ServerOptions:
         if answer is None:
             return cls(known=False)
         allow, data = answer
@@ -286,7 +288,7 @@ class Session:
     def close(self) -> None:
         self._con.close()
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None,

@@ -12,6 +12,8 @@ writes its own request head and reads the response head without reading
 ahead: it peeks at the socket and consumes exactly the head's bytes.
 """
 
+from __future__ import annotations
+
 import errno
 import http.client
 import io

@@ -6,6 +6,8 @@ that a retry sends it again without reading the stream twice; a download
 writes every byte, zeros included (a pipe has no holes).
 """
 
+from __future__ import annotations
+
 import os
 from types import TracebackType
 
@@ -77,7 +79,7 @@ class StreamSource:
                 f"standard input holds more than {self.size} bytes (the "
                 f"image's size, or --size)", self.size or 0)
 
-    def __enter__(self) -> "StreamSource":
+    def __enter__(self) -> StreamSource:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None,
@@ -109,7 +111,7 @@ class StreamDestination:
     def commit(self) -> None:
         """Nothing to sync or rename."""
 
-    def __enter__(self) -> "StreamDestination":
+    def __enter__(self) -> StreamDestination:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None,

@@ -5,6 +5,8 @@ the timeouts): the session picks one after ``OPTIONS`` and every worker
 of a copy opens its own connections from it.
 """
 
+from __future__ import annotations
+
 import http.client
 import socket
 import ssl
@@ -48,7 +50,7 @@ class Transport(namedtuple("Transport", "kind host port address context timeout"
     @classmethod
     def from_url(cls, url: str, *, cafile: str | None = None,
                  secure: bool = True,
-                 timeout: Timeout = Timeout()) -> "Transport":
+                 timeout: Timeout = Timeout()) -> Transport:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ClientError(f"unsupported URL scheme in {url!r}: use https")
@@ -60,7 +62,7 @@ class Transport(namedtuple("Transport", "kind host port address context timeout"
         return cls("tcp", parts.hostname, parts.port or 80, timeout=timeout)
 
     @classmethod
-    def unix(cls, address: str, timeout: Timeout = Timeout()) -> "Transport":
+    def unix(cls, address: str, timeout: Timeout = Timeout()) -> Transport:
         return cls("unix", address=address, timeout=timeout)
 
     @property

@@ -12,6 +12,8 @@ a Linux abstract address, which the server sends with its leading NUL
 Everything else (request, getresponse, keep-alive) is ``http.client``.
 """
 
+from __future__ import annotations
+
 import enum
 import http.client
 import socket
