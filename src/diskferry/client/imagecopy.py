@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any
+from typing import TypeVar
 
 from diskferry import nbd
 from diskferry.client import extents as _extents
@@ -38,6 +38,8 @@ from diskferry.client.piece import Cursor, Piece
 from diskferry.client.qemunbd import QemuNbd
 from diskferry.client.sender import Sender
 from diskferry.extent import Extent
+
+T = TypeVar("T")
 
 #: Granularity of zero detection: a qcow2 cluster, the smallest range a
 #: qcow2 image can leave unallocated.
@@ -66,7 +68,7 @@ class _Worker:
         #: Pieces in hand, by their end: (buffer, start, NBD I/O).
         self._pieces: dict[int, tuple[bytearray, int, Future[None]]] = {}
 
-    def call(self, func: Callable[[nbd.Client], Any]) -> Any:
+    def call(self, func: Callable[[nbd.Client], T]) -> T:
         """Run ``func(client)`` on the I/O thread and wait for it."""
         return self._io.submit(func, self.client).result()
 
@@ -324,7 +326,7 @@ class _ChecksumReader:
 
 def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
              block_size: int,
-             progress: Any = None,
+             progress: Callable[[int], None] | None = None,
              started: Callable[[int], None] | None = None
              ) -> dict[str, object]:
     """The daemon's checksum of the guest-visible disk of a local image,
@@ -338,7 +340,7 @@ def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
                  allocation_depth=True) as server:
         client = server.connect()
         try:
-            result: dict[str, object] = block_hash.compute(  # type: ignore[no-untyped-call]
+            result: dict[str, object] = block_hash.compute(
                 _ChecksumReader(client), algorithm, block_size,
                 progress=progress, started=started)
             return result
@@ -358,7 +360,7 @@ def local_checksum(path: str, fmt: str, *, member: str | None = None,
     algorithm = algorithm or block_hash.DEFAULT_ALGORITHM
     block_size = block_size or block_hash.DEFAULT_BLOCK_SIZE
     if fmt == "raw" and member is None:
-        result: dict[str, object] = block_hash.compute_file(  # type: ignore[no-untyped-call]
+        result: dict[str, object] = block_hash.compute_file(
             path, algorithm, block_size, progress=progress, started=started)
         return result
     return checksum(path, fmt, member=member, algorithm=algorithm,
