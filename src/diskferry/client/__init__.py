@@ -33,13 +33,14 @@ from diskferry.client.errors import (
 )
 from diskferry.client.policy import Retry, Timeout
 from diskferry.client.rules import OptionConflict
-from diskferry.client.session import Session, open
+from diskferry.client.session import ConnectionOptions, Session, open
 from diskferry.client.uhttp import UnixHTTPConnection
 from diskferry.extent import Extent
 
 __all__ = [
     "ClientError",
     "ConnectionFailed",
+    "ConnectionOptions",
     "Extent",
     "HTTPError",
     "OptionConflict",

@@ -27,7 +27,7 @@ import os
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypedDict, Unpack
+from typing import Unpack
 
 from diskferry.client import engine, imageformat, localfile, session
 from diskferry.client import extents as _extents
@@ -65,16 +65,12 @@ log = logging.getLogger("diskferry.client")
 # dataclass costs about a millisecond to define, at every command's start.
 
 
-class CopyOptions(TypedDict, total=False):
+class CopyOptions(session.ConnectionOptions, total=False):
     """The keywords ``upload()`` and ``download()`` share; ``_Job`` gives
     their defaults."""
 
     workers: int
     request_size: int
-    cafile: str | None
-    secure: bool
-    unix: str
-    timeout: Timeout
     retry: Retry
     progress: Callable[[int], None] | None
     on_start: Callable[[int], None] | None

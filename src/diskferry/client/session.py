@@ -23,7 +23,7 @@ import urllib.parse
 from collections import namedtuple
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from diskferry.client import locality
 from diskferry.client.connection import BUFFER_SIZE, ImageConnection
@@ -89,6 +89,16 @@ class ServerOptions(namedtuple("ServerOptions", (
             host_id=data.get("host_id") or None,
             server_id=data.get("server_id") or None,
         )
+
+
+class ConnectionOptions(TypedDict, total=False):
+    """The keywords of ``open()`` that say how to reach the server, which
+    ``upload()`` and ``download()`` take too."""
+
+    cafile: str | None
+    secure: bool
+    unix: str
+    timeout: Timeout
 
 
 class SupportsFileno(Protocol):
