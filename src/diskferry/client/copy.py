@@ -27,7 +27,7 @@ import os
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
-from typing import Unpack
+from typing import TYPE_CHECKING, Unpack
 
 from diskferry.client import engine, imageformat, localfile, session
 from diskferry.client import extents as _extents
@@ -40,11 +40,8 @@ from diskferry.client.engine import (
     UploadPieces,
 )
 from diskferry.client.errors import HTTPError, TransferError
-from diskferry.client.local import Destination, Source
-from diskferry.client.localfile import LocalImage, LocalPath
 from diskferry.client.piece import Progress
 from diskferry.client.policy import Retry, Timeout
-from diskferry.client.raw import RawDestination, RawSource
 from diskferry.client.rules import (
     STREAM,
     OptionConflict,
@@ -52,8 +49,11 @@ from diskferry.client.rules import (
     upload_conflict,
 )
 from diskferry.client.sender import SKIPPED, Sender
-from diskferry.client.stream import StreamDestination, StreamSource
 from diskferry.extent import Extent
+
+if TYPE_CHECKING:
+    from diskferry.client.local import Destination, Source
+    from diskferry.client.localfile import LocalImage, LocalPath
 
 __all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "STREAM",
            "TransferResult", "download", "upload"]
@@ -63,6 +63,7 @@ log = logging.getLogger("diskferry.client")
 
 # Records here are named tuples and plain classes, not dataclasses: a
 # dataclass costs about a millisecond to define, at every command's start.
+# For the same reason, each end of a copy is imported when it is used.
 
 
 class CopyOptions(session.ConnectionOptions, total=False):
@@ -129,10 +130,14 @@ class _SourcePlan(namedtuple("_SourcePlan", "path local format member "
 
 
 def _stream_source(plan: _SourcePlan, job: _Job) -> Source:
+    from diskferry.client.stream import StreamSource
+
     return StreamSource(plan.size, job.request_size, plan.detect_zeros)
 
 
 def _raw_source(plan: _SourcePlan, job: _Job) -> Source:
+    from diskferry.client.raw import RawSource
+
     log.debug("%s: read as raw", plan.path)
     return RawSource(plan.file())
 
@@ -282,10 +287,14 @@ class _Target(namedtuple("_Target", "path size format backing_file resume "
 
 
 def _stream_destination(target: _Target, job: _Job) -> Destination:
+    from diskferry.client.stream import StreamDestination
+
     return StreamDestination()
 
 
 def _raw_destination(target: _Target, job: _Job) -> Destination:
+    from diskferry.client.raw import RawDestination
+
     return RawDestination(target.path, target.size, target.resume)
 
 

@@ -29,17 +29,20 @@ import threading
 import time
 from collections import namedtuple
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from diskferry.client import extents as _extents
 from diskferry.client.connection import BUFFER_SIZE, ImageConnection
 from diskferry.client.errors import ConnectionFailed, TransferError
 from diskferry.client.extents import Range
-from diskferry.client.local import Destination, Source
 from diskferry.client.piece import DATA, ZERO, Cursor, Piece, Progress
 from diskferry.client.policy import Retry
 from diskferry.client.sender import Sender
 from diskferry.client.session import Session
 from diskferry.extent import Extent, split
+
+if TYPE_CHECKING:
+    from diskferry.client.local import Destination, Source
 
 __all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "DownloadPieces",
            "Piece", "TransferResult", "UploadPieces", "plan", "run"]

@@ -23,7 +23,7 @@ import urllib.parse
 from collections import namedtuple
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from diskferry.client import locality
 from diskferry.client.connection import BUFFER_SIZE, ImageConnection
@@ -101,10 +101,11 @@ class ConnectionOptions(TypedDict, total=False):
     timeout: Timeout
 
 
-class SupportsFileno(Protocol):
-    """A file object: what ``Session.write_from`` reads."""
+if TYPE_CHECKING:
+    class SupportsFileno(Protocol):
+        """A file object: what ``Session.write_from`` reads."""
 
-    def fileno(self) -> int: ...
+        def fileno(self) -> int: ...
 
 
 def _positive(value: object) -> int:
