@@ -165,3 +165,18 @@ def test_download_keeps_holes_from_ovirt_imageio_nbd(daemons, make_ticket,
     data = sum(length for _, length in sparse_runs(SIZE))
     assert result.data_bytes < SIZE
     assert allocated(dst) <= data + 3 * MiB
+
+
+def test_download_to_a_device_keeps_no_journal(daemons, make_ticket,
+                                               tmp_path):
+    """A device (here /dev/null) is written in place: no .part, so no
+    journal to record into, keep or remove."""
+    srv = daemons.get("diskferry")
+    make_image(tmp_path / "img.raw", SIZE, "sparse")
+    ticket = make_ticket(srv, tmp_path / "img.raw", SIZE, ops=["read"])
+    result = client.download(srv.image_url(ticket["uuid"]), "/dev/null",
+                             cafile=srv.ca_file)
+    assert result.image_size == SIZE
+    assert result.data_bytes + result.skipped_bytes == SIZE
+    assert not os.path.exists("/dev/null.part")
+    assert not os.path.exists("/dev/null.part.done")

@@ -2,6 +2,7 @@
 finds nothing wrong, ``qemu-img compare`` finds the guest disk written,
 and qemu can go on writing the image."""
 
+import contextlib
 import os
 import random
 import subprocess
@@ -9,6 +10,7 @@ import subprocess
 import pytest
 
 from diskferry.client import qcow2
+from diskferry.client.piece import DATA, Cursor, Piece, Progress
 from nbd_servers import qemu_img, qemu_io
 
 K = 1024
@@ -37,17 +39,18 @@ def write(path, size, extents, guest, detect_zeros=True):
     class Con:
         """Hands a body out 100 KiB at a time: clusters straddle chunks."""
 
-        def read_chunks(self, offset, length, consume):
-            for pos in range(offset, offset + length, 100 * K):
-                n = min(100 * K, offset + length - pos)
-                consume(memoryview(bytearray(guest[pos:pos + n])), pos)
+        @contextlib.contextmanager
+        def get(self, offset, length):
+            yield ((memoryview(bytearray(guest[pos:pos + n])), pos)
+                   for pos in range(offset, offset + length, 100 * K)
+                   for n in [min(100 * K, offset + length - pos)])
 
     with dst:
         for start, end in extents:
             for offset in range(start, end, 300 * K):
-                state = {"offset": offset}
-                dst.receive(Con(), state, min(end, offset + 300 * K),
-                            lambda n: None)
+                length = min(end, offset + 300 * K) - offset
+                dst.receive(Con(), Cursor(Piece(DATA, offset, length),
+                                          Progress(None)))
         dst.commit()
 
 

@@ -166,3 +166,42 @@ def test_old_server_gets_only_get_and_put(old_server, tmp_path):
         assert not sess.options.known
         with pytest.raises(client.UnsupportedOperation, match="too old"):
             sess.extents()
+
+
+def test_get_body_in_chunks_and_a_writer_failing_midway(daemons, make_ticket,
+                                                        tmp_path):
+    """A GET body is handed out in order, a chunk at a time; a writer that
+    fails leaves the response unread, so the connection is closed: its
+    own error goes on as it is, a reader gone from a pipe (EPIPE) as the
+    connection's failure, and the next request reconnects."""
+    import errno
+
+    from diskferry.client.connection import STREAM_CHUNK
+
+    srv = daemons.get("diskferry")
+    content = make_image(tmp_path / "img.raw", 4 * MiB, "full")
+    ticket = make_ticket(srv, tmp_path / "img.raw", 4 * MiB, ops=["read"])
+    with client.open(srv.image_url(ticket["uuid"]), "r",
+                     cafile=srv.ca_file) as sess:
+        con = sess.connection()
+        got = bytearray()
+        with con.get(MiB, 3 * MiB) as body:
+            for view, pos in body:
+                assert pos == MiB + len(got)
+                assert len(view) <= STREAM_CHUNK
+                got += view
+        assert got == content[MiB:4 * MiB]
+
+        for error, raised in ((OSError(errno.ENOSPC, "full"), OSError),
+                              (BrokenPipeError(errno.EPIPE, "gone"),
+                               client.ConnectionFailed)):
+            with pytest.raises(raised) as e:
+                with con.get(0, 4 * MiB) as body:
+                    for _view, _pos in body:
+                        raise error
+            assert (e.value is error) == (raised is OSError)
+            # The unread body went with the connection: a new one answers.
+            buf = bytearray(MiB)
+            con.readinto(buf, 0)
+            assert buf == content[:MiB]
+        con.close()

@@ -1,5 +1,6 @@
 """UnixHTTPConnection against real servers and a silent socket."""
 
+import os
 import socket
 import time
 
@@ -57,3 +58,32 @@ def test_missing_socket_fails_to_connect(tmp_path):
     con = UnixHTTPConnection(str(tmp_path / "missing.sock"))
     with pytest.raises(FileNotFoundError):
         con.connect()
+
+
+def _connected_timeout(tmp_path, **kwargs):
+    path = str(tmp_path / "t.sock")
+    if os.path.exists(path):
+        os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+        con = UnixHTTPConnection(path, **kwargs)
+        try:
+            con.connect()
+            return con.sock.gettimeout()
+        finally:
+            con.close()
+
+
+def test_timeout_left_out_keeps_the_socket_default(tmp_path):
+    """As http.client does: no timeout given, the socket module's default
+    applies; a timeout given (None included) is set on the socket."""
+    assert _connected_timeout(tmp_path) is None
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(7.5)
+    try:
+        assert _connected_timeout(tmp_path) == 7.5
+        assert _connected_timeout(tmp_path, timeout=None) is None
+        assert _connected_timeout(tmp_path, timeout=2.0) == 2.0
+    finally:
+        socket.setdefaulttimeout(saved)

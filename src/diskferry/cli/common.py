@@ -60,7 +60,7 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
         "--debug", action="store_true", help="log what the client decides")
 
 
-def connection_kwargs(args: argparse.Namespace) -> dict[str, object]:
+def connection_kwargs(args: argparse.Namespace) -> client.ConnectionOptions:
     """The keyword arguments of ``client.open``/``upload``/``download``
     that the connection options give."""
     return {"cafile": args.cafile, "secure": not args.insecure,

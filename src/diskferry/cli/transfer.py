@@ -13,6 +13,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any, TypeAlias
 
 from diskferry import client
 from diskferry.cli import arguments, common, output
@@ -20,7 +22,12 @@ from diskferry.cli.progress import ProgressBar
 from diskferry.cli.units import KiB, MiB
 from diskferry.client import imageformat
 from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS, STREAM
+from diskferry.client.engine import TransferResult
 from diskferry.client.resume import ResumeError
+from diskferry.client.rules import Rule, download_conflict, upload_conflict
+
+#: The subcommands' registry, as argparse types it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 UPLOAD_EPILOG = """\
 examples:
@@ -77,8 +84,36 @@ MIN_REQUEST_SIZE = 4 * KiB
 MAX_REQUEST_SIZE = 64 * MiB
 MAX_WORKERS = 64
 
+#: The library's option rules (``client.rules``), in this command's words.
+UPLOAD_RULES = {
+    Rule.VERIFY_SINGLE_LAYER:
+        "--verify compares whole disks; a single layer is not one",
+    Rule.STREAM_UPLOAD_FORMAT:
+        "standard input (-) is a raw stream: --format other than raw and "
+        "--member cannot apply",
+    Rule.STREAM_REREAD:
+        "--verify reads the image again: not from standard input",
+    Rule.SIZE_WITHOUT_STREAM:
+        "--size is for standard input (FILE -); a file has its own",
+}
+DOWNLOAD_RULES = {
+    Rule.INCREMENTAL_WITHOUT_BACKING:
+        "--incremental needs --backing-file (the previous backup the new "
+        "overlay reads through)",
+    Rule.BACKING_RAW:
+        "--backing-file needs --format qcow2: a raw image has none",
+    Rule.RESUME_NOT_RAW:
+        "--resume continues raw downloads only (a qcow2 is rebuilt)",
+    Rule.STREAM_DOWNLOAD_FORMAT:
+        "standard output (-) is a raw stream: --format other than raw "
+        "cannot apply",
+    Rule.STREAM_REREAD:
+        "--verify and --resume read the image again: not on standard "
+        "output",
+}
 
-def _add_common(parser):
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
     common.add_connection_options(parser)
     parser.add_argument(
         "--workers", type=arguments.integer(1, MAX_WORKERS),
@@ -108,7 +143,12 @@ def _add_common(parser):
     output.add_output_options(parser)
 
 
-def register(subparsers):
+def register(subparsers: Subparsers) -> None:
+    _register_upload(subparsers)
+    _register_download(subparsers)
+
+
+def _register_upload(subparsers: Subparsers) -> None:
     up = subparsers.add_parser(
         "upload", help="upload a local disk image to a transfer URL",
         description="Upload a local disk image (raw, qcow2, vmdk, ... or a "
@@ -138,6 +178,8 @@ def register(subparsers):
     _add_common(up)
     up.set_defaults(func=run_upload)
 
+
+def _register_download(subparsers: Subparsers) -> None:
     down = subparsers.add_parser(
         "download", help="download a transfer URL to a local disk image",
         description="Download a transfer URL (https://HOST:PORT/images/"
@@ -170,7 +212,7 @@ def register(subparsers):
     down.set_defaults(func=run_download)
 
 
-def run_upload(args):
+def run_upload(args: argparse.Namespace) -> int:
     problem = _upload_problem(args)
     if problem:
         return common.usage_error("upload", problem)
@@ -180,25 +222,19 @@ def run_upload(args):
                 detect_zeros=args.detect_zeros, size=args.size)
 
 
-def _upload_problem(args):
+def _upload_problem(args: argparse.Namespace) -> str | None:
     """Why the upload's arguments cannot work, or None."""
-    if args.verify and args.single_layer:
-        return "--verify compares whole disks; a single layer is not one"
-    if args.file == STREAM:
-        if args.format not in (None, imageformat.RAW) or args.member:
-            return ("standard input (-) is a raw stream: --format other "
-                    "than raw and --member cannot apply")
-        if args.verify:
-            return "--verify reads the image again: not from standard input"
-        return None
-    if args.size is not None:
-        return "--size is for standard input (FILE -); a file has its own"
-    if not os.path.exists(args.file):
+    rule = upload_conflict(args.file, format=args.format, member=args.member,
+                           single_layer=args.single_layer, size=args.size,
+                           verify=args.verify)
+    if rule is not None:
+        return UPLOAD_RULES.get(rule, rule.value)
+    if args.file != STREAM and not os.path.exists(args.file):
         return f"{args.file}: no such file"
     return None
 
 
-def run_download(args):
+def run_download(args: argparse.Namespace) -> int:
     fmt = args.format or ("qcow2" if args.backing_file else "raw")
     problem = _download_problem(args, fmt)
     if problem:
@@ -209,24 +245,17 @@ def run_download(args):
                 resume=args.resume)
 
 
-def _download_problem(args, fmt):
+def _download_problem(args: argparse.Namespace, fmt: str) -> str | None:
     """Why the download's arguments cannot work, or None."""
-    if args.incremental and not args.backing_file:
-        return ("--incremental needs --backing-file (the previous backup "
-                "the new overlay reads through)")
-    if args.backing_file and fmt == "raw":
-        return "--backing-file needs --format qcow2: a raw image has none"
+    rule = download_conflict(args.file, format=fmt,
+                             backing_file=args.backing_file,
+                             incremental=args.incremental,
+                             resume=args.resume, verify=args.verify)
+    if rule is not None:
+        return DOWNLOAD_RULES.get(rule, rule.value)
     if args.backing_file and not os.path.exists(args.backing_file):
         return f"--backing-file {args.backing_file}: no such file"
-    if args.resume and fmt != "raw":
-        return "--resume continues raw downloads only (a qcow2 is rebuilt)"
     if args.file == STREAM:
-        if fmt != "raw":
-            return ("standard output (-) is a raw stream: --format other "
-                    "than raw cannot apply")
-        if args.verify or args.resume:
-            return ("--verify and --resume read the image again: not on "
-                    "standard output")
         if sys.stdout.isatty():
             return "standard output is a terminal: redirect it to a file " \
                    "or a pipe"
@@ -240,12 +269,45 @@ def _download_problem(args, fmt):
     return None
 
 
-def _run(args, command, copy, src, dst, **options):
+#: ``client.upload`` or ``client.download``.
+Copy = Callable[..., TransferResult]
+
+
+def _run(args: argparse.Namespace, command: str, copy: Copy, src: str,
+         dst: str, **options: object) -> int:
     common.setup_logging(args, quiet=args.output == output.QUIET)
     show = args.output != output.QUIET and sys.stderr.isatty()
+    result = _copy(args, command, copy, src, dst, show, options)
+    if not isinstance(result, TransferResult):
+        return result
+    verify_seconds = None
+    if args.verify:
+        started = time.monotonic()
+        bar = ProgressBar("verifying") if show else None
+        try:
+            _verify(args, command, result.image_size, bar)
+        except common.REPORTED as e:
+            print(f"diskferry {command}: verify failed: {e}", file=sys.stderr)
+            return common.EXIT_FAILED
+        finally:
+            if bar is not None:
+                bar.close()
+        verify_seconds = time.monotonic() - started
+    data_out = command == "download" and args.file == STREAM
+    output.print_summary(args.output, result, verify_seconds,
+                         verified=args.verify,
+                         stream=sys.stderr if data_out else sys.stdout)
+    return 0
+
+
+def _copy(args: argparse.Namespace, command: str, copy: Copy, src: str,
+          dst: str, show: bool,
+          options: dict[str, object]) -> TransferResult | int:
+    """The copy with its progress bar: its result, or the exit status of
+    its failure, reported."""
     bar = ProgressBar(command) if show else None
     try:
-        result = copy(
+        return copy(
             src, dst, workers=args.workers, request_size=args.request_size,
             retry=client.Retry(total=args.retries),
             progress=bar.update if bar is not None else None,
@@ -269,27 +331,9 @@ def _run(args, command, copy, src, dst, **options):
     finally:
         if bar is not None:
             bar.close()
-    verify_seconds = None
-    if args.verify:
-        started = time.monotonic()
-        bar = ProgressBar("verifying") if show else None
-        try:
-            _verify(args, command, result.image_size, bar)
-        except common.REPORTED as e:
-            print(f"diskferry {command}: verify failed: {e}", file=sys.stderr)
-            return common.EXIT_FAILED
-        finally:
-            if bar is not None:
-                bar.close()
-        verify_seconds = time.monotonic() - started
-    data_out = command == "download" and args.file == STREAM
-    output.print_summary(args.output, result, verify_seconds,
-                         verified=args.verify,
-                         stream=sys.stderr if data_out else sys.stdout)
-    return 0
 
 
-def _resume_hint(args, command):
+def _resume_hint(args: argparse.Namespace, command: str) -> None:
     part = f"{args.file}.part"
     if command == "download" and args.file != STREAM and \
             os.path.exists(part) and os.path.exists(part + ".done"):
@@ -297,18 +341,20 @@ def _resume_hint(args, command):
               f"same command with --resume to continue", file=sys.stderr)
 
 
-def _verify(args, command, size, bar):
+def _verify(args: argparse.Namespace, command: str, size: int,
+            bar: ProgressBar | None) -> dict[str, Any]:
     """Compare the server's checksum with the local image's, computed at
     the same time; raise on a mismatch."""
     with client.open(args.url, "r", cafile=args.cafile,
                      secure=not args.insecure, unix=args.unix) as sess:
-        remote = {}
+        remote: dict[str, Any] = {}
+        failed: list[BaseException] = []
 
-        def server_checksum():
+        def server_checksum() -> None:
             try:
                 remote.update(sess.checksum())
             except BaseException as e:
-                remote["error"] = e
+                failed.append(e)
 
         # The server reads its copy while this side reads the local one.
         server = threading.Thread(target=server_checksum,
@@ -322,8 +368,8 @@ def _verify(args, command, size, bar):
                                     bar.update if bar is not None else None)
         finally:
             server.join()
-    if "error" in remote:
-        raise remote["error"]
+    if failed:
+        raise failed[0]
     if local["algorithm"] != remote["algorithm"] or \
             local["block_size"] != remote["block_size"]:
         local = _local_checksum(args.file, fmt, member, None,
@@ -336,7 +382,8 @@ def _verify(args, command, size, bar):
     return remote
 
 
-def _local_format(args, command):
+def _local_format(args: argparse.Namespace,
+                  command: str) -> tuple[str, str | None]:
     """(format, member) the local image is read in, as the copy read it."""
     if command == "download":
         return args.format or ("qcow2" if args.backing_file else "raw"), None
@@ -344,8 +391,10 @@ def _local_format(args, command):
                                    args.member), args.member
 
 
-def _local_checksum(path, fmt, member, progress, algorithm=None,
-                    block_size=None):
+def _local_checksum(path: str, fmt: str, member: str | None,
+                    progress: Callable[[int], None] | None,
+                    algorithm: str | None = None,
+                    block_size: int | None = None) -> dict[str, object]:
     from diskferry.client import imagecopy
 
     return imagecopy.local_checksum(path, fmt, member=member,

@@ -7,9 +7,12 @@ first, each usable alone:
 - ``open()`` -> ``Session`` (``session``): one image URL; OPTIONS,
   locality, the switch to the server's UNIX socket, and the images API
   as methods (read, write, zero, flush, extents, checksum).
-- ``upload()`` / ``download()`` (``copy``): whole raw images, in
-  parallel, sparse-aware, with retries and progress. An upload refuses
-  a source that is not raw (``imageformat``) before it sends anything.
+- ``upload()`` / ``download()`` (``copy``): whole images, in parallel,
+  sparse-aware, with retries and progress, between a transfer and a
+  local ``Source`` or ``Destination`` (``local``). An upload refuses a
+  source it cannot read as a disk (``imageformat``), and both refuse
+  options that cannot work together (``OptionConflict``, ``rules``),
+  before they send anything.
 
 Policies (``Timeout``, ``Retry``) are immutable values; errors derive
 from ``ClientError``.
@@ -29,15 +32,18 @@ from diskferry.client.errors import (
     UnsupportedOperation,
 )
 from diskferry.client.policy import Retry, Timeout
-from diskferry.client.session import Session, open
+from diskferry.client.rules import OptionConflict
+from diskferry.client.session import ConnectionOptions, Session, open
 from diskferry.client.uhttp import UnixHTTPConnection
 from diskferry.extent import Extent
 
 __all__ = [
     "ClientError",
     "ConnectionFailed",
+    "ConnectionOptions",
     "Extent",
     "HTTPError",
+    "OptionConflict",
     "ProtocolError",
     "Retry",
     "RetryExhausted",

@@ -16,13 +16,19 @@ connection (the next request reconnects); an error status becomes
 ``HTTPError`` and the connection goes on when the server keeps it.
 """
 
+from __future__ import annotations
+
 import errno
 import http.client
 import json
 import os
 import select
+import socket
 import ssl
 import urllib.parse
+from collections.abc import Callable, Collection, Iterator, Mapping
+from types import TracebackType
+from typing import Any
 
 from diskferry.client import splice
 from diskferry.client.errors import (
@@ -30,8 +36,12 @@ from diskferry.client.errors import (
     HTTPError,
     ProtocolError,
 )
+from diskferry.client.transport import Transport
 from diskferry.fileio import pwrite_all
 from diskferry.pipe import Pipe
+
+#: A file range a PUT sends: ``(fd, file offset, length)``.
+FilePart = tuple[int, int, int]
 
 #: Default size of the reused I/O buffer, and of the largest request.
 BUFFER_SIZE = 8 * 1024**2
@@ -60,17 +70,18 @@ class ImageConnection:
     Not thread-safe: each worker of a copy uses its own.
     """
 
-    def __init__(self, transport, path, buffer_size=BUFFER_SIZE):
+    def __init__(self, transport: Transport, path: str,
+                 buffer_size: int = BUFFER_SIZE) -> None:
         self.transport = transport
         self.path = path
         self.buffer_size = buffer_size
-        self._con = None
-        self._buf = None
-        self._pipe = None
+        self._con: http.client.HTTPConnection | None = None
+        self._buf: memoryview | None = None
+        self._pipe: Pipe | None = None
 
     # -- connection management
 
-    def close(self):
+    def close(self) -> None:
         if self._con is not None:
             self._con.close()
             self._con = None
@@ -79,7 +90,7 @@ class ImageConnection:
             self._pipe.close()
             self._pipe = None
 
-    def reusable(self):
+    def reusable(self) -> bool:
         """False when the server closed the kept-alive connection (its idle
         timeout) or sent bytes nobody asked for: a request sent on it
         would fail. A closed connection is reusable: it reconnects."""
@@ -89,14 +100,14 @@ class ImageConnection:
         poller.register(self._con.sock.fileno(), select.POLLIN)
         return not poller.poll(0)
 
-    def peer_address(self):
+    def peer_address(self) -> str | None:
         """The IP address of the connected server (None on a UNIX socket)."""
         if self._con is None or self._con.sock is None:
             return None
         peer = self._con.sock.getpeername()
-        return peer[0] if isinstance(peer, tuple) else None
+        return str(peer[0]) if isinstance(peer, tuple) else None
 
-    def _connection(self):
+    def _connection(self) -> http.client.HTTPConnection:
         if self._con is None or self._con.sock is None:
             self.close()
             try:
@@ -107,20 +118,21 @@ class ImageConnection:
                 ) from e
         return self._con
 
-    def _buffer(self):
+    def _buffer(self) -> memoryview:
         if self._buf is None:
             self._buf = memoryview(bytearray(self.buffer_size))
         return self._buf
 
-    def _failed(self, what, error):
+    def _failed(self, what: str, error: BaseException) -> ConnectionFailed:
         self.close()
         return ConnectionFailed(
             f"{what} on {self.transport.describe()}: "
             f"{error.__class__.__name__}: {error}")
 
-    def _response(self, method, target, expected):
+    def _response(self, method: str, target: str,
+                  expected: Collection[int]) -> http.client.HTTPResponse:
         """Read the response head; raise HTTPError unless status expected."""
-        res = self._con.getresponse()
+        res = self._connection().getresponse()
         if res.status not in expected:
             body = res.read(MAX_ERROR_BODY)
             if res.will_close or not res.isclosed():
@@ -129,7 +141,7 @@ class ImageConnection:
             raise HTTPError(method, target, res.status, res.reason, message)
         return res
 
-    def _refused_early(self, method, target):
+    def _refused_early(self, method: str, target: str) -> None:
         """Raise the server's answer if it refused a request before
         reading its body (403, 416) and closed: it says why, where the
         broken pipe does not. Returns if there is no answer to read."""
@@ -138,8 +150,10 @@ class ImageConnection:
         except (OSError, http.client.HTTPException):
             return
 
-    def _simple(self, method, target, body=None, headers=None,
-                expected=(200,)):
+    def _simple(self, method: str, target: str, body: bytes | None = None,
+                headers: Mapping[str, str] | None = None,
+                expected: Collection[int] = (200,)
+                ) -> tuple[http.client.HTTPResponse, bytes]:
         """Send a small request; return (response, body bytes)."""
         con = self._connection()
         try:
@@ -155,12 +169,15 @@ class ImageConnection:
             self.close()
         return res, data
 
-    def _json(self, method, target, body=None, expected=(200,)):
+    def _json(self, method: str, target: str, body: object = None,
+              expected: Collection[int] = (200,)
+              ) -> tuple[http.client.HTTPResponse, Any]:
         headers = {}
+        encoded = None
         if body is not None:
-            body = json.dumps(body).encode()
+            encoded = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        res, data = self._simple(method, target, body, headers, expected)
+        res, data = self._simple(method, target, encoded, headers, expected)
         if not data:
             return res, None
         try:
@@ -171,7 +188,7 @@ class ImageConnection:
 
     # -- images API
 
-    def options(self):
+    def options(self) -> tuple[set[str], dict[str, Any]] | None:
         """Return (allowed methods, options dict) or None on old servers.
 
         Old servers answer OPTIONS with 405 or a 204 without a body; they
@@ -185,8 +202,9 @@ class ImageConnection:
                  if m.strip()}
         return allow, data
 
-    def extents(self, context="zero", start=None, length=None):
-        params = {"context": context}
+    def extents(self, context: str = "zero", start: int | None = None,
+                length: int | None = None) -> list[Any]:
+        params: dict[str, object] = {"context": context}
         if start is not None:
             params.update(start=start, length=length)
         query = urllib.parse.urlencode(params)
@@ -195,8 +213,9 @@ class ImageConnection:
             raise ProtocolError("extents answer is not a list")
         return data
 
-    def checksum(self, algorithm=None, block_size=None):
-        params = {}
+    def checksum(self, algorithm: str | None = None,
+                 block_size: int | None = None) -> dict[str, Any]:
+        params: dict[str, object] = {}
         if algorithm:
             params["algorithm"] = algorithm
         if block_size:
@@ -205,16 +224,18 @@ class ImageConnection:
         if params:
             target += "?" + urllib.parse.urlencode(params)
         _, data = self._json("GET", target)
+        if not isinstance(data, dict):
+            raise ProtocolError("checksum answer is not an object")
         return data
 
-    def zero(self, offset, length, flush=False):
+    def zero(self, offset: int, length: int, flush: bool = False) -> None:
         self._json("PATCH", self.path, {
             "op": "zero", "offset": offset, "size": length, "flush": flush})
 
-    def flush(self):
+    def flush(self) -> None:
         self._json("PATCH", self.path, {"op": "flush"})
 
-    def probe_size(self):
+    def probe_size(self) -> int:
         """Image size from ``Content-Range`` of a one-byte GET (any server)."""
         res, _ = self._simple("GET", self.path, headers={"Range": "bytes=0-0"},
                               expected=(206, 416))
@@ -228,7 +249,8 @@ class ImageConnection:
 
     # -- data path
 
-    def _start_get(self, offset, length):
+    def _start_get(self, offset: int,
+                   length: int) -> http.client.HTTPResponse:
         con = self._connection()
         con.putrequest("GET", self.path, skip_accept_encoding=True)
         con.putheader("Range", f"bytes={offset}-{offset + length - 1}")
@@ -241,7 +263,7 @@ class ImageConnection:
                 f"server sent {res.length} bytes instead of {length}")
         return res
 
-    def readinto(self, buf, offset):
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
         """Read ``len(buf)`` bytes at ``offset`` into ``buf``."""
         view = memoryview(buf).cast("B")
         got = 0
@@ -256,8 +278,9 @@ class ImageConnection:
             raise self._failed(f"GET at offset {offset + got}", e) from e
         return got
 
-    def read_to_fd(self, fd, offset, length, ack, positional=True,
-                   fd_offset=None):
+    def read_to_fd(self, fd: int, offset: int, length: int,
+                   ack: Callable[[int], None], positional: bool = True,
+                   fd_offset: int | None = None) -> None:
         """Copy ``length`` bytes at ``offset`` to ``fd`` at ``fd_offset``
         (default: the same offset).
 
@@ -272,49 +295,29 @@ class ImageConnection:
             self._splice_to_fd(fd, offset, length, ack, positional, fd_offset)
             return
 
-        def write(view, pos):
-            if positional:
-                pwrite_all(fd, view, pos - offset + fd_offset)
-            else:
-                rest = view
-                while rest:
-                    rest = rest[os.write(fd, rest):]
-            ack(len(view))
-        self.read_chunks(offset, length, write)
+        to = fd_offset - offset
+        with self.get(offset, length) as body:
+            for view, pos in body:
+                if positional:
+                    pwrite_all(fd, view, pos + to)
+                else:
+                    rest = view
+                    while rest:
+                        rest = rest[os.write(fd, rest):]
+                ack(len(view))
 
-    def read_chunks(self, offset, length, consume):
-        """GET ``length`` bytes at ``offset`` as one request, handing them
-        to ``consume(view, offset)`` in order, ``STREAM_CHUNK`` bytes at a
-        time; a view is valid only during its call.
-
-        A failure of ``consume`` propagates as it is and closes the
-        connection, whose response is then unread.
+    def get(self, offset: int, length: int) -> Body:
+        """GET ``length`` bytes at ``offset`` as one request, its body
+        handed out in order by the ``Body`` (use it as a context manager).
         """
-        view = self._buffer()[:STREAM_CHUNK]
-        pos = offset
-        end = offset + length
-        try:
-            res = self._start_get(offset, length)
-            readinto = res.readinto
-            while pos < end:
-                n = readinto(view[:min(end - pos, len(view))])
-                if not n:
-                    raise ConnectionFailed("body ended early")
-                consume(view[:n], pos)
-                pos += n
-        except (OSError, http.client.HTTPException, ConnectionFailed) as e:
-            if isinstance(e, OSError) and not _is_network_error(e):
-                self.close()
-                raise
-            raise self._failed(f"GET at offset {pos}", e) from e
-        except BaseException:
-            self.close()
-            raise
+        return Body(self, offset, length)
 
-    def _splice_to_fd(self, fd, offset, length, ack, positional, fd_offset):
+    def _splice_to_fd(self, fd: int, offset: int, length: int,
+                      ack: Callable[[int], None], positional: bool,
+                      fd_offset: int) -> None:
         pos = offset
 
-        def acked(n):
+        def acked(n: int) -> None:
             nonlocal pos
             pos += n
             ack(n)
@@ -338,35 +341,40 @@ class ImageConnection:
         if not keep:
             self.close()
 
-    def write(self, data, offset, flush=True):
+    def write(self, data: bytes | bytearray | memoryview, offset: int,
+              flush: bool = True) -> None:
         """PUT ``data`` (bytes-like) at ``offset``."""
         view = memoryview(data).cast("B")
         self._put(offset, len(view), flush, lambda sock: sock.sendall(view))
 
-    def write_from_fd(self, fd, offset, length, flush=True, src_offset=None):
+    def write_from_fd(self, fd: int, offset: int, length: int,
+                      flush: bool = True,
+                      src_offset: int | None = None) -> None:
         """PUT ``length`` bytes of file ``fd`` (at ``src_offset``, default
         ``offset``) to the image at ``offset``."""
         if src_offset is None:
             src_offset = offset
         self.write_from_files([(fd, src_offset, length)], offset, flush)
 
-    def write_from_files(self, parts, offset, flush=True):
+    def write_from_files(self, parts: list[FilePart], offset: int,
+                         flush: bool = True) -> None:
         """PUT file ranges ``parts`` (``(fd, file offset, length)`` each),
         one after the other, to the image at ``offset``: one request, the
         kernel moving the bytes (through a buffer under TLS)."""
         length = sum(n for _, _, n in parts)
         if self.transport.encrypted:
-            def send(sock):
+            def send(sock: socket.socket) -> None:
                 buf = self._buffer()
                 for fd, src_offset, n in parts:
                     _send_copied(sock, fd, src_offset, n, buf)
         else:
-            def send(sock):
+            def send(sock: socket.socket) -> None:
                 for fd, src_offset, n in parts:
                     _sendfile(sock, fd, src_offset, n)
         self._put(offset, length, flush, send)
 
-    def _put(self, offset, length, flush, send_body):
+    def _put(self, offset: int, length: int, flush: bool,
+             send_body: Callable[[socket.socket], None]) -> None:
         target = self.path if flush else f"{self.path}?flush=n"
         try:
             con = self._connection()
@@ -395,7 +403,7 @@ class SourceError(OSError):
     """Raised when the local source file ended or failed mid-request."""
 
 
-def _is_network_error(error):
+def _is_network_error(error: OSError) -> bool:
     """Tell socket failures from local file failures (both OSError)."""
     return not isinstance(error, SourceError) and (
         isinstance(error, ConnectionError | TimeoutError | ssl.SSLError)
@@ -410,7 +418,7 @@ _NETWORK_ERRNOS = {
 }
 
 
-def _wait_writable(sock):
+def _wait_writable(sock: socket.socket) -> None:
     timeout = sock.gettimeout()
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLOUT)
@@ -418,7 +426,7 @@ def _wait_writable(sock):
         raise TimeoutError("timed out sending the request body")
 
 
-def _sendfile(sock, fd, offset, count):
+def _sendfile(sock: socket.socket, fd: int, offset: int, count: int) -> None:
     """Send ``count`` bytes of ``fd`` at ``offset``: zero-copy."""
     sock_fd = sock.fileno()
     while count:
@@ -433,7 +441,8 @@ def _sendfile(sock, fd, offset, count):
         count -= sent
 
 
-def _send_copied(sock, fd, offset, count, view):
+def _send_copied(sock: socket.socket, fd: int, offset: int, count: int,
+                 view: memoryview) -> None:
     """Send ``count`` bytes of ``fd`` at ``offset`` through a buffer (TLS)."""
     while count:
         chunk = view[:min(count, len(view))]
@@ -443,3 +452,56 @@ def _send_copied(sock, fd, offset, count, view):
         sock.sendall(chunk[:n])
         offset += n
         count -= n
+
+
+class Body:
+    """The body of one GET, handed out ``STREAM_CHUNK`` bytes at a time:
+    ``(view, offset)`` pairs, in order, each view valid until the next.
+
+    The caller drives it (``for view, pos in body``), so the bytes go one
+    way, from the connection to whatever writes them. A failure of the
+    caller's own leaves the response unread: leaving the ``with`` block
+    by an exception closes the connection, and an ``OSError`` with a
+    network errno (a reader gone from a pipe) is reported as the
+    connection's failure, as a broken socket would be.
+    """
+
+    def __init__(self, con: ImageConnection, offset: int,
+                 length: int) -> None:
+        self._con = con
+        self._offset = offset
+        self._length = length
+        #: Where the chunk in the caller's hands starts.
+        self._at = offset
+
+    def __enter__(self) -> Body:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None or isinstance(exc, ConnectionFailed):
+            return
+        self._con.close()
+        if isinstance(exc, OSError) and _is_network_error(exc):
+            raise self._con._failed(f"GET at offset {self._at}", exc) from exc
+
+    def __iter__(self) -> Iterator[tuple[memoryview, int]]:
+        con = self._con
+        view = con._buffer()[:STREAM_CHUNK]
+        pos = self._offset
+        end = pos + self._length
+        try:
+            readinto = con._start_get(pos, self._length).readinto
+            while pos < end:
+                n = readinto(view[:min(end - pos, len(view))])
+                if not n:
+                    raise ConnectionFailed("body ended early")
+                self._at = pos
+                yield view[:n], pos
+                pos += n
+        except (OSError, http.client.HTTPException, ConnectionFailed) as e:
+            if isinstance(e, OSError) and not _is_network_error(e):
+                con.close()
+                raise
+            raise con._failed(f"GET at offset {pos}", e) from e

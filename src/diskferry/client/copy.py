@@ -1,19 +1,33 @@
-"""Whole images between a local file and a transfer URL.
+"""Whole images between a local image and a transfer URL.
 
-``upload`` and ``download`` are the library's front door. A raw file or
-block device is copied here, the kernel moving the bytes (``sendfile``
-on upload, ``splice`` on download); so is the data of a qcow2 chain,
-from where it lies in its files (``mapped``), and a new qcow2 is
-written by the client itself (``qcow2``); any other format, an archive
-member, or a download into a qcow2 overlay goes through qemu-nbd
-(``imagecopy``). All run on the same engine (``engine``): planned
-pieces, parallel connections, retries from the last acknowledged byte.
+``upload`` and ``download`` are the library's front door. Each checks
+its options (``rules``), picks the local end of the copy from a table,
+by the local image's kind, and runs the engine (``engine``: planned
+pieces, parallel connections, retries from the last acknowledged byte)
+between it and the server::
+
+    upload    "stream"  standard input            stream.StreamSource
+              "raw"     raw file or block device  raw.RawSource (sendfile)
+              "image"   qcow2 chain, in place     mapped.MappedSource
+                        any other qemu format     imagecopy.NbdSource
+    download  "stream"  standard output           stream.StreamDestination
+              "raw"     raw file or block device  raw.RawDestination (splice)
+              "qcow2"   a new qcow2               qcow2.Destination
+              "overlay" qcow2 over a backing file imagecopy.NbdDestination
+
+An upload's kind is found by probing the source (``imageformat``); an
+image is read in place when its data lies plain in its files, else
+through qemu-nbd. Modules for images are imported only when used.
 """
+
+from __future__ import annotations
 
 import logging
 import os
-import stat
 import time
+from collections import namedtuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Unpack
 
 from diskferry.client import engine, imageformat, localfile, session
 from diskferry.client import extents as _extents
@@ -21,28 +35,166 @@ from diskferry.client import resume as _resume
 from diskferry.client.engine import (
     DEFAULT_REQUEST_SIZE,
     DEFAULT_WORKERS,
+    DownloadPieces,
     TransferResult,
+    UploadPieces,
 )
 from diskferry.client.errors import HTTPError, TransferError
+from diskferry.client.piece import Progress
 from diskferry.client.policy import Retry, Timeout
+from diskferry.client.rules import (
+    STREAM,
+    OptionConflict,
+    download_conflict,
+    upload_conflict,
+)
+from diskferry.client.sender import SKIPPED, Sender
 from diskferry.extent import Extent
+
+if TYPE_CHECKING:
+    from diskferry.client.local import Destination, Source
+    from diskferry.client.localfile import LocalImage, LocalPath
 
 __all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "STREAM",
            "TransferResult", "download", "upload"]
 
-#: The path that names standard input (upload) or output (download): a
-#: raw stream, read or written in order by one connection.
-STREAM = "-"
-
 log = logging.getLogger("diskferry.client")
 
 
-def upload(path, url, *, workers=DEFAULT_WORKERS,
-           request_size=DEFAULT_REQUEST_SIZE, cafile=None, secure=True,
-           unix="auto", timeout=Timeout(), retry=Retry(), progress=None,
-           on_start=None, format=None, member=None, single_layer=False,
-           detect_zeros=True, size=None):
+# Records here are named tuples and plain classes, not dataclasses: a
+# dataclass costs about a millisecond to define, at every command's start.
+# For the same reason, each end of a copy is imported when it is used.
+
+
+class CopyOptions(session.ConnectionOptions, total=False):
+    """The keywords ``upload()`` and ``download()`` share; ``_Job`` gives
+    their defaults."""
+
+    workers: int
+    request_size: int
+    retry: Retry
+    progress: Callable[[int], None] | None
+    on_start: Callable[[int], None] | None
+
+
+class _Job:
+    """How a copy runs, whatever its direction: the ``CopyOptions``, the
+    user's progress serialized (``report``), and when it started."""
+
+    __slots__ = ("workers", "request_size", "cafile", "secure", "unix",
+                 "timeout", "retry", "report", "on_start", "started")
+
+    def __init__(self, *, workers: int = DEFAULT_WORKERS,
+                 request_size: int = DEFAULT_REQUEST_SIZE,
+                 cafile: str | None = None, secure: bool = True,
+                 unix: str = "auto", timeout: Timeout = Timeout(),
+                 retry: Retry = Retry(),
+                 progress: Callable[[int], None] | None = None,
+                 on_start: Callable[[int], None] | None = None) -> None:
+        self.workers = workers
+        self.request_size = request_size
+        self.cafile = cafile
+        self.secure = secure
+        self.unix = unix
+        self.timeout = timeout
+        self.retry = retry
+        self.report = Progress(progress)
+        self.on_start = on_start
+        self.started = time.monotonic()
+
+    def open(self, url: str, mode: str) -> session.Session:
+        return session.open(url, mode, cafile=self.cafile,
+                            secure=self.secure, unix=self.unix,
+                            timeout=self.timeout,
+                            buffer_size=self.request_size)
+
+
+class _SourcePlan(namedtuple("_SourcePlan", "path local format member "
+                             "single_layer detect_zeros size")):
+    """What opens an upload's source: ``local`` is the open file (None
+    for standard input), ``format`` the one to read it in."""
+
+    __slots__ = ()
+    path: LocalPath
+    local: LocalImage | None
+    format: str | None
+    member: str | None
+    single_layer: bool
+    detect_zeros: bool
+    size: int | None
+
+    def file(self) -> LocalImage:
+        if self.local is None:
+            raise ValueError(f"{self.path}: no file opened")
+        return self.local
+
+
+def _stream_source(plan: _SourcePlan, job: _Job) -> Source:
+    from diskferry.client.stream import StreamSource
+
+    return StreamSource(plan.size, job.request_size, plan.detect_zeros)
+
+
+def _raw_source(plan: _SourcePlan, job: _Job) -> Source:
+    from diskferry.client.raw import RawSource
+
+    log.debug("%s: read as raw", plan.path)
+    return RawSource(plan.file())
+
+
+def _image_source(plan: _SourcePlan, job: _Job) -> Source:
+    """An image in a format qemu reads: from its files when its data lies
+    plain in them (``mapped``), else through qemu-nbd."""
+    from diskferry.client import formats, imagecopy, mapped
+
+    path, fmt = os.fsdecode(plan.path), plan.format or imageformat.RAW
+    image = formats.open_source(path, fmt, member=plan.member,
+                                single_layer=plan.single_layer)
+    layout = mapped.plain_layout(path, image)
+    if layout is not None:
+        log.debug("%s: %s read in place from %d file(s)", path, fmt,
+                  len(layout.files))
+        return mapped.MappedSource(layout, image.size,
+                                   single_layer=plan.single_layer,
+                                   detect_zeros=plan.detect_zeros)
+    log.debug("%s: %s read through qemu-nbd", path, fmt)
+    return imagecopy.NbdSource(
+        path, image, single_layer=plan.single_layer,
+        connections=job.workers, request_size=job.request_size,
+        detect_zeros=plan.detect_zeros)
+
+
+#: What reads an upload's source, by its kind (``_source_kind``).
+SOURCES: dict[str, Callable[[_SourcePlan, _Job], Source]] = {
+    "stream": _stream_source,
+    "raw": _raw_source,
+    "image": _image_source,
+}
+
+
+def _source_kind(plan: _SourcePlan) -> tuple[str, _SourcePlan]:
+    """The source's kind, and its plan with the format to read it in
+    (probed unless given)."""
+    if plan.local is None:
+        return "stream", plan
+    fmt = imageformat.source_format(os.fsdecode(plan.path), plan.local.fd,
+                                    plan.local.size, plan.format,
+                                    member=plan.member)
+    kind = "raw" if fmt == imageformat.RAW and plan.member is None \
+        else "image"
+    return kind, plan._replace(format=fmt)
+
+
+def upload(path: LocalPath, url: str, *, format: str | None = None,
+           member: str | None = None, single_layer: bool = False,
+           detect_zeros: bool = True, size: int | None = None,
+           **options: Unpack[CopyOptions]) -> TransferResult:
     """Upload the disk image at ``path`` to transfer ``url``.
+
+    ``options``: ``workers`` (default 4, at most the server's
+    ``max_writers``), ``request_size`` (default 8 MiB), ``cafile``,
+    ``secure``, ``unix`` and ``timeout`` as for ``open()``, ``retry`` (a
+    ``Retry``), ``progress`` and ``on_start`` (below).
 
     ``path="-"`` reads a raw stream from standard input: ``size`` bytes
     (default: the image's size), in order, on one connection.
@@ -62,186 +214,142 @@ def upload(path, url, *, workers=DEFAULT_WORKERS,
     ``detect_zeros``, zero runs inside the data of an image that is not
     raw are sent as zero too. ``progress(n)`` is called as ``n`` more
     bytes of the image are done, ``on_start(size)`` once the image size
-    is known.
+    is known. Options that cannot work together raise ``OptionConflict``
+    (``rules``).
     """
-    started = time.monotonic()
-    report = engine.Progress(progress)
-    if path == STREAM:
-        if format not in (None, imageformat.RAW) or member is not None:
-            raise ValueError("standard input is read as a raw stream: "
-                             "no --format other than raw, no --member")
-        local = None
-    else:
-        local = localfile.open_source(path)
+    conflict = upload_conflict(path, format=format, member=member,
+                               single_layer=single_layer, size=size)
+    if conflict is not None:
+        raise OptionConflict(conflict)
+    job = _Job(**options)
+    local = None if path == STREAM else localfile.open_source(path)
     try:
-        if local is None:
-            source = _StreamSource(size, request_size, detect_zeros)
-        else:
-            source = _file_source(path, local, format, member, single_layer,
-                                  workers, request_size, detect_zeros)
-        with source, session.open(url, "w", cafile=cafile, secure=secure,
-                                  unix=unix, timeout=timeout,
-                                  buffer_size=request_size) as sess:
-            size = sess.size()
-            if source.size is None:
-                source.size = size
-            if on_start:
-                on_start(size)
-            if source.size > size:
-                raise TransferError(
-                    f"{path} ({source.size} bytes) is larger than the image "
-                    f"({size} bytes)", size)
-            src_extents = source.extents()
-            zero_ranges = _extents.ranges(
-                (e for e in src_extents
-                 if not (source.keeps_holes and e.hole)), zero=True)
-            known = engine.destination_zeros(sess) if zero_ranges else []
-            needed = _extents.subtract(zero_ranges, known)
-            # Servers without the flush feature flush every PUT anyway.
-            flush_each = "flush" not in sess.features
-            pieces = engine.plan(src_extents, request_size, needed)
-            skipped = sum(e.length for e in src_extents if e.zero) - sum(
-                e - s for s, e in needed)
-            report(skipped)
-            sender = engine.Sender(sess, flush_each, known, report)
-
-            def do_piece(con, op, state, end):
-                if op == "data":
-                    source.send(con, state, end, sender)
-                else:
-                    sender.zero(con, state, end)
-
-            count = 1 if source.sequential else \
-                max(1, min(workers, sess.max_writers))
-            engine.run(pieces, engine.open_connections(sess, count),
-                       do_piece, retry, prefetch=source.prefetch)
-            source.finish()
-            if not flush_each:
-                engine.flush(sess, retry)
-            return engine.result("upload", size, sender.done,
-                                 skipped + sender.done["skipped"], started,
-                                 sess, count)
+        kind, plan = _source_kind(_SourcePlan(
+            path, local, format, member, single_layer, detect_zeros, size))
+        with SOURCES[kind](plan, job) as source, job.open(url, "w") as sess:
+            return _send(sess, source, path, job)
     finally:
         if local is not None:
             local.close()
 
 
-def _file_source(path, local, format, member, single_layer, workers,
-                 request_size, detect_zeros):
-    """The source of an upload of a file or device: raw as it is; any
-    other format from its files when its data lies plain in them
-    (``mapped``), else through qemu-nbd."""
-    fmt = imageformat.source_format(os.fsdecode(path), local.fd, local.size,
-                                    format, member=member)
-    if fmt == imageformat.RAW and member is None:
-        log.debug("%s: read as raw", path)
-        return _RawSource(local)
-    from diskferry.client import formats, imagecopy, mapped
-
-    path = os.fsdecode(path)
-    image = formats.open_source(path, fmt, member=member,
-                                single_layer=single_layer)
-    layout = mapped.plain_layout(path, image)
-    if layout is not None:
-        log.debug("%s: %s read in place from %d file(s)", path, fmt,
-                  len(layout.files))
-        return mapped.MappedSource(layout, image.size,
-                                   single_layer=single_layer,
-                                   detect_zeros=detect_zeros)
-    log.debug("%s: %s read through qemu-nbd", path, fmt)
-    return imagecopy.NbdSource(
-        path, image, single_layer=single_layer, connections=workers,
-        request_size=request_size, detect_zeros=detect_zeros)
-
-
-class _RawSource:
-    """A raw file or block device: mapped with SEEK_DATA, sent by the
-    kernel (sendfile or splice)."""
-
-    keeps_holes = False
-    sequential = False
-    #: Nothing to read ahead: the kernel reads as it sends.
-    prefetch = None
-
-    def __init__(self, local):
-        self._local = local
-        self.size = local.size
-
-    def extents(self):
-        if self._local.kind == "file":
-            return _extents.file_extents(self._local.fd, self.size)
-        return [Extent(0, self.size, False)]
-
-    def send(self, con, state, end, sender):
-        offset = state["offset"]
-        con.write_from_fd(self._local.fd, offset, end - offset,
-                          flush=sender.flush_each)
-        sender.acknowledged(state, end)
-
-    def finish(self):
-        """Every piece is sent: nothing to check for a file."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
+def _send(sess: session.Session, source: Source, path: LocalPath,
+          job: _Job) -> TransferResult:
+    """Send ``source`` whole: its data, and zeros where the destination
+    does not already read them."""
+    size = sess.size()
+    source_size = source.sized(size)
+    if job.on_start:
+        job.on_start(size)
+    if source_size > size:
+        raise TransferError(
+            f"{path} ({source_size} bytes) is larger than the image "
+            f"({size} bytes)", size)
+    src_extents = source.extents()
+    zero_ranges = _extents.ranges(
+        (e for e in src_extents if not (source.keeps_holes and e.hole)),
+        zero=True)
+    known = engine.destination_zeros(sess) if zero_ranges else []
+    needed = _extents.subtract(zero_ranges, known)
+    # Servers without the flush feature flush every PUT anyway.
+    flush_each = "flush" not in sess.features
+    pieces = engine.plan(src_extents, job.request_size, needed)
+    skipped = sum(e.length for e in src_extents if e.zero) - sum(
+        e - s for s, e in needed)
+    job.report(skipped)
+    sender = Sender(sess.features, flush_each, known)
+    count = 1 if source.sequential else \
+        max(1, min(job.workers, sess.max_writers))
+    engine.run(pieces, engine.open_connections(sess, count),
+               UploadPieces(source, sender), job.retry, job.report,
+               prefetch=source.prefetch if source.reads_ahead else None)
+    source.finish()
+    if not flush_each:
+        engine.flush(sess, job.retry)
+    return engine.result("upload", size, sender.done,
+                         skipped + sender.done[SKIPPED], job.started, sess,
+                         count)
 
 
-class _StreamSource(_RawSource):
-    """Standard input: a raw stream of ``size`` bytes (None: the image's
-    size), read in order. A piece is kept until the server acknowledges
-    it, so that a retry sends it again without reading the stream twice;
-    with ``detect_zeros``, a piece of zeros is sent as zero."""
+class _Target(namedtuple("_Target", "path size format backing_file resume "
+                         "detect_zeros extents")):
+    """What opens a download's destination: ``extents`` are the image's,
+    a list when the destination plans ahead."""
 
-    sequential = True
-
-    def __init__(self, size, request_size, detect_zeros, fd=0):
-        self.size = size
-        self._fd = fd
-        self._buf = bytearray(request_size)
-        self._held = (-1, 0)
-        self._zeros = bytes(request_size) if detect_zeros else None
-
-    def extents(self):
-        return [Extent(0, self.size, False)] if self.size else []
-
-    def send(self, con, state, end, sender):
-        offset = state["offset"]
-        length = end - offset
-        if self._held != (offset, length):
-            self._fill(offset, length)
-        view = memoryview(self._buf)[:length]
-        if self._zeros is not None and view == self._zeros[:length]:
-            sender.zero(con, state, end)
-        else:
-            sender.write(con, view, state)
-
-    def _fill(self, offset, length):
-        view = memoryview(self._buf)[:length]
-        got = 0
-        while got < length:
-            n = os.readv(self._fd, [view[got:]])
-            if not n:
-                raise TransferError(
-                    f"standard input ended after {offset + got} bytes; "
-                    f"expected {self.size} (pass --size for a shorter "
-                    f"stream)", offset + got)
-            got += n
-        self._held = (offset, length)
-
-    def finish(self):
-        if os.read(self._fd, 1):
-            raise TransferError(
-                f"standard input holds more than {self.size} bytes (the "
-                f"image's size, or --size)", self.size)
+    __slots__ = ()
+    path: LocalPath
+    size: int
+    format: str
+    backing_file: str | None
+    resume: bool
+    detect_zeros: bool
+    extents: Iterable[Extent]
 
 
-def download(url, path, *, workers=DEFAULT_WORKERS,
-             request_size=DEFAULT_REQUEST_SIZE, cafile=None, secure=True,
-             unix="auto", timeout=Timeout(), retry=Retry(), progress=None,
-             on_start=None, format="raw", backing_file=None,
-             incremental=False, detect_zeros=True, resume=False):
+def _stream_destination(target: _Target, job: _Job) -> Destination:
+    from diskferry.client.stream import StreamDestination
+
+    return StreamDestination()
+
+
+def _raw_destination(target: _Target, job: _Job) -> Destination:
+    from diskferry.client.raw import RawDestination
+
+    return RawDestination(target.path, target.size, target.resume)
+
+
+def _qcow2_destination(target: _Target, job: _Job) -> Destination:
+    from diskferry.client import qcow2
+
+    log.debug("%s: a new qcow2, written by the client", target.path)
+    return qcow2.Destination(
+        os.fsdecode(target.path), target.size,
+        [(e.start, e.end) for e in target.extents if not e.zero],
+        detect_zeros=target.detect_zeros)
+
+
+def _overlay_destination(target: _Target, job: _Job) -> Destination:
+    from diskferry.client import imagecopy
+
+    log.debug("%s: a qcow2 overlay of %s, written through qemu-nbd",
+              target.path, target.backing_file)
+    return imagecopy.NbdDestination(
+        os.fsdecode(target.path), target.format, target.size,
+        backing_file=target.backing_file, connections=job.workers,
+        request_size=job.request_size, detect_zeros=target.detect_zeros)
+
+
+class DestinationKind(namedtuple("DestinationKind", "open plans_ahead",
+                                 defaults=(False,))):
+    """How a download's destination is opened; ``plans_ahead`` when it
+    needs every extent before the first byte (it lays the image out)."""
+
+    __slots__ = ()
+    open: Callable[[_Target, _Job], Destination]
+    plans_ahead: bool
+
+
+#: What writes a download's destination, by its kind (``_target_kind``).
+DESTINATIONS: dict[str, DestinationKind] = {
+    "stream": DestinationKind(_stream_destination),
+    "raw": DestinationKind(_raw_destination),
+    "qcow2": DestinationKind(_qcow2_destination, plans_ahead=True),
+    "overlay": DestinationKind(_overlay_destination),
+}
+
+
+def _target_kind(path: LocalPath, format: str, backing_file: str | None) -> str:
+    if path == STREAM:
+        return "stream"
+    if format == imageformat.RAW:
+        return "raw"
+    return "qcow2" if backing_file is None else "overlay"
+
+
+def download(url: str, path: LocalPath, *, format: str = "raw",
+             backing_file: str | None = None, incremental: bool = False,
+             detect_zeros: bool = True, resume: bool = False,
+             **options: Unpack[CopyOptions]) -> TransferResult:
     """Download transfer ``url`` into a local image at ``path``.
 
     ``format="raw"``: a regular file is written as ``PATH.part``, sparse
@@ -259,97 +367,87 @@ def download(url, path, *, workers=DEFAULT_WORKERS,
     only where they must hide backing data.
     ``incremental`` (with a backing file, the previous backup) copies
     only the transfer's dirty extents, so the new image is an overlay
-    that reads as the disk reads now. ``progress`` and ``on_start`` as
-    for ``upload()``.
+    that reads as the disk reads now. ``options`` as for ``upload()``
+    (``workers`` at most the server's ``max_readers``); options that
+    cannot work together raise ``OptionConflict``.
     """
-    if incremental and backing_file is None:
-        raise ValueError("an incremental download needs a backing file "
-                         "(the previous backup)")
-    if backing_file is not None and format == imageformat.RAW:
-        raise ValueError("a raw image has no backing file: download to "
-                         "qcow2")
-    if format not in ("raw", "qcow2"):
-        raise ValueError(f"cannot download into format {format!r} "
-                         f"(raw or qcow2)")
-    if resume and format != imageformat.RAW:
-        raise ValueError("only a raw download can be resumed")
-    if path == STREAM and format != imageformat.RAW:
-        raise ValueError("standard output is written as a raw stream: no "
-                         "--format other than raw")
-    started = time.monotonic()
-    report = engine.Progress(progress)
-    with session.open(url, "r", cafile=cafile, secure=secure, unix=unix,
-                      timeout=timeout, buffer_size=request_size) as sess:
+    conflict = download_conflict(path, format=format,
+                                 backing_file=backing_file,
+                                 incremental=incremental, resume=resume)
+    if conflict is not None:
+        raise OptionConflict(conflict)
+    job = _Job(**options)
+    kind = DESTINATIONS[_target_kind(path, format, backing_file)]
+    with job.open(url, "r") as sess:
         size = sess.size()
-        if incremental:
-            image_extents = _dirty_extents(sess)
-        elif "extents" in sess.features:
-            image_extents = sess.walk_extents("zero")
-        else:
-            image_extents = [Extent(0, size, False)] if size else []
-        if path == STREAM:
-            dst = _StreamDestination(size)
-        elif format == imageformat.RAW:
-            dst = _RawDestination(path, size, resume)
-        elif backing_file is None:
-            from diskferry.client import qcow2
-
-            log.debug("%s: a new qcow2, written by the client", path)
-            image_extents = list(image_extents)
-            dst = qcow2.Destination(
-                os.fsdecode(path), size,
-                [(e.start, e.end) for e in image_extents if not e.zero],
-                detect_zeros=detect_zeros)
-        else:
-            from diskferry.client import imagecopy
-
-            log.debug("%s: a qcow2 overlay of %s, written through qemu-nbd",
-                      path, backing_file)
-            dst = imagecopy.NbdDestination(
-                os.fsdecode(path), format, size, backing_file=backing_file,
-                connections=workers, request_size=request_size,
-                detect_zeros=detect_zeros)
-        with dst:
-            if on_start:
-                on_start(size)
-            done_before = dst.done
-            skipped = _resume.done_bytes(done_before)
-            report(skipped)
-            image_extents = _resume.remaining(image_extents, done_before)
-
-            def selected(extents):
-                # What this download writes, lazily; the rest is counted:
-                # zeros a fresh image already reads, and the clean ranges
-                # an incremental copy leaves to the backing file.
-                nonlocal skipped
-                for ext in extents:
-                    if (incremental and not ext.dirty) or \
-                            (ext.zero and dst.zeroed):
-                        skipped += ext.length
-                        report(ext.length)
-                    else:
-                        yield ext
-
-            pieces = engine.plan(selected(image_extents), request_size)
-
-            def do_piece(con, op, state, end):
-                if op == "data":
-                    dst.receive(con, state, end, report)
-                else:
-                    dst.zero(state["offset"], end - state["offset"])
-                    report(end - state["offset"])
-                    state["offset"] = end
-
-            count = 1 if dst.sequential else \
-                max(1, min(workers, sess.max_readers))
-            done = engine.run(pieces, engine.open_connections(sess, count),
-                              do_piece, retry)
-            dst.commit()
-        return engine.result("download", size, done, skipped, started, sess,
-                             count)
+        extents = _image_extents(sess, size, incremental)
+        if kind.plans_ahead:
+            extents = list(extents)
+        target = _Target(path, size, format, backing_file, resume,
+                         detect_zeros, extents)
+        with kind.open(target, job) as dst:
+            done, skipped, count = _receive(sess, dst, target, incremental,
+                                            job)
+        return engine.result("download", size, done, skipped, job.started,
+                             sess, count)
 
 
-def _dirty_extents(sess):
+def _image_extents(sess: session.Session, size: int,
+                   incremental: bool) -> Iterable[Extent]:
+    """The extents a download walks: dirty ones for an incremental copy,
+    else the zero context (or all data, for servers without extents)."""
+    if incremental:
+        return _dirty_extents(sess)
+    if "extents" in sess.features:
+        return sess.walk_extents("zero")
+    return [Extent(0, size, False)] if size else []
+
+
+def _receive(sess: session.Session, dst: Destination, target: _Target,
+             incremental: bool,
+             job: _Job) -> tuple[dict[str, int], int, int]:
+    """Receive what ``dst`` lacks; return the bytes done per op, the
+    bytes skipped, and the connections used."""
+    if job.on_start:
+        job.on_start(target.size)
+    done_before = dst.done
+    job.report(_resume.done_bytes(done_before))
+    selected = _Selected(_resume.remaining(target.extents, done_before),
+                         incremental, dst.zeroed, job.report,
+                         _resume.done_bytes(done_before))
+    count = 1 if dst.sequential else \
+        max(1, min(job.workers, sess.max_readers))
+    done = engine.run(engine.plan(selected, job.request_size),
+                      engine.open_connections(sess, count),
+                      DownloadPieces(dst), job.retry, job.report)
+    dst.commit()
+    return done, selected.skipped, count
+
+
+class _Selected:
+    """What a download writes, lazily; the rest is counted in
+    ``skipped``: zeros a fresh image already reads, and the clean ranges
+    an incremental copy leaves to the backing file."""
+
+    def __init__(self, extents: Iterable[Extent], incremental: bool,
+                 zeroed: bool, report: Progress, skipped: int) -> None:
+        self._extents = extents
+        self._incremental = incremental
+        self._zeroed = zeroed
+        self._report = report
+        self.skipped = skipped
+
+    def __iter__(self) -> Iterator[Extent]:
+        for ext in self._extents:
+            if (self._incremental and not ext.dirty) or \
+                    (ext.zero and self._zeroed):
+                self.skipped += ext.length
+                self._report(ext.length)
+            else:
+                yield ext
+
+
+def _dirty_extents(sess: session.Session) -> Iterator[Extent]:
     """The transfer's dirty extents; a clear error when it has none."""
     try:
         yield from sess.walk_extents("dirty")
@@ -360,119 +458,3 @@ def _dirty_extents(sess):
                 "dirty, or its export has no bitmap): download it whole, "
                 "without --incremental", 0) from e
         raise
-
-
-class _RawDestination:
-    """A raw file (written as NAME.part with its journal, renamed when
-    complete) or a block device (written in place)."""
-
-    sequential = False
-
-    def __init__(self, path, size, resume_part=False):
-        self.path = path
-        self._part = _part_path(path)
-        self._journal = None
-        if self._part and resume_part and os.path.exists(self._part):
-            self._journal = _resume.Journal.load(self._part, size)
-            self._local = localfile.open_existing(self._part, size)
-        else:
-            self._local = localfile.open_destination(self._part or path, size)
-            if self._part:
-                self._journal = _resume.Journal.create(self._part, size)
-        if self._journal:
-            self._journal.attach(self._local.fd)
-        self.zeroed = self._local.zeroed
-        self.done = self._journal.done if self._journal else []
-
-    def receive(self, con, state, end, report):
-        def ack(n):
-            state["offset"] += n
-            report(n)
-        offset = state["offset"]
-        try:
-            con.read_to_fd(self._local.fd, offset, end - offset, ack,
-                           positional=self._local.kind != "other")
-        finally:
-            self._record(offset, state["offset"])
-
-    def zero(self, offset, length):
-        if self._local.kind == "file":
-            localfile.punch_hole(self._local, offset, length)
-        else:
-            localfile.zero_range(self._local, offset, length)
-        self._record(offset, offset + length)
-
-    def _record(self, start, end):
-        if self._journal:
-            self._journal.record(start, end)
-
-    def commit(self):
-        if self._local.kind != "other":
-            os.fsync(self._local.fd)
-        if self._part:
-            os.rename(self._part, self.path)
-            self._part = None
-            self._journal.remove()
-            self._journal = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        # Interrupted or failed: what is on disk is recorded, and the
-        # .part kept for a resume.
-        try:
-            if self._journal:
-                self._journal.checkpoint()
-        except OSError as e:
-            log.warning("cannot record what %s holds: %s", self._part, e)
-        finally:
-            if self._journal:
-                self._journal.close()
-            self._local.close()
-
-
-class _StreamDestination:
-    """Standard output: a raw stream written in order, zeros included."""
-
-    sequential = True
-    zeroed = False
-    done = []
-
-    def __init__(self, size, fd=1):
-        self._fd = fd
-        self.size = size
-
-    def receive(self, con, state, end, report):
-        def ack(n):
-            state["offset"] += n
-            report(n)
-        offset = state["offset"]
-        con.read_to_fd(self._fd, offset, end - offset, ack, positional=False)
-
-    def zero(self, offset, length):
-        zeros = memoryview(bytes(min(length, localfile.ZERO_CHUNK)))
-        while length:
-            n = os.write(self._fd, zeros[:length])
-            length -= n
-
-    def commit(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
-def _part_path(path):
-    """Where a download into ``path`` is written until complete: NAME.part
-    for a regular file (or a new one), None for a device or a pipe."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return os.fsdecode(path) + ".part"
-    return os.fsdecode(path) + ".part" if stat.S_ISREG(st.st_mode) else None
-
-

@@ -16,20 +16,36 @@ offset the server acknowledged (a download resumes mid-piece), as the
 ``Retry`` policy allows; any other failure stops every worker and is
 raised as ``TransferError`` naming the offset.
 
-What a piece does is the caller's ``do_piece``: ``copy`` moves raw files
-(``sendfile``/``splice``), ``imagecopy`` images served by qemu-nbd.
+Each piece goes one way: a worker hands it to ``UploadPieces`` or
+``DownloadPieces``, which hand it to the local ``Source`` or
+``Destination`` (``local``), which moves it over the connection.
 """
+
+from __future__ import annotations
 
 import heapq
 import logging
 import threading
 import time
 from collections import namedtuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from diskferry.client import extents as _extents
-from diskferry.client.connection import BUFFER_SIZE
+from diskferry.client.connection import BUFFER_SIZE, ImageConnection
 from diskferry.client.errors import ConnectionFailed, TransferError
-from diskferry.extent import split
+from diskferry.client.extents import Range
+from diskferry.client.piece import DATA, ZERO, Cursor, Piece, Progress
+from diskferry.client.policy import Retry
+from diskferry.client.sender import Sender
+from diskferry.client.session import Session
+from diskferry.extent import Extent, split
+
+if TYPE_CHECKING:
+    from diskferry.client.local import Destination, Source
+
+__all__ = ["DEFAULT_REQUEST_SIZE", "DEFAULT_WORKERS", "DownloadPieces",
+           "Piece", "TransferResult", "UploadPieces", "plan", "run"]
 
 log = logging.getLogger("diskferry.client")
 
@@ -40,6 +56,9 @@ DEFAULT_REQUEST_SIZE = BUFFER_SIZE
 #: small enough that each completes well within a read timeout.
 MAX_ZERO_SIZE = 1024**3
 
+#: What a worker does with a piece on its connection.
+MovePiece = Callable[[ImageConnection, Piece, Cursor], None]
+
 
 class TransferResult(namedtuple("TransferResult", (
         "direction image_size data_bytes zero_bytes skipped_bytes seconds "
@@ -49,32 +68,23 @@ class TransferResult(namedtuple("TransferResult", (
     time in seconds, the transport used and why."""
 
     __slots__ = ()
+    direction: str
+    image_size: int
+    data_bytes: int
+    zero_bytes: int
+    skipped_bytes: int
+    seconds: float
+    transport: str
+    transport_reason: str
+    connections: int
 
     @property
-    def gib_per_second(self):
+    def gib_per_second(self) -> float:
         return self.image_size / self.seconds / 1024**3 if self.seconds else 0.0
 
 
-class Piece(namedtuple("Piece", "op offset length")):
-    """One request's worth of work: ``op`` is "data" or "zero"."""
-
-    __slots__ = ()
-
-
-class Progress:
-    """Serializes calls of the user's progress callback across workers."""
-
-    def __init__(self, callback):
-        self._callback = callback
-        self._lock = threading.Lock()
-
-    def __call__(self, n):
-        if self._callback is not None and n:
-            with self._lock:
-                self._callback(n)
-
-
-def plan(extents, request_size, zero_ranges=None):
+def plan(extents: Iterable[Extent], request_size: int,
+         zero_ranges: list[Range] | None = None) -> Iterable[Piece]:
     """Yield the pieces of a copy in image order, lazily.
 
     Data extents are cut into ``request_size`` pieces. Zero pieces come
@@ -83,65 +93,126 @@ def plan(extents, request_size, zero_ranges=None):
     image never has its pieces in memory at once, and in order, so that
     workers move through the image roughly sequentially.
     """
-    def data_pieces():
+    def data_pieces() -> Iterator[Piece]:
         for ext in extents:
             if not ext.zero:
                 for off, n in split(ext.start, ext.end, request_size):
-                    yield Piece("data", off, n)
+                    yield Piece(DATA, off, n)
             elif zero_ranges is None:
                 for off, n in split(ext.start, ext.end, MAX_ZERO_SIZE):
-                    yield Piece("zero", off, n)
+                    yield Piece(ZERO, off, n)
 
     if zero_ranges is None:
         return data_pieces()
-    zero_pieces = (Piece("zero", off, n)
+    zero_pieces = (Piece(ZERO, off, n)
                    for start, end in zero_ranges
                    for off, n in split(start, end, MAX_ZERO_SIZE))
     return heapq.merge(data_pieces(), zero_pieces, key=lambda p: p.offset)
 
 
-def run(pieces, connections, do_piece, retry, prefetch=None):
+class UploadPieces:
+    """An upload's pieces: data read from the source, zeros sent (or
+    skipped) by the sender."""
+
+    def __init__(self, source: Source, sender: Sender) -> None:
+        self._source = source
+        self._sender = sender
+
+    def __call__(self, con: ImageConnection, piece: Piece,
+                 cursor: Cursor) -> None:
+        if piece.op == DATA:
+            self._source.send(con, cursor, self._sender)
+        else:
+            self._sender.zero(con, cursor, cursor.end)
+
+
+class DownloadPieces:
+    """A download's pieces: data received into the destination, zeros
+    made there."""
+
+    def __init__(self, destination: Destination) -> None:
+        self._destination = destination
+
+    def __call__(self, con: ImageConnection, piece: Piece,
+                 cursor: Cursor) -> None:
+        if piece.op == DATA:
+            self._destination.receive(con, cursor)
+        else:
+            self._destination.zero(cursor.offset, cursor.remaining)
+            cursor.advance_to(cursor.end)
+
+
+class _Run:
+    """What the workers of one run share: the pieces still to do, the
+    first failure, and the bytes done per op."""
+
+    def __init__(self, pieces: Iterable[Piece], move: MovePiece, retry: Retry,
+                 report: Progress,
+                 prefetch: Callable[[Piece], None] | None) -> None:
+        self._queue = iter(pieces)
+        self._move = move
+        self._retry = retry
+        self._report = report
+        self._prefetch = prefetch
+        self._lock = threading.Lock()
+        self.failed: list[BaseException] = []
+        self.done = {DATA: 0, ZERO: 0}
+
+    def _next_piece(self) -> Piece | None:
+        with self._lock:
+            if self.failed:
+                return None
+            return next(self._queue, None)
+
+    def work(self, con: ImageConnection) -> None:
+        """Do pieces on ``con`` until none is left (or one failed)."""
+        prefetch = self._prefetch
+        piece = self._next_piece()
+        if piece is not None and prefetch is not None:
+            prefetch(piece)
+        while piece is not None:
+            following = self._next_piece()
+            if following is not None and prefetch is not None:
+                prefetch(following)
+            with_retries(con, piece, self._move, self._retry, self._report)
+            with self._lock:
+                self.done[piece.op] += piece.length
+            piece = following
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            self.failed.append(error)
+
+    def worker(self, con: ImageConnection) -> None:
+        """A worker thread: its connection is its own, closed at the end."""
+        try:
+            self.work(con)
+        except BaseException as e:
+            self.fail(e)
+        finally:
+            con.close()
+
+    def raise_failure(self) -> None:
+        if not self.failed:
+            return
+        error = self.failed[0]
+        if isinstance(error, TransferError) or not isinstance(error, Exception):
+            raise error
+        raise TransferError(str(error), getattr(error, "offset", 0)) from error
+
+
+def run(pieces: Iterable[Piece], connections: list[ImageConnection],
+        move: MovePiece, retry: Retry, report: Progress,
+        prefetch: Callable[[Piece], None] | None = None) -> dict[str, int]:
     """Run pieces on the connections, one thread each; return the bytes
     done per op; raise the first failure as TransferError.
 
     ``prefetch(piece)``, when given, is called in each worker for every
-    piece it will do, in order, one piece ahead of ``do_piece``: a
-    source can read the next piece while the current one is sent.
+    piece it will do, in order, one piece ahead of ``move``: a source
+    can read the next piece while the current one is sent.
     """
-    lock = threading.Lock()
-    queue = iter(pieces)
-    failed = []
-    done = {"data": 0, "zero": 0}
-
-    def next_piece():
-        with lock:
-            if failed:
-                return None
-            return next(queue, None)
-
-    def work(con):
-        piece = next_piece()
-        if piece is not None and prefetch is not None:
-            prefetch(piece)
-        while piece is not None:
-            following = next_piece()
-            if following is not None and prefetch is not None:
-                prefetch(following)
-            with_retries(con, piece, do_piece, retry)
-            with lock:
-                done[piece.op] += piece.length
-            piece = following
-
-    def worker(con):
-        try:
-            work(con)
-        except BaseException as e:
-            with lock:
-                failed.append(e)
-        finally:
-            con.close()
-
-    threads = [threading.Thread(target=worker, args=(con,),
+    shared = _Run(pieces, move, retry, report, prefetch)
+    threads = [threading.Thread(target=shared.worker, args=(con,),
                                 name=f"diskferry-copy-{i}", daemon=True)
                for i, con in enumerate(connections[1:], 1)]
     for t in threads:
@@ -149,48 +220,43 @@ def run(pieces, connections, do_piece, retry, prefetch=None):
     # The calling thread is a worker too, on the session's own connection,
     # which must survive for the final flush: keep it open.
     try:
-        work(connections[0])
+        shared.work(connections[0])
     except BaseException as e:
-        with lock:
-            failed.append(e)
+        shared.fail(e)
     for t in threads:
         t.join()
-    if failed:
-        error = failed[0]
-        if isinstance(error, TransferError) or not isinstance(error, Exception):
-            raise error
-        raise TransferError(str(error), getattr(error, "offset", 0)) from error
-    return done
+    shared.raise_failure()
+    return shared.done
 
 
-def with_retries(con, piece, do_piece, retry):
+def with_retries(con: ImageConnection, piece: Piece, move: MovePiece,
+                 retry: Retry, report: Progress) -> None:
     """Do one piece, resending from the last acknowledged offset when the
     connection breaks, within the retry budget."""
-    state = {"offset": piece.offset}
-    end = piece.offset + piece.length
+    cursor = Cursor(piece, report)
     while True:
         try:
-            do_piece(con, piece.op, state, end)
+            move(con, piece, cursor)
             return
         except ConnectionFailed as e:
             try:
                 retry = retry.increment(e)
             except Exception as spent:
                 raise TransferError(
-                    f"{piece.op} failed: {spent}", state["offset"]) from e
+                    f"{piece.op} failed: {spent}", cursor.offset) from e
             log.warning("%s at offset %d failed (%s); retrying",
-                        piece.op, state["offset"], e)
+                        piece.op, cursor.offset, e)
             retry.sleep()
         except Exception as e:
             raise TransferError(f"{piece.op} failed: {e}",
-                                state["offset"]) from e
+                                cursor.offset) from e
 
 
-def open_connections(sess, count):
+def open_connections(sess: Session, count: int) -> list[ImageConnection]:
     return [sess.primary] + [sess.connection() for _ in range(count - 1)]
 
 
-def destination_zeros(sess):
+def destination_zeros(sess: Session) -> list[Range]:
     """Ranges the destination already reads as zeros (empty if unknown)."""
     if "extents" not in sess.features:
         return []
@@ -201,66 +267,20 @@ def destination_zeros(sess):
         return []
 
 
-class Sender:
-    """How an upload's pieces reach the server: PUT (flushing each one when
-    the server has no flush of its own), PATCH zero (or PUT zeros, for
-    servers without it), nothing for zeros the destination already
-    reads; progress reported, and bytes counted by how they were sent
-    (``done``), as the server acknowledges."""
-
-    def __init__(self, sess, flush_each, known_zeros, report):
-        self.flush_each = flush_each
-        self._can_zero = "zero" in sess.features
-        self._known_zeros = known_zeros
-        self._report = report
-        self._lock = threading.Lock()
-        self.done = {"data": 0, "zero": 0, "skipped": 0}
-
-    def acknowledged(self, state, end, op="data"):
-        """The server holds the piece up to ``end``, sent as ``op``."""
-        length = end - state["offset"]
-        with self._lock:
-            self.done[op] += length
-        self._report(length)
-        state["offset"] = end
-
-    def write(self, con, view, state):
-        """PUT ``view`` at the piece's offset."""
-        end = state["offset"] + len(view)
-        con.write(view, state["offset"], flush=self.flush_each)
-        self.acknowledged(state, end)
-
-    def zero(self, con, state, end):
-        """Make the piece up to ``end`` read as zeros."""
-        offset = state["offset"]
-        if _extents.covered(self._known_zeros, offset, end):
-            self.acknowledged(state, end, "skipped")
-            return
-        if self._can_zero:
-            con.zero(offset, end - offset)
-        else:
-            _put_zeros(con, offset, end - offset)
-        self.acknowledged(state, end, "zero")
+def _flush(con: ImageConnection, piece: Piece, cursor: Cursor) -> None:
+    con.flush()
 
 
-def _put_zeros(con, offset, length):
-    zeros = memoryview(bytes(min(length, con.buffer_size)))
-    end = offset + length
-    while offset < end:
-        n = min(len(zeros), end - offset)
-        con.write(zeros[:n], offset, flush=True)
-        offset += n
-
-
-def flush(sess, retry):
+def flush(sess: Session, retry: Retry) -> None:
     """The upload's one flush, on the session's own connection."""
-    with_retries(sess.primary, Piece("flush", 0, 0),
-                 lambda con, *_: con.flush(), retry)
+    with_retries(sess.primary, Piece("flush", 0, 0), _flush, retry,
+                 Progress(None))
 
 
-def result(direction, size, done, skipped, started, sess, count):
+def result(direction: str, size: int, done: dict[str, int], skipped: int,
+           started: float, sess: Session, count: int) -> TransferResult:
     return TransferResult(
-        direction=direction, image_size=size, data_bytes=done["data"],
-        zero_bytes=done["zero"], skipped_bytes=skipped,
+        direction=direction, image_size=size, data_bytes=done[DATA],
+        zero_bytes=done[ZERO], skipped_bytes=skipped,
         seconds=time.monotonic() - started, transport=sess.transport.kind,
         transport_reason=sess.transport_reason, connections=count)

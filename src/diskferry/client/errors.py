@@ -9,6 +9,8 @@ Two families, because the copy engine treats them differently:
   cannot help; the transfer stops and the error says why and where.
 """
 
+from __future__ import annotations
+
 from diskferry.errors import DiskferryError
 
 
@@ -26,7 +28,8 @@ class HTTPError(ClientError):
     ``status`` is the HTTP status, ``message`` the server's explanation.
     """
 
-    def __init__(self, method, target, status, reason, message):
+    def __init__(self, method: str, target: str, status: int, reason: str,
+                 message: str) -> None:
         self.method = method
         self.target = target
         self.status = status
@@ -60,7 +63,8 @@ class RetryExhausted(ClientError):
     ``last_error`` is the failure that used up the budget.
     """
 
-    def __init__(self, message, last_error=None):
+    def __init__(self, message: str,
+                 last_error: BaseException | None = None) -> None:
         super().__init__(message)
         self.last_error = last_error
 
@@ -71,7 +75,7 @@ class TransferError(ClientError):
     The cause (``__cause__``) is the underlying error.
     """
 
-    def __init__(self, message, offset):
+    def __init__(self, message: str, offset: int) -> None:
         super().__init__(f"{message} (at offset {offset})")
         self.offset = offset
 

@@ -6,23 +6,30 @@ local file with ``SEEK_DATA``/``SEEK_HOLE``, and cutting data into
 requests.
 """
 
+from __future__ import annotations
+
 import bisect
 import functools
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from diskferry import extent
 from diskferry.client.errors import ProtocolError
 from diskferry.extent import Extent
 
+#: A byte range as ``(start, end)``.
+Range = tuple[int, int]
 
-def parse_extents(items, size=None, start=0):
+
+def parse_extents(items: Iterable[Any], size: int | None = None,
+                  start: int = 0) -> list[Extent]:
     """Check the server's extents JSON and return a list of ``Extent``.
 
     They must be contiguous from ``start`` and, when ``size`` is known,
     end there.
     """
-    extents = []
+    extents: list[Extent] = []
     pos = start
     try:
         for item in items:
@@ -42,15 +49,15 @@ def parse_extents(items, size=None, start=0):
     return extents
 
 
-def file_extents(fd, size):
+def file_extents(fd: int, size: int) -> list[Extent]:
     """Map a whole local file (see ``diskferry.extent.file_extents``)."""
     return extent.file_extents(fd, 0, size)
 
 
-def ranges(extents, zero):
+def ranges(extents: Iterable[Extent], zero: bool) -> list[Range]:
     """Return the ``(start, end)`` ranges of extents whose zero flag is
     ``zero``, adjacent ones merged."""
-    out = []
+    out: list[Range] = []
     for ext in extents:
         if ext.zero != zero or not ext.length:
             continue
@@ -61,13 +68,13 @@ def ranges(extents, zero):
     return out
 
 
-def subtract(wanted, known):
+def subtract(wanted: Iterable[Range], known: list[Range]) -> list[Range]:
     """Return the parts of ranges ``wanted`` not covered by ``known``.
 
     Both are sorted, non-overlapping ``(start, end)`` lists; used to skip
     zeroing what the destination already reads as zeros.
     """
-    out = []
+    out: list[Range] = []
     i = 0
     for start, end in wanted:
         while i < len(known) and known[i][1] <= start:
@@ -85,7 +92,7 @@ def subtract(wanted, known):
     return out
 
 
-def covered(known: list[tuple[int, int]], start: int, end: int) -> bool:
+def covered(known: list[Range], start: int, end: int) -> bool:
     """Whether sorted, merged ranges ``known`` cover ``[start, end)``."""
     i = bisect.bisect_right(known, (start, sys.maxsize)) - 1
     return i >= 0 and known[i][0] <= start and known[i][1] >= end

@@ -22,11 +22,11 @@ import json
 import os
 import shutil
 import stat
-import tarfile
 from dataclasses import dataclass
 from typing import Any
 
 from diskferry.client import imageformat
+from diskferry.client.archive import member_location
 from diskferry.client.errors import UnsupportedFormat
 from diskferry.client.qemunbd import blockdev_filename
 
@@ -66,35 +66,6 @@ def run_qemu_img(*args: str) -> str:
                                         timeout=QEMU_IMG_TIMEOUT)
     except RuntimeError as e:
         raise RuntimeError(str(e).removeprefix("qemu-img: ")) from e
-
-
-def member_location(path: str, name: str) -> tuple[int, int]:
-    """Offset and size of member ``name`` of tar archive ``path``
-    (an OVA); ``UnsupportedFormat`` naming the members when absent."""
-    try:
-        with tarfile.open(path, "r:") as archive:
-            members = archive.getmembers()
-    except (OSError, tarfile.TarError) as e:
-        raise UnsupportedFormat(f"{path}: not a readable tar archive: {e}",
-                                path=path, format="tar") from e
-    for member in members:
-        if member.name == name:
-            if not member.isfile():
-                break
-            return member.offset_data, member.size
-    names = ", ".join(m.name for m in members if m.isfile()) or "none"
-    raise UnsupportedFormat(
-        f"{path} has no file member {name!r} (its members: {names})",
-        path=path, format="tar")
-
-
-def members(path: str) -> list[str]:
-    """Names of the file members of tar archive ``path``."""
-    try:
-        with tarfile.open(path, "r:") as archive:
-            return [m.name for m in archive.getmembers() if m.isfile()]
-    except (OSError, tarfile.TarError):
-        return []
 
 
 def file_node(path: str, offset: int = 0,

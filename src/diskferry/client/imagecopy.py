@@ -27,13 +27,19 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Any
+from typing import TypeVar
 
 from diskferry import nbd
 from diskferry.client import extents as _extents
 from diskferry.client import formats
+from diskferry.client.connection import ImageConnection
+from diskferry.client.extents import Range
+from diskferry.client.piece import Cursor, Piece
 from diskferry.client.qemunbd import QemuNbd
+from diskferry.client.sender import Sender
 from diskferry.extent import Extent
+
+T = TypeVar("T")
 
 #: Granularity of zero detection: a qcow2 cluster, the smallest range a
 #: qcow2 image can leave unallocated.
@@ -62,7 +68,7 @@ class _Worker:
         #: Pieces in hand, by their end: (buffer, start, NBD I/O).
         self._pieces: dict[int, tuple[bytearray, int, Future[None]]] = {}
 
-    def call(self, func: Callable[[nbd.Client], Any]) -> Any:
+    def call(self, func: Callable[[nbd.Client], T]) -> T:
         """Run ``func(client)`` on the I/O thread and wait for it."""
         return self._io.submit(func, self.client).result()
 
@@ -161,6 +167,8 @@ class NbdSource:
 
     #: Pieces may go in parallel, in any order.
     sequential = False
+    #: A piece is read from qemu-nbd while the one before is sent.
+    reads_ahead = True
 
     def __init__(self, path: str, image: formats.Source, *,
                  single_layer: bool, connections: int, request_size: int,
@@ -174,32 +182,35 @@ class NbdSource:
                                cache=_cache_mode(path))
         self._workers = _Workers(self._server, request_size)
 
+    def sized(self, image_size: int) -> int:
+        return self.size
+
     def extents(self) -> list[Extent]:
         size = self.size
         result: list[Extent] = self._workers.get().call(
             lambda client: client.extents(0, size))
         return result
 
-    def prefetch(self, piece: Any) -> None:
+    def prefetch(self, piece: Piece) -> None:
         """Read a data piece ahead, while the worker sends the one before."""
         if piece.op == "data":
             self._workers.get().read_ahead(piece.offset, piece.length)
 
-    def send(self, con: Any, state: dict[str, int], end: int,
-             sender: Any) -> None:
-        """Send ``[state offset, end)`` of the piece ending at ``end``
-        (all of it, or what a broken connection left unsent)."""
+    def send(self, con: ImageConnection, cursor: Cursor,
+             sender: Sender) -> None:
+        """Send the piece from ``cursor.offset`` to its end (all of it,
+        or what a broken connection left unsent)."""
         worker = self._workers.get()
-        offset = state["offset"]
+        offset, end = cursor.offset, cursor.end
         buf, start = worker.read(offset, end)
         view = memoryview(buf)[offset - start:end - start]
         for run_start, run_end, zero in _runs(
                 buf, offset - start, end - offset, self._detect_zeros,
                 MIN_ZERO_REQUEST):
             if zero:
-                sender.zero(con, state, offset + run_end)
+                sender.zero(con, cursor, offset + run_end)
             else:
-                sender.write(con, view[run_start:run_end], state)
+                sender.write(con, view[run_start:run_end], cursor)
         worker.sent(end)
 
     def finish(self) -> None:
@@ -220,7 +231,7 @@ class NbdDestination:
 
     #: Pieces may come in parallel, in any order; nothing to resume.
     sequential = False
-    done: list[tuple[int, int]] = []
+    done: list[Range] = []
 
     def __init__(self, path: str, fmt: str, size: int, *,
                  backing_file: str | None, connections: int,
@@ -241,13 +252,12 @@ class NbdDestination:
             raise
         self._workers = _Workers(self._server, request_size)
 
-    def receive(self, con: Any, state: dict[str, int], end: int,
-                report: Any) -> None:
-        """GET ``[state offset, end)`` and write it into the image behind
-        the next GET."""
+    def receive(self, con: ImageConnection, cursor: Cursor) -> None:
+        """GET the piece from ``cursor.offset`` to its end and write it
+        into the image behind the next GET."""
         worker = self._workers.get()
         buf = worker.receive_buffer()
-        offset = state["offset"]
+        offset, end = cursor.offset, cursor.end
         length = end - offset
         view = memoryview(buf)[:length]
         con.readinto(view, offset)
@@ -262,8 +272,7 @@ class NbdDestination:
                     client.zero(offset + start, stop - start, punch_hole=True)
 
         worker.write_behind(buf, offset, end, writes)
-        report(length)
-        state["offset"] = end
+        cursor.advance_to(end)
 
     def zero(self, offset: int, length: int) -> None:
         """Make a range read as zeros, hiding what the backing file has."""
@@ -317,7 +326,7 @@ class _ChecksumReader:
 
 def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
              block_size: int,
-             progress: Any = None,
+             progress: Callable[[int], None] | None = None,
              started: Callable[[int], None] | None = None
              ) -> dict[str, object]:
     """The daemon's checksum of the guest-visible disk of a local image,
@@ -331,7 +340,7 @@ def checksum(path: str, fmt: str, *, member: str | None, algorithm: str,
                  allocation_depth=True) as server:
         client = server.connect()
         try:
-            result: dict[str, object] = block_hash.compute(  # type: ignore[no-untyped-call]
+            result: dict[str, object] = block_hash.compute(
                 _ChecksumReader(client), algorithm, block_size,
                 progress=progress, started=started)
             return result
@@ -351,7 +360,7 @@ def local_checksum(path: str, fmt: str, *, member: str | None = None,
     algorithm = algorithm or block_hash.DEFAULT_ALGORITHM
     block_size = block_size or block_hash.DEFAULT_BLOCK_SIZE
     if fmt == "raw" and member is None:
-        result: dict[str, object] = block_hash.compute_file(  # type: ignore[no-untyped-call]
+        result: dict[str, object] = block_hash.compute_file(
             path, algorithm, block_size, progress=progress, started=started)
         return result
     return checksum(path, fmt, member=member, algorithm=algorithm,

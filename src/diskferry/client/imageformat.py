@@ -271,10 +271,10 @@ def source_format(path: str, fd: int, size: int, fmt: str | None,
                 not found.detail.startswith(QEMU_IMG_FAILED):
             return found.format
     if found.format == "tar":
-        from diskferry.client import formats
+        from diskferry.client import archive
 
         found = Probe("tar", found.by, found.detail,
-                      ", ".join(formats.members(path)))
+                      ", ".join(archive.members(path)))
     raise UnsupportedFormat(refusal(path, found, force), path=path,
                             format=found.format, probe=found)
 
@@ -282,9 +282,9 @@ def source_format(path: str, fd: int, size: int, fmt: str | None,
 def _member_format(path: str, fd: int, member: str) -> str:
     """The format of a member, by its magic: qemu-img cannot open a byte
     range by a plain name, and formats.open_source checks it after."""
-    from diskferry.client import formats
+    from diskferry.client import archive
 
-    offset, length = formats.member_location(path, member)
+    offset, length = archive.member_location(path, member)
     head = os.pread(fd, min(HEAD_SIZE, length), offset)
     tail = os.pread(fd, min(TAIL_SIZE, length),
                     offset + length - min(TAIL_SIZE, length))

@@ -5,11 +5,16 @@ image's size (so ranges that are zero need no writing and holes stay
 holes); a block device keeps its size and gets its zero ranges zeroed.
 """
 
+from __future__ import annotations
+
 import os
 import stat
 from collections import namedtuple
 
 from diskferry import fallocate
+
+#: A local image's name, as ``os.open`` takes it.
+LocalPath = str | os.PathLike[str]
 
 #: Zero-filled buffer for zeroing without an ioctl.
 ZERO_CHUNK = 4 * 1024**2
@@ -22,12 +27,16 @@ class LocalImage(namedtuple("LocalImage", "fd size kind zeroed",
     (every byte reads as zero now: a fresh sparse file)."""
 
     __slots__ = ()
+    fd: int
+    size: int
+    kind: str
+    zeroed: bool
 
-    def close(self):
+    def close(self) -> None:
         os.close(self.fd)
 
 
-def _kind(mode):
+def _kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISBLK(mode):
@@ -35,7 +44,7 @@ def _kind(mode):
     return "other"
 
 
-def open_source(path):
+def open_source(path: LocalPath) -> LocalImage:
     """Open a raw file or block device for reading."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -50,7 +59,7 @@ def open_source(path):
     return LocalImage(fd, size, kind)
 
 
-def open_destination(path, size):
+def open_destination(path: LocalPath, size: int) -> LocalImage:
     """Open (creating if needed) where a download of ``size`` bytes goes.
 
     A regular file is truncated to a fresh sparse file of ``size``; a
@@ -77,7 +86,7 @@ def open_destination(path, size):
         raise
 
 
-def open_existing(path, size):
+def open_existing(path: LocalPath, size: int) -> LocalImage:
     """Open the ``.part`` file of an interrupted download to continue it:
     kept as it is, and it must have the image's size."""
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -93,7 +102,7 @@ def open_existing(path, size):
         raise
 
 
-def punch_hole(image, offset, length):
+def punch_hole(image: LocalImage, offset: int, length: int) -> None:
     """Make a range of a regular file read as zeros, deallocated where the
     file system can."""
     try:
@@ -104,7 +113,7 @@ def punch_hole(image, offset, length):
         zero_range(image, offset, length)
 
 
-def zero_range(image, offset, length):
+def zero_range(image: LocalImage, offset: int, length: int) -> None:
     """Make ``[offset, offset+length)`` of a local image read as zeros."""
     if image.kind == "block":
         try:

@@ -14,11 +14,13 @@ Either is only a hint; the session still confirms over the socket that
 it reaches the same daemon and that it knows the ticket.
 """
 
+from __future__ import annotations
+
 import ipaddress
 import socket
 
 
-def is_own_address(address):
+def is_own_address(address: str) -> bool:
     """True if ``address`` (an IP string, with %scope for IPv6) is ours."""
     host = address.split("%", 1)[0]
     try:

@@ -32,8 +32,11 @@ from typing import Any
 
 from diskferry.client import extents as _extents
 from diskferry.client import formats
+from diskferry.client.connection import FilePart, ImageConnection
 from diskferry.client.imagecopy import MIN_ZERO_REQUEST, ZERO_BLOCK
+from diskferry.client.piece import Cursor, Piece
 from diskferry.client.qemunbd import blockdev_filename
+from diskferry.client.sender import Sender
 from diskferry.extent import Extent
 
 log = logging.getLogger("diskferry.client")
@@ -195,7 +198,7 @@ class MappedSource:
     #: Pieces may go in parallel, in any order.
     sequential = False
     #: Nothing to read ahead: the kernel reads as it sends.
-    prefetch = None
+    reads_ahead = False
 
     def __init__(self, layout: Layout, size: int, *, single_layer: bool,
                  detect_zeros: bool) -> None:
@@ -215,25 +218,32 @@ class MappedSource:
             raise
         self._detect_zeros = detect_zeros
 
+    def sized(self, image_size: int) -> int:
+        return self.size
+
     def extents(self) -> list[Extent]:
         return self._layout.extents
 
-    def send(self, con: Any, state: dict[str, int], end: int,
-             sender: Any) -> None:
-        """Send ``[state offset, end)`` of a data piece (all of it, or
-        what a broken connection left unsent)."""
-        offset = state["offset"]
+    def prefetch(self, piece: Piece) -> None:
+        """Never called (``reads_ahead`` is False)."""
+
+    def send(self, con: ImageConnection, cursor: Cursor,
+             sender: Sender) -> None:
+        """Send a data piece from ``cursor.offset`` to its end (all of
+        it, or what a broken connection left unsent)."""
+        offset, end = cursor.offset, cursor.end
         runs = (self._runs(offset, end) if self._detect_zeros
                 else [(0, end - offset, False)])
         for run_start, run_end, zero in runs:
             if zero:
-                sender.zero(con, state, offset + run_end)
+                sender.zero(con, cursor, offset + run_end)
                 continue
-            parts = [(self._fds[layer], at, n) for layer, at, n in
-                     self._layout.parts(offset + run_start, offset + run_end)]
+            parts: list[FilePart] = [
+                (self._fds[layer], at, n) for layer, at, n in
+                self._layout.parts(offset + run_start, offset + run_end)]
             con.write_from_files(parts, offset + run_start,
                                  flush=sender.flush_each)
-            sender.acknowledged(state, offset + run_end)
+            sender.acknowledged(cursor, offset + run_end)
 
     def _runs(self, start: int, end: int) -> list[tuple[int, int, bool]]:
         """Data and zero runs of guest data ``[start, end)``, compared in

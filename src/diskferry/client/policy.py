@@ -7,6 +7,8 @@ Both are named tuples (like ``urllib.parse.SplitResult``): immutable,
 and cheap to define, which keeps the command's start-up short.
 """
 
+from __future__ import annotations
+
 import time
 from collections import namedtuple
 
@@ -23,6 +25,8 @@ class Timeout(namedtuple("Timeout", "connect read", defaults=(10.0, 120.0))):
     """
 
     __slots__ = ()
+    connect: float | None
+    read: float | None
 
 
 class Retry(namedtuple("Retry", "total backoff_factor backoff_max history",
@@ -39,7 +43,12 @@ class Retry(namedtuple("Retry", "total backoff_factor backoff_max history",
 
     __slots__ = ()
 
-    def increment(self, error):
+    total: int
+    backoff_factor: float
+    backoff_max: float
+    history: tuple[BaseException, ...]
+
+    def increment(self, error: BaseException) -> Retry:
         """Return the policy after one more failure, or raise when spent."""
         history = self.history + (error,)
         if len(history) > self.total:
@@ -48,14 +57,14 @@ class Retry(namedtuple("Retry", "total backoff_factor backoff_max history",
             ) from error
         return self._replace(history=history)
 
-    def backoff(self):
+    def backoff(self) -> float:
         """Seconds to wait before the next attempt."""
         retries = len(self.history)
         if retries <= 1:
             return 0.0
-        return min(self.backoff_max, self.backoff_factor * 2 ** (retries - 1))
+        return min(self.backoff_max, self.backoff_factor * 2.0 ** (retries - 1))
 
-    def sleep(self):
+    def sleep(self) -> None:
         delay = self.backoff()
         if delay:
             time.sleep(delay)

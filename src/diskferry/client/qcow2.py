@@ -29,10 +29,12 @@ import functools
 import math
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
 
+from diskferry.client.connection import ImageConnection
+from diskferry.client.extents import Range
+from diskferry.client.piece import Cursor
 from diskferry.fileio import pwrite_all
 
 CLUSTER_BITS = 16
@@ -111,15 +113,7 @@ def tables(layout: Layout, written: bytearray) -> list[tuple[int, bytes]]:
     ``written[rank]`` says whether the placed cluster of that rank holds
     data (else it is left unallocated)."""
     l1_size = math.ceil(layout.size / (CLUSTER_SIZE * ENTRIES_PER_TABLE))
-    l2: dict[int, bytearray] = {}
-    for cluster, rank in layout.placed():
-        if not written[rank]:
-            continue
-        table = l2.setdefault(cluster // ENTRIES_PER_TABLE,
-                              bytearray(CLUSTER_SIZE))
-        at = cluster % ENTRIES_PER_TABLE * 8
-        table[at:at + 8] = ((1 + rank) * CLUSTER_SIZE | COPIED).to_bytes(8,
-                                                                       "big")
+    l2 = _l2_tables(layout, written)
     l1_clusters = _clusters(l1_size * 8)
     next_cluster = 1 + layout.clusters
     l2_at = {index: (next_cluster + i) * CLUSTER_SIZE
@@ -127,28 +121,12 @@ def tables(layout: Layout, written: bytearray) -> list[tuple[int, bytes]]:
     next_cluster += len(l2)
     l1_offset = next_cluster * CLUSTER_SIZE
     next_cluster += l1_clusters
-    # Refcount blocks count every cluster in use, themselves included.
-    used_before = next_cluster
-    blocks = table_clusters = 0
-    while True:
-        total = used_before + blocks + table_clusters
-        need = math.ceil(total / REFCOUNTS_PER_BLOCK)
-        need_table = _clusters(need * 8)
-        if (need, need_table) == (blocks, table_clusters):
-            break
-        blocks, table_clusters = need, need_table
+    blocks, table_clusters = _refcount_clusters(next_cluster)
     blocks_offset = next_cluster * CLUSTER_SIZE
     table_offset = blocks_offset + blocks * CLUSTER_SIZE
     end_cluster = next_cluster + blocks + table_clusters
 
-    refcounts = bytearray(blocks * CLUSTER_SIZE)
-    one = b"\x00\x01"
-    refcounts[0:2] = one  # the header
-    for rank in range(layout.clusters):
-        if written[rank]:
-            refcounts[(1 + rank) * 2:(2 + rank) * 2] = one
-    refcounts[(1 + layout.clusters) * 2:end_cluster * 2] = one * (
-        end_cluster - 1 - layout.clusters)
+    refcounts = _refcounts(layout, written, blocks, end_cluster)
     l1 = bytearray(l1_clusters * CLUSTER_SIZE)
     for index, offset in l2_at.items():
         l1[index * 8:index * 8 + 8] = (offset | COPIED).to_bytes(8, "big")
@@ -170,6 +148,49 @@ def tables(layout: Layout, written: bytearray) -> list[tuple[int, bytes]]:
     out += [(l1_offset, bytes(l1)), (blocks_offset, bytes(refcounts)),
             (table_offset, bytes(refcount_table))]
     return out
+
+
+def _l2_tables(layout: Layout, written: bytearray) -> dict[int, bytearray]:
+    """The L2 tables that map a written cluster, by their L1 index."""
+    l2: dict[int, bytearray] = {}
+    for cluster, rank in layout.placed():
+        if not written[rank]:
+            continue
+        table = l2.setdefault(cluster // ENTRIES_PER_TABLE,
+                              bytearray(CLUSTER_SIZE))
+        at = cluster % ENTRIES_PER_TABLE * 8
+        table[at:at + 8] = ((1 + rank) * CLUSTER_SIZE | COPIED).to_bytes(8,
+                                                                       "big")
+    return l2
+
+
+def _refcount_clusters(used_before: int) -> tuple[int, int]:
+    """Refcount blocks and refcount table clusters for an image that uses
+    ``used_before`` clusters before them: the blocks count every cluster
+    in use, themselves included."""
+    blocks = table_clusters = 0
+    while True:
+        total = used_before + blocks + table_clusters
+        need = math.ceil(total / REFCOUNTS_PER_BLOCK)
+        need_table = _clusters(need * 8)
+        if (need, need_table) == (blocks, table_clusters):
+            return blocks, table_clusters
+        blocks, table_clusters = need, need_table
+
+
+def _refcounts(layout: Layout, written: bytearray, blocks: int,
+               end_cluster: int) -> bytearray:
+    """The refcount blocks: 1 for the header, each written data cluster,
+    and every cluster of the tables up to ``end_cluster``."""
+    refcounts = bytearray(blocks * CLUSTER_SIZE)
+    one = b"\x00\x01"
+    refcounts[0:2] = one  # the header
+    for rank in range(layout.clusters):
+        if written[rank]:
+            refcounts[(1 + rank) * 2:(2 + rank) * 2] = one
+    refcounts[(1 + layout.clusters) * 2:end_cluster * 2] = one * (
+        end_cluster - 1 - layout.clusters)
+    return refcounts
 
 
 def _clusters(nbytes: int) -> int:
@@ -195,7 +216,7 @@ class Destination:
     sequential = False
     #: A new image without a backing file reads zeros everywhere.
     zeroed = True
-    done: list[tuple[int, int]] = []
+    done: list[Range] = []
 
     def __init__(self, path: str, size: int, extents: list[tuple[int, int]],
                  *, detect_zeros: bool) -> None:
@@ -207,32 +228,26 @@ class Destination:
         self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT | os.O_TRUNC
                            | os.O_CLOEXEC, 0o644)
 
-    def receive(self, con: Any, state: dict[str, int], end: int,
-                report: Callable[[int], None]) -> None:
-        """GET ``[state offset, end)`` and write it at its place."""
-        offset = state["offset"]
-        length = end - offset
+    def receive(self, con: ImageConnection, cursor: Cursor) -> None:
+        """GET the piece from ``cursor.offset`` to its end and write it
+        at its place."""
         if not self._detect_zeros:
-            self._splice(con, state, end, report)
+            self._splice(con, cursor)
             return
-        con.read_chunks(offset, length, self._write)
-        report(length)
-        state["offset"] = end
+        with con.get(cursor.offset, cursor.remaining) as body:
+            for view, pos in body:
+                self._write(view, pos)
+        cursor.advance_to(cursor.end)
 
-    def _splice(self, con: Any, state: dict[str, int], end: int,
-                report: Callable[[int], None]) -> None:
-        """GET ``[state offset, end)`` straight into its place in the
-        file (the kernel moving the bytes)."""
+    def _splice(self, con: ImageConnection, cursor: Cursor) -> None:
+        """GET the piece straight into its place in the file (the kernel
+        moving the bytes)."""
         layout = self._layout
-        offset = state["offset"]
+        offset, end = cursor.offset, cursor.end
         for cluster in range(offset // CLUSTER_SIZE,
                              (end - 1) // CLUSTER_SIZE + 1):
             self._written[layout.rank(cluster)] = 1
-
-        def ack(n: int) -> None:
-            state["offset"] += n
-            report(n)
-        con.read_to_fd(self._fd, offset, end - offset, ack,
+        con.read_to_fd(self._fd, offset, end - offset, cursor.advance,
                        fd_offset=layout.host_offset(offset))
 
     def _write(self, view: memoryview, offset: int) -> None:

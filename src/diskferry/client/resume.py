@@ -19,6 +19,8 @@ It assumes the image did not change between the two runs, as any resume
 does; ``--verify`` checks the result against the server's checksum.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import threading
@@ -61,7 +63,7 @@ class Journal:
         self._checkpoints: threading.Thread | None = None
 
     @classmethod
-    def create(cls, part: str, size: int) -> "Journal":
+    def create(cls, part: str, size: int) -> Journal:
         """A new, empty journal (a stale one is replaced)."""
         path = journal_path(part)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
@@ -73,7 +75,7 @@ class Journal:
         return cls(part, size, [], fd)
 
     @classmethod
-    def load(cls, part: str, size: int) -> "Journal":
+    def load(cls, part: str, size: int) -> Journal:
         """The journal of an interrupted download of ``size`` bytes."""
         path = journal_path(part)
         try:

@@ -16,9 +16,14 @@ The reason is kept in ``Session.transport_reason`` and logged, so that a
 slow transfer on TLS can be explained.
 """
 
+from __future__ import annotations
+
 import logging
 import urllib.parse
 from collections import namedtuple
+from collections.abc import Iterator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from diskferry.client import locality
 from diskferry.client.connection import BUFFER_SIZE, ImageConnection
@@ -41,7 +46,11 @@ UNIX_MODES = ("auto", "always", "never")
 
 #: Extents asked for per request where the server allows a range: one
 #: answer stays small and quick even on a fragmented multi-TiB image.
-EXTENTS_WINDOW = 64 * 1024**3
+#: Each window costs a copy an HTTP round trip, so it is 64 times
+#: ``diskferry.checksum.CHECKSUM_EXTENTS_WINDOW`` (1 GiB), which asks its backend
+#: directly, with no round trip to save, and hashes each window before
+#: asking for the next.
+DOWNLOAD_EXTENTS_WINDOW = 64 * 1024**3
 
 
 class ServerOptions(namedtuple("ServerOptions", (
@@ -55,9 +64,18 @@ class ServerOptions(namedtuple("ServerOptions", (
     """
 
     __slots__ = ()
+    features: frozenset[str]
+    allow: frozenset[str] | None
+    max_readers: int
+    max_writers: int
+    unix_socket: str | None
+    host_id: str | None
+    server_id: str | None
+    known: bool
 
     @classmethod
-    def parse(cls, answer):
+    def parse(cls, answer: tuple[set[str], dict[str, Any]] | None
+              ) -> ServerOptions:
         if answer is None:
             return cls(known=False)
         allow, data = answer
@@ -73,7 +91,24 @@ class ServerOptions(namedtuple("ServerOptions", (
         )
 
 
-def _positive(value):
+class ConnectionOptions(TypedDict, total=False):
+    """The keywords of ``open()`` that say how to reach the server, which
+    ``upload()`` and ``download()`` take too."""
+
+    cafile: str | None
+    secure: bool
+    unix: str
+    timeout: Timeout
+
+
+if TYPE_CHECKING:
+    class SupportsFileno(Protocol):
+        """A file object: what ``Session.write_from`` reads."""
+
+        def fileno(self) -> int: ...
+
+
+def _positive(value: object) -> int:
     return value if isinstance(value, int) and value > 0 else 1
 
 
@@ -84,7 +119,9 @@ class Session:
     ``connection()`` for more connections (one per thread).
     """
 
-    def __init__(self, url, mode, path, options, transport, con, reason):
+    def __init__(self, url: str, mode: str, path: str,
+                 options: ServerOptions, transport: Transport,
+                 con: ImageConnection, reason: str) -> None:
         self.url = url
         self.mode = mode
         self.path = path
@@ -92,40 +129,40 @@ class Session:
         self.transport = transport
         self.transport_reason = reason
         self._con = con
-        self._size = None
+        self._size: int | None = None
 
     # -- facts
 
     @property
-    def features(self):
+    def features(self) -> frozenset[str]:
         return self.options.features
 
     @property
-    def max_readers(self):
+    def max_readers(self) -> int:
         return self.options.max_readers
 
     @property
-    def max_writers(self):
+    def max_writers(self) -> int:
         return self.options.max_writers
 
-    def connection(self):
+    def connection(self) -> ImageConnection:
         """A new connection to the image on the session's transport."""
         return ImageConnection(self.transport, self.path,
                                self._con.buffer_size)
 
     @property
-    def primary(self):
+    def primary(self) -> ImageConnection:
         """The session's own connection (for a worker of a copy)."""
         return self._con
 
     # -- operations
 
-    def size(self):
+    def size(self) -> int:
         if self._size is None:
             self._size = self._con.probe_size()
         return self._size
 
-    def extents(self, context="zero"):
+    def extents(self, context: str = "zero") -> list[Extent]:
         """The image's extents (``Extent`` list) in context zero or dirty."""
         self._require("extents")
         extents = parse_extents(self._con.extents(context))
@@ -133,7 +170,9 @@ class Session:
             self._size = extents[-1].end
         return extents
 
-    def walk_extents(self, context="zero", window=EXTENTS_WINDOW):
+    def walk_extents(self, context: str = "zero",
+                     window: int = DOWNLOAD_EXTENTS_WINDOW
+                     ) -> Iterator[Extent]:
         """Return an iterator over the image's extents, a window at a time.
 
         Servers with the ``start``/``length`` extension answer one window
@@ -148,7 +187,8 @@ class Session:
         first = self._extents_window(self._con, context, 0, window, size)
         return self._more_extents(first, context, window, size)
 
-    def _more_extents(self, extents, context, window, size):
+    def _more_extents(self, extents: list[Extent], context: str, window: int,
+                      size: int) -> Iterator[Extent]:
         yield from extents
         pos = extents[-1].end if extents else size
         if pos >= size:
@@ -163,7 +203,8 @@ class Session:
             con.close()
 
     @staticmethod
-    def _extents_window(con, context, pos, window, size):
+    def _extents_window(con: ImageConnection, context: str, pos: int,
+                        window: int, size: int) -> list[Extent]:
         """Extents of ``[pos, pos+window)`` (or more, if the server ignores
         the window), clipped to start at ``pos``."""
         if pos >= size:
@@ -175,7 +216,7 @@ class Session:
             raise ProtocolError(f"no extents for offset {pos}")
         if extents[-1].end > size:
             raise ProtocolError(f"extents end past the image size {size}")
-        out = []
+        out: list[Extent] = []
         for ext in extents:
             if ext.end <= pos:
                 continue
@@ -184,27 +225,31 @@ class Session:
             out.append(ext)
         return out
 
-    def checksum(self, algorithm=None, block_size=None):
+    def checksum(self, algorithm: str | None = None,
+                 block_size: int | None = None) -> dict[str, Any]:
         """The server's checksum answer: dict with checksum, algorithm,
         block_size."""
         self._require("checksum")
         return self._con.checksum(algorithm, block_size)
 
-    def read(self, offset, length):
+    def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self._con.readinto(buf, offset)
         return bytes(buf)
 
-    def readinto(self, buf, offset):
+    def readinto(self, buf: bytearray | memoryview, offset: int) -> int:
         """Fill ``buf`` with the image's bytes at ``offset``."""
         return self._con.readinto(buf, offset)
 
-    def write(self, data, offset, flush=False):
+    def write(self, data: bytes | bytearray | memoryview, offset: int,
+              flush: bool = False) -> None:
         """Write ``data`` at ``offset`` (durable after ``flush()``)."""
         self._require_write()
         self._con.write(data, offset, flush=self._put_flush(flush))
 
-    def write_from(self, file, offset, length, src_offset=None, flush=False):
+    def write_from(self, file: int | SupportsFileno, offset: int, length: int,
+                   src_offset: int | None = None,
+                   flush: bool = False) -> None:
         """Write ``length`` bytes of a local file (object or descriptor),
         read at ``src_offset`` (default ``offset``), to the image."""
         self._require_write()
@@ -212,7 +257,7 @@ class Session:
         self._con.write_from_fd(fd, offset, length, self._put_flush(flush),
                                 src_offset)
 
-    def zero(self, offset, length, flush=False):
+    def zero(self, offset: int, length: int, flush: bool = False) -> None:
         """Make a range read as zeros (PUT of zeros on servers without
         the zero feature)."""
         self._require_write()
@@ -227,17 +272,17 @@ class Session:
                             flush=self._put_flush(flush))
             offset += n
 
-    def flush(self):
+    def flush(self) -> None:
         """Make every write so far durable (on every connection)."""
         self._require_write()
         if "flush" in self.features:
             self._con.flush()
 
-    def _put_flush(self, flush):
+    def _put_flush(self, flush: bool) -> bool:
         # Servers without the flush feature flush every PUT anyway.
         return flush or "flush" not in self.features
 
-    def _require(self, feature):
+    def _require(self, feature: str) -> None:
         if self.options.known and feature not in self.features:
             raise UnsupportedOperation(
                 f"the server does not offer {feature} for this image")
@@ -245,28 +290,31 @@ class Session:
             raise UnsupportedOperation(
                 f"the server is too old for {feature} (no OPTIONS)")
 
-    def _require_write(self):
+    def _require_write(self) -> None:
         if self.mode != "w":
             raise UnsupportedOperation("session opened for reading (mode='r')")
 
     # -- lifetime
 
-    def close(self):
+    def close(self) -> None:
         self._con.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Session:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<Session {self.path} via {self.transport.describe()} "
                 f"mode={self.mode}>")
 
 
-def open(url, mode="r", *, cafile=None, secure=True, unix="auto",
-         timeout=Timeout(), buffer_size=BUFFER_SIZE):
+def open(url: str, mode: str = "r", *, cafile: str | None = None,
+         secure: bool = True, unix: str = "auto", timeout: Timeout = Timeout(),
+         buffer_size: int = BUFFER_SIZE) -> Session:
     """Open a transfer URL ``https://host:port/images/TICKET``.
 
     ``mode`` is "r" or "w"; ``cafile`` verifies the server's certificate
@@ -299,7 +347,8 @@ def open(url, mode="r", *, cafile=None, secure=True, unix="auto",
     return Session(url, mode, path, options, transport, con, reason)
 
 
-def _choose_transport(con, options, unix):
+def _choose_transport(con: ImageConnection, options: ServerOptions,
+                      unix: str) -> tuple[Transport, ImageConnection, str]:
     """Return (transport, connection, reason) per the module docstring."""
     remote = con.transport
     if unix == "never":
@@ -346,7 +395,8 @@ def _choose_transport(con, options, unix):
     return socket_transport, local_con, f"server is local ({why})"
 
 
-def _server_is_local(con, options):
+def _server_is_local(con: ImageConnection,
+                     options: ServerOptions) -> tuple[bool, str]:
     """Return (is_local, reason) from host ids or the peer address."""
     if options.host_id:
         mine = host_id()

@@ -12,14 +12,18 @@ writes its own request head and reads the response head without reading
 ahead: it peeks at the socket and consumes exactly the head's bytes.
 """
 
+from __future__ import annotations
+
 import errno
 import http.client
 import io
 import os
 import select
 import socket
+from collections.abc import Callable
 
 from diskferry.client.errors import ConnectionFailed, HTTPError, ProtocolError
+from diskferry.pipe import Pipe
 
 #: Largest response head accepted (http.client allows 100 lines of 64 KiB;
 #: image servers send a few hundred bytes).
@@ -31,14 +35,16 @@ PEEK_SIZE = 8192
 AVAILABLE = hasattr(os, "splice")
 
 
-def send_get(sock, host, path, offset, length):
+def send_get(sock: socket.socket, host: str, path: str, offset: int,
+             length: int) -> None:
     """Send ``GET path`` for ``length`` bytes at ``offset``."""
     head = (f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
             f"Range: bytes={offset}-{offset + length - 1}\r\n\r\n")
     sock.sendall(head.encode("ascii"))
 
 
-def read_head(sock):
+def read_head(sock: socket.socket
+              ) -> tuple[int, str, http.client.HTTPMessage]:
     """Read a response head and nothing more; return (status, reason,
     headers as ``http.client.HTTPMessage``)."""
     head = b""
@@ -58,9 +64,9 @@ def read_head(sock):
             raise ProtocolError("response head too large")
     status_line, _, rest = head.partition(b"\r\n")
     try:
-        version, status, reason = (status_line.decode("latin-1").split(" ", 2)
-                                   + [""])[:3]
-        status = int(status)
+        version, code, reason = (status_line.decode("latin-1").split(" ", 2)
+                                 + [""])[:3]
+        status = int(code)
     except ValueError:
         raise ProtocolError(f"bad status line {status_line[:100]!r}") from None
     if not version.startswith("HTTP/"):
@@ -69,8 +75,9 @@ def read_head(sock):
     return status, reason.strip(), headers
 
 
-def get_to_fd(sock, host, pipe, path, fd, offset, length, ack,
-              positional=True, fd_offset=None):
+def get_to_fd(sock: socket.socket, host: str, pipe: Pipe, path: str,
+              fd: int, offset: int, length: int, ack: Callable[[int], None],
+              positional: bool = True, fd_offset: int | None = None) -> bool:
     """GET ``length`` bytes at ``offset`` into ``fd`` at ``fd_offset``
     (default: the same offset).
 
@@ -96,14 +103,19 @@ def get_to_fd(sock, host, pipe, path, fd, offset, length, ack,
     return keep
 
 
-def _splice_body(sock, pipe, fd, offset, length, ack, positional):
+def _splice_body(sock: socket.socket, pipe: Pipe, fd: int, offset: int,
+                 length: int, ack: Callable[[int], None],
+                 positional: bool) -> None:
     sock_fd = sock.fileno()
     timeout = sock.gettimeout()
+    pipe_r, pipe_w = pipe.r, pipe.w
+    if pipe_r is None or pipe_w is None:
+        raise ValueError("splicing through a closed pipe")
     pos = offset
     end = offset + length
     while pos < end:
         try:
-            n = os.splice(sock_fd, pipe.w, min(end - pos, pipe.size))
+            n = os.splice(sock_fd, pipe_w, min(end - pos, pipe.size))
         except BlockingIOError:
             _wait(sock_fd, select.POLLIN, timeout)
             continue
@@ -112,21 +124,21 @@ def _splice_body(sock, pipe, fd, offset, length, ack, positional):
         done = 0
         while done < n:
             if positional:
-                done += os.splice(pipe.r, fd, n - done, offset_dst=pos + done)
+                done += os.splice(pipe_r, fd, n - done, offset_dst=pos + done)
             else:
-                done += os.splice(pipe.r, fd, n - done)
+                done += os.splice(pipe_r, fd, n - done)
         pos += n
         ack(n)
 
 
-def _wait(fd, event, timeout):
+def _wait(fd: int, event: int, timeout: float | None) -> None:
     poller = select.poll()
     poller.register(fd, event)
     if not poller.poll(None if timeout is None else timeout * 1000):
         raise TimeoutError("timed out waiting for the server")
 
 
-def _recv_exactly(sock, size):
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     buf = bytearray(size)
     view = memoryview(buf)
     got = 0
@@ -138,7 +150,7 @@ def _recv_exactly(sock, size):
     return bytes(buf)
 
 
-def is_local_error(error):
+def is_local_error(error: BaseException) -> bool:
     """True when a splice failure came from the destination, not the
     network (a full disk is not retried)."""
     return isinstance(error, OSError) and error.errno in (

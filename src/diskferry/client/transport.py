@@ -5,6 +5,8 @@ the timeouts): the session picks one after ``OPTIONS`` and every worker
 of a copy opens its own connections from it.
 """
 
+from __future__ import annotations
+
 import http.client
 import socket
 import ssl
@@ -21,7 +23,8 @@ from diskferry.sockaddr import display_address
 SOCKET_BUFFER_SIZE = 4 * 1024**2
 
 
-def ssl_context(cafile=None, secure=True):
+def ssl_context(cafile: str | None = None,
+                secure: bool = True) -> ssl.SSLContext:
     """A client TLS context: verify against ``cafile`` (or the system CAs)
     unless ``secure`` is False."""
     ctx = ssl.create_default_context(cafile=cafile)
@@ -38,9 +41,17 @@ class Transport(namedtuple("Transport", "kind host port address context timeout"
     host and port, or a UNIX socket ``address``; the TLS ``context``."""
 
     __slots__ = ()
+    kind: str
+    host: str | None
+    port: int | None
+    address: str | None
+    context: ssl.SSLContext | None
+    timeout: Timeout
 
     @classmethod
-    def from_url(cls, url, *, cafile=None, secure=True, timeout=Timeout()):
+    def from_url(cls, url: str, *, cafile: str | None = None,
+                 secure: bool = True,
+                 timeout: Timeout = Timeout()) -> Transport:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https"):
             raise ClientError(f"unsupported URL scheme in {url!r}: use https")
@@ -52,40 +63,48 @@ class Transport(namedtuple("Transport", "kind host port address context timeout"
         return cls("tcp", parts.hostname, parts.port or 80, timeout=timeout)
 
     @classmethod
-    def unix(cls, address, timeout=Timeout()):
+    def unix(cls, address: str, timeout: Timeout = Timeout()) -> Transport:
         return cls("unix", address=address, timeout=timeout)
 
     @property
-    def encrypted(self):
+    def encrypted(self) -> bool:
         return self.kind == "tls"
 
-    def describe(self):
-        if self.kind == "unix":
+    def describe(self) -> str:
+        if self.address is not None:
             return f"unix socket {display_address(self.address)}"
         return f"{self.kind} {self.host}:{self.port}"
 
-    def host_header(self):
+    def host_header(self) -> str:
         """The ``Host`` header value for requests on this transport."""
-        if self.kind == "unix":
+        host, port = self._endpoint()
+        if not host:
             return "localhost"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        host = f"[{host}]" if ":" in host else host
+        return f"{host}:{port}"
 
-    def connection(self):
+    def _endpoint(self) -> tuple[str, int]:
+        """Host and port of a TCP or TLS transport; ("", 0) for a UNIX one."""
+        if self.host is None or self.port is None:
+            return "", 0
+        return self.host, self.port
+
+    def connection(self) -> http.client.HTTPConnection:
         """Return a new, connected ``http.client`` connection.
 
         The connect timeout applies to connecting (and the TLS handshake);
         the read timeout to everything after.
         """
         t = self.timeout
-        if self.kind == "unix":
+        host, port = self._endpoint()
+        con: http.client.HTTPConnection
+        if self.address is not None:
             con = UnixHTTPConnection(self.address, timeout=t.connect)
         elif self.kind == "tls":
             con = http.client.HTTPSConnection(
-                self.host, self.port, timeout=t.connect, context=self.context)
+                host, port, timeout=t.connect, context=self.context)
         else:
-            con = http.client.HTTPConnection(self.host, self.port,
-                                             timeout=t.connect)
+            con = http.client.HTTPConnection(host, port, timeout=t.connect)
         try:
             con.connect()
             sock = con.sock

@@ -1,0 +1,120 @@
+"""Standard input and output: raw streams, read or written in order.
+
+A pipe has no offsets, so a stream goes on one connection, piece after
+piece. An upload keeps each piece until the server acknowledges it, so
+that a retry sends it again without reading the stream twice; a download
+writes every byte, zeros included (a pipe has no holes).
+"""
+
+from __future__ import annotations
+
+import os
+from types import TracebackType
+
+from diskferry.client import localfile
+from diskferry.client.connection import ImageConnection
+from diskferry.client.errors import TransferError
+from diskferry.client.extents import Range
+from diskferry.client.piece import Cursor, Piece
+from diskferry.client.sender import Sender
+from diskferry.extent import Extent
+
+
+class StreamSource:
+    """Standard input: a raw stream of ``size`` bytes (None: the image's
+    size), read in order. With ``detect_zeros``, a piece of zeros is sent
+    as zero."""
+
+    sequential = True
+    keeps_holes = False
+    reads_ahead = False
+
+    def __init__(self, size: int | None, request_size: int,
+                 detect_zeros: bool, fd: int = 0) -> None:
+        self.size = size
+        self._fd = fd
+        self._buf = bytearray(request_size)
+        self._held = (-1, 0)
+        self._zeros = bytes(request_size) if detect_zeros else None
+
+    def sized(self, image_size: int) -> int:
+        if self.size is None:
+            self.size = image_size
+        return self.size
+
+    def extents(self) -> list[Extent]:
+        return [Extent(0, self.size, False)] if self.size else []
+
+    def prefetch(self, piece: Piece) -> None:
+        """Never called (``reads_ahead`` is False)."""
+
+    def send(self, con: ImageConnection, cursor: Cursor,
+             sender: Sender) -> None:
+        offset = cursor.offset
+        length = cursor.remaining
+        if self._held != (offset, length):
+            self._fill(offset, length)
+        view = memoryview(self._buf)[:length]
+        if self._zeros is not None and view == self._zeros[:length]:
+            sender.zero(con, cursor, cursor.end)
+        else:
+            sender.write(con, view, cursor)
+
+    def _fill(self, offset: int, length: int) -> None:
+        view = memoryview(self._buf)[:length]
+        got = 0
+        while got < length:
+            n = os.readv(self._fd, [view[got:]])
+            if not n:
+                raise TransferError(
+                    f"standard input ended after {offset + got} bytes; "
+                    f"expected {self.size} (pass --size for a shorter "
+                    f"stream)", offset + got)
+            got += n
+        self._held = (offset, length)
+
+    def finish(self) -> None:
+        if os.read(self._fd, 1):
+            raise TransferError(
+                f"standard input holds more than {self.size} bytes (the "
+                f"image's size, or --size)", self.size or 0)
+
+    def __enter__(self) -> StreamSource:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Standard input is not ours to close."""
+
+
+class StreamDestination:
+    """Standard output: a raw stream written in order, zeros included."""
+
+    sequential = True
+    zeroed = False
+    done: list[Range] = []
+
+    def __init__(self, fd: int = 1) -> None:
+        self._fd = fd
+
+    def receive(self, con: ImageConnection, cursor: Cursor) -> None:
+        con.read_to_fd(self._fd, cursor.offset, cursor.remaining,
+                       cursor.advance, positional=False)
+
+    def zero(self, offset: int, length: int) -> None:
+        zeros = memoryview(bytes(min(length, localfile.ZERO_CHUNK)))
+        while length:
+            n = os.write(self._fd, zeros[:length])
+            length -= n
+
+    def commit(self) -> None:
+        """Nothing to sync or rename."""
+
+    def __enter__(self) -> StreamDestination:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None,
+                 exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Standard output is not ours to close."""
