@@ -47,9 +47,9 @@ UNIX_MODES = ("auto", "always", "never")
 #: Extents asked for per request where the server allows a range: one
 #: answer stays small and quick even on a fragmented multi-TiB image.
 #: Each window costs a copy an HTTP round trip, so it is 64 times
-#: ``diskferry.checksum.CHECKSUM_EXTENTS_WINDOW`` (1 GiB), which asks its backend
-#: directly, with no round trip to save, and hashes each window before
-#: asking for the next.
+#: ``diskferry.checksum.CHECKSUM_EXTENTS_WINDOW`` (1 GiB), which asks its
+#: backend directly, with no round trip to save, and hashes each window
+#: before asking for the next.
 DOWNLOAD_EXTENTS_WINDOW = 64 * 1024**3
 
 
