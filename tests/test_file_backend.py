@@ -188,3 +188,28 @@ def test_descriptor_is_blocking(tmp_path):
         assert os.get_blocking(b.fileno())
     finally:
         b.close()
+
+
+def test_close_twice_and_use_after_close(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(b"x" * 4096)
+    b = FileBackend(str(path), writable=True, direct=True)
+    b.readinto(memoryview(aligned_buffer(4096)), 0)  # opens the read fd
+    b.close()
+    b.close()  # nothing left to close, and no other file's descriptor
+    with pytest.raises(BackendError, match="closed"):
+        b.write(memoryview(b"y"), 0)
+    with pytest.raises(BackendError, match="closed"):
+        b.flush()
+
+
+def test_close_leaves_no_descriptor(tmp_path):
+    path = tmp_path / "img"
+    path.write_bytes(b"x" * 8192)
+    before = set(os.listdir("/proc/self/fd"))
+    for direct in (False, True):
+        b = FileBackend(str(path), direct=direct)
+        # A buffered backend opens a direct descriptor for its first read.
+        b.readinto(memoryview(aligned_buffer(4096)), 4096)
+        b.close()
+    assert set(os.listdir("/proc/self/fd")) == before

@@ -2,7 +2,11 @@
 
 import pytest
 
-from diskferry.daemon.backends.base import Extent
+from diskferry.daemon.backends.base import (
+    Extent,
+    ZeroCopyFile,
+    offers_zero_copy_file,
+)
 from diskferry.daemon.backends.memory import ZERO_GRANULARITY, MemoryBackend
 from diskferry.errors import BackendError
 
@@ -100,7 +104,9 @@ def test_extents_stop_at_end_of_image():
 
 
 def test_no_file_descriptor():
-    assert MemoryBackend(1).fileno() is None
+    backend = MemoryBackend(1)
+    assert not isinstance(backend, ZeroCopyFile)
+    assert not offers_zero_copy_file(backend)
 
 
 def test_closed_backend_fails():

@@ -8,10 +8,13 @@ Two kinds, kept apart as the connection loop treats them differently:
 - ``ConnectionGone``: the peer broke the stream or went away; nothing can
   be answered, the connection is closed.
 
-HTTP statuses are assigned here and only here.
+Backends know no HTTP: they raise ``BackendError`` and its subclasses,
+which ``request_error`` turns into the answer, when a request's handling
+ends (``handlers/app.py``). HTTP statuses are assigned here and only here.
 """
 
 import errno
+from http import HTTPStatus
 
 
 class DiskferryError(Exception):
@@ -168,13 +171,6 @@ class ServiceUnavailable(RequestError):
         return {"Retry-After": str(self.retry_after)}
 
 
-class BackendError(DiskferryError):
-    """Raised by a backend when the storage under it failed."""
-
-
-class NotAvailable(BackendError):
-    """Raised by a backend asked for what its storage does not keep, such
-    as dirty extents of a plain file."""
 
 
 # Ticket errors, raised by the ticket store.
@@ -215,3 +211,73 @@ def storage_error(error: OSError, what: str) -> RequestError:
         answer = ServerError(f"{what} failed: {reason}")
     answer.discard_limit = STORAGE_ERROR_DISCARD
     return answer
+
+
+# Backend errors: raised below the handlers, answered by ``request_error``.
+
+class BackendError(DiskferryError):
+    """Raised by a backend when the storage under it failed."""
+
+
+class NotAvailable(BackendError):
+    """Raised by a backend asked for what its storage does not keep, such
+    as dirty extents of a plain file."""
+
+
+class FeatureNotOffered(BackendError):
+    """Raised when the storage lacks the feature a request needs (the
+    server behind a proxied image does not offer zero): the request is
+    wrong for this image, a 400."""
+
+
+class UpstreamAnswered(BackendError):
+    """Raised when the server behind a proxied image refused a request:
+    the client gets its ``status`` and message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UpstreamFailed(BackendError):
+    """Raised when the server behind a proxied image could not be used
+    (gone, or an answer that makes no sense): a 500, whose message says
+    nothing of the server; its details are logged where they are known."""
+
+
+#: Status passed back when the upstream's is not a client or server
+#: error this daemon could send.
+BAD_GATEWAY = 502
+
+#: The message of a backend error whose details are for the log only (as
+#: the server's answer to any other failure).
+INTERNAL_ERROR = "Internal server error"
+
+
+class UpstreamError(RequestError):
+    """The answer to ``UpstreamAnswered``: the upstream's status, if this
+    daemon may send it, and its message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status if _sendable(status) else BAD_GATEWAY
+
+
+#: The statuses an answer may carry: what ``http.HTTPStatus`` knows.
+_STATUSES = frozenset(HTTPStatus)
+
+
+def _sendable(status: int) -> bool:
+    return 400 <= status < 600 and status in _STATUSES
+
+
+def request_error(error: BackendError) -> RequestError:
+    """The answer to a request that failed with ``error``."""
+    message = str(error)
+    if isinstance(error, FeatureNotOffered):
+        return BadRequest(message)
+    if isinstance(error, UpstreamAnswered):
+        return UpstreamError(error.status, message)
+    if isinstance(error, UpstreamFailed):
+        return ServerError(message)
+    return ServerError(INTERNAL_ERROR)

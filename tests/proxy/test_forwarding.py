@@ -279,6 +279,29 @@ def test_zero_is_forwarded(route, tmp_path, upstream_name):
 # --- errors ------------------------------------------------------------------
 
 
+def test_a_feature_the_upstream_lacks_is_a_bad_request(route, tmp_path):
+    """The proxy's ticket allows writing, the upstream's does not: zero is
+    not offered, and a client that asks anyway gets a 400 naming it, on a
+    connection that goes on."""
+    path = tmp_path / "img"
+    data = image_with_data(path)
+    r = route("diskferry", "diskferry", path, SIZE, ops=("read", "write"),
+              upstream_ops=("read",))
+    con = r.proxy.remote_connection()
+    try:
+        con.request("PATCH", f"/images/{r.ticket['uuid']}",
+                    body=json.dumps({"op": "zero", "size": MiB}).encode())
+        res = con.getresponse()
+        assert res.status == 400
+        assert res.read() == (b"The server behind this proxy does not "
+                              b"offer zero for this image\n")
+        con.request("OPTIONS", "/images/*")
+        assert con.getresponse().status == 200
+    finally:
+        con.close()
+    assert path.read_bytes() == data
+
+
 def test_upstream_errors_come_back_with_status_and_message(route, tmp_path):
     path = empty_image(tmp_path / "img", SIZE)
     r = route("diskferry", "diskferry", path, SIZE)

@@ -1,14 +1,31 @@
 """The backend interface: what a handler needs from an image's storage.
 
-A backend module (``file``, ``nbd``, ``memory``) provides a
+A backend module (``file``, ``nbd``, ``http``, ``memory``) provides a
 ``BackendKind``: how to check a ticket URL of its schemes when the
 ticket is installed, and how to open the image for one connection. The
 registry in ``diskferry.daemon.backends`` maps URL schemes to kinds; nothing
 else in the daemon knows which backends exist.
+
+``Backend`` is what every backend has. What only some have is a
+capability protocol of its own, claimed by having its members::
+
+    ZeroCopyFile       file      a descriptor for sendfile and splice
+    SplicesPipes       nbd       reads and writes spliced through pipes
+    ForwardsChecksum   http      checksums computed by the storage
+
+Each backend module lets mypy check its class against every protocol it
+claims. Backends raise ``BackendError`` and its subclasses, never an
+HTTP status.
 """
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    NamedTuple,
+    Protocol,
+    TypeGuard,
+    runtime_checkable,
+)
 from urllib.parse import SplitResult
 
 from diskferry.extent import Extent
@@ -19,7 +36,8 @@ if TYPE_CHECKING:
     from diskferry.daemon.tickets import Ticket
 
 __all__ = ["ALL_FEATURES", "Backend", "BackendKind", "Extent",
-           "ForwardsChecksum"]
+           "ForwardsChecksum", "SplicesPipes", "ZeroCopyFile",
+           "offers_splicing", "offers_zero_copy_file"]
 
 #: The images-API features (OPTIONS ``features``) storage on this host
 #: can serve; a ticket's rights decide which of them OPTIONS advertises.
@@ -82,12 +100,35 @@ class Backend(Protocol):
         Raises ``NotAvailable`` when the storage keeps no dirty bitmap.
         """
 
-    def fileno(self) -> int | None:
-        """A descriptor for ``sendfile``/``splice``, or None if there is none."""
+    def close(self) -> None:
+        """Release the backend's resources."""
 
-    #: True when ``read_to_pipes``/``write_from_pipe`` work: the storage is
-    #: behind a socket whose data the kernel can splice (an NBD export).
-    can_splice: bool
+
+# Capabilities: what some backends offer beyond ``Backend``. A backend
+# claims one by having its members (methods only, so that a class can be
+# checked), and one without has no stubs. The data path asks per request
+# with ``offers_zero_copy_file``/``offers_splicing``.
+
+
+@runtime_checkable
+class ZeroCopyFile(Protocol):
+    """A backend whose storage is a file the kernel can copy to and from
+    by itself (``sendfile`` for GET, ``splice`` for PUT)."""
+
+    def fileno(self) -> int | None:
+        """The file's descriptor, or None when the kernel must not copy
+        it through the page cache (``O_DIRECT``)."""
+
+
+@runtime_checkable
+class SplicesPipes(Protocol):
+    """A backend behind a socket whose data the kernel can splice into
+    and out of pipes (an NBD export): a request's bytes then never enter
+    the process."""
+
+    def can_splice(self) -> bool:
+        """Whether this connection to the storage can splice now (a
+        server must send each read's data in order, in one piece)."""
 
     def pipe_piece(self, capacity: int) -> int:
         """Bytes ``read_to_pipes`` puts in a pipe of ``capacity`` at a time."""
@@ -103,9 +144,6 @@ class Backend(Protocol):
         """Write ``length`` bytes at ``offset`` spliced from ``pipe``, while
         another thread fills it."""
 
-    def close(self) -> None:
-        """Release the backend's resources."""
-
 
 @runtime_checkable
 class ForwardsChecksum(Protocol):
@@ -116,6 +154,22 @@ class ForwardsChecksum(Protocol):
     def checksum(self, algorithm: str, block_size: int) -> dict[str, object]:
         """The storage's checksum answer: ``checksum``, ``algorithm``,
         ``block_size``."""
+
+
+def offers_zero_copy_file(backend: object) -> TypeGuard[ZeroCopyFile]:
+    """``isinstance(backend, ZeroCopyFile)``, answered once per class.
+
+    ``isinstance`` on a protocol walks its members at every call in
+    Python 3.11: 9-15 us here, where the daemon spends about 190 us of
+    CPU on a whole 4 KiB GET. ``issubclass`` keeps its answer per class
+    (0.25 us).
+    """
+    return issubclass(type(backend), ZeroCopyFile)
+
+
+def offers_splicing(backend: object) -> TypeGuard[SplicesPipes]:
+    """``isinstance(backend, SplicesPipes)``, answered once per class."""
+    return issubclass(type(backend), SplicesPipes)
 
 
 class BackendKind(NamedTuple):

@@ -28,12 +28,24 @@ import mmap
 import os
 import stat
 import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
 
 from diskferry import fallocate
-from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
+from diskferry.daemon.backends.base import (
+    ALL_FEATURES,
+    Backend,
+    BackendKind,
+    Extent,
+    ZeroCopyFile,
+)
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.extent import file_extents
 from diskferry.fileio import preadv_full, pwrite_all
+
+if TYPE_CHECKING:
+    from diskferry.daemon.config import Config
+    from diskferry.daemon.tickets import Ticket
 
 log = logging.getLogger("diskferry.daemon.backends.file")
 
@@ -43,23 +55,28 @@ log = logging.getLogger("diskferry.daemon.backends.file")
 DIRECT_ALIGNMENT = 4096
 
 #: ``FileBackend._read_fd`` before the first read into a buffer.
-_UNOPENED = -1
+_UNOPENED: Final = -1
 
 #: Largest single write of zeros when nothing faster works.
 ZERO_CHUNK = 8 * 1024**2
 
+#: A positional read or write that finishes (``fileio``): descriptor,
+#: buffer, offset; returns the bytes moved.
+PositionalIO = Callable[[int, memoryview, int], int]
+
+
 @functools.cache
-def _zero_buffer():
+def _zero_buffer() -> mmap.mmap:
     """Zeros to write when nothing faster works; shared, never written."""
     return mmap.mmap(-1, ZERO_CHUNK)
 
 
-def check_url(url):
+def check_url(url: urllib.parse.SplitResult) -> None:
     if not url.path.startswith("/"):
         raise ValueError(f"{url.geturl()!r} is not an absolute file:// URL")
 
 
-def open_file(ticket, config):
+def open_file(ticket: "Ticket", config: "Config") -> "FileBackend":
     """The ticket's file, with the ``[backend_file]`` configuration."""
     section = config.backend_file
     return FileBackend(urllib.parse.unquote(urllib.parse.urlsplit(
@@ -80,25 +97,31 @@ class FileBackend:
     #: the page cache, so no block is ever read, modified and written back
     #: by two connections.
     max_readers = 8
+    max_writers: int
     features = ALL_FEATURES
     remote = False
     #: A file is opened for writing when its ticket allows it.
     writable = True
 
-    def __init__(self, path, *, writable=False, direct=False, sparse=False,
-                 buffer_size=8 * 1024**2, max_writers=1):
+    def __init__(self, path: str, *, writable: bool = False,
+                 direct: bool = False, sparse: bool = False,
+                 buffer_size: int = 8 * 1024**2, max_writers: int = 1
+                 ) -> None:
         self.path = path
         self.buffer_size = buffer_size
         self.direct = direct
         self.sparse = sparse
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        self._direct_fd = None
-        self._fd = self._open_checked(path, flags)
+        self._direct_fd: int | None = None
+        self._read_fd: int | None = None
+        fd = self._open_checked(path, flags)
+        #: None once closed.
+        self._fd: int | None = fd
         try:
-            self.is_block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
+            self.is_block = stat.S_ISBLK(os.fstat(fd).st_mode)
             self.max_writers = self.max_readers if self.is_block \
                 else max_writers
-            self._size = os.lseek(self._fd, 0, os.SEEK_END)
+            self._size = os.lseek(fd, 0, os.SEEK_END)
             if direct:
                 self._direct_fd = self._open_direct(path, flags)
                 self.direct = self._direct_fd is not None
@@ -111,7 +134,7 @@ class FileBackend:
             raise
 
     @staticmethod
-    def _open_checked(path, flags):
+    def _open_checked(path: str, flags: int) -> int:
         """A descriptor of a regular file or block device.
 
         Opened non-blocking, so that a FIFO (or a device that waits for a
@@ -134,7 +157,8 @@ class FileBackend:
         return fd
 
     @staticmethod
-    def _open_direct(path, flags, quiet=False):
+    def _open_direct(path: str, flags: int, quiet: bool = False
+                     ) -> int | None:
         """An O_DIRECT descriptor, or None where the file system has none."""
         try:
             fd = os.open(path, flags | os.O_DIRECT | os.O_NONBLOCK)
@@ -148,25 +172,32 @@ class FileBackend:
         os.set_blocking(fd, True)
         return fd
 
-    def size(self):
+    @property
+    def _file(self) -> int:
+        """The file's descriptor; a closed backend has none."""
+        if self._fd is None:
+            raise BackendError(f"{self.path} is closed")
+        return self._fd
+
+    def size(self) -> int:
         """The size now: a file may shrink or grow while a ticket lives."""
         if self.is_block:
             return self._size
-        return os.fstat(self._fd).st_size
+        return os.fstat(self._file).st_size
 
-    def fileno(self):
+    def fileno(self) -> int | None:
         """The descriptor sendfile may use: none in direct mode, as the
         kernel would read through the page cache direct mode avoids."""
-        return None if self.direct else self._fd
+        return None if self.direct else self._file
 
     # Reading and writing
 
-    def readinto(self, buf, offset):
+    def readinto(self, buf: memoryview, offset: int) -> int:
         if self._read_fd == _UNOPENED:
             self._read_fd = self._open_direct(
                 self.path, os.O_RDONLY | os.O_CLOEXEC, quiet=True)
         if self._read_fd is None:
-            return preadv_full(self._fd, buf, offset)
+            return preadv_full(self._file, buf, offset)
         try:
             return self._direct_io(preadv_full, self._read_fd, offset, buf)
         except OSError as e:
@@ -177,27 +208,29 @@ class FileBackend:
                         self.path)
             os.close(self._read_fd)
             self._read_fd = None
-            return preadv_full(self._fd, buf, offset)
+            return preadv_full(self._file, buf, offset)
 
-    def write(self, data, offset):
+    def write(self, data: memoryview, offset: int) -> int:
         if self._direct_fd is None:
-            return pwrite_all(self._fd, data, offset)
+            return pwrite_all(self._file, data, offset)
         return self._direct_io(pwrite_all, self._direct_fd, offset, data)
 
-    def _direct_io(self, io, direct_fd, offset, buf):
+    def _direct_io(self, io: PositionalIO, direct_fd: int, offset: int,
+                   buf: memoryview) -> int:
         """Run ``io`` on the aligned middle through ``direct_fd``, the rest
         buffered.
 
         ``buf`` must come from ``aligned_buffer`` for the middle part to be
         aligned in memory; its start moves with the unaligned head.
         """
+        fd = self._file
         length = len(buf)
         head = -offset % DIRECT_ALIGNMENT
         if head >= length:
-            return io(self._fd, buf, offset)
+            return io(fd, buf, offset)
         done = 0
         if head:
-            done = io(self._fd, buf[:head], offset)
+            done = io(fd, buf[:head], offset)
             if done < head:
                 return done
         middle = (length - head) // DIRECT_ALIGNMENT * DIRECT_ALIGNMENT
@@ -205,16 +238,16 @@ class FileBackend:
         if middle and _address_aligned(view):
             done += io(direct_fd, view, offset + head)
         elif middle:
-            done += io(self._fd, view, offset + head)
+            done += io(fd, view, offset + head)
         if done < head + middle:
             return done
         if done < length:
-            done += io(self._fd, buf[done:], offset + done)
+            done += io(fd, buf[done:], offset + done)
         return done
 
     # Zeroing and flushing
 
-    def zero(self, offset, length, punch_hole):
+    def zero(self, offset: int, length: int, punch_hole: bool) -> None:
         if length == 0:
             return
         if self.is_block:
@@ -228,16 +261,17 @@ class FileBackend:
                 return
         self._write_zeros(offset, length)
 
-    def _try(self, func, offset, length):
+    def _try(self, func: Callable[[int, int, int], object], offset: int,
+             length: int) -> bool:
         try:
-            func(self._fd, offset, length)
+            func(self._file, offset, length)
         except OSError as e:
             if e.errno in fallocate.UNSUPPORTED:
                 return False
             raise
         return True
 
-    def _write_zeros(self, offset, length):
+    def _write_zeros(self, offset: int, length: int) -> None:
         zeros = memoryview(_zero_buffer())
         end = offset + length
         while offset < end:
@@ -245,13 +279,13 @@ class FileBackend:
             self.write(zeros[:n], offset)
             offset += n
 
-    def flush(self):
+    def flush(self) -> None:
         """fdatasync: every write to the file, from every connection."""
-        os.fdatasync(self._fd)
+        os.fdatasync(self._file)
 
     # Extents
 
-    def extents(self, start, length):
+    def extents(self, start: int, length: int) -> list[Extent]:
         """Data and hole extents of ``[start, start+length)``.
 
         Regular files use SEEK_DATA/SEEK_HOLE, one syscall per extent; a
@@ -262,36 +296,24 @@ class FileBackend:
             return []
         if self.is_block:
             return [Extent(start, end - start, zero=False)]
-        return file_extents(self._fd, start, end)
+        return file_extents(self._file, start, end)
 
-    # A file is spliced through its descriptor (``fileno``), not by these.
-    can_splice = False
-
-    def pipe_piece(self, capacity):
-        raise NotAvailable("splice through fileno()")
-
-    def read_to_pipes(self, pipes, offset, length, piece, reclaim):
-        raise NotAvailable("splice through fileno()")
-
-    def write_from_pipe(self, pipe, offset, length):
-        raise NotAvailable("splice through fileno()")
-
-    def dirty_extents(self, start, length):
+    def dirty_extents(self, start: int, length: int) -> list[Extent]:
         raise NotAvailable(f"{self.path} has no dirty bitmap")
 
-    def close(self):
-        read_fd = getattr(self, "_read_fd", None)
-        self._read_fd = None
-        if read_fd not in (None, _UNOPENED, getattr(self, "_direct_fd", None)):
+    def close(self) -> None:
+        """Close every descriptor once; safe on a half-opened backend."""
+        read_fd, self._read_fd = self._read_fd, None
+        direct_fd, self._direct_fd = self._direct_fd, None
+        fd, self._fd = self._fd, None
+        if read_fd is not None and read_fd not in (_UNOPENED, direct_fd):
             os.close(read_fd)
-        for name in ("_direct_fd", "_fd"):
-            fd = getattr(self, name, None)
-            if fd is not None:
-                setattr(self, name, None)
-                os.close(fd)
+        for owned in (direct_fd, fd):
+            if owned is not None:
+                os.close(owned)
 
 
-def _address_aligned(view):
+def _address_aligned(view: memoryview) -> bool:
     try:
         address = ctypes.addressof(ctypes.c_char.from_buffer(view))
     except TypeError:  # read-only memory; cannot tell, take the safe path
@@ -300,3 +322,8 @@ def _address_aligned(view):
 
 
 KIND = BackendKind(check_url=check_url, open=open_file)
+
+if TYPE_CHECKING:
+    # mypy checks FileBackend against each protocol it claims.
+    _backend: type[Backend] = FileBackend
+    _zero_copy: type[ZeroCopyFile] = FileBackend

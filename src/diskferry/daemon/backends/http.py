@@ -32,18 +32,22 @@ protects the data on the way). Every images call is forwarded there:
 
 import logging
 import urllib.parse
-from collections.abc import Callable, Sequence
-from http import HTTPStatus
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from diskferry.client.errors import ClientError, ConnectionFailed, HTTPError
 from diskferry.client.extents import parse_extents
 from diskferry.client.policy import Timeout
 from diskferry.daemon.backends import upstream
-from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
-from diskferry.errors import BadRequest, NotAvailable, RequestError, ServerError
+from diskferry.daemon.backends.base import (
+    ALL_FEATURES,
+    Backend,
+    BackendKind,
+    Extent,
+    ForwardsChecksum,
+)
+from diskferry.errors import FeatureNotOffered, UpstreamAnswered, UpstreamFailed
 from diskferry.extent import merged
-from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
     from diskferry.daemon.config import Config
@@ -52,23 +56,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("diskferry.daemon.backends.http")
 
 T = TypeVar("T")
-
-#: Status passed back when the upstream's is not a client or server
-#: error this daemon could send.
-BAD_GATEWAY = 502
-
-
-class UpstreamError(RequestError):
-    """Raised when the upstream server answered an error: the client gets
-    the same status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status if _sendable(status) else BAD_GATEWAY
-
-
-def _sendable(status: int) -> bool:
-    return 400 <= status < 600 and status in HTTPStatus._value2member_map_
 
 
 def check_url(url: urllib.parse.SplitResult) -> None:
@@ -97,7 +84,6 @@ class HttpBackend:
     """One client connection's use of a ticket's upstream pool."""
 
     remote = True
-    can_splice = False
 
     def __init__(self, ticket: "Ticket", pool: upstream.UpstreamPool,
                  buffer_size: int) -> None:
@@ -152,19 +138,6 @@ class HttpBackend:
             raise self._failed("checksum", f"no checksum in {answer!r:.80}")
         return answer
 
-    def fileno(self) -> None:
-        return None
-
-    def pipe_piece(self, capacity: int) -> int:
-        raise NotAvailable("a proxied image is copied through the buffer")
-
-    def read_to_pipes(self, pipes: Sequence[Pipe], offset: int, length: int,
-                      piece: int, reclaim: Callable[[bool], bool]) -> None:
-        raise NotAvailable("a proxied image is copied through the buffer")
-
-    def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
-        raise NotAvailable("a proxied image is copied through the buffer")
-
     def close(self) -> None:
         if not self._closed:
             self._closed = True
@@ -185,8 +158,8 @@ class HttpBackend:
 
     def _require(self, feature: str) -> None:
         if feature not in self.features:
-            raise BadRequest(f"The server behind this proxy does not offer "
-                             f"{feature} for this image")
+            raise FeatureNotOffered(f"The server behind this proxy does not "
+                                    f"offer {feature} for this image")
 
     def _call(self, what: str, request: Callable[[Any], T]) -> T:
         """Run ``request`` on a pooled connection; once more on a new
@@ -201,20 +174,20 @@ class HttpBackend:
                 con.close()
                 return request(con)
         except HTTPError as e:
-            raise UpstreamError(e.status, e.message or
-                                f"{e.status} {e.reason}") from e
+            raise UpstreamAnswered(e.status, e.message or
+                                   f"{e.status} {e.reason}") from e
         except ClientError as e:
             con.close()
             raise self._failed(what, e) from e
         finally:
             self._pool.release(con)
 
-    def _failed(self, what: str, error: object) -> ServerError:
-        """The 500 for a failed upstream: its details go to the log only."""
+    def _failed(self, what: str, error: object) -> UpstreamFailed:
+        """The error of a failed upstream: its details go to the log only."""
         log.warning("%s: %s failed: %s", self._pool.server, what, error)
-        return ServerError(f"The server behind this proxy failed ({what}); "
-                           f"a write is to be sent again since the last "
-                           f"flush")
+        return UpstreamFailed(f"The server behind this proxy failed ({what}); "
+                              f"a write is to be sent again since the last "
+                              f"flush")
 
 
 def clipped(extents: list[Extent], start: int, end: int) -> list[Extent]:
@@ -226,3 +199,8 @@ def clipped(extents: list[Extent], start: int, end: int) -> list[Extent]:
 
 
 KIND = BackendKind(check_url=check_url, open=open_http)
+
+if TYPE_CHECKING:
+    # mypy checks HttpBackend against each protocol it claims.
+    _backend: type[Backend] = HttpBackend
+    _checksum: type[ForwardsChecksum] = HttpBackend

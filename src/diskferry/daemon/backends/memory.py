@@ -8,9 +8,11 @@ is allocated memory, so it never reports a hole (``Extent.hole``: no
 layer allocates the range); zero chunks are allocated zeros.
 """
 
+from typing import TYPE_CHECKING
+
 from diskferry.errors import BackendError, NotAvailable
 
-from .base import ALL_FEATURES, Extent
+from .base import ALL_FEATURES, Backend, Extent
 
 #: Size of the chunks extents are reported in, as a file system block.
 ZERO_GRANULARITY = 4096
@@ -28,7 +30,7 @@ class MemoryBackend:
     remote = False
     writable = True
 
-    def __init__(self, content=0):
+    def __init__(self, content: int | bytes = 0) -> None:
         if isinstance(content, int):
             if content < 0:
                 raise ValueError(f"negative image size: {content}")
@@ -38,40 +40,40 @@ class MemoryBackend:
         self._closed = False
 
     @property
-    def data(self):
+    def data(self) -> bytes:
         """The image content, for tests to inspect."""
         return bytes(self._data)
 
-    def size(self):
+    def size(self) -> int:
         self._check_open()
         return len(self._data)
 
-    def readinto(self, buf, offset):
+    def readinto(self, buf: memoryview, offset: int) -> int:
         self._check_open()
         with memoryview(buf).cast("B") as view:
             count = max(0, min(len(view), len(self._data) - offset))
             view[:count] = self._data[offset:offset + count]
         return count
 
-    def write(self, data, offset):
+    def write(self, data: memoryview, offset: int) -> int:
         self._check_open()
         with memoryview(data).cast("B") as view:
             self._check_range(offset, len(view))
             self._data[offset:offset + len(view)] = view
             return len(view)
 
-    def zero(self, offset, length, punch_hole):
+    def zero(self, offset: int, length: int, punch_hole: bool) -> None:
         self._check_open()
         self._check_range(offset, length)
         self._data[offset:offset + length] = bytes(length)
 
-    def flush(self):
+    def flush(self) -> None:
         self._check_open()
 
-    def extents(self, start, length):
+    def extents(self, start: int, length: int) -> list[Extent]:
         self._check_open()
         end = min(start + length, len(self._data))
-        result = []
+        result: list[Extent] = []
         offset = start
         while offset < end:
             chunk_end = min(_next_chunk_boundary(offset), end)
@@ -84,40 +86,31 @@ class MemoryBackend:
             offset = chunk_end
         return result
 
-    can_splice = False
-
-    def pipe_piece(self, capacity):
-        raise NotAvailable("a memory image has no socket to splice")
-
-    def read_to_pipes(self, pipes, offset, length, piece, reclaim):
-        raise NotAvailable("a memory image has no socket to splice")
-
-    def write_from_pipe(self, pipe, offset, length):
-        raise NotAvailable("a memory image has no socket to splice")
-
-    def dirty_extents(self, start, length):
+    def dirty_extents(self, start: int, length: int) -> list[Extent]:
         raise NotAvailable("a memory image has no dirty bitmap")
 
-    def fileno(self):
-        return None
-
-    def close(self):
+    def close(self) -> None:
         self._closed = True
 
-    def _is_zero(self, start, end):
+    def _is_zero(self, start: int, end: int) -> bool:
         with memoryview(self._data)[start:end] as view:
             return _ZERO_CHUNK.startswith(view)
 
-    def _check_range(self, offset, length):
+    def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or offset + length > len(self._data):
             raise BackendError(
                 f"range {offset}+{length} is outside the image "
                 f"of {len(self._data)} bytes")
 
-    def _check_open(self):
+    def _check_open(self) -> None:
         if self._closed:
             raise BackendError("the backend is closed")
 
 
-def _next_chunk_boundary(offset):
+def _next_chunk_boundary(offset: int) -> int:
     return (offset // ZERO_GRANULARITY + 1) * ZERO_GRANULARITY
+
+
+if TYPE_CHECKING:
+    # mypy checks MemoryBackend against the protocol it claims.
+    _backend: type[Backend] = MemoryBackend

@@ -33,7 +33,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
-from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
+from diskferry.daemon.backends.base import (
+    ALL_FEATURES,
+    Backend,
+    BackendKind,
+    Extent,
+    SplicesPipes,
+)
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.pipe import Pipe
 
@@ -91,7 +97,6 @@ class NbdBackend:
                 self._client = _connect(url, None)
         else:
             self._client = _connect(url, None)
-        self.can_splice = self._client.can_splice
         #: An export served read-only refuses writes whatever the ticket.
         self.writable = not self._client.read_only
         connections = (MULTI_CONN_CONNECTIONS if self._client.can_multi_conn
@@ -134,8 +139,8 @@ class NbdBackend:
             raise NotAvailable(f"{self.url}: {self._no_dirty}")
         return self._client.dirty_extents(start, length)
 
-    def fileno(self) -> None:
-        return None
+    def can_splice(self) -> bool:
+        return self._client.can_splice
 
     def pipe_piece(self, capacity: int) -> int:
         return self._client.pipe_piece(capacity)
@@ -167,6 +172,11 @@ def _connect(url: str, dirty_bitmap: "str | Literal[True] | None"
 
 
 KIND = BackendKind(check_url=check_url, open=open_nbd)
+
+if TYPE_CHECKING:
+    # mypy checks NbdBackend against each protocol it claims.
+    _backend: type[Backend] = NbdBackend
+    _splices: type[SplicesPipes] = NbdBackend
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from diskferry.daemon.handlers.tickets import TicketsHandler
 from diskferry.daemon.http import parse
 from diskferry.daemon.http.accesslog import SecretPaths
 from diskferry.daemon.http.router import Router
+from diskferry.errors import BackendError, request_error
 
 if TYPE_CHECKING:
     from diskferry.daemon.tickets import TicketStore
@@ -70,6 +71,8 @@ class App:
             request.conn.close_after = parse.query_close(request.query)
         try:
             self._router.dispatch(request)
+        except BackendError as e:
+            raise request_error(e) from e
         finally:
             release_request(request.context)
 

@@ -7,9 +7,13 @@ the dirty context (incremental backup) only from a ticket with
 ``"dirty": true`` whose backend keeps a dirty bitmap, else 404.
 """
 
+from diskferry.daemon.backends.base import Backend
+from diskferry.daemon.config import Config
 from diskferry.daemon.handlers.context import open_image
 from diskferry.daemon.handlers.jsonbody import send_json
+from diskferry.daemon.handlers.request import Request
 from diskferry.daemon.http import parse
+from diskferry.daemon.tickets import Ticket, TicketStore
 from diskferry.errors import (
     BadRequest,
     NotAvailable,
@@ -21,7 +25,7 @@ from diskferry.extent import Extent, merged
 CONTEXTS = ("zero", "dirty")
 
 
-def covering(extents, start, length):
+def covering(extents: list[Extent], start: int, length: int) -> list[Extent]:
     """Backend extents of a range, padded past the image's end.
 
     An image shorter than its ticket reads as zeros there, unallocated
@@ -34,21 +38,21 @@ def covering(extents, start, length):
     return merged(extents)
 
 
-def zero_extents(backend, start, length):
+def zero_extents(backend: Backend, start: int, length: int) -> list[Extent]:
     return covering(backend.extents(start, length), start, length)
 
 
-def dirty_extents(backend, start, length):
+def dirty_extents(backend: Backend, start: int, length: int) -> list[Extent]:
     return covering(backend.dirty_extents(start, length), start, length)
 
 
 class ExtentsHandler:
 
-    def __init__(self, store, config):
+    def __init__(self, store: TicketStore, config: Config) -> None:
         self.store = store
         self.config = config
 
-    def get(self, request, ticket_id):
+    def get(self, request: Request, ticket_id: str) -> None:
         context = request.query.get("context", "zero")
         if context not in CONTEXTS:
             raise BadRequest(f"Invalid 'context' query parameter: "
@@ -57,13 +61,7 @@ class ExtentsHandler:
         ticket = image.ticket
         if context == "dirty" and not ticket.spec.dirty:
             raise _no_dirty_extents(ticket)
-        start = parse.query_int(request.query, "start", 0)
-        length = parse.query_int(request.query, "length", ticket.size - start)
-        if start + length > ticket.size or (start >= ticket.size and
-                                            ticket.size):
-            raise RangeNotSatisfiable(
-                f"Range {start}+{length} is outside the image (size "
-                f"{ticket.size})", size=ticket.size)
+        start, length = _query_range(request.query, ticket.size)
         with ticket.operation():
             if context == "zero":
                 extents = zero_extents(image.backend, start, length)
@@ -80,6 +78,22 @@ class ExtentsHandler:
              "zero": e.zero} for e in extents])
 
 
-def _no_dirty_extents(ticket):
+def _query_range(query: dict[str, str], size: int) -> tuple[int, int]:
+    """``start`` and ``length`` of the query: the whole image by default."""
+    start = _query_int(query, "start", 0)
+    length = _query_int(query, "length", size - start)
+    if start + length > size or (start >= size and size):
+        raise RangeNotSatisfiable(
+            f"Range {start}+{length} is outside the image (size "
+            f"{size})", size=size)
+    return start, length
+
+
+def _query_int(query: dict[str, str], name: str, default: int) -> int:
+    value = parse.query_int(query, name, default)
+    return default if value is None else value
+
+
+def _no_dirty_extents(ticket: Ticket) -> NotFound:
     return NotFound(f"Dirty extents are not available for transfer "
                     f"{ticket.transfer_id}")

@@ -1,12 +1,9 @@
 """``/images/{ticket}``: OPTIONS, GET, HEAD, PUT and PATCH.
 
-The data path: on plain sockets (UNIX, TCP) GET sends file ranges with
-``sendfile`` and PUT splices the body from the socket into the file;
-an NBD backend splices between its socket and the client's through
-pipes; with TLS or O_DIRECT both go through the connection's aligned
-buffer. The backend's side of a copy overlaps the connection's
-(``overlap``).
-Each request checks between chunks whether its ticket was canceled.
+This module speaks HTTP: ranges, statuses, headers, flush. How a range's
+bytes move between the connection and the backend is ``datapath``'s
+choice. Each request checks between chunks whether its ticket was
+canceled.
 
 HEAD answers what GET would, without the body, so that generic HTTP
 clients (qemu's curl driver, nbdkit-curl-plugin, resuming downloaders)
@@ -16,38 +13,40 @@ goes through the buffer; a PUT with a length keeps the zero-copy paths.
 
 import contextlib
 import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any
 
-from diskferry.daemon.handlers import cors, overlap
+from diskferry.daemon.backends.base import Backend
+from diskferry.daemon.config import Config
+from diskferry.daemon.handlers import cors, datapath
 from diskferry.daemon.handlers.context import (
+    OpenImage,
     connection_buffer,
-    connection_pipe,
-    discard_pipe,
     open_image,
-    request_pipes,
 )
 from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
+from diskferry.daemon.handlers.overlap import Operation
+from diskferry.daemon.handlers.request import Connection, Request
 from diskferry.daemon.http import parse
+from diskferry.daemon.tickets import Ticket, TicketStore
 from diskferry.errors import BadRequest, RangeNotSatisfiable, storage_error
 
 BASE_FEATURES = ["checksum", "extents"]
 WRITE_FEATURES = BASE_FEATURES + ["flush", "zero"]
-
-#: Bytes sent per sendfile call between cancellation checks.
-SENDFILE_CHUNK = 64 * 1024**2
 
 #: What OPTIONS answers in ``Allow``: HEAD wherever GET is.
 READ_METHODS = "OPTIONS,GET,HEAD"
 WRITE_METHODS = READ_METHODS + ",PUT,PATCH"
 
 
-def check_range(ticket, offset, length):
+def check_range(ticket: Ticket, offset: int, length: int) -> None:
     if offset + length > ticket.size:
         raise RangeNotSatisfiable(
             f"Range {offset}-{offset + length - 1} is outside the image "
             f"(size {ticket.size})", size=ticket.size)
 
 
-def content_disposition(filename):
+def content_disposition(filename: str | None) -> str:
     """``attachment``, with the ticket's file name when it has one.
 
     A name that is not plain ASCII also goes in ``filename*`` (RFC 6266);
@@ -66,13 +65,15 @@ def content_disposition(filename):
 
 class ImageHandler:
 
-    def __init__(self, store, config, server_options, ticket_options):
+    def __init__(self, store: TicketStore, config: Config,
+                 server_options: Mapping[str, Any],
+                 ticket_options: Mapping[str, Any]) -> None:
         self.store = store
         self.config = config
         self.server_options = server_options
         self.ticket_options = ticket_options
 
-    def options(self, request, ticket_id):
+    def options(self, request: Request, ticket_id: str) -> None:
         cors.allow(request, preflight=True)
         body = dict(self.server_options)
         if ticket_id == "*":
@@ -101,7 +102,7 @@ class ImageHandler:
             body["max_writers"] = min(image.backend.max_writers, cap)
         send_json(request, body, headers={"Allow": allow})
 
-    def get(self, request, ticket_id):
+    def get(self, request: Request, ticket_id: str) -> None:
         cors.allow(request)
         image = open_image(request, self.store, self.config, ticket_id, "read")
         ticket = image.ticket
@@ -125,17 +126,9 @@ class ImageHandler:
         backend = image.backend
         with ticket.operation(offset) as op:
             conn.start_response(status, length, headers)
-            fd = backend.fileno() if conn.zero_copy else None
-            if fd is not None:
-                self._send_file(conn, fd, op, offset, length)
-            elif overlap.splices(conn, backend, length):
-                with request_pipes(overlap.GET_PIPES) as pipes:
-                    overlap.send_spliced(conn, backend, pipes, op, offset,
-                                         length)
-            else:
-                self._send_buffered(request, backend, op, offset, length)
+            datapath.send(request, backend, op, offset, length)
 
-    def head(self, request, ticket_id):
+    def head(self, request: Request, ticket_id: str) -> None:
         """GET's answer without its body: the whole image's length."""
         cors.allow(request)
         image = open_image(request, self.store, self.config, ticket_id, "read")
@@ -144,21 +137,7 @@ class ImageHandler:
         request.conn.send_head(200, _whole_length(image),
                                _entity_headers(image.ticket))
 
-    def _send_file(self, conn, fd, op, offset, length):
-        end = offset + length
-        while offset < end:
-            op.check()
-            n = min(SENDFILE_CHUNK, end - offset)
-            conn.sendfile(fd, offset, n)
-            offset += n
-            op.done += n
-
-    def _send_buffered(self, request, backend, op, offset, length):
-        buf = connection_buffer(request, backend.buffer_size)
-        with memoryview(buf) as view:
-            overlap.send(request.conn, backend, view, op, offset, length)
-
-    def put(self, request, ticket_id):
+    def put(self, request: Request, ticket_id: str) -> None:
         cors.allow(request)
         image = open_image(request, self.store, self.config, ticket_id,
                            "write")
@@ -191,7 +170,8 @@ class ImageHandler:
                 if span is not None and done != span.length:
                     raise BadRequest(
                         f"Chunked body of {done} bytes, Content-Range "
-                        f"{content_range[:60]!r} needs {span.length}",
+                        f"{head.headers['content-range'][:60]!r} needs "
+                        f"{span.length}",
                         close_connection=True)
                 if flush:
                     image.backend.flush()
@@ -201,22 +181,14 @@ class ImageHandler:
         request.log.offset, request.log.size = offset, length
         conn = request.conn
         backend = image.backend
-        fd = backend.fileno() if conn.zero_copy else None
         with ticket.operation(offset) as op, _writing("Writing the image"):
-            if fd is not None:
-                self._splice_to_file(request, backend, fd, op, offset,
-                                     length)
-            elif overlap.splices(conn, backend, length):
-                with request_pipes() as (pipe,):
-                    overlap.receive_spliced(conn, backend, pipe, op, offset,
-                                            length)
-            else:
-                self._receive_buffered(request, backend, op, offset, length)
+            datapath.receive(request, backend, op, offset, length)
             if flush:
                 backend.flush()
         conn.send_response(200)
 
-    def _receive_chunked(self, request, backend, op, offset, limit):
+    def _receive_chunked(self, request: Request, backend: Backend,
+                         op: Operation, offset: int, limit: int) -> int:
         """Write a chunked body at ``offset``; its length, at most ``limit``.
 
         Each buffer is written only once it is known to fit: a body longer
@@ -240,30 +212,7 @@ class ImageHandler:
                 pos += n
                 op.done += n
 
-    def _splice_to_file(self, request, backend, fd, op, offset, length):
-        chunk = backend.buffer_size
-        pipe = connection_pipe(request)
-        try:
-            pos, end = offset, offset + length
-            while pos < end:
-                op.check()
-                n = request.conn.splice_body(fd, pos, min(chunk, end - pos),
-                                             pipe)
-                pos += n
-                op.done += n
-        except BaseException:
-            # The pipe may hold bytes of this body: never reuse it.
-            discard_pipe(request.context)
-            raise
-
-    def _receive_buffered(self, request, backend, op, offset, length):
-        buf = connection_buffer(request, backend.buffer_size)
-        with memoryview(buf) as view:
-            overlap.receive(request.conn, backend, view, op, offset, length,
-                            overlapped=request.conn.zero_copy
-                            or backend.remote)
-
-    def patch(self, request, ticket_id):
+    def patch(self, request: Request, ticket_id: str) -> None:
         # No CORS here: ovirt-imageio 2.5.1 answers PATCH without it.
         image = open_image(request, self.store, self.config, ticket_id,
                            "write")
@@ -292,13 +241,13 @@ class ImageHandler:
         request.conn.send_response(200)
 
 
-def _whole_length(image):
+def _whole_length(image: OpenImage) -> int:
     """What GET without Range sends: the ticket's size, or as ovirt-imageio
     what the storage holds when it is shorter."""
     return min(image.ticket.size, image.backend.size())
 
 
-def _entity_headers(ticket):
+def _entity_headers(ticket: Ticket) -> dict[str, str]:
     """The headers GET and HEAD share."""
     return {
         "Accept-Ranges": "bytes",
@@ -307,7 +256,7 @@ def _entity_headers(ticket):
     }
 
 
-def _fill(conn, view):
+def _fill(conn: Connection, view: memoryview) -> int:
     """Fill ``view`` from a chunked body; less only at its end."""
     got = 0
     while got < len(view):
@@ -321,7 +270,7 @@ def _fill(conn, view):
 class NoTicketHandler:
     """``/images/`` without a ticket id."""
 
-    def options(self, request):
+    def options(self, request: Request) -> None:
         cors.allow(request, preflight=request.method == "OPTIONS")
         raise BadRequest("Ticket id is required")
 
@@ -329,7 +278,7 @@ class NoTicketHandler:
 
 
 @contextlib.contextmanager
-def _writing(what):
+def _writing(what: str) -> Iterator[None]:
     """Storage errors of a write as the client should read them (507 for
     a full disk), after the rest of the body is drained."""
     try:

@@ -56,17 +56,6 @@ PIPE_CHUNK = 8 * 1024 * 1024
 #: one 1 MiB read in flight and 0.59-0.61 s with four (2-core VM).
 GET_PIPES = 4
 
-#: Shortest request worth splicing: a spliced request always has a worker
-#: thread, which costs about 80 us to start and join on this project's
-#: 2-core VM, while copying 1 MiB once costs about 140 us; a shorter
-#: request goes through the buffer, in turn and without a thread.
-MIN_SPLICED = 1024 * 1024
-
-
-def splices(conn: "ZeroCopy", backend: "Splicing", length: int) -> bool:
-    """Whether a request of ``length`` bytes goes through a pipe."""
-    return conn.zero_copy and backend.can_splice and length >= MIN_SPLICED
-
 Slot = TypeVar("Slot")
 
 
@@ -85,21 +74,13 @@ class Connection(Protocol):
     def splice_body_to_pipe(self, pipe: Pipe, count: int) -> int: ...
 
 
-class ZeroCopy(Protocol):
-    @property
-    def zero_copy(self) -> bool: ...
-
-
-class Splicing(Protocol):
-    @property
-    def can_splice(self) -> bool: ...
-
-
 class Storage(Protocol):
     def readinto(self, buf: memoryview, offset: int) -> int: ...
 
     def write(self, data: memoryview, offset: int) -> int: ...
 
+
+class PipeStorage(Protocol):
     def pipe_piece(self, capacity: int) -> int: ...
 
     def read_to_pipes(self, pipes: Sequence[Pipe], offset: int, length: int,
@@ -139,7 +120,7 @@ def send(conn: Connection, backend: Storage, buf: memoryview, op: Operation,
     _read_ahead(slots, len(slots[0]), fill, drain, op, offset, length)
 
 
-def send_spliced(conn: Connection, backend: Storage, pipes: Sequence[Pipe],
+def send_spliced(conn: Connection, backend: PipeStorage, pipes: Sequence[Pipe],
                  op: Operation, offset: int, length: int) -> None:
     """``send`` through pipes: backend -> pipes in turn -> connection."""
     piece = backend.pipe_piece(min(pipe.size for pipe in pipes))
@@ -204,7 +185,7 @@ def receive(conn: Connection, backend: Storage, buf: memoryview,
     _write_behind(slots, len(slots[0]), fill, drain, op, offset, length)
 
 
-def receive_spliced(conn: Connection, backend: Storage, pipe: Pipe,
+def receive_spliced(conn: Connection, backend: PipeStorage, pipe: Pipe,
                     op: Operation, offset: int, length: int) -> None:
     """``receive`` through a pipe: connection -> pipe -> backend."""
     def work() -> None:

@@ -6,28 +6,29 @@ see what a daemon serves.
 """
 
 from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
-from diskferry.daemon.tickets import MAX_TIMEOUT
+from diskferry.daemon.handlers.request import Request
+from diskferry.daemon.tickets import MAX_TIMEOUT, TicketStore
 from diskferry.errors import BadRequest
 
 
 class TicketsHandler:
 
-    def __init__(self, store):
+    def __init__(self, store: TicketStore) -> None:
         self.store = store
 
-    def get(self, request, ticket_id):
+    def get(self, request: Request, ticket_id: str) -> None:
         if not ticket_id:
             send_json(request, [t.info() for t in self.store.tickets()])
             return
         send_json(request, self.store.get(ticket_id).info())
 
-    def put(self, request, ticket_id):
+    def put(self, request: Request, ticket_id: str) -> None:
         if not ticket_id:
             raise BadRequest("Ticket id is required")
         self.store.add(read_json(request), ticket_id)
         request.conn.send_response(200)
 
-    def patch(self, request, ticket_id):
+    def patch(self, request: Request, ticket_id: str) -> None:
         if not ticket_id:
             raise BadRequest("Ticket id is required")
         msg = read_json(request)
@@ -38,7 +39,7 @@ class TicketsHandler:
         self.store.get(ticket_id).extend(timeout)
         request.conn.send_response(200)
 
-    def delete(self, request, ticket_id):
+    def delete(self, request: Request, ticket_id: str) -> None:
         if ticket_id:
             self.store.remove(ticket_id)
         else:
