@@ -20,7 +20,9 @@ Observed in ovirt-imageio 2.5.1 beyond PROTOCOL.md:
   and a malformed method 400, closing the connection (docs/protocol.md).
 - A ``Content-Length`` of thousands of digits is a 400, on the images and
   the control services.
-- ``GET /images/`` (no ticket id) is a 400; an unknown path is a 404.
+- ``GET /images/`` (no ticket id) is a 400, and so are
+  ``/images//extents`` and ``/images//checksum``; an unknown path is a
+  404.
 - The images service does not serve ``/tickets/`` (404).
 """
 
@@ -235,6 +237,24 @@ def test_images_without_ticket_id_400(endpoint):
         res = con.request("GET", "/images/")
     assert res.status == 400
     assert res.header("Content-Type").startswith("text/plain")
+
+
+@pytest.mark.parametrize("path", ["/images//extents", "/images//checksum"])
+def test_ticket_resource_without_ticket_id_400(endpoint, path):
+    with endpoint.raw() as con:
+        res = con.request("GET", path)
+        assert res.status == 400
+        assert b"Ticket id is required" in res.body
+        assert con.request("PUT", path).status == 405
+
+
+def test_checksum_algorithms_without_ticket_id(endpoint):
+    """The algorithms do not depend on a ticket; ovirt-imageio answers
+    them under an empty id too."""
+    with endpoint.raw() as con:
+        res = con.request("GET", "/images//checksum/algorithms")
+    assert res.status == 200
+    assert "blake2b" in res.json()["algorithms"]
 
 
 def huge_request_line():

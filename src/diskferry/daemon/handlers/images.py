@@ -332,6 +332,14 @@ class NoTicketHandler:
     get = put = patch = options
 
 
+class NoTicketReadHandler:
+    """``/images//extents`` and ``/images//checksum``: an empty ticket id
+    is the client's mistake, a 400 as on ``/images/``, not a 404."""
+
+    def get(self, request: Request) -> None:
+        raise BadRequest("Ticket id is required")
+
+
 @contextlib.contextmanager
 def _writing(what: str) -> Iterator[None]:
     """Storage errors of a write as the client should read them (507 for
