@@ -36,41 +36,51 @@ from servers import RawConnection, make_sparse_file
 SIZE = 1 << 20
 
 
+def ask(method, target="", headers=(), body=b""):
+    """The head after ``/images/{id}``, and the body, of a request."""
+    lines = "".join(h + "\r\n" for h in headers)
+    return method, f"{target} HTTP/1.1\r\nHost: localhost\r\n{lines}\r\n", body
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
-    method: str
-    target: str  # after /images/{id}
-    headers: tuple[str, ...] = ()
-    body: bytes = b""
+    request: tuple[str, str, bytes]
     status: int = 400
     # A word the answer's body has (the header, parameter or field).
     names: str = ""
-    # diskferry's answer where it differs, by ticket ("gone", "unknown").
-    diskferry: dict[str, int] = field(default_factory=dict)
-    # ovirt-imageio's answer where the ticket changes it.
-    ovirt_imageio: dict[str, int] = field(default_factory=dict)
+    # Answers where a daemon and a ticket ("gone", "unknown") differ from
+    # ``status``, by "KIND TICKET".
+    answers: dict[str, int] = field(default_factory=dict)
 
     def expected(self, kind: str, ticket: str) -> int:
-        table = self.diskferry if kind == "diskferry" else self.ovirt_imageio
-        return table.get(ticket, self.status)
+        return self.answers.get(f"{kind} {ticket}", self.status)
 
 
 def put(name, value=None, target="?flush=n", **kw):
     headers = ("Content-Length: 4",)
     if value is not None:
         headers += (f"Content-Range: {value}",)
-    return Case(name, "PUT", target, headers, b"abcd", **kw)
+    return Case(name, ask("PUT", target, headers, b"abcd"), **kw)
 
 
 def patch(name, msg, **kw):
     body = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
     headers = ("Content-Type: application/json", f"Content-Length: {len(body)}")
-    return Case(name, "PATCH", "", headers, body, **kw)
+    return Case(name, ask("PATCH", "", headers, body), **kw)
 
+
+def get(name, target="", headers=(), **kw):
+    return Case(name, ask("GET", target, headers), **kw)
+
+
+#: Where a range past the ticket meets a ticket whose image is gone.
+PAST_TICKET = {"diskferry gone": 416, "diskferry unknown": 403,
+               "ovirt-imageio unknown": 403}
 
 CASES = [
-    Case("put-no-content-length", "PUT", "?flush=n", names="Content-Length"),
+    Case("put-no-content-length", ask("PUT", "?flush=n"),
+         names="Content-Length"),
     put("put-flush-invalid", target="?flush=invalid", names="flush"),
     *(put(f"put-content-range={v!r}", v, names="Content-Range") for v in (
         "", "   ", "7-13/20", "bytes 13-7/20", "bytes 7-13",
@@ -82,32 +92,26 @@ CASES = [
     patch("patch-offset-negative", {"op": "zero", "size": 1, "offset": -1}),
     patch("patch-flush-not-bool", {"op": "zero", "size": 1, "flush": "x"}),
     patch("patch-not-json", b"{x", names="JSON"),
-    Case("checksum-algorithm", "GET", "/checksum?algorithm=nope",
-         names="'algorithm'"),
-    Case("checksum-block-size", "GET", "/checksum?block_size=x",
-         names="block"),
-    Case("get-range-malformed", "GET", "", ("Range: bytes=x-3",), status=416,
-         names="Range", diskferry={"unknown": 403}),
+    get("checksum-algorithm", "/checksum?algorithm=nope", names="'algorithm'"),
+    get("checksum-block-size", "/checksum?block_size=x", names="block"),
+    get("get-range-malformed", "", ("Range: bytes=x-3",), status=416,
+        names="Range", answers={"diskferry unknown": 403}),
     # Where diskferry checks more before opening the image.
-    patch("patch-not-object", b"[]", status=500, diskferry={"gone": 400,
-                                                             "unknown": 400}),
-    Case("extents-context", "GET", "/extents?context=nope", status=400,
-         ovirt_imageio={"gone": 500, "unknown": 403}),
+    patch("patch-not-object", b"[]", status=500,
+          answers={"diskferry gone": 400, "diskferry unknown": 400}),
+    get("extents-context", "/extents?context=nope",
+        answers={"ovirt-imageio gone": 500, "ovirt-imageio unknown": 403}),
     # start is an extension, which ovirt-imageio does not read.
-    Case("extents-start", "GET", "/extents?start=x", status=400,
-         names="start", ovirt_imageio={"gone": 500, "unknown": 403}),
+    get("extents-start", "/extents?start=x", names="start",
+        answers={"ovirt-imageio gone": 500, "ovirt-imageio unknown": 403}),
     put("put-past-ticket", f"bytes {SIZE - 1}-{SIZE + 2}/*", status=500,
-        diskferry={"gone": 416, "unknown": 403},
-        ovirt_imageio={"unknown": 403}),
+        answers=PAST_TICKET),
     patch("patch-zero-past-ticket", {"op": "zero", "offset": SIZE, "size": 1},
-          status=500, diskferry={"gone": 416, "unknown": 403},
-          ovirt_imageio={"unknown": 403}),
-    Case("get-range-past-ticket", "GET", "", (f"Range: bytes={SIZE}-",),
-         status=500, diskferry={"gone": 416, "unknown": 403},
-         ovirt_imageio={"unknown": 403}),
-    Case("extents-dirty", "GET", "/extents?context=dirty", status=500,
-         diskferry={"gone": 404, "unknown": 403},
-         ovirt_imageio={"unknown": 403}),
+          status=500, answers=PAST_TICKET),
+    get("get-range-past-ticket", "", (f"Range: bytes={SIZE}-",), status=500,
+        answers=PAST_TICKET),
+    get("extents-dirty", "/extents?context=dirty", status=500,
+        answers={**PAST_TICKET, "diskferry gone": 404}),
 ]
 
 
@@ -124,11 +128,10 @@ def gone_ticket(server, make_ticket, tmp_path):
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_request_checked_before_image(server, gone_ticket, case, ticket):
     ticket_id = gone_ticket if ticket == "gone" else "no-such-ticket"
-    head = (f"{case.method} /images/{ticket_id}{case.target} HTTP/1.1\r\n"
-            "Host: localhost\r\n" + "".join(h + "\r\n" for h in case.headers))
+    method, head, body = case.request
     with RawConnection(server.raw_local_socket(timeout=10)) as con:
-        con.send(head.encode() + b"\r\n" + case.body)
-        res = con.response(case.method)
+        con.send(f"{method} /images/{ticket_id}{head}".encode() + body)
+        res = con.response(method)
     expected = case.expected(server.name, ticket)
     assert res.status == expected, res.body
     if expected in (400, 416) and case.names:
