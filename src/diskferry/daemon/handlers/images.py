@@ -5,6 +5,13 @@ bytes move between the connection and the backend is ``datapath``'s
 choice. Each request checks between chunks whether its ticket was
 canceled.
 
+A request is checked in three steps, each before what the next needs:
+what it says by itself (a PUT's head: ``PutRequest``, a PATCH's body:
+``PatchRequest``), then against its ticket (authorization, the range
+against the ticket's size), and only then is the image opened. A
+malformed request is so a 400 whatever the state of its storage, never
+the 500 that tells a client to resend its data.
+
 HEAD answers what GET would, without the body, so that generic HTTP
 clients (qemu's curl driver, nbdkit-curl-plugin, resuming downloaders)
 learn the size and that ranges work. A chunked PUT (no length up front)
