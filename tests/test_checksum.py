@@ -308,10 +308,10 @@ def test_validate_accepts(algorithm, block_size, expected):
 
 
 @pytest.mark.parametrize("algorithm, block_size, match", [
-    ("nope", None, "algorithm 'nope'"),
-    ("", None, "algorithm ''"),
-    ("BLAKE2B", None, "algorithm 'BLAKE2B'"),
-    ("shake_128", None, "algorithm 'shake_128'"),
+    ("nope", None, "'algorithm' query parameter: 'nope'"),
+    ("", None, "'algorithm' query parameter: ''"),
+    ("BLAKE2B", None, "'algorithm' query parameter: 'BLAKE2B'"),
+    ("shake_128", None, "'algorithm' query parameter: 'shake_128'"),
     (None, "abc", "block_size 'abc'"),
     (None, "", "block_size ''"),
     (None, "1.5", "block_size '1.5'"),

@@ -48,7 +48,10 @@ def test_keep_alive(version, connection, keep):
      HeadersTooLarge),
     (head("GET / HTTP/2.0"), BadRequest),
     (head("GET /"), BadRequest),
-    (head("get / HTTP/1.1"), BadRequest),
+    (head("GE@T / HTTP/1.1"), BadRequest),
+    (head("GET, / HTTP/1.1"), BadRequest),
+    (head("(GET) / HTTP/1.1"), BadRequest),
+    (head("G\tT / HTTP/1.1"), BadRequest),
     (head("GET images HTTP/1.1"), BadRequest),
     (head("GET / HTTP/1.1", "no colon"), BadRequest),
     (head("GET / HTTP/1.1", " folded: x"), BadRequest),
@@ -63,6 +66,16 @@ def test_parse_head_errors(raw, error):
     with pytest.raises(error) as e:
         parse.parse_head(raw)
     assert e.value.close_connection
+
+
+@pytest.mark.parametrize("method", [
+    "get", "NO_SUCH_METHO", "M-1", "BASELINE-CONTROL", "A" * 40,
+    "!#$%&'*+-.^_`|~09az",
+])
+def test_method_is_any_token(method):
+    """RFC 9110 9.1: a method is a case-sensitive token; which ones the
+    daemon implements is the router's question (501), not the parser's."""
+    assert parse.parse_head(head(f"{method} / HTTP/1.1")).method == method
 
 
 @pytest.mark.parametrize("value", [b"-1", b"1e3", b"abc", b"", b"0x10",
@@ -203,7 +216,10 @@ def test_query_int():
 
 @pytest.mark.parametrize("data,ok", [
     (b"", True), (b"GE", True), (b"GET", True), (b"GET /images", True),
-    (b"\x16\x03\x01\x02\x00", False), (b"get /", False), (b"{json", False),
+    (b"get /", True), (b"NO_SUCH_METHO /", True), (b"M-1", True),
+    (b"A" * 40 + b" /", True),
+    (b"\x16\x03\x01\x02\x00", False), (b"{json", False), (b"GE@T", False),
+    (b"GET, /", False),
 ])
 def test_check_request_line_start(data, ok):
     if ok:

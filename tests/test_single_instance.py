@@ -125,6 +125,36 @@ def test_same_remote_port_is_refused(daemon_a, tmp_path):
     assert not (tmp_path / "b" / "control.sock").exists()
 
 
+@pytest.mark.parametrize("service", ["remote", "local", "control"])
+def test_busy_address_is_refused_before_a_ca_is_made(daemon_a, tmp_path,
+                                                     service):
+    """B has TLS on and no certificate: a start would make a CA in its
+    state folder; a busy address must stop it before that."""
+    b = tmp_path / "b"
+    b.mkdir()
+    busy = {"remote": daemon_a.port, "local": daemon_a.local_socket,
+            "control": daemon_a.control_socket}[service]
+    port = busy if service == "remote" else 0
+    local = busy if service == "local" else str(b / "local.sock")
+    control = busy if service == "control" else str(b / "control.sock")
+    config = b / "diskferry.toml"
+    config.write_text(
+        f'[remote]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[tls]\nenable = true\n'
+        f'[local]\nenable = true\nsocket = "{local}"\n'
+        f'[control]\ntransport = "unix"\nsocket = "{control}"\n'
+        f'[daemon]\nstate_dir = "{b / "state"}"\n')
+    run = serve(str(config), b)
+    address = f"127.0.0.1:{busy}" if service == "remote" else busy
+    assert_refused(run, f"{service} service: {address} is in use")
+    # Nothing made but the run folder its lock was in: no CA, no key.
+    state = b / "state"
+    assert [str(p.relative_to(state)) for p in state.rglob("*")] == ["run"]
+    assert not (b / "local.sock").exists()
+    assert not (b / "control.sock").exists()
+    assert_serves(daemon_a)
+
+
 def test_separate_daemons_both_serve(daemon_a, tmp_path):
     with servers.start_server("diskferry", tmp_path / "b", tls=False,
                               local_socket="path") as b:

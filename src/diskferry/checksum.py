@@ -147,8 +147,8 @@ def validate(algorithm: str | None = None,
         algorithm = DEFAULT_ALGORITHM
     elif algorithm not in ALGORITHMS:
         raise BadRequest(
-            f"Unsupported algorithm {algorithm!r}, expecting one of "
-            f"{', '.join(ALGORITHMS)}")
+            f"Invalid 'algorithm' query parameter: {algorithm[:40]!r}; "
+            f"expecting one of {', '.join(ALGORITHMS)}")
 
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE

@@ -14,9 +14,15 @@ Observed in ovirt-imageio 2.5.1 beyond PROTOCOL.md:
   body (an unknown method such as ``STORE`` is 405 too, where diskferry
   answers 501: docs/protocol.md). HEAD is 405 too, where diskferry
   answers it (test_head.py).
+- Any method ovirt-imageio does not serve is a 405 that keeps the
+  connection, whatever its characters (``NO_SUCH_METHO``, ``get``, even
+  ``GE@T`` that is not an RFC 9110 token); diskferry answers a token 501
+  and a malformed method 400, closing the connection (docs/protocol.md).
 - A ``Content-Length`` of thousands of digits is a 400, on the images and
   the control services.
-- ``GET /images/`` (no ticket id) is a 400; an unknown path is a 404.
+- ``GET /images/`` (no ticket id) is a 400, and so are
+  ``/images//extents`` and ``/images//checksum``; an unknown path is a
+  404.
 - The images service does not serve ``/tickets/`` (404).
 """
 
@@ -193,11 +199,62 @@ def test_content_length_over_4300_digits_400(endpoint, method):
     assert b"Content-Length" in res.body
 
 
+@pytest.mark.parametrize("path", ["/images/no-such-ticket", "/info/"])
+@pytest.mark.parametrize(
+    "method", ["NO_SUCH_METHO", "STORE", "get", "M-1", "!#$%&'*+-.^_`|~"]
+)
+def test_method_token_not_implemented(endpoint, method, path):
+    """RFC 9110 9.1: any token is a method; one the server does not
+    implement is a 501, and the connection goes on."""
+    expected = 501 if endpoint.server.name == "diskferry" else 405
+    with endpoint.raw() as con:
+        res = con.request(method, path)
+        assert res.status == expected, res.body
+        assert res.header("Content-Type").startswith("text/plain")
+        assert method.encode() in res.body
+        assert con.request("OPTIONS", "/images/*").status == 200
+
+
+@pytest.mark.parametrize("method", ["GE@T", "GET,", "G(T", "[GET]"])
+def test_method_not_a_token(endpoint, method):
+    """A method with a character no token has: the request line cannot be
+    trusted, so diskferry answers 400 and closes."""
+    with endpoint.raw() as con:
+        res = con.request(method, "/images/no-such-ticket")
+        assert res.header("Content-Type").startswith("text/plain")
+        assert method.encode() in res.body
+        if endpoint.server.name == "diskferry":
+            assert res.status == 400
+            assert b"Malformed method" in res.body
+            assert con.at_eof()
+        else:
+            assert res.status == 405
+            assert con.request("OPTIONS", "/images/*").status == 200
+
+
 def test_images_without_ticket_id_400(endpoint):
     with endpoint.raw() as con:
         res = con.request("GET", "/images/")
     assert res.status == 400
     assert res.header("Content-Type").startswith("text/plain")
+
+
+@pytest.mark.parametrize("path", ["/images//extents", "/images//checksum"])
+def test_ticket_resource_without_ticket_id_400(endpoint, path):
+    with endpoint.raw() as con:
+        res = con.request("GET", path)
+        assert res.status == 400
+        assert b"Ticket id is required" in res.body
+        assert con.request("PUT", path).status == 405
+
+
+def test_checksum_algorithms_without_ticket_id(endpoint):
+    """The algorithms do not depend on a ticket; ovirt-imageio answers
+    them under an empty id too."""
+    with endpoint.raw() as con:
+        res = con.request("GET", "/images//checksum/algorithms")
+    assert res.status == 200
+    assert "blake2b" in res.json()["algorithms"]
 
 
 def huge_request_line():

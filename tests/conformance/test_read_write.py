@@ -170,6 +170,39 @@ def test_get_image_shorter_than_ticket(endpoint, image, make_ticket):
         assert res.header("Content-Range") == f"bytes */{SIZE}"
 
 
+def test_get_image_shorter_than_ticket_range_to_its_end(endpoint, image,
+                                                       make_ticket):
+    """A range to the end of the ticket (open, or ending past it) on
+    storage shorter than the ticket: ovirt-imageio refuses one that ends
+    past the ticket naming the ticket's size and serves an open one from
+    the storage; diskferry reads both as the rest of the ticket's image,
+    which the storage cannot serve, and names the storage's size
+    (docs/protocol.md). A range that starts past the ticket is the
+    ticket's 416 on both."""
+    t = make_ticket(endpoint.server, image, 2 * SIZE, ops=["read"])
+    path = f"/images/{t['uuid']}"
+    diskferry = endpoint.server.name == "diskferry"
+    with endpoint.raw() as con:
+        res = con.request("GET", path, {"Range": f"bytes=0-{2 * SIZE + 9}"})
+    assert res.status == 416
+    assert res.header("Content-Range") == \
+        f"bytes */{SIZE if diskferry else 2 * SIZE}"
+    with endpoint.raw() as con:
+        res = con.request("GET", path, {"Range": "bytes=4096-"})
+    if diskferry:
+        assert res.status == 416
+        assert res.header("Content-Range") == f"bytes */{SIZE}"
+    else:
+        assert res.status == 206
+        assert res.header("Content-Range") == f"bytes 4096-{SIZE - 1}/{2 * SIZE}"
+        assert res.body == expected_content()[4096:]
+    with endpoint.raw() as con:
+        res = con.request("GET", path,
+                          {"Range": f"bytes={2 * SIZE + 5}-{2 * SIZE + 9}"})
+    assert res.status == 416
+    assert res.header("Content-Range") == f"bytes */{2 * SIZE}"
+
+
 @pytest.mark.file_only  # an NBD export's size is fixed while it is served
 def test_get_image_truncated_while_ticket_lives(endpoint, image, make_ticket):
     t = make_ticket(endpoint.server, image, SIZE, ops=["read"])
@@ -192,6 +225,24 @@ def test_get_filename(endpoint, image, make_ticket):
     assert disposition is not None
     assert disposition.startswith("attachment")
     assert "disk.raw" in disposition
+
+
+def test_get_filename_not_ascii(endpoint, image, make_ticket):
+    """ovirt-imageio sends the name's UTF-8 bytes as they are; diskferry
+    RFC 6266's ``filename*`` beside an ASCII ``filename`` (docs/protocol.md)."""
+    name = "dísk €.raw"
+    t = make_ticket(endpoint.server, image, SIZE, ops=["read"], filename=name)
+    with endpoint.raw() as con:
+        res = con.request("GET", f"/images/{t['uuid']}", {"Range": "bytes=0-0"})
+    assert res.status == 206
+    disposition = res.header("Content-Disposition")
+    if endpoint.server.name == "diskferry":
+        assert disposition == ('attachment; filename="d_sk _.raw"; '
+                               "filename*=UTF-8''d%C3%ADsk%20%E2%82%AC.raw")
+    else:
+        # The raw response head is read as ISO-8859-1.
+        assert disposition == ("attachment; filename=" +
+                               name.encode().decode("iso-8859-1"))
 
 
 def test_get_unknown_ticket_403_closes(endpoint):

@@ -118,6 +118,11 @@ ROWS = [
                              "Content-Range: bytes 8-11/*"), diskferry=400),
     put_range("cr-trailing-space", "bytes 0-3/* ", status=400, closes=True,
               diskferry=200, diskferry_closes=False),
+    # A LAST of "*": ovirt-imageio writes the body at FIRST; diskferry
+    # refuses what RFC 9110 does not define and it could not check
+    # against Content-Length.
+    put_range("cr-last-star", "bytes 0-*/*", diskferry=400),
+    put_range("cr-last-star-offset", "bytes 10-*/*", offset=10, diskferry=400),
     # Range on GET.
     get_range("range", "bytes=0-3", status=206),
     get_range("range-open", "bytes=0-", status=206),

@@ -146,7 +146,11 @@ def test_ticket_number_over_4300_digits_400(diskferry, tmp_path):
 # --- 2. methods naming handler attributes -------------------------------------
 
 
-@pytest.mark.parametrize("method", ["STORE", "CONFIG", "SERVER", "FOO"])
+@pytest.mark.parametrize(
+    "method",
+    ["STORE", "CONFIG", "SERVER", "FOO", "NO_SUCH_METHO", "get", "M-1",
+     "BASELINE-CONTROL", "!#$%&'*+-.^_`|~", "A" * 40],
+)
 @pytest.mark.parametrize(
     "service,path",
     [("tls", "/images/{id}"), ("unix", "/images/{id}/extents"),

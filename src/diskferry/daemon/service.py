@@ -6,8 +6,10 @@
 
 ``Daemon.start()`` first takes the run directory's lock (one daemon per
 run directory, see ``instancelock``), then binds every listener before
-serving any, so that a port in use fails the start rather than leaving
-half a daemon. Whatever fails, the daemon removes only what it created
+making anything else (the TLS certificates of a first start included)
+and before serving any, so that an address in use fails the start
+rather than leaving half a daemon, or a CA that no daemon serves with,
+in a new state folder. Whatever fails, the daemon removes only what it created
 itself: the socket files it bound (checked by inode, so a file another
 daemon bound at the same path since is left alone) and its lock file.
 A bind error names the service, the address and the cause in one line.
@@ -20,6 +22,7 @@ import socket
 import ssl
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Protocol
 
 from diskferry import __version__
@@ -101,6 +104,19 @@ class Service(Protocol):
     def stop(self, timeout: float) -> None: ...
 
 
+@dataclass(frozen=True)
+class _Listeners:
+    """The services' listening sockets, bound before anything is made."""
+
+    remote: socket.socket
+    local: socket.socket | None
+    control: socket.socket
+
+    def sockets(self) -> list[socket.socket]:
+        return [sock for sock in (self.remote, self.local, self.control)
+                if sock is not None]
+
+
 class Daemon:
 
     def __init__(self, config: Config) -> None:
@@ -137,6 +153,50 @@ class Daemon:
             raise
 
     def _start(self) -> None:
+        listeners = self._bind()
+        try:
+            # Only now that every address is ours: a daemon that cannot
+            # listen must not have made a CA in its state folder first.
+            context = self._tls_context()
+            self.servers = self._servers(listeners, context)
+        except BaseException:
+            self._unbind(listeners.sockets())
+            raise
+        for server in self.servers:
+            server.start()
+
+    def _bind(self) -> _Listeners:
+        """Every service's listening socket, or none: a bind that fails
+        closes those bound before it."""
+        config = self.config
+        bound: list[socket.socket] = []
+        try:
+            remote = self._tcp("remote", config.remote.host,
+                               config.remote.port)
+            bound.append(remote)
+            local = None
+            if config.local.enable:
+                local = self._unix("local", config.local_socket)
+                bound.append(local)
+            control = self._control_socket()
+        except BaseException:
+            self._unbind(bound)
+            raise
+        return _Listeners(remote, local, control)
+
+    def _unbind(self, sockets: list[socket.socket]) -> None:
+        """Undo ``_bind`` for a start that fails."""
+        for sock in sockets:
+            sock.close()
+        self._remove_socket_files()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls.enable:
+            return None
+        return tls_context(*self._tls_files())
+
+    def _servers(self, listeners: _Listeners,
+                 context: ssl.SSLContext | None) -> list[Service]:
         config = self.config
         images = images_app(self.store, config, self._options(),
                             self._ticket_options())
@@ -145,31 +205,18 @@ class Daemon:
         # Image clients share one limit; the control service has its own,
         # so that they can never lock the management plane out.
         clients = ConnectionLimit(config.daemon.connection_limit)
-        try:
-            context = None
-            if config.tls.enable:
-                context = tls_context(*self._tls_files())
-            remote = self._tcp("remote", config.remote.host,
-                               config.remote.port)
-            self.servers.append(Server(
-                "remote", remote, images, tls_context=context,
-                idle_timeout=idle, head_timeout=head, limit=clients))
-            if config.local.enable:
-                self.servers.append(Server(
-                    "local", self._unix("local", config.local_socket),
-                    images, idle_timeout=idle, head_timeout=head,
-                    limit=clients))
-            self.servers.append(Server(
-                "control", self._control_socket(), control_app(self.store),
-                idle_timeout=idle, head_timeout=head,
-                limit=ConnectionLimit(config.daemon.connection_limit)))
-        except BaseException:
-            for server in self.servers:
-                server.sock.close()
-            self._remove_socket_files()
-            raise
-        for server in self.servers:
-            server.start()
+        servers: list[Service] = [Server(
+            "remote", listeners.remote, images, tls_context=context,
+            idle_timeout=idle, head_timeout=head, limit=clients)]
+        if listeners.local is not None:
+            servers.append(Server(
+                "local", listeners.local, images, idle_timeout=idle,
+                head_timeout=head, limit=clients))
+        servers.append(Server(
+            "control", listeners.control, control_app(self.store),
+            idle_timeout=idle, head_timeout=head,
+            limit=ConnectionLimit(config.daemon.connection_limit)))
+        return servers
 
     def _options(self) -> dict[str, str]:
         """What OPTIONS tells every client."""

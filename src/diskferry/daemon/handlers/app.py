@@ -22,7 +22,11 @@ from diskferry.daemon.handlers.context import (
     release_request,
 )
 from diskferry.daemon.handlers.extents import ExtentsHandler
-from diskferry.daemon.handlers.images import ImageHandler, NoTicketHandler
+from diskferry.daemon.handlers.images import (
+    ImageHandler,
+    NoTicketHandler,
+    NoTicketReadHandler,
+)
 from diskferry.daemon.handlers.info import InfoHandler
 from diskferry.daemon.handlers.tickets import TicketsHandler
 from diskferry.daemon.http import parse
@@ -86,10 +90,12 @@ def images_app(store: TicketStore, config: Config, options: dict[str, Any],
     ``ticket_options`` what it adds for a valid ticket only."""
     return App([
         (TICKET + "/extents", ExtentsHandler(store, config)),
-        (TICKET + "/checksum/algorithms", AlgorithmsHandler()),
+        # The algorithms need no ticket; an empty id is no mistake there.
+        (r"/images/([^/]*)/checksum/algorithms", AlgorithmsHandler()),
         (TICKET + "/checksum", ChecksumHandler(store, config)),
         (TICKET, ImageHandler(store, config, options, ticket_options)),
         (r"/images/?", NoTicketHandler()),
+        (r"/images//(?:extents|checksum)", NoTicketReadHandler()),
         (r"/info/?", InfoHandler(cors=True)),
     ], close_query=True)
 

@@ -68,15 +68,30 @@ class ImageRequest(Protocol):
     def log(self) -> AccessRecord: ...
 
 
+def authorize(request: ImageRequest, store: TicketStore, ticket_id: str,
+              op: str) -> Ticket:
+    """The ticket if it allows ``op``, named in the request's log line;
+    what a request is checked against before its image is opened."""
+    ticket = store.authorize(ticket_id, op)
+    request.log.transfer_id = ticket.transfer_id
+    return ticket
+
+
 def open_image(request: ImageRequest, store: TicketStore, config: Config,
                ticket_id: str, op: str) -> OpenImage:
-    """Authorize ``op`` on the ticket and return the connection's backend.
+    """Authorize ``op`` on the ticket and return the connection's backend."""
+    return ticket_image(request, authorize(request, store, ticket_id, op),
+                        config)
+
+
+def ticket_image(request: ImageRequest, ticket: Ticket,
+                 config: Config) -> OpenImage:
+    """The connection's backend of an authorized ticket.
 
     The first use of a ticket on a connection opens the backend and
     switches the connection to the ticket's inactivity timeout.
     """
-    ticket = store.authorize(ticket_id, op)
-    request.log.transfer_id = ticket.transfer_id
+    ticket_id = ticket.spec.uuid
     context = request.context
     image = context.images.get(ticket_id)
     if image is not None and image.ticket is ticket:

@@ -9,7 +9,7 @@ the dirty context (incremental backup) only from a ticket with
 
 from diskferry.daemon.backends.base import Backend
 from diskferry.daemon.config import Config
-from diskferry.daemon.handlers.context import open_image
+from diskferry.daemon.handlers.context import authorize, ticket_image
 from diskferry.daemon.handlers.jsonbody import send_json
 from diskferry.daemon.handlers.request import Request
 from diskferry.daemon.http import parse
@@ -53,15 +53,18 @@ class ExtentsHandler:
         self.config = config
 
     def get(self, request: Request, ticket_id: str) -> None:
-        context = request.query.get("context", "zero")
+        query = request.query
+        context = query.get("context", "zero")
         if context not in CONTEXTS:
             raise BadRequest(f"Invalid 'context' query parameter: "
                              f"{context!r:.40}; expected zero or dirty")
-        image = open_image(request, self.store, self.config, ticket_id, "read")
-        ticket = image.ticket
+        start = parse.query_int(query, "start")
+        length = parse.query_int(query, "length")
+        ticket = authorize(request, self.store, ticket_id, "read")
         if context == "dirty" and not ticket.spec.dirty:
             raise _no_dirty_extents(ticket)
-        start, length = _query_range(request.query, ticket.size)
+        start, length = _range(start, length, ticket.size)
+        image = ticket_image(request, ticket, self.config)
         with ticket.operation():
             if context == "zero":
                 extents = zero_extents(image.backend, start, length)
@@ -78,20 +81,19 @@ class ExtentsHandler:
              "zero": e.zero} for e in extents])
 
 
-def _query_range(query: dict[str, str], size: int) -> tuple[int, int]:
-    """``start`` and ``length`` of the query: the whole image by default."""
-    start = _query_int(query, "start", 0)
-    length = _query_int(query, "length", size - start)
+def _range(start: int | None, length: int | None,
+           size: int) -> tuple[int, int]:
+    """The query's ``start`` and ``length`` in an image of ``size``: the
+    whole image by default."""
+    if start is None:
+        start = 0
+    if length is None:
+        length = size - start
     if start + length > size or (start >= size and size):
         raise RangeNotSatisfiable(
             f"Range {start}+{length} is outside the image (size "
             f"{size})", size=size)
     return start, length
-
-
-def _query_int(query: dict[str, str], name: str, default: int) -> int:
-    value = parse.query_int(query, name, default)
-    return default if value is None else value
 
 
 def _no_dirty_extents(ticket: Ticket) -> NotFound:

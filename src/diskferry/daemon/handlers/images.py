@@ -5,6 +5,13 @@ bytes move between the connection and the backend is ``datapath``'s
 choice. Each request checks between chunks whether its ticket was
 canceled.
 
+A request is checked in three steps, each before what the next needs:
+what it says by itself (a PUT's head: ``PutRequest``, a PATCH's body:
+``PatchRequest``), then against its ticket (authorization, the range
+against the ticket's size), and only then is the image opened. A
+malformed request is so a 400 whatever the state of its storage, never
+the 500 that tells a client to resend its data.
+
 HEAD answers what GET would, without the body, so that generic HTTP
 clients (qemu's curl driver, nbdkit-curl-plugin, resuming downloaders)
 learn the size and that ranges work. A chunked PUT (no length up front)
@@ -14,6 +21,7 @@ goes through the buffer; a PUT with a length keeps the zero-copy paths.
 import contextlib
 import urllib.parse
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from diskferry.daemon.backends.base import Backend
@@ -21,8 +29,10 @@ from diskferry.daemon.config import Config
 from diskferry.daemon.handlers import cors, datapath
 from diskferry.daemon.handlers.context import (
     OpenImage,
+    authorize,
     connection_buffer,
     open_image,
+    ticket_image,
 )
 from diskferry.daemon.handlers.jsonbody import field, read_json, send_json
 from diskferry.daemon.handlers.overlap import Operation
@@ -104,11 +114,14 @@ class ImageHandler:
 
     def get(self, request: Request, ticket_id: str) -> None:
         cors.allow(request)
-        image = open_image(request, self.store, self.config, ticket_id, "read")
-        ticket = image.ticket
+        ticket = authorize(request, self.store, ticket_id, "read")
         range_header = request.headers.get("range")
+        span = None
         if range_header is not None:
-            offset, length = parse.parse_range(range_header, ticket.size)
+            span = parse.parse_range(range_header, ticket.size)
+        image = ticket_image(request, ticket, self.config)
+        if span is not None:
+            offset, length = span
             status = 206
             headers = {"Content-Range":
                        f"bytes {offset}-{offset + length - 1}/{ticket.size}"}
@@ -139,53 +152,43 @@ class ImageHandler:
 
     def put(self, request: Request, ticket_id: str) -> None:
         cors.allow(request)
-        image = open_image(request, self.store, self.config, ticket_id,
-                           "write")
-        ticket = image.ticket
-        head = request.head
-        length = head.content_length
-        if length is None and not head.chunked:
-            raise BadRequest("Content-Length header is required",
-                             close_connection=True)
-        content_range = head.headers.get("content-range")
-        span = None
-        if content_range is not None:
-            span = parse.parse_content_range(content_range)
-            if length is not None and span.length != length:
-                raise BadRequest(
-                    f"Content-Range {content_range[:60]!r} is "
-                    f"{span.length} bytes, Content-Length {length}")
-        offset = span.first if span else 0
-        flush = parse.query_bool(request.query, "flush", True)
-        if length is None:
-            # Chunked: the body may fill the range, or the image's rest.
-            limit = span.length if span else ticket.size - offset
-            check_range(ticket, offset, limit)
-            request.log.offset = offset
-            with ticket.operation(offset) as op, \
-                    _writing("Writing the image"):
-                done = self._receive_chunked(request, image.backend, op,
-                                             offset, limit)
-                request.log.size = done
-                if span is not None and done != span.length:
-                    raise BadRequest(
-                        f"Chunked body of {done} bytes, Content-Range "
-                        f"{head.headers['content-range'][:60]!r} needs "
-                        f"{span.length}",
-                        close_connection=True)
-                if flush:
-                    image.backend.flush()
-            request.conn.send_response(200)
+        wanted = PutRequest.of(request)
+        ticket = authorize(request, self.store, ticket_id, "write")
+        length = wanted.length_in(ticket)
+        check_range(ticket, wanted.offset, length)
+        image = ticket_image(request, ticket, self.config)
+        if wanted.length is None:
+            self._put_chunked(request, image, wanted, length)
             return
-        check_range(ticket, offset, length)
+        offset = wanted.offset
         request.log.offset, request.log.size = offset, length
         conn = request.conn
         backend = image.backend
         with ticket.operation(offset) as op, _writing("Writing the image"):
             datapath.receive(request, backend, op, offset, length)
-            if flush:
+            if wanted.flush:
                 backend.flush()
         conn.send_response(200)
+
+    def _put_chunked(self, request: Request, image: OpenImage,
+                     wanted: "PutRequest", limit: int) -> None:
+        """A chunked body: it may fill its range, or the image's rest."""
+        offset, span = wanted.offset, wanted.span
+        request.log.offset = offset
+        with image.ticket.operation(offset) as op, \
+                _writing("Writing the image"):
+            done = self._receive_chunked(request, image.backend, op,
+                                         offset, limit)
+            request.log.size = done
+            if span is not None and done != span.length:
+                raise BadRequest(
+                    f"Chunked body of {done} bytes, Content-Range "
+                    f"{request.headers['content-range'][:60]!r} needs "
+                    f"{span.length}",
+                    close_connection=True)
+            if wanted.flush:
+                image.backend.flush()
+        request.conn.send_response(200)
 
     def _receive_chunked(self, request: Request, backend: Backend,
                          op: Operation, offset: int, limit: int) -> int:
@@ -214,9 +217,77 @@ class ImageHandler:
 
     def patch(self, request: Request, ticket_id: str) -> None:
         # No CORS here: ovirt-imageio 2.5.1 answers PATCH without it.
-        image = open_image(request, self.store, self.config, ticket_id,
-                           "write")
-        ticket = image.ticket
+        wanted = PatchRequest.of(request)
+        ticket = authorize(request, self.store, ticket_id, "write")
+        if wanted.op == "zero":
+            check_range(ticket, wanted.offset, wanted.size)
+        image = ticket_image(request, ticket, self.config)
+        if wanted.op == "zero":
+            offset, size = wanted.offset, wanted.size
+            request.log.offset, request.log.size = offset, size
+            with ticket.operation(offset) as op, _writing("Zeroing"):
+                image.backend.zero(offset, size, punch_hole=ticket.spec.sparse)
+                op.done = size
+                if wanted.flush:
+                    image.backend.flush()
+        else:
+            with ticket.operation(), _writing("Flushing"):
+                image.backend.flush()
+        request.conn.send_response(200)
+
+
+@dataclass(frozen=True)
+class PutRequest:
+    """What a PUT asks for, as its head says it: checked before the
+    ticket, so that a malformed request is a 400 naming the header
+    whatever the state of the ticket and its image."""
+
+    #: None: a chunked body, its length known at its end.
+    length: int | None
+    span: parse.ContentRange | None
+    flush: bool
+
+    @classmethod
+    def of(cls, request: Request) -> "PutRequest":
+        head = request.head
+        length = head.content_length
+        if length is None and not head.chunked:
+            raise BadRequest("Content-Length header is required",
+                             close_connection=True)
+        content_range = head.headers.get("content-range")
+        span = None
+        if content_range is not None:
+            span = parse.parse_content_range(content_range)
+            if length is not None and span.length != length:
+                raise BadRequest(
+                    f"Content-Range {content_range[:60]!r} is "
+                    f"{span.length} bytes, Content-Length {length}")
+        flush = parse.query_bool(request.query, "flush", True)
+        return cls(length, span, flush)
+
+    @property
+    def offset(self) -> int:
+        return self.span.first if self.span else 0
+
+    def length_in(self, ticket: Ticket) -> int:
+        """The bytes the body may write: its length; for a chunked body,
+        its range or the image's rest."""
+        if self.length is not None:
+            return self.length
+        return self.span.length if self.span else ticket.size - self.offset
+
+
+@dataclass(frozen=True)
+class PatchRequest:
+    """A PATCH's JSON body, checked before the ticket as a PUT's head."""
+
+    op: str
+    offset: int = 0
+    size: int = 0
+    flush: bool = False
+
+    @classmethod
+    def of(cls, request: Request) -> "PatchRequest":
         msg = read_json(request)
         if not isinstance(msg, dict):
             raise BadRequest("PATCH body must be a JSON object")
@@ -225,20 +296,11 @@ class ImageHandler:
             size = field(msg, "size", int, required=True, minimum=0)
             offset = field(msg, "offset", int, default=0, minimum=0)
             flush = field(msg, "flush", bool, default=False)
-            check_range(ticket, offset, size)
-            request.log.offset, request.log.size = offset, size
-            with ticket.operation(offset) as op, _writing("Zeroing"):
-                image.backend.zero(offset, size, punch_hole=ticket.spec.sparse)
-                op.done = size
-                if flush:
-                    image.backend.flush()
-        elif op_name == "flush":
-            with ticket.operation(), _writing("Flushing"):
-                image.backend.flush()
-        else:
-            raise BadRequest(f"Invalid field 'op': {op_name!r:.40}; "
-                             f"expected 'zero' or 'flush'")
-        request.conn.send_response(200)
+            return cls("zero", offset, size, flush)
+        if op_name == "flush":
+            return cls("flush")
+        raise BadRequest(f"Invalid field 'op': {op_name!r:.40}; "
+                         f"expected 'zero' or 'flush'")
 
 
 def _whole_length(image: OpenImage) -> int:
@@ -275,6 +337,14 @@ class NoTicketHandler:
         raise BadRequest("Ticket id is required")
 
     get = put = patch = options
+
+
+class NoTicketReadHandler:
+    """``/images//extents`` and ``/images//checksum``: an empty ticket id
+    is the client's mistake, a 400 as on ``/images/``, not a 404."""
+
+    def get(self, request: Request) -> None:
+        raise BadRequest("Ticket id is required")
 
 
 @contextlib.contextmanager

@@ -30,8 +30,16 @@ MAX_HEADERS = 100
 #: connection before any authorization.
 MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * 256
 
-#: A header field name: an RFC 9110 token.
-HEADER_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+#: A character of an RFC 9110 token (5.6.2), what a method and a header
+#: field name are made of.
+TOKEN_CHAR = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]"
+
+#: A header field name: a token.
+HEADER_NAME = re.compile(rf"{TOKEN_CHAR}+\Z".encode())
+
+#: A request method: a token, case-sensitive (RFC 9110 9.1). One the
+#: daemon does not implement is the router's 501, not a malformed request.
+METHOD = re.compile(rf"{TOKEN_CHAR}+\Z")
 
 #: Most digits of a number in a header or query (lengths, offsets, block
 #: sizes). The largest offset a file can have, 2**63-1, has 19; a longer
@@ -84,8 +92,9 @@ def check_request_line_length(line_length: int) -> None:
             f"Request line longer than {MAX_REQUEST_LINE} bytes")
 
 
-#: What a request line can start with: a method and a space.
-REQUEST_LINE_START = re.compile(rb"[A-Z]{0,20}( |\Z)")
+#: What a request line can start with: a method and a space. A method's
+#: length is bounded by MAX_REQUEST_LINE only, as when the line comes whole.
+REQUEST_LINE_START = re.compile(rf"{TOKEN_CHAR}*( |\Z)".encode())
 
 
 def check_request_line_start(data: bytes | bytearray) -> None:
@@ -133,7 +142,7 @@ def parse_request_line(line: bytes) -> tuple[str, str, str]:
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         raise BadRequest(f"Unsupported HTTP version: {version[:20]!r}",
                          close_connection=True)
-    if not method.isalpha() or not method.isupper():
+    if not METHOD.match(method):
         raise BadRequest(f"Malformed method: {method[:20]!r}",
                          close_connection=True)
     if not target.startswith("/") and target != "*":
