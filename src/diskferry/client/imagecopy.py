@@ -34,6 +34,7 @@ from diskferry.client import extents as _extents
 from diskferry.client import formats
 from diskferry.client.connection import ImageConnection
 from diskferry.client.extents import Range
+from diskferry.client.partfile import PartFile
 from diskferry.client.piece import Cursor, Piece
 from diskferry.client.qemunbd import QemuNbd
 from diskferry.client.sender import Sender
@@ -226,7 +227,7 @@ class NbdSource:
         self._server.close()
 
 
-class NbdDestination:
+class NbdDestination(PartFile):
     """A new local image (qcow2), written through qemu-nbd."""
 
     #: Pieces may come in parallel, in any order; nothing to resume.
@@ -236,19 +237,18 @@ class NbdDestination:
     def __init__(self, path: str, fmt: str, size: int, *,
                  backing_file: str | None, connections: int,
                  request_size: int, detect_zeros: bool) -> None:
-        self.path = path
-        self._part: str | None = path + ".part"
+        super().__init__(path)
         #: A new image without a backing file reads zeros everywhere.
         self.zeroed = backing_file is None
         self._detect_zeros = detect_zeros
-        formats.create(self._part, fmt, size, backing=backing_file)
+        formats.create(self.part, fmt, size, backing=backing_file)
         try:
             self._server = QemuNbd(
-                formats.destination_spec(self._part, fmt), read_only=False,
-                shared=connections + 1, cache=_cache_mode(self._part),
+                formats.destination_spec(self.part, fmt), read_only=False,
+                shared=connections + 1, cache=_cache_mode(self.part),
                 extra=("--discard=unmap", "--detect-zeroes=unmap"))
         except BaseException:
-            os.unlink(self._part)
+            os.unlink(self.part)
             raise
         self._workers = _Workers(self._server, request_size)
 
@@ -287,24 +287,11 @@ class NbdDestination:
             worker.call(lambda client: client.flush())
         self._workers.close()
         self._server.close()
-        assert self._part is not None
-        os.rename(self._part, self.path)
-        self._part = None
+        self._rename()
 
-    def __enter__(self) -> NbdDestination:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None,
-                 exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._part is None:
-            return
+    def _abandon(self) -> None:
         self._workers.close()
         self._server.kill()
-        try:
-            os.unlink(self._part)
-        except FileNotFoundError:
-            pass
 
 
 class _ChecksumReader:

@@ -30,10 +30,10 @@ import math
 import os
 import struct
 from collections.abc import Iterator
-from types import TracebackType
 
 from diskferry.client.connection import ImageConnection
 from diskferry.client.extents import Range
+from diskferry.client.partfile import PartFile
 from diskferry.client.piece import Cursor
 from diskferry.fileio import pwrite_all
 
@@ -203,7 +203,7 @@ def write_tables(fd: int, layout: Layout, written: bytearray) -> None:
         pwrite_all(fd, memoryview(data), offset)
 
 
-class Destination:
+class Destination(PartFile):
     """A download into a new qcow2 at ``path`` (no backing file), made
     as ``PATH.part`` and renamed once its tables are written and synced.
 
@@ -220,12 +220,11 @@ class Destination:
 
     def __init__(self, path: str, size: int, extents: list[tuple[int, int]],
                  *, detect_zeros: bool) -> None:
-        self.path = path
-        self._part: str | None = path + ".part"
+        super().__init__(path)
         self._layout = Layout(size, extents)
         self._written = bytearray(self._layout.clusters)
         self._detect_zeros = detect_zeros
-        self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT | os.O_TRUNC
                            | os.O_CLOEXEC, 0o644)
 
     def receive(self, con: ImageConnection, cursor: Cursor) -> None:
@@ -279,26 +278,13 @@ class Destination:
 
     def commit(self) -> None:
         """Write the tables, sync, and give the image its name."""
-        assert self._part is not None
         write_tables(self._fd, self._layout, self._written)
         os.fsync(self._fd)
         os.close(self._fd)
-        os.rename(self._part, self.path)
-        self._part = None
+        self._rename()
 
-    def __enter__(self) -> Destination:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None,
-                 exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._part is None:
-            return
+    def _abandon(self) -> None:
         os.close(self._fd)
-        try:
-            os.unlink(self._part)
-        except FileNotFoundError:
-            pass
 
 
 @functools.lru_cache(maxsize=1)

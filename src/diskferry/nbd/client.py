@@ -615,16 +615,10 @@ class Client:
             return CmdFlag.FUA, False
         return 0, True
 
-    def _submit(
-        self,
-        command: int,
-        offset: int,
-        length: int,
-        flags: int = 0,
-        buffer: memoryview | None = None,
-        payload: memoryview | None = None,
-        pipe: int | None = None,
-    ) -> Request:
+    def _submit(self, command: int, offset: int, length: int, flags: int = 0,
+                buffer: memoryview | None = None,
+                payload: memoryview | None = None,
+                pipe: int | None = None) -> Request:
         """Send a command; a READ with ``pipe`` is spliced into it, a WRITE
         with ``pipe`` takes its payload from it."""
         self._check_usable()
