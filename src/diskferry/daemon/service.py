@@ -25,10 +25,11 @@ from typing import Protocol
 from diskferry import __version__
 from diskferry.daemon import backends
 from diskferry.daemon.config import Config, FileName
-from diskferry.daemon.handlers import control_app, images_app
+from diskferry.daemon.handlers import control_app, images_app, metrics_app
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
 from diskferry.daemon.instancelock import InstanceLock
+from diskferry.daemon.metrics.registry import DaemonMetrics, MetricsSettings
 from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import DiskferryError
 from diskferry.hostid import host_id
@@ -38,6 +39,10 @@ log = logging.getLogger("diskferry.daemon.service")
 
 #: Mode of the control socket: the management plane's group may use it.
 CONTROL_SOCKET_MODE = 0o660
+
+#: Connections open at once on the metrics port: a scraper or two need
+#: one each; more only cost threads.
+METRICS_CONNECTION_LIMIT = 16
 
 
 class StartError(DiskferryError):
@@ -109,6 +114,8 @@ class Daemon:
             backends.check_url,
             remove_timeout=config.control.remove_timeout,
             default_inactivity=config.daemon.inactivity_timeout)
+        self.metrics = DaemonMetrics(self.store, MetricsSettings(
+            transfer_labels=config.metrics.transfer_labels))
         self.server_id = uuid.uuid4().hex
         self.servers: list[Service] = []
         self.ca_file: FileName | None = None
@@ -153,16 +160,16 @@ class Daemon:
                                config.remote.port)
             self.servers.append(Server(
                 "remote", remote, images, tls_context=context,
-                idle_timeout=idle, head_timeout=head, limit=clients))
+                idle_timeout=idle, head_timeout=head, limit=clients,
+                observer=self.metrics.service(
+                    "remote", "tls" if context else "tcp")))
             if config.local.enable:
                 self.servers.append(Server(
                     "local", self._unix("local", config.local_socket),
                     images, idle_timeout=idle, head_timeout=head,
-                    limit=clients))
-            self.servers.append(Server(
-                "control", self._control_socket(), control_app(self.store),
-                idle_timeout=idle, head_timeout=head,
-                limit=ConnectionLimit(config.daemon.connection_limit)))
+                    limit=clients,
+                    observer=self.metrics.service("local", "unix")))
+            self._add_control_servers()
         except BaseException:
             for server in self.servers:
                 server.sock.close()
@@ -170,6 +177,28 @@ class Daemon:
             raise
         for server in self.servers:
             server.start()
+
+    def _add_control_servers(self) -> None:
+        """The control service, and the metrics' own port if enabled;
+        each has connections of its own, apart from the clients'."""
+        config = self.config
+        idle = config.daemon.inactivity_timeout
+        head = config.daemon.head_timeout
+        self.servers.append(Server(
+            "control", self._control_socket(),
+            control_app(self.store, self.metrics),
+            idle_timeout=idle, head_timeout=head,
+            limit=ConnectionLimit(config.daemon.connection_limit),
+            observer=self.metrics.service(
+                "control", config.control.transport)))
+        if config.metrics.enable:
+            self.servers.append(Server(
+                "metrics", self._tcp("metrics", config.metrics.host,
+                                     config.metrics.port),
+                metrics_app(self.metrics), idle_timeout=idle,
+                head_timeout=head,
+                limit=ConnectionLimit(METRICS_CONNECTION_LIMIT),
+                observer=self.metrics.service("metrics", "tcp")))
 
     def _options(self) -> dict[str, str]:
         """What OPTIONS tells every client."""
@@ -259,6 +288,9 @@ class Daemon:
             lines.append(f"  local socket:   {local.address}")
         control = self._started("control")
         lines.append(f"  control socket: {control.address}")
+        metrics = self.server("metrics")
+        if metrics:
+            lines.append(f"  metrics:        http://{metrics.address}/metrics")
         return lines
 
     def wait(self) -> None:

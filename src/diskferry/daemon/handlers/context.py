@@ -77,6 +77,7 @@ def open_image(request: ImageRequest, store: TicketStore, config: Config,
     """
     ticket = store.authorize(ticket_id, op)
     request.log.transfer_id = ticket.transfer_id
+    request.log.scheme = ticket.spec.url.partition(":")[0]
     context = request.context
     image = context.images.get(ticket_id)
     if image is not None and image.ticket is ticket:
