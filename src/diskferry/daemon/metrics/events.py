@@ -1,7 +1,7 @@
 """Counts of backend events, one call per event, process-wide.
 
 Backends live below the HTTP layer and know no daemon: they report an
-NBD connection made or lost, or an upstream request, with one call to
+NBD connection made or closed, or an upstream request, with one call to
 ``BACKEND_EVENTS`` here, which imports nothing of the daemon (no
 cycle). A process runs one daemon; tests that run several read these as
 deltas.
@@ -23,14 +23,10 @@ class BackendEvents:
         self.nbd_connects = Counter(
             "diskferry_nbd_connects_total",
             "NBD connections made to exports.")
-        self.nbd_reconnects = Counter(
-            "diskferry_nbd_reconnects_total",
-            "NBD connections made again after one to the same export was "
-            "lost.")
         self.nbd_errors = Counter(
             "diskferry_nbd_errors_total",
-            "NBD connections that failed to open, and NBD commands that "
-            "failed.")
+            "NBD connections that failed to open, and NBD commands the "
+            "server refused.")
         self.upstream_requests = Counter(
             "diskferry_upstream_requests_total",
             "Requests the proxy backend sent to upstream images servers.")
@@ -45,9 +41,6 @@ class BackendEvents:
     def nbd_disconnected(self) -> None:
         self.nbd_exports.inc((), -1)
 
-    def nbd_reconnected(self) -> None:
-        self.nbd_reconnects.inc()
-
     def nbd_failed(self) -> None:
         self.nbd_errors.inc()
 
@@ -59,8 +52,8 @@ class BackendEvents:
 
     def snapshots(self) -> list[Snapshot]:
         return [family.snapshot() for family in (
-            self.nbd_exports, self.nbd_connects, self.nbd_reconnects,
-            self.nbd_errors, self.upstream_requests, self.upstream_errors)]
+            self.nbd_exports, self.nbd_connects, self.nbd_errors,
+            self.upstream_requests, self.upstream_errors)]
 
 
 #: The process's backend events.

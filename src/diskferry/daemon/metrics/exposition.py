@@ -50,11 +50,10 @@ class Snapshot:
     samples: Sequence[Sample]
 
 
-class Counter:
-    """A count that only goes up, by label values (``name`` ends in
-    ``_total``)."""
+class _Values:
+    """One value per label values, changed under the family's lock."""
 
-    type = "counter"
+    type = "untyped"
 
     def __init__(self, name: str, help: str,
                  label_names: tuple[str, ...] = ()) -> None:
@@ -79,7 +78,14 @@ class Counter:
                         samples)
 
 
-class Gauge(Counter):
+class Counter(_Values):
+    """A count that only goes up, by label values (``name`` ends in
+    ``_total``)."""
+
+    type = "counter"
+
+
+class Gauge(_Values):
     """A value that goes up and down, by label values."""
 
     type = "gauge"
