@@ -38,6 +38,9 @@ from diskferry.daemon.tickets import TicketStore
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
 
+#: The label of a status code, by its first digit.
+STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+
 #: Ticket URL scheme -> the backend label.
 BACKEND_KINDS = {"file": "file", "nbd": "nbd", "nbd+unix": "nbd",
                  "http": "http", "https": "http"}
@@ -92,34 +95,35 @@ class ServiceMetrics:
     def __init__(self, families: _Families, service: str,
                  transport: str) -> None:
         self._families = families
-        self._service = (service,)
+        self._service = service
         self._transport = transport
         self._bytes = {"GET": families.read, "PUT": families.written,
                        "PATCH": families.zeroed}
 
     def connection_opened(self) -> None:
-        self._families.connections.inc(self._service)
-        self._families.connections_open.inc(self._service)
+        self._families.connections.inc((self._service,))
+        self._families.connections_open.inc((self._service,))
 
     def connection_closed(self) -> None:
-        self._families.connections_open.inc(self._service, -1)
+        self._families.connections_open.inc((self._service,), -1)
 
     def connection_refused(self) -> None:
-        self._families.refused.inc(self._service)
+        self._families.refused.inc((self._service,))
 
     def request_done(self, head: RequestHead | None, status: int | None,
                      record: AccessRecord, seconds: float) -> None:
+        families = self._families
         method = _method_label(head)
-        code = f"{status // 100}xx" if status is not None else "none"
-        self._families.requests.inc((*self._service, method, code))
-        if method in ("GET", "PUT"):
-            self._families.duration.observe((*self._service, method),
-                                            seconds)
-        bytes_family = self._bytes.get(method)
-        if (bytes_family is not None and record.size and code == "2xx"
-                and record.scheme is not None):
-            backend = BACKEND_KINDS.get(record.scheme, "other")
-            bytes_family.inc((self._transport, backend), record.size)
+        code = (STATUS_CLASSES.get(status // 100, "none")
+                if status is not None else "none")
+        families.requests.inc((self._service, method, code))
+        if method == "GET" or method == "PUT":
+            families.duration.observe((self._service, method), seconds)
+        if code == "2xx" and record.size and record.scheme is not None:
+            moved = self._bytes.get(method)
+            if moved is not None:
+                backend = BACKEND_KINDS.get(record.scheme, "other")
+                moved.inc((self._transport, backend), record.size)
 
 
 def _method_label(head: RequestHead | None) -> str:
