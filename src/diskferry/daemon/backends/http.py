@@ -41,6 +41,7 @@ from diskferry.client.extents import parse_extents
 from diskferry.client.policy import Timeout
 from diskferry.daemon.backends import upstream
 from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
+from diskferry.daemon.metrics.events import BACKEND_EVENTS
 from diskferry.errors import BadRequest, NotAvailable, RequestError, ServerError
 from diskferry.extent import merged
 from diskferry.pipe import Pipe
@@ -192,6 +193,7 @@ class HttpBackend:
         """Run ``request`` on a pooled connection; once more on a new
         connection if that one broke (see the module docstring)."""
         con = self._pool.acquire()
+        BACKEND_EVENTS.upstream_request()
         try:
             try:
                 return request(con)
@@ -199,11 +201,14 @@ class HttpBackend:
                 log.info("%s: %s failed (%s); sending it again on a new "
                          "connection", self._pool.server, what, e)
                 con.close()
+                BACKEND_EVENTS.upstream_request()
                 return request(con)
         except HTTPError as e:
+            BACKEND_EVENTS.upstream_failed()
             raise UpstreamError(e.status, e.message or
                                 f"{e.status} {e.reason}") from e
         except ClientError as e:
+            BACKEND_EVENTS.upstream_failed()
             con.close()
             raise self._failed(what, e) from e
         finally:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Literal
 
 from diskferry import nbd
 from diskferry.daemon.backends.base import ALL_FEATURES, BackendKind, Extent
+from diskferry.daemon.metrics.events import BACKEND_EVENTS
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.pipe import Pipe
 
@@ -149,17 +150,21 @@ class NbdBackend:
 
     def close(self) -> None:
         self._client.close()
+        BACKEND_EVENTS.nbd_disconnected()
 
 
 def _connect(url: str, dirty_bitmap: "str | Literal[True] | None"
              ) -> nbd.Client:
     try:
-        return nbd.open_client(url, dirty_bitmap=dirty_bitmap,
-                               connect_timeout=CONNECT_TIMEOUT)
+        client = nbd.open_client(url, dirty_bitmap=dirty_bitmap,
+                                 connect_timeout=CONNECT_TIMEOUT)
     except nbd.DirtyBitmapError:
         raise
     except (nbd.NbdError, OSError) as e:
+        BACKEND_EVENTS.nbd_failed()
         raise BackendError(f"Cannot open NBD export {url}: {e}") from e
+    BACKEND_EVENTS.nbd_connected()
+    return client
 
 
 KIND = BackendKind(check_url=check_url, open=open_nbd)
@@ -173,4 +178,5 @@ def _as_os_error() -> Iterator[None]:
     try:
         yield
     except nbd.RequestError as e:
+        BACKEND_EVENTS.nbd_failed()
         raise OSError(e.errno, str(e)) from e
