@@ -230,6 +230,60 @@ def test_nbd_ticket_counted(daemon, image):
                          backend="nbd") -
             before.value("diskferry_read_bytes_total", transport="unix",
                          backend="nbd")) == MiB
+    for name in ("diskferry_nbd_connects_total",
+                 "diskferry_nbd_exports_connected"):
+        assert during.value(name) - before.value(name) == 1
+    # The client closed its connection: its NBD connection closes too.
+    deadline = time.monotonic() + 10
+    while (scrape(daemon).value("diskferry_nbd_exports_connected") !=
+           before.value("diskferry_nbd_exports_connected")):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_unreachable_nbd_export_counted(daemon, tmp_path):
+    t = add_ticket(daemon, "/unused",
+                   url=f"nbd:unix:{tmp_path}/nothing.sock")
+    before = scrape(daemon)
+    con = daemon.remote_connection()
+    try:
+        assert request(con, "OPTIONS", f"/images/{t['uuid']}")[0] == 500
+    finally:
+        con.close()
+    after = scrape_after(daemon, before, 1, service="remote", code="5xx")
+    assert (after.value("diskferry_nbd_errors_total") -
+            before.value("diskferry_nbd_errors_total")) == 1
+    assert (after.value("diskferry_nbd_connects_total") ==
+            before.value("diskferry_nbd_connects_total"))
+
+
+def test_proxy_ticket_counted(daemon, image):
+    upstream = add_ticket(daemon, image, ops=["read"])
+    proxied = add_ticket(daemon, "/unused", ops=["read"],
+                         url=daemon.image_url(upstream["uuid"]))
+    before = scrape(daemon)
+    con = daemon.local_connection()
+    try:
+        status, data = request(con, "GET", f"/images/{proxied['uuid']}",
+                               None, {"Range": f"bytes=0-{MiB - 1}"})
+        assert status == 206 and data == b"x" * MiB
+    finally:
+        con.close()
+    after = scrape_after(daemon, before, 1, service="local", code="2xx")
+    assert (after.value("diskferry_read_bytes_total", transport="unix",
+                        backend="http") -
+            before.value("diskferry_read_bytes_total", transport="unix",
+                         backend="http")) == MiB
+    # The proxy's own GETs upstream, over TLS to this same daemon: the
+    # range, and what it asks to learn the image's size.
+    assert (after.value("diskferry_upstream_requests_total") -
+            before.value("diskferry_upstream_requests_total")) >= 1
+    assert (after.value("diskferry_read_bytes_total", transport="tls",
+                        backend="file") -
+            before.value("diskferry_read_bytes_total", transport="tls",
+                         backend="file")) >= MiB
+    assert (after.value("diskferry_upstream_errors_total") ==
+            before.value("diskferry_upstream_errors_total"))
 
 
 def test_tickets_and_transfers(daemon, image):

@@ -3,7 +3,7 @@
 Servers report connections and requests through ``ServiceMetrics`` (the
 server core's ``ServerObserver``), once per event. Tickets and the
 process are read when scraped, not tracked: a scrape costs a pass over
-the tickets, a transfer costs nothing.
+the tickets, and tickets cost nothing between scrapes.
 
 Ticket ids are secrets and never appear: tickets are counted, and named
 only by the ``transfer_id`` the management plane gave them, when
