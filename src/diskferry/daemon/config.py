@@ -140,9 +140,26 @@ class Logging:
     level: str = "INFO"
 
 
+@dataclass
+class Metrics:
+    """``GET /metrics`` is always on the control service; this section
+    adds a port of its own (plain HTTP, for a scraper on the network)
+    and per-transfer series."""
+
+    #: Serve /metrics on HOST:PORT too.
+    enable: bool = False
+    #: Where it listens: this host only, unless set otherwise.
+    host: str = "localhost"
+    port: int = 54325
+    #: Series per transfer, labeled with the ticket's ``transfer_id``
+    #: (tickets without one are only counted): one series per transfer,
+    #: so only where transfers are few.
+    transfer_labels: bool = False
+
+
 #: Any section of a configuration.
 Section: TypeAlias = (Daemon | Tls | Remote | Local | Control | BackendFile
-                      | BackendNbd | BackendHttp | Logging)
+                      | BackendNbd | BackendHttp | Logging | Metrics)
 
 
 @dataclass
@@ -156,6 +173,7 @@ class Config:
     backend_nbd: BackendNbd = field(default_factory=BackendNbd)
     backend_http: BackendHttp = field(default_factory=BackendHttp)
     logging: Logging = field(default_factory=Logging)
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def state_place(self) -> places.Place:
@@ -289,7 +307,8 @@ def _check(path: str, config: Config) -> None:
         if value < 1:
             raise ConfigError(f"{path}: {name} must be at least 1")
     for name, value in (("[remote] port", config.remote.port),
-                        ("[control] port", config.control.port)):
+                        ("[control] port", config.control.port),
+                        ("[metrics] port", config.metrics.port)):
         if not 0 <= value <= 65535:
             raise ConfigError(f"{path}: {name} must be 0-65535")
     if config.logging.level.upper() not in LOG_LEVELS:

@@ -28,10 +28,11 @@ from typing import Protocol
 from diskferry import __version__
 from diskferry.daemon import backends
 from diskferry.daemon.config import Config, FileName
-from diskferry.daemon.handlers import control_app, images_app
+from diskferry.daemon.handlers import control_app, images_app, metrics_app
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
 from diskferry.daemon.instancelock import InstanceLock
+from diskferry.daemon.metrics.registry import DaemonMetrics, MetricsSettings
 from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import DiskferryError
 from diskferry.hostid import host_id
@@ -41,6 +42,10 @@ log = logging.getLogger("diskferry.daemon.service")
 
 #: Mode of the control socket: the management plane's group may use it.
 CONTROL_SOCKET_MODE = 0o660
+
+#: Connections open at once on the metrics port: a scraper or two need
+#: one each; more only cost threads.
+METRICS_CONNECTION_LIMIT = 16
 
 
 class StartError(DiskferryError):
@@ -111,10 +116,12 @@ class _Listeners:
     remote: socket.socket
     local: socket.socket | None
     control: socket.socket
+    #: The metrics' own port, when ``[metrics] enable``.
+    metrics: socket.socket | None = None
 
     def sockets(self) -> list[socket.socket]:
-        return [sock for sock in (self.remote, self.local, self.control)
-                if sock is not None]
+        return [sock for sock in (self.remote, self.local, self.control,
+                                  self.metrics) if sock is not None]
 
 
 class Daemon:
@@ -125,6 +132,8 @@ class Daemon:
             backends.check_url,
             remove_timeout=config.control.remove_timeout,
             default_inactivity=config.daemon.inactivity_timeout)
+        self.metrics = DaemonMetrics(self.store, MetricsSettings(
+            transfer_labels=config.metrics.transfer_labels))
         self.server_id = uuid.uuid4().hex
         self.servers: list[Service] = []
         self.ca_file: FileName | None = None
@@ -179,10 +188,15 @@ class Daemon:
                 local = self._unix("local", config.local_socket)
                 bound.append(local)
             control = self._control_socket()
+            bound.append(control)
+            metrics = None
+            if config.metrics.enable:
+                metrics = self._tcp("metrics", config.metrics.host,
+                                    config.metrics.port)
         except BaseException:
             self._unbind(bound)
             raise
-        return _Listeners(remote, local, control)
+        return _Listeners(remote, local, control, metrics)
 
     def _unbind(self, sockets: list[socket.socket]) -> None:
         """Undo ``_bind`` for a start that fails."""
@@ -207,15 +221,27 @@ class Daemon:
         clients = ConnectionLimit(config.daemon.connection_limit)
         servers: list[Service] = [Server(
             "remote", listeners.remote, images, tls_context=context,
-            idle_timeout=idle, head_timeout=head, limit=clients)]
+            idle_timeout=idle, head_timeout=head, limit=clients,
+            observer=self.metrics.service(
+                "remote", "tls" if context else "tcp"))]
         if listeners.local is not None:
             servers.append(Server(
                 "local", listeners.local, images, idle_timeout=idle,
-                head_timeout=head, limit=clients))
+                head_timeout=head, limit=clients,
+                observer=self.metrics.service("local", "unix")))
         servers.append(Server(
-            "control", listeners.control, control_app(self.store),
+            "control", listeners.control,
+            control_app(self.store, self.metrics),
             idle_timeout=idle, head_timeout=head,
-            limit=ConnectionLimit(config.daemon.connection_limit)))
+            limit=ConnectionLimit(config.daemon.connection_limit),
+            observer=self.metrics.service(
+                "control", config.control.transport)))
+        if listeners.metrics is not None:
+            servers.append(Server(
+                "metrics", listeners.metrics, metrics_app(self.metrics),
+                idle_timeout=idle, head_timeout=head,
+                limit=ConnectionLimit(METRICS_CONNECTION_LIMIT),
+                observer=self.metrics.service("metrics", "tcp")))
         return servers
 
     def _options(self) -> dict[str, str]:
@@ -306,6 +332,9 @@ class Daemon:
             lines.append(f"  local socket:   {local.address}")
         control = self._started("control")
         lines.append(f"  control socket: {control.address}")
+        metrics = self.server("metrics")
+        if metrics:
+            lines.append(f"  metrics:        http://{metrics.address}/metrics")
         return lines
 
     def wait(self) -> None:

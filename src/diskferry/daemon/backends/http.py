@@ -46,6 +46,7 @@ from diskferry.daemon.backends.base import (
     Extent,
     ForwardsChecksum,
 )
+from diskferry.daemon.metrics.events import BACKEND_EVENTS
 from diskferry.errors import FeatureNotOffered, UpstreamAnswered, UpstreamFailed
 from diskferry.extent import merged
 
@@ -165,6 +166,7 @@ class HttpBackend:
         """Run ``request`` on a pooled connection; once more on a new
         connection if that one broke (see the module docstring)."""
         con = self._pool.acquire()
+        BACKEND_EVENTS.upstream_request()
         try:
             try:
                 return request(con)
@@ -172,11 +174,14 @@ class HttpBackend:
                 log.info("%s: %s failed (%s); sending it again on a new "
                          "connection", self._pool.server, what, e)
                 con.close()
+                BACKEND_EVENTS.upstream_request()
                 return request(con)
         except HTTPError as e:
+            BACKEND_EVENTS.upstream_failed()
             raise UpstreamAnswered(e.status, e.message or
                                    f"{e.status} {e.reason}") from e
         except ClientError as e:
+            BACKEND_EVENTS.upstream_failed()
             con.close()
             raise self._failed(what, e) from e
         finally:

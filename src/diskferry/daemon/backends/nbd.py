@@ -40,6 +40,7 @@ from diskferry.daemon.backends.base import (
     Extent,
     SplicesPipes,
 )
+from diskferry.daemon.metrics.events import BACKEND_EVENTS
 from diskferry.errors import BackendError, NotAvailable
 from diskferry.pipe import Pipe
 
@@ -158,17 +159,21 @@ class NbdBackend:
 
     def close(self) -> None:
         self._client.close()
+        BACKEND_EVENTS.nbd_disconnected()
 
 
 def _connect(url: str, dirty_bitmap: "str | Literal[True] | None"
              ) -> nbd.Client:
     try:
-        return nbd.open_client(url, dirty_bitmap=dirty_bitmap,
-                               connect_timeout=CONNECT_TIMEOUT)
+        client = nbd.open_client(url, dirty_bitmap=dirty_bitmap,
+                                 connect_timeout=CONNECT_TIMEOUT)
     except nbd.DirtyBitmapError:
         raise
     except (nbd.NbdError, OSError) as e:
+        BACKEND_EVENTS.nbd_failed()
         raise BackendError(f"Cannot open NBD export {url}: {e}") from e
+    BACKEND_EVENTS.nbd_connected()
+    return client
 
 
 KIND = BackendKind(check_url=check_url, open=open_nbd)
@@ -187,4 +192,5 @@ def _as_os_error() -> Iterator[None]:
     try:
         yield
     except nbd.RequestError as e:
+        BACKEND_EVENTS.nbd_failed()
         raise OSError(e.errno, str(e)) from e

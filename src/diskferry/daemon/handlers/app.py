@@ -28,6 +28,7 @@ from diskferry.daemon.handlers.images import (
     NoTicketReadHandler,
 )
 from diskferry.daemon.handlers.info import InfoHandler
+from diskferry.daemon.handlers.metrics import MetricsHandler, MetricsSource
 from diskferry.daemon.handlers.tickets import TicketsHandler
 from diskferry.daemon.http import parse
 from diskferry.daemon.http.accesslog import SecretPaths
@@ -100,9 +101,18 @@ def images_app(store: TicketStore, config: Config, options: dict[str, Any],
     ], close_query=True)
 
 
-def control_app(store: TicketStore) -> App:
-    """The tickets API."""
-    return App([
+def control_app(store: TicketStore,
+                metrics: MetricsSource | None = None) -> App:
+    """The tickets API, and the daemon's ``metrics`` when given."""
+    routes: list[tuple[str, object]] = [
         (r"/tickets/([^/]*)", TicketsHandler(store)),
         (r"/info/?", InfoHandler()),
-    ])
+    ]
+    if metrics is not None:
+        routes.append((r"/metrics", MetricsHandler(metrics)))
+    return App(routes)
+
+
+def metrics_app(metrics: MetricsSource) -> App:
+    """The daemon's metrics alone, for a port of their own."""
+    return App([(r"/metrics", MetricsHandler(metrics))])

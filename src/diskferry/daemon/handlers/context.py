@@ -74,6 +74,7 @@ def authorize(request: ImageRequest, store: TicketStore, ticket_id: str,
     what a request is checked against before its image is opened."""
     ticket = store.authorize(ticket_id, op)
     request.log.transfer_id = ticket.transfer_id
+    request.log.scheme = ticket.spec.url.partition(":")[0]
     return ticket
 
 

@@ -34,13 +34,15 @@ StateT = TypeVar("StateT", bound=ConnectionState)
 
 @dataclass
 class AccessRecord:
-    """What a handler tells the access log about its request: the
-    transfer it served, where, and how many bytes it moved or was asked
-    to move."""
+    """What a handler tells the access log (and the metrics) about its
+    request: the transfer it served, where, and how many bytes it moved
+    or was asked to move."""
 
     transfer_id: str | None = None
     offset: int | None = None
     size: int | None = None
+    #: The scheme of the ticket's URL: which kind of storage served it.
+    scheme: str | None = None
 
 
 @dataclass

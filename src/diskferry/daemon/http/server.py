@@ -44,6 +44,7 @@ from diskferry.daemon.http.exchange import (
     serve_request,
 )
 from diskferry.daemon.http.listener import describe
+from diskferry.daemon.http.observer import NO_OBSERVER, ServerObserver
 from diskferry.daemon.http.request import StateT
 from diskferry.errors import ServiceUnavailable
 
@@ -106,7 +107,8 @@ class ConnectionLimit:
 class Server(Generic[StateT]):
     """Serves ``app`` on one listening socket until ``stop()``.
 
-    ``tls_context``, when given, wraps every accepted socket.
+    ``tls_context``, when given, wraps every accepted socket;
+    ``observer`` is told of connections and requests (metrics).
     """
 
     def __init__(self, name: str, sock: socket.socket,
@@ -114,7 +116,8 @@ class Server(Generic[StateT]):
                  tls_context: ssl.SSLContext | None = None,
                  idle_timeout: float = 60.0,
                  head_timeout: float = HEAD_TIMEOUT,
-                 limit: ConnectionLimit | None = None) -> None:
+                 limit: ConnectionLimit | None = None,
+                 observer: ServerObserver = NO_OBSERVER) -> None:
         self.name = name
         self.sock = sock
         self.app = app
@@ -122,6 +125,7 @@ class Server(Generic[StateT]):
         self.idle_timeout = idle_timeout
         self.head_timeout = head_timeout
         self.limit = limit if limit is not None else ConnectionLimit()
+        self.observer = observer
         self._rejecting = threading.BoundedSemaphore(MAX_REJECTING)
         self._full = False  # logged once per episode
         self.address = describe(sock)
@@ -179,6 +183,7 @@ class Server(Generic[StateT]):
 
     def _reject(self, sock: socket.socket) -> None:
         """Answer 503 and close: plain sockets at once, TLS in a thread."""
+        self.observer.connection_refused()
         if not self._full:
             log.warning("%s: %d connections open, the limit; refusing new "
                         "ones", self.name, self.limit.limit)
@@ -257,6 +262,7 @@ class Server(Generic[StateT]):
     def _serve_connection(self, sock: socket.socket, addr: object,
                           conn_id: int) -> None:
         conn = None
+        self.observer.connection_opened()
         context = self.app.connection_opened(f"{self.name}/{conn_id}")
         client = _client_name(addr)
         try:
@@ -281,6 +287,7 @@ class Server(Generic[StateT]):
                 conn.close()
             else:
                 sock.close()
+            self.observer.connection_closed()
             self.limit.release()
 
     def _open_connection(self, sock: socket.socket) -> Connection | None:
@@ -329,7 +336,11 @@ class Server(Generic[StateT]):
                                 busy=partial(self._set_busy, conn))
         if outcome is None:
             return False
-        self._log_request(conn, context, client, outcome)
+        started, now = outcome.started, time.monotonic()
+        elapsed = now - started if started is not None else 0.0
+        self._log_request(conn, context, client, outcome, elapsed)
+        self.observer.request_done(outcome.head, conn.status, outcome.record,
+                                   elapsed)
         return outcome.keep and not self._stopping
 
     def _set_busy(self, conn: Connection, busy: bool) -> None:
@@ -338,17 +349,16 @@ class Server(Generic[StateT]):
                 self._connections[conn] = busy
 
     def _log_request(self, conn: Connection, context: StateT, client: str,
-                     outcome: Outcome) -> None:
+                     outcome: Outcome, elapsed: float) -> None:
         """The request's access line (see ``accesslog``); a head that
         could not be parsed shows as ``- -``."""
-        head, now = outcome.head, time.monotonic()
-        started = outcome.started if outcome.started is not None else now
+        head = outcome.head
         log.info("%s", accesslog.line(
             conn_id=context.id, client=client,
             method=head.method if head is not None else "-",
             path=head.path if head is not None else "-",
             status=conn.status, record=outcome.record,
-            elapsed=now - started, cause=outcome.cause,
+            elapsed=elapsed, cause=outcome.cause,
             secrets=self.app.secret_paths))
 
     # Stopping
