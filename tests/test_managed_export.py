@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -34,6 +35,18 @@ def endpoint(request, daemons) -> Endpoint:
     """The daemon over TLS and over its UNIX socket."""
     return Endpoint(daemons.get("diskferry", local_socket="path"),
                     request.param)
+
+
+@pytest.fixture(autouse=True)
+def no_exports_left(daemons):
+    """The shared daemon's format tickets end with the test that added
+    them, and their exports with them."""
+    yield
+    srv = daemons.get("diskferry", local_socket="path")
+    status, _, body = srv.control("GET", "/tickets/")
+    for info in json.loads(body) if status == 200 else []:
+        if "export" in info:
+            srv.delete_ticket(info["uuid"])
 
 
 def add(srv, path, fmt, ops=("read",), **extra) -> dict:
@@ -405,3 +418,51 @@ def test_daemon_end_stops_every_export(pki, chain, how):
     for export in exports:
         wait_gone(export["pid"], socket_path(export))
     shutil.rmtree(workdir)
+
+
+# --- the command line --------------------------------------------------------
+
+
+def ticket_cmd(srv, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "diskferry", "ticket", "--socket",
+         srv.control_socket, *args],
+        capture_output=True, text=True, timeout=60)
+
+
+def test_cli_add_detects_the_format(diskferry, chain):
+    run = ticket_cmd(diskferry, "add", str(chain))
+    assert run.returncode == 0, run.stderr
+    ticket_id = run.stdout.strip()
+    info = diskferry.get_ticket(ticket_id)
+    assert info["format"] == "qcow2" and info["size"] == SIZE
+    endpoint = Endpoint(diskferry, "path")
+    assert get(endpoint, {"uuid": ticket_id}) == guest_bytes(chain, "qcow2")
+    shown = ticket_cmd(diskferry, "show", ticket_id).stdout
+    assert "format:" in shown and "qcow2" in shown
+    export = info["export"]
+    assert f"qemu-nbd {export['pid']} on {export['url']}" in shown
+
+
+def test_cli_format_raw_serves_the_container(diskferry, chain):
+    run = ticket_cmd(diskferry, "add", "--format", "raw", str(chain))
+    assert run.returncode == 0, run.stderr
+    ticket_id = run.stdout.strip()
+    info = diskferry.get_ticket(ticket_id)
+    assert "format" not in info and "export" not in info
+    assert info["size"] == os.path.getsize(chain)
+    endpoint = Endpoint(diskferry, "path")
+    assert get(endpoint, {"uuid": ticket_id}) == chain.read_bytes()
+    assert "export:" not in ticket_cmd(diskferry, "show", ticket_id).stdout
+
+
+def test_cli_dirty_bitmap_and_top_layer(diskferry, chain):
+    qemu_img("bitmap", "--add", chain, "b1")
+    run = ticket_cmd(diskferry, "add", "--dirty", "--bitmap", "b1",
+                     "--no-backing-chain", str(chain))
+    assert run.returncode == 0, run.stderr
+    info = diskferry.get_ticket(run.stdout.strip())
+    assert (info["bitmap"], info["backing_chain"]) == ("b1", False)
+    assert "--bitmap=b1" in info["export"]["command"]
+    run = ticket_cmd(diskferry, "add", "--bitmap", "b1", str(chain))
+    assert run.returncode == 1 and "--dirty" in run.stderr
