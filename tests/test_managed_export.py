@@ -366,6 +366,17 @@ def test_delete_stops_the_export(diskferry, chain):
     wait_gone(export["pid"], socket_path(export), timeout=0.1)
 
 
+def test_replacing_a_ticket_replaces_its_export(diskferry, chain):
+    """The old export holds the image's write lock: it ends first."""
+    t = add(diskferry, chain, "qcow2", ops=("read", "write"))
+    old = export_of(diskferry, t)
+    diskferry.add_ticket(t)
+    wait_gone(old["pid"], socket_path(old), timeout=0.1)
+    new = export_of(diskferry, t)
+    assert new["running"] and new["pid"] != old["pid"]
+    assert get(Endpoint(diskferry, "path"), t) == guest_bytes(chain, "qcow2")
+
+
 def test_expiry_stops_the_export(diskferry, chain):
     t = add(diskferry, chain, "qcow2", timeout=1)
     export = export_of(diskferry, t)
