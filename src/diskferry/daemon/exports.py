@@ -190,9 +190,11 @@ class QemuNbdExport:
     def stop(self) -> None:
         with self._lock:
             proc, self._proc = self._proc, None
-            if proc is not None:
-                _terminate(proc)
+            if proc is None:
+                return
+            _terminate(proc)
             self._remove_files()
+        log.info("export %s: stopped", self.socket_path)
 
     def _start(self) -> None:
         self._remove_files()
