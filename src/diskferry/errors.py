@@ -245,6 +245,12 @@ class UpstreamFailed(BackendError):
     nothing of the server; its details are logged where they are known."""
 
 
+class ExportFailed(BackendError):
+    """Raised when the export the daemon runs for a ticket died or could
+    not start: a 500 naming the cause (the export's exit), which is the
+    daemon's own business, not the storage's."""
+
+
 #: Status passed back when the upstream's is not a client or server
 #: error this daemon could send.
 BAD_GATEWAY = 502
@@ -278,6 +284,6 @@ def request_error(error: BackendError) -> RequestError:
         return BadRequest(message)
     if isinstance(error, UpstreamAnswered):
         return UpstreamError(error.status, message)
-    if isinstance(error, UpstreamFailed):
+    if isinstance(error, UpstreamFailed | ExportFailed):
         return ServerError(message)
     return ServerError(INTERNAL_ERROR)

@@ -88,13 +88,15 @@ class LocalDaemon:
         return cpu_seconds(self.proc.pid)
 
     def url(self, path: str, size: int, ops: tuple[str, ...], *,
-            sparse: bool = False) -> str:
+            sparse: bool = False, **fields: object) -> str:
         """A new ticket on ``path``; its TLS transfer URL. A ``sparse``
-        ticket zeroes by punching holes, as for a thin volume."""
+        ticket zeroes by punching holes, as for a thin volume; ``fields``
+        are more ticket fields (``format``, or a ``url`` instead of
+        ``path``'s)."""
         ticket_id = str(uuid.uuid4())
         body = json.dumps({"uuid": ticket_id, "size": size, "ops": list(ops),
                            "url": f"file://{os.path.abspath(path)}",
-                           "sparse": sparse, "timeout": 3600})
+                           "sparse": sparse, "timeout": 3600, **fields})
         con = _ControlConnection(self.control)
         try:
             con.request("PUT", f"/tickets/{ticket_id}", body=body,

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from diskferry.cli import arguments, tickettable
 from diskferry.cli.arguments import Subparsers
 from diskferry.cli.control import ControlError, ControlSocket
-from diskferry.cli.ticketimage import UpstreamAccess, image_size, ticket_url
+from diskferry.cli.ticketimage import (
+    RAW,
+    UpstreamAccess,
+    image_format,
+    image_size,
+    ticket_url,
+)
 from diskferry.errors import DiskferryError
 
 #: Longest ticket timeout the daemon accepts (a year), as in its tickets.
@@ -48,6 +54,17 @@ examples:
   diskferry ticket add --ops read nbd:unix:/run/vdsm/nbd/disk.sock
   diskferry ticket add --ops read,write https://host-17:54322/images/ID
                                                  a proxy ticket
+  diskferry ticket add disk.qcow2                the guest's disk
+  diskferry ticket add --dirty --bitmap b1 disk.qcow2
+                                                 what changed since b1
+  diskferry ticket add --format raw disk.qcow2   the qcow2 file's bytes
+
+An image file in a format qemu reads (qcow2, vmdk, vdi, ...; probed as
+an upload probes its source) is served as the guest sees its disk: the
+daemon runs a qemu-nbd for the ticket, from add until the ticket ends,
+and refuses the ticket if qemu cannot open the image (a running VM holds
+it, a backing file is missing, it is encrypted). --format raw serves the
+file's bytes as they are.
 
 A transfer URL (https:// or http://) as IMAGE makes this daemon a proxy
 for that server's image; its size is asked of the server (give --cafile
@@ -128,6 +145,17 @@ def _register_add(actions: Subparsers) -> None:
                      help="image size in bytes, or with K, M, G, T "
                           "(binary: 1G = 1073741824) (default: the file's, "
                           "the export's or the upstream image's size)")
+    add.add_argument("--format", metavar="FORMAT",
+                     help="the image file's format: raw serves its bytes, "
+                          "qcow2, vmdk, vdi, ... the guest's disk (default: "
+                          "probed)")
+    add.add_argument("--no-backing-chain", dest="backing_chain",
+                     action="store_false",
+                     help="serve the image's top layer alone, unallocated "
+                          "ranges as holes (a format other than raw)")
+    add.add_argument("--bitmap", metavar="NAME",
+                     help="with --dirty: the persistent bitmap whose dirty "
+                          "extents are served (a qcow2 image)")
     add.add_argument("--cafile", metavar="FILE", type=arguments.ca_file,
                      help="CA certificate to verify an https:// IMAGE's "
                           "server with, when asking its size (default: "
@@ -207,9 +235,12 @@ def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
 
 @_run
 def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
+    if args.bitmap is not None and not args.dirty:
+        raise ControlError("--bitmap needs --dirty")
+    fmt = image_format(args.path, args.format)
     size = args.size
     if size is None:
-        size = image_size(args.path, UpstreamAccess(cafile=args.cafile))
+        size = image_size(args.path, UpstreamAccess(cafile=args.cafile), fmt)
     ticket: dict[str, object] = {
         "uuid": args.id or str(uuid.uuid4()),
         "size": size,
@@ -223,8 +254,22 @@ def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
         ticket["inactivity_timeout"] = args.inactivity_timeout
     if args.transfer_id:
         ticket["transfer_id"] = args.transfer_id
+    ticket.update(_format_fields(args, fmt))
     control.request("PUT", f"/tickets/{ticket['uuid']}", ticket)
     print(ticket["uuid"])
+
+
+def _format_fields(args: argparse.Namespace, fmt: str) -> dict[str, object]:
+    """The ticket's format extension; nothing for a raw image, so that a
+    daemon that knows no formats takes the ticket."""
+    fields: dict[str, object] = {}
+    if fmt != RAW:
+        fields["format"] = fmt
+    if not args.backing_chain:
+        fields["backing_chain"] = False
+    if args.bitmap is not None:
+        fields["bitmap"] = args.bitmap
+    return fields
 
 
 @_run

@@ -10,6 +10,13 @@ IMAGE is one of three kinds, told by its start:
   into a ``file://`` URL (the daemon unquotes it, so a ``?``, ``#``,
   ``%`` or space in a name stays part of the name), and its size.
 
+A file's format is probed as an upload probes its source (``qemu-img
+info`` and magic bytes, see ``client.imageformat``): a raw file is served
+as it is; an image in a format qemu reads (qcow2, vmdk, ...) gets a
+ticket ``format``, so that the daemon serves the guest's disk through an
+export of its own, and its size is the guest's; anything else is refused
+unless ``--format raw`` asks for the file's bytes as they are.
+
 ``--size`` overrides the size of any kind; a size that cannot be learnt
 says how it was asked and that ``--size`` gives it.
 """
@@ -23,6 +30,9 @@ from dataclasses import dataclass
 
 from diskferry.cli import hints
 from diskferry.cli.control import ControlError
+
+#: The ticket format of an image served as its bytes.
+RAW = "raw"
 
 NBD_PREFIXES = ("nbd:", "nbd+unix:")
 TRANSFER_PREFIXES = ("https://", "http://")
@@ -61,13 +71,55 @@ def file_url(path: str) -> str:
     return "file://" + urllib.parse.quote(path)
 
 
-def image_size(image: str, access: UpstreamAccess) -> int:
-    """The size of ``image`` in bytes, asked of whatever holds it."""
+def image_format(image: str, requested: str | None) -> str:
+    """The ticket ``format`` of ``image``: ``requested``, else a file's
+    probed format; raw for a URL, which serves a disk already."""
+    if image.startswith(NBD_PREFIXES + TRANSFER_PREFIXES):
+        if requested not in (None, RAW):
+            raise ControlError(f"--format {requested} is for image files: "
+                               f"{image} serves a disk already")
+        return RAW
+    path = os.path.abspath(image)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        # Maybe the daemon's to read: ticket_url and image_size tell
+        # what is wrong, or --size mends it.
+        return requested or RAW
+    from diskferry.client import imageformat
+    from diskferry.client.errors import UnsupportedFormat
+
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        return imageformat.source_format(path, fd, size, requested,
+                                         force="--format raw")
+    except UnsupportedFormat as e:
+        raise ControlError(str(e)) from e
+    finally:
+        os.close(fd)
+
+
+def image_size(image: str, access: UpstreamAccess, fmt: str = RAW) -> int:
+    """The size of ``image`` in bytes, asked of whatever holds it: for a
+    format other than raw, the guest disk's."""
     if image.startswith(NBD_PREFIXES):
         return _export_size(image)
     if image.startswith(TRANSFER_PREFIXES):
         return _upstream_size(image, access)
+    if fmt != RAW:
+        return _virtual_size(os.path.abspath(image))
     return _file_size(os.path.abspath(image))
+
+
+def _virtual_size(path: str) -> int:
+    from diskferry.client import imageformat
+
+    try:
+        info = imageformat.qemu_img_info(path, "qemu-img")
+        return int(str(info["virtual-size"]))
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise ControlError(f"cannot read the virtual size of {path}: {e}; "
+                           f"give --size") from e
 
 
 def _file_size(path: str) -> int:

@@ -31,7 +31,13 @@ DETAILS = (("TRANSFER ID", "transfer_id"), ("TIMEOUT", "timeout"),
            ("INACTIVITY TIMEOUT", "inactivity_timeout"),
            ("SPARSE", "sparse"), ("DIRTY", "dirty"),
            ("ACTIVE", "active"), ("CANCELED", "canceled"),
-           ("FILENAME", "filename"))
+           ("FILENAME", "filename"), ("FORMAT", "format"),
+           ("BACKING CHAIN", "backing_chain"), ("BITMAP", "bitmap"),
+           ("EXPORT", "export"))
+
+#: Fields ``ticket show`` prints only when the ticket has them.
+OPTIONAL = frozenset({"filename", "format", "backing_chain", "bitmap",
+                      "export"})
 
 #: Schemes of a proxy ticket's URL, which ends in the upstream's ticket id.
 UPSTREAM_SCHEMES = ("https://", "http://")
@@ -81,7 +87,7 @@ class Formatter:
         self._by_field: dict[str, Callable[[object], str]] = {
             "uuid": self._ticket_id, "url": self._url, "ops": _ops, "size": _size,
             "transferred": _size, "idle_time": _idle,
-            "expires": self._expires}
+            "expires": self._expires, "export": _export}
 
     def cell(self, info: TicketInfo, field: str) -> str:
         value = info.get(field)
@@ -110,6 +116,16 @@ def _plain(value: object) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     return str(value)
+
+
+def _export(value: object) -> str:
+    """What serves a format ticket: "qemu-nbd 1234 on nbd:unix:/...". """
+    if not isinstance(value, dict):
+        return str(value)
+    pid = value.get("pid")
+    state = f"{value.get('kind')} {pid}" if pid else \
+        f"{value.get('kind')} (stopped)"
+    return f"{state} on {value.get('url')}"
 
 
 def _ops(value: object) -> str:
@@ -145,4 +161,4 @@ def details(info: TicketInfo, full_ids: bool = False) -> str:
     return "\n".join(f"{heading.lower() + ':':<{width}} "
                      f"{formatter.cell(info, field)}"
                      for heading, field in fields
-                     if field != "filename" or field in info)
+                     if field not in OPTIONAL or field in info)

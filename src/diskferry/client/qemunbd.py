@@ -14,8 +14,6 @@ client killed with SIGKILL leaves no ``qemu-nbd`` behind.
 
 from __future__ import annotations
 
-import ctypes
-import json
 import os
 import shutil
 import signal
@@ -28,6 +26,8 @@ from types import TracebackType
 
 from diskferry import nbd
 from diskferry.client.errors import ClientError
+from diskferry.qemuprocess import blockdev_filename as blockdev_filename
+from diskferry.qemuprocess import die_with_parent
 
 #: Seconds qemu-nbd may take to open the image and listen.
 START_TIMEOUT = 30.0
@@ -35,23 +35,9 @@ START_TIMEOUT = 30.0
 #: Seconds an orderly stop (SIGTERM: flush, close) may take.
 STOP_TIMEOUT = 60.0
 
-#: <sys/prctl.h>
-_PR_SET_PDEATHSIG = 1
-
 
 class QemuNbdError(ClientError):
     """qemu-nbd is missing, or could not serve the image (its message)."""
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM when the parent dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def blockdev_filename(spec: dict[str, object]) -> str:
-    """The ``json:`` filename of a blockdev tree (compact, one line)."""
-    return "json:" + json.dumps(spec, separators=(",", ":"))
 
 
 class QemuNbd:
@@ -89,7 +75,7 @@ class QemuNbd:
         with open(self._log_path, "wb") as log:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
         try:
             self._wait_listening()
         except BaseException:

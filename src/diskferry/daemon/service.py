@@ -28,6 +28,7 @@ from typing import Protocol
 from diskferry import __version__
 from diskferry.daemon import backends
 from diskferry.daemon.config import Config, FileName
+from diskferry.daemon.exports import ExportManager
 from diskferry.daemon.handlers import control_app, images_app, metrics_app
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import ConnectionLimit, Server
@@ -128,10 +129,12 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.exports = ExportManager(config)
         self.store = TicketStore(
             backends.check_url,
             remove_timeout=config.control.remove_timeout,
-            default_inactivity=config.daemon.inactivity_timeout)
+            default_inactivity=config.daemon.inactivity_timeout,
+            start_export=self.exports.start_export)
         self.metrics = DaemonMetrics(self.store, MetricsSettings(
             transfer_labels=config.metrics.transfer_labels))
         self.server_id = uuid.uuid4().hex
@@ -156,8 +159,10 @@ class Daemon:
         except OSError as e:
             raise StartError(f"lock {self.lock.path}: {e.strerror}") from e
         try:
+            self.exports.open(self.store.stop_idle_exports)
             self._start()
         except BaseException:
+            self.exports.close()
             self.lock.release()
             raise
 
@@ -351,6 +356,8 @@ class Daemon:
             t.start()
         for t in threads:
             t.join()
+        self.store.stop_exports()
+        self.exports.close()
         self._remove_socket_files()
         self.lock.release()
         self._stopped.set()

@@ -21,13 +21,14 @@ Operations check ``canceled`` between chunks, so a delete stops a
 transfer after its current chunk rather than after the whole request.
 """
 
+import re
 import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import NotRequired, TypedDict
+from typing import NotRequired, Protocol, TypedDict
 
 from diskferry.daemon.jsonfield import TICKET_FIELDS, field
 from diskferry.daemon.ranges import RangeSet
@@ -70,6 +71,14 @@ MAX_SIZE = 2**63 - 1
 UrlCheck = Callable[[urllib.parse.SplitResult], None]
 
 
+#: The ``format`` of a ticket serving an image file's own bytes.
+RAW = "raw"
+
+#: What a format name looks like (qemu's block driver names): checked
+#: before the name reaches a command line.
+_FORMAT_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
 def monotonic() -> int:
     return int(time.monotonic())
 
@@ -104,6 +113,23 @@ class TicketSpec:
     dirty: bool = False
     transfer_id: str | None = None
     filename: str | None = None
+    #: The image's format: ``raw`` serves the file's bytes; any other
+    #: format qemu reads serves the guest data, through an export the
+    #: daemon runs for the ticket (a diskferry extension).
+    format: str = RAW
+    #: False: only the top layer of a format image, holes kept as holes.
+    backing_chain: bool = True
+    #: The persistent bitmap whose dirty extents a dirty ticket serves.
+    bitmap: str | None = None
+
+    @property
+    def exported(self) -> bool:
+        """Whether the daemon runs an export for this ticket."""
+        return self.format != RAW
+
+    @property
+    def read_only(self) -> bool:
+        return "write" not in self.ops
 
     @classmethod
     def from_dict(cls, d: object, check_url: UrlCheck,
@@ -129,6 +155,7 @@ class TicketSpec:
             dirty=field(d, "dirty", bool, False, errors=TICKET_FIELDS),
             transfer_id=field(d, "transfer_id", str, errors=TICKET_FIELDS),
             filename=field(d, "filename", str, errors=TICKET_FIELDS),
+            **_format_fields(d, url),
         )
 
 
@@ -140,6 +167,68 @@ def _ops(d: dict[str, object]) -> tuple[str, ...]:
                 f"Invalid ticket field 'ops': unknown op {op!r:.40}; "
                 f"valid ops: {', '.join(VALID_OPS)}")
     return tuple(ops)
+
+
+class _FormatFields(TypedDict):
+    format: str
+    backing_chain: bool
+    bitmap: str | None
+
+
+def _format_fields(d: dict[str, object], url: str) -> _FormatFields:
+    """``format``, ``backing_chain`` and ``bitmap``, and how they fit."""
+    fmt = field(d, "format", str, RAW, errors=TICKET_FIELDS)
+    if not _FORMAT_NAME.fullmatch(fmt):
+        raise BadRequest(f"Invalid ticket field 'format': {fmt!r:.40} is "
+                         f"not a format name (raw, qcow2, vmdk, ...)")
+    backing_chain = field(d, "backing_chain", bool, True, errors=TICKET_FIELDS)
+    bitmap = field(d, "bitmap", str, errors=TICKET_FIELDS)
+    if fmt != RAW and not url.startswith("file:"):
+        raise BadRequest(f"Invalid ticket field 'format': {fmt!r} needs a "
+                         f"file: url (an NBD export or a server serves "
+                         f"guest data already)")
+    if fmt == RAW and (not backing_chain or bitmap is not None):
+        name = "bitmap" if bitmap is not None else "backing_chain"
+        raise BadRequest(f"Invalid ticket field {name!r}: a raw image has "
+                         f"no {'bitmaps' if bitmap else 'backing chain'}; "
+                         f"give the image's format")
+    if bitmap is not None and not d.get("dirty"):
+        raise BadRequest("Invalid ticket field 'bitmap': only a dirty "
+                         "ticket serves a bitmap (\"dirty\": true)")
+    return {"format": fmt, "backing_chain": backing_chain, "bitmap": bitmap}
+
+
+# Exports
+
+
+class TicketExport(Protocol):
+    """What the daemon runs for one ticket's life so that its image can
+    be served (``daemon.exports``: a qemu-nbd for a format image)."""
+
+    def url(self) -> str:
+        """The URL a backend opens, the export started again if it
+        stopped or died."""
+
+    def failure(self) -> str | None:
+        """How the export died, if it did (None while it runs)."""
+
+    def describe(self) -> dict[str, object]:
+        """What serves the ticket, for ``GET /tickets/{id}``."""
+
+    def stop(self) -> None:
+        """Stop serving; ``url()`` starts it again."""
+
+
+#: Starts what a ticket spec needs the daemon to run, at ticket add, or
+#: returns None; raises ``BadRequest`` naming what is wrong with the image.
+StartExport = Callable[[TicketSpec], TicketExport | None]
+
+
+def _no_export(spec: TicketSpec) -> TicketExport | None:
+    if spec.exported:
+        raise BadRequest(f"Invalid ticket field 'format': this daemon "
+                         f"serves no {spec.format!r} images")
+    return None
 
 
 # Tickets
@@ -163,6 +252,12 @@ class TicketInfo(TypedDict):
     uuid: str
     transfer_id: str
     filename: NotRequired[str]
+    #: Only for a ticket with a format other than raw.
+    format: NotRequired[str]
+    backing_chain: NotRequired[bool]
+    bitmap: NotRequired[str]
+    #: What serves the ticket, when the daemon runs it (``TicketExport``).
+    export: NotRequired[dict[str, object]]
     #: Only for a read-only or write-only ticket.
     transferred: NotRequired[int]
 
@@ -186,8 +281,11 @@ class Operation:
 class Ticket:
     """A ticket and its run-time state; thread-safe."""
 
-    def __init__(self, spec: TicketSpec) -> None:
+    def __init__(self, spec: TicketSpec,
+                 export: TicketExport | None = None) -> None:
         self.spec = spec
+        #: What the daemon runs to serve this ticket, stopped with it.
+        self.export = export
         self._lock = threading.Lock()
         self._ongoing: set[Operation] = set()
         self._idle = threading.Condition(self._lock)
@@ -323,6 +421,13 @@ class Ticket:
         }
         if spec.filename:
             info["filename"] = spec.filename
+        if spec.exported:
+            info["format"] = spec.format
+            info["backing_chain"] = spec.backing_chain
+            if spec.bitmap is not None:
+                info["bitmap"] = spec.bitmap
+        if self.export is not None:
+            info["export"] = self.export.describe()
         transferred = self.transferred()
         if transferred is not None:
             info["transferred"] = transferred
@@ -352,16 +457,21 @@ class _OperationScope:
 class TicketStore:
     """The daemon's tickets, by id; thread-safe.
 
-    ``check_url`` vets the URL of every ticket added (see ``UrlCheck``).
+    ``check_url`` vets the URL of every ticket added (see ``UrlCheck``);
+    ``start_export`` starts what a ticket needs the daemon to run (see
+    ``StartExport``), which the store stops when the ticket is removed
+    and, while no request runs, when it has expired.
     """
 
     def __init__(self, check_url: UrlCheck,
                  remove_timeout: float = DEFAULT_REMOVE_TIMEOUT,
                  default_inactivity: int = DEFAULT_INACTIVITY_TIMEOUT,
+                 start_export: StartExport = _no_export,
                  ) -> None:
         self.check_url = check_url
         self.remove_timeout = remove_timeout
         self.default_inactivity = default_inactivity
+        self.start_export = start_export
         self._lock = threading.Lock()
         self._tickets: dict[str, Ticket] = {}
 
@@ -372,7 +482,12 @@ class TicketStore:
             raise BadRequest(
                 f"Invalid ticket field 'uuid': {spec.uuid!r} does not match "
                 f"the id in the URL {ticket_id!r}")
-        ticket = Ticket(spec)
+        with self._lock:
+            replaced = self._tickets.get(spec.uuid)
+        if replaced is not None and replaced.export is not None:
+            # Its export holds the image's lock: it ends first.
+            self.remove(spec.uuid)
+        ticket = Ticket(spec, self.start_export(spec))
         with self._lock:
             self._tickets[spec.uuid] = ticket
         return ticket
@@ -415,6 +530,8 @@ class TicketStore:
         with self._lock:
             if self._tickets.get(ticket_id) is ticket:
                 del self._tickets[ticket_id]
+        if ticket.export is not None:
+            ticket.export.stop()
 
     def clear(self) -> None:
         with self._lock:
@@ -425,6 +542,22 @@ class TicketStore:
                 ticket.cancel(0)
             except TicketInUse:
                 pass
+            if ticket.export is not None:
+                ticket.export.stop()
+
+    def stop_idle_exports(self) -> None:
+        """Stop the exports of expired tickets that no request uses; one
+        starts again if its ticket is extended and used."""
+        for ticket in self.tickets():
+            if ticket.export is not None and ticket.expired \
+                    and not ticket.active:
+                ticket.export.stop()
+
+    def stop_exports(self) -> None:
+        """Stop every ticket's export (the daemon stops)."""
+        for ticket in self.tickets():
+            if ticket.export is not None:
+                ticket.export.stop()
 
     def __len__(self) -> int:
         with self._lock:

@@ -9,7 +9,7 @@ and one line here. Nothing below here knows HTTP.
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from diskferry.daemon.backends import file, http, nbd
+from diskferry.daemon.backends import file, http, managed, nbd
 from diskferry.daemon.backends.base import Backend, BackendKind
 from diskferry.errors import BackendError
 
@@ -37,7 +37,10 @@ def check_url(url: urllib.parse.SplitResult) -> None:
 
 
 def open_backend(ticket: "Ticket", config: "Config") -> Backend:
-    """Open the backend a ticket names, for one connection."""
+    """Open the backend a ticket names, for one connection: the export
+    the daemon runs for it, if it has one."""
+    if ticket.export is not None:
+        return managed.open_managed(ticket, config)
     url = urllib.parse.urlsplit(ticket.spec.url)
     kind = BACKENDS.get(url.scheme)
     if kind is None:  # a ticket is checked when installed: cannot happen

@@ -1,0 +1,479 @@
+"""Format tickets: the daemon serves the guest data of an image in any
+format qemu reads, through a qemu-nbd it runs for the ticket's life.
+
+Real qemu-img, qemu-io and qemu-nbd; a ticket's export is checked gone
+(no process, no socket) after each way a ticket or the daemon can end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import servers
+from nbd_servers import qemu_img, qemu_io
+from servers import Endpoint, ticket_dict
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+@pytest.fixture(params=["tls", "path"])
+def endpoint(request, daemons) -> Endpoint:
+    """The daemon over TLS and over its UNIX socket."""
+    return Endpoint(daemons.get("diskferry", local_socket="path"),
+                    request.param)
+
+
+@pytest.fixture(autouse=True)
+def no_exports_left(daemons):
+    """The shared daemon's format tickets end with the test that added
+    them, and their exports with them."""
+    yield
+    srv = daemons.get("diskferry", local_socket="path")
+    status, _, body = srv.control("GET", "/tickets/")
+    for info in json.loads(body) if status == 200 else []:
+        if "export" in info:
+            srv.delete_ticket(info["uuid"])
+
+
+def add(srv, path, fmt, ops=("read",), **extra) -> dict:
+    t = ticket_dict(path, extra.pop("size", SIZE), ops, format=fmt, **extra)
+    srv.add_ticket(t)
+    return t
+
+
+def request(endpoint, method, path, body=None, headers=None):
+    with contextlib.closing(endpoint.connect()) as con:
+        con.request(method, path, body=body, headers=headers or {})
+        res = con.getresponse()
+        return res.status, res.read()
+
+
+def get(endpoint, ticket, query="", start=None, end=None) -> bytes:
+    headers = {} if start is None else {"Range": f"bytes={start}-{end}"}
+    status, body = request(endpoint, "GET",
+                           f"/images/{ticket['uuid']}{query}", None, headers)
+    assert status in (200, 206), body
+    return body
+
+
+def extents(endpoint, ticket, context="zero"):
+    body = get(endpoint, ticket, f"/extents?context={context}")
+    return [(e["start"], e["length"], e.get("zero"), e.get("hole"),
+             e.get("dirty")) for e in json.loads(body)]
+
+
+def guest_bytes(path, fmt) -> bytes:
+    """What qemu reads as the guest disk of ``path`` (while an export may
+    hold it: -U)."""
+    out = f"{path}.guest.raw"
+    try:
+        qemu_img("convert", "-U", "-f", fmt, "-O", "raw", path, out)
+        with open(out, "rb") as f:
+            return f.read()
+    finally:
+        os.unlink(out)
+
+
+def export_of(srv, ticket) -> dict:
+    return srv.get_ticket(ticket["uuid"])["export"]
+
+
+def wait_gone(pid, socket_path, timeout=10.0):
+    """The export's process is gone (not even a zombie) and so is its
+    socket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _running(pid) and not os.path.exists(socket_path):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"qemu-nbd {pid} running: {_running(pid)}, socket "
+                         f"{socket_path} exists: {os.path.exists(socket_path)}")
+
+
+def _running(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def socket_path(export) -> str:
+    return export["url"].removeprefix("nbd:unix:")
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """A qcow2 with a two-level backing chain: data in each layer, some
+    hidden by an upper layer, a zeroed cluster, the rest unallocated."""
+    base = tmp_path / "base.qcow2"
+    mid = tmp_path / "mid.qcow2"
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-f", "qcow2", base, SIZE)
+    qemu_io(base, "qcow2", "write -P 0xaa 0 2M", "write -P 0xab 8M 1M")
+    qemu_img("create", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
+    qemu_io(mid, "qcow2", "write -P 0xbb 1M 2M")
+    qemu_img("create", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", top)
+    qemu_io(top, "qcow2", "write -P 0xcc 2M 2M", "write -z 8M 64k")
+    return top
+
+
+# --- data --------------------------------------------------------------------
+
+
+def test_get_serves_guest_data_of_a_chain(endpoint, chain):
+    t = add(endpoint.server, chain, "qcow2")
+    assert get(endpoint, t) == guest_bytes(chain, "qcow2")
+    assert get(endpoint, t, start=MiB, end=3 * MiB - 1) == \
+        guest_bytes(chain, "qcow2")[MiB:3 * MiB]
+
+
+def test_zero_extents_of_a_chain(endpoint, chain):
+    t = add(endpoint.server, chain, "qcow2")
+    assert extents(endpoint, t) == [
+        (0, 4 * MiB, False, False, None),
+        (4 * MiB, 4 * MiB, True, True, None),
+        (8 * MiB, 64 * 1024, True, False, None),       # zeroed in top
+        (8 * MiB + 64 * 1024, MiB - 64 * 1024, False, False, None),
+        (9 * MiB, 7 * MiB, True, True, None),
+    ]
+
+
+def test_top_layer_alone(endpoint, chain):
+    """``backing_chain: false``: what the top layer does not allocate is
+    a hole, and reads as zeros."""
+    t = add(endpoint.server, chain, "qcow2", backing_chain=False)
+    data = get(endpoint, t)
+    assert data[:2 * MiB] == bytes(2 * MiB)
+    assert data[2 * MiB:4 * MiB] == b"\xcc" * (2 * MiB)
+    assert data[4 * MiB:] == bytes(SIZE - 4 * MiB)
+    assert extents(endpoint, t) == [
+        (0, 2 * MiB, True, True, None),
+        (2 * MiB, 2 * MiB, False, False, None),
+        (4 * MiB, 4 * MiB, True, True, None),
+        (8 * MiB, 64 * 1024, True, False, None),
+        (8 * MiB + 64 * 1024, SIZE - 8 * MiB - 64 * 1024, True, True, None),
+    ]
+
+
+def test_put_zero_flush_write_the_guest_disk(endpoint, tmp_path):
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", image, SIZE)
+    t = add(endpoint.server, image, "qcow2", ops=("read", "write"))
+    path = f"/images/{t['uuid']}"
+    status, body = request(endpoint, "PUT", path, b"\x5a" * (3 * MiB),
+                           {"Content-Range": f"bytes {MiB}-{4 * MiB - 1}/*"})
+    assert status == 200, body
+    zero = json.dumps({"op": "zero", "offset": 2 * MiB, "size": MiB,
+                       "flush": False}).encode()
+    status, body = request(endpoint, "PATCH", path, zero,
+                           {"Content-Type": "application/json"})
+    assert status == 200, body
+    status, body = request(endpoint, "PATCH", path,
+                           json.dumps({"op": "flush"}).encode(),
+                           {"Content-Type": "application/json"})
+    assert status == 200, body
+    expected = (bytes(MiB) + b"\x5a" * MiB + bytes(MiB) + b"\x5a" * MiB
+                + bytes(SIZE - 4 * MiB))
+    assert get(endpoint, t) == expected
+    endpoint.server.delete_ticket(t["uuid"])
+    qemu_img("check", image)
+    assert guest_bytes(image, "qcow2") == expected
+
+
+def test_checksum_is_of_the_guest_data(endpoint, chain, tmp_path):
+    raw = tmp_path / "guest.raw"
+    raw.write_bytes(guest_bytes(chain, "qcow2"))
+    q = add(endpoint.server, chain, "qcow2")
+    r = ticket_dict(raw, SIZE, ("read",))
+    endpoint.server.add_ticket(r)
+    assert get(endpoint, q, "/checksum") == get(endpoint, r, "/checksum")
+
+
+def test_dirty_extents_from_a_bitmap(endpoint, tmp_path):
+    image = tmp_path / "disk.qcow2"
+    qemu_img("create", "-f", "qcow2", image, SIZE)
+    qemu_io(image, "qcow2", "write -P 1 0 1M")
+    qemu_img("bitmap", "--add", image, "b1")
+    qemu_io(image, "qcow2", "write -P 2 4M 64k", "write -z 8M 1M")
+    t = add(endpoint.server, image, "qcow2", dirty=True, bitmap="b1")
+    dirty: list[tuple[int, int, bool]] = []
+    for start, length, _, _, flag in extents(endpoint, t, "dirty"):
+        if dirty and dirty[-1][2] == flag:  # apart only by zero
+            dirty[-1] = (dirty[-1][0], dirty[-1][1] + length, flag)
+        else:
+            dirty.append((start, length, flag))
+    assert dirty == [
+        (0, 4 * MiB, False),
+        (4 * MiB, 64 * 1024, True),
+        (4 * MiB + 64 * 1024, 4 * MiB - 64 * 1024, False),
+        (8 * MiB, MiB, True),
+        (9 * MiB, 7 * MiB, False),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "vdi"])
+def test_other_formats(endpoint, tmp_path, fmt):
+    image = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-f", fmt, image, SIZE)
+    qemu_io(image, fmt, "write -P 0x42 1M 1M")
+    t = add(endpoint.server, image, fmt, ops=("read", "write"))
+    assert get(endpoint, t) == guest_bytes(image, fmt)
+    status, body = request(endpoint, "PUT", f"/images/{t['uuid']}",
+                           b"\x17" * MiB,
+                           {"Content-Range": f"bytes {4 * MiB}-"
+                                             f"{5 * MiB - 1}/*"})
+    assert status == 200, body
+    endpoint.server.delete_ticket(t["uuid"])
+    data = guest_bytes(image, fmt)
+    assert data[MiB:2 * MiB] == b"\x42" * MiB
+    assert data[4 * MiB:5 * MiB] == b"\x17" * MiB
+
+
+def test_raw_serves_the_container(endpoint, chain):
+    t = ticket_dict(chain, os.path.getsize(chain), ("read",))
+    endpoint.server.add_ticket(t)
+    assert get(endpoint, t) == chain.read_bytes()
+    assert "export" not in endpoint.server.get_ticket(t["uuid"])
+
+
+# --- refusals at ticket add --------------------------------------------------
+
+
+def add_error(srv, path, fmt, **extra) -> str:
+    t = ticket_dict(path, extra.pop("size", SIZE), ("read", "write"),
+                    format=fmt, **extra)
+    with pytest.raises(servers.TicketError) as e:
+        srv.add_ticket(t)
+    assert e.value.status == 400, e.value
+    return str(e.value)
+
+
+@pytest.fixture
+def diskferry(daemons):
+    return daemons.get("diskferry", local_socket="path")
+
+
+def test_refuses_another_format(diskferry, chain):
+    assert "vmdk" in add_error(diskferry, chain, "vmdk").lower()
+
+
+def test_refuses_a_missing_backing_file(diskferry, chain, tmp_path):
+    os.rename(tmp_path / "mid.qcow2", tmp_path / "gone.qcow2")
+    assert "mid.qcow2" in add_error(diskferry, chain, "qcow2")
+
+
+def test_refuses_more_than_the_virtual_size(diskferry, chain):
+    message = add_error(diskferry, chain, "qcow2", size=SIZE + 512)
+    assert "virtual size" in message
+
+
+def test_refuses_a_missing_bitmap(diskferry, chain):
+    message = add_error(diskferry, chain, "qcow2", dirty=True, bitmap="nope")
+    assert "nope" in message
+
+
+def test_refuses_an_encrypted_image(diskferry, tmp_path):
+    image = tmp_path / "secret.qcow2"
+    qemu_img("create", "-f", "qcow2", "--object",
+             "secret,id=sec0,data=123456", "-o",
+             "encrypt.format=luks,encrypt.key-secret=sec0", image, SIZE)
+    assert "encrypted" in add_error(diskferry, image, "qcow2")
+
+
+def test_refuses_an_image_another_qemu_holds(diskferry, chain):
+    sock = f"{chain}.sock"
+    holder = subprocess.Popen(
+        ["qemu-nbd", f"--socket={sock}", "--persistent", "-f", "qcow2",
+         chain], stderr=subprocess.PIPE)
+    try:
+        # Its socket comes before the image is open; its greeting after.
+        deadline = time.monotonic() + 10
+        while not _greets(sock):
+            assert time.monotonic() < deadline and holder.poll() is None
+            time.sleep(0.01)
+        assert "lock" in add_error(diskferry, chain, "qcow2")
+    finally:
+        holder.terminate()
+        holder.wait()
+
+
+def _greets(path) -> bool:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        try:
+            s.connect(path)
+            return s.recv(8) == b"NBDMAGIC"
+        except OSError:
+            return False
+
+
+@pytest.mark.parametrize("fields, word", [
+    ({"format": "Qcow2!"}, "format name"),
+    ({"format": "raw", "backing_chain": False}, "backing chain"),
+    ({"format": "qcow2", "bitmap": "b1"}, "dirty"),
+])
+def test_refuses_bad_fields(diskferry, chain, fields, word):
+    t = ticket_dict(chain, SIZE, ("read",), **fields)
+    with pytest.raises(servers.TicketError) as e:
+        diskferry.add_ticket(t)
+    assert e.value.status == 400
+    assert word in str(e.value)
+
+
+def test_refuses_a_format_for_an_nbd_url(diskferry):
+    t = ticket_dict("/x", SIZE, ("read",), format="qcow2",
+                    url="nbd:unix:/run/x.sock")
+    with pytest.raises(servers.TicketError) as e:
+        diskferry.add_ticket(t)
+    assert e.value.status == 400 and "file: url" in str(e.value)
+
+
+# --- the export's life -------------------------------------------------------
+
+
+def test_export_shown_and_private(diskferry, chain):
+    t = add(diskferry, chain, "qcow2", ops=("read",))
+    info = diskferry.get_ticket(t["uuid"])
+    assert info["format"] == "qcow2"
+    export = info["export"]
+    assert export["kind"] == "qemu-nbd" and export["running"]
+    assert "--read-only" in export["command"]
+    assert "--allocation-depth" in export["command"]
+    assert os.stat(socket_path(export)).st_mode & 0o777 == 0o600
+    assert t["uuid"] not in socket_path(export)
+
+
+def test_delete_stops_the_export(diskferry, chain):
+    t = add(diskferry, chain, "qcow2")
+    export = export_of(diskferry, t)
+    diskferry.delete_ticket(t["uuid"])
+    wait_gone(export["pid"], socket_path(export), timeout=0.1)
+
+
+def test_replacing_a_ticket_replaces_its_export(diskferry, chain):
+    """The old export holds the image's write lock: it ends first."""
+    t = add(diskferry, chain, "qcow2", ops=("read", "write"))
+    old = export_of(diskferry, t)
+    diskferry.add_ticket(t)
+    wait_gone(old["pid"], socket_path(old), timeout=0.1)
+    new = export_of(diskferry, t)
+    assert new["running"] and new["pid"] != old["pid"]
+    assert get(Endpoint(diskferry, "path"), t) == guest_bytes(chain, "qcow2")
+
+
+def test_expiry_stops_the_export(diskferry, chain):
+    t = add(diskferry, chain, "qcow2", timeout=1)
+    export = export_of(diskferry, t)
+    wait_gone(export["pid"], socket_path(export))
+    assert not export_of(diskferry, t)["running"]
+    # Extended and used again, it serves again.
+    diskferry.extend_ticket(t["uuid"], 300)
+    endpoint = Endpoint(diskferry, "path")
+    assert get(endpoint, t) == guest_bytes(chain, "qcow2")
+
+
+def test_a_dead_export_is_named_then_restarted(diskferry, chain):
+    t = add(diskferry, chain, "qcow2")
+    endpoint = Endpoint(diskferry, "path")
+    con = endpoint.connect()
+    try:
+        con.request("GET", f"/images/{t['uuid']}", headers={
+            "Range": "bytes=0-4095"})
+        res = con.getresponse()
+        assert res.status == 206
+        res.read()
+        os.kill(export_of(diskferry, t)["pid"], 9)
+        time.sleep(0.2)
+        con.request("GET", f"/images/{t['uuid']}", headers={
+            "Range": "bytes=0-4095"})
+        res = con.getresponse()
+        body = res.read()
+        assert res.status == 500
+        assert b"SIGKILL" in body, body
+    finally:
+        con.close()
+    assert get(endpoint, t) == guest_bytes(chain, "qcow2")
+    assert export_of(diskferry, t)["running"]
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_daemon_end_stops_every_export(pki, chain, how):
+    # A short run directory: a socket path has at most 107 bytes.
+    workdir = tempfile.mkdtemp(prefix="df-")
+    srv = servers.start_server("diskferry", workdir, tls=False,
+                               local_socket=None, pki=pki)
+    try:
+        exports = [export_of(srv, add(srv, chain, "qcow2", ops=("read",)))
+                   for _ in range(2)]
+    finally:
+        if how == "SIGTERM":
+            srv.stop()
+        else:
+            srv.kill()
+    for export in exports:
+        wait_gone(export["pid"], socket_path(export))
+    shutil.rmtree(workdir)
+
+
+# --- the command line --------------------------------------------------------
+
+
+def ticket_cmd(srv, *args):
+    return subprocess.run(
+        [sys.executable, "-m", "diskferry", "ticket", "--socket",
+         srv.control_socket, *args],
+        capture_output=True, text=True, timeout=60)
+
+
+def test_cli_add_detects_the_format(diskferry, chain):
+    run = ticket_cmd(diskferry, "add", str(chain))
+    assert run.returncode == 0, run.stderr
+    ticket_id = run.stdout.strip()
+    info = diskferry.get_ticket(ticket_id)
+    assert info["format"] == "qcow2" and info["size"] == SIZE
+    endpoint = Endpoint(diskferry, "path")
+    assert get(endpoint, {"uuid": ticket_id}) == guest_bytes(chain, "qcow2")
+    shown = ticket_cmd(diskferry, "show", ticket_id).stdout
+    assert "format:" in shown and "qcow2" in shown
+    export = info["export"]
+    assert f"qemu-nbd {export['pid']} on {export['url']}" in shown
+
+
+def test_cli_format_raw_serves_the_container(diskferry, chain):
+    run = ticket_cmd(diskferry, "add", "--format", "raw", str(chain))
+    assert run.returncode == 0, run.stderr
+    ticket_id = run.stdout.strip()
+    info = diskferry.get_ticket(ticket_id)
+    assert "format" not in info and "export" not in info
+    assert info["size"] == os.path.getsize(chain)
+    endpoint = Endpoint(diskferry, "path")
+    assert get(endpoint, {"uuid": ticket_id}) == chain.read_bytes()
+    assert "export:" not in ticket_cmd(diskferry, "show", ticket_id).stdout
+
+
+def test_cli_dirty_bitmap_and_top_layer(diskferry, chain):
+    qemu_img("bitmap", "--add", chain, "b1")
+    run = ticket_cmd(diskferry, "add", "--dirty", "--bitmap", "b1",
+                     "--no-backing-chain", str(chain))
+    assert run.returncode == 0, run.stderr
+    info = diskferry.get_ticket(run.stdout.strip())
+    assert (info["bitmap"], info["backing_chain"]) == ("b1", False)
+    assert "--bitmap=b1" in info["export"]["command"]
+    run = ticket_cmd(diskferry, "add", "--bitmap", "b1", str(chain))
+    assert run.returncode == 1 and "--dirty" in run.stderr
