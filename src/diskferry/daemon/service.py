@@ -159,7 +159,6 @@ class Daemon:
         except OSError as e:
             raise StartError(f"lock {self.lock.path}: {e.strerror}") from e
         try:
-            self.exports.open(self.store.stop_idle_exports)
             self._start()
         except BaseException:
             self.exports.close()
@@ -170,8 +169,10 @@ class Daemon:
         listeners = self._bind()
         try:
             # Only now that every address is ours: a daemon that cannot
-            # listen must not have made a CA in its state folder first.
+            # listen must not have made a CA in its state folder first,
+            # nor its exports' folder.
             context = self._tls_context()
+            self.exports.open(self.store.stop_idle_exports)
             self.servers = self._servers(listeners, context)
         except BaseException:
             self._unbind(listeners.sockets())
