@@ -77,6 +77,9 @@ HEAD_RECV_SIZE = 64 * 1024
 #: (EAGAIN is how a kernel socket timeout shows on a blocking socket).
 PEER_ERRORS = (ConnectionError, TimeoutError, BlockingIOError, ssl.SSLError)
 
+#: Bytes received per step when draining a refused body.
+DISCARD_SCRATCH = 64 * 1024
+
 #: Seconds a peer has to send a whole request head once it started one.
 #: A client sends its head in one packet, so this bounds only peers that
 #: trickle bytes to hold a thread (slowloris), which the idle timeout
@@ -389,11 +392,9 @@ class Connection:
         self._send_continue()
         done = 0
         if self._buf:
-            head = bytes(self._buf[:count])
-            del self._buf[:len(head)]
+            head = self._take_buffered(count)
             pwrite_all(fd, head, offset)
             done = len(head)
-            self.body_left -= done
         r, w = _open_end(pipe.r), _open_end(pipe.w)
         sockfd = self.sock.fileno()
         while done < count:
@@ -413,15 +414,23 @@ class Connection:
         w = _open_end(pipe.w)
         done = 0
         if self._buf:
-            head = bytes(self._buf[:count])
-            del self._buf[:len(head)]
+            head = self._take_buffered(count)
             _write_all(w, head)
             done = len(head)
-            self.body_left -= done
         sockfd = self.sock.fileno()
         while done < count:
             done += self._receive_body(os.splice, sockfd, w, count - done)
         return done
+
+    def _take_buffered(self, count: int) -> bytes:
+        """Up to ``count`` body bytes that came with the head, consumed:
+        they count as read before the caller writes them anywhere, so that
+        a failed write leaves ``body_left`` true and the drain after it
+        waits for no byte already received."""
+        data = bytes(self._buf[:count])
+        del self._buf[:len(data)]
+        self.body_left -= len(data)
+        return data
 
     def read_body(self, limit: int) -> bytes:
         """The whole body as bytes, for small (JSON) bodies."""
@@ -438,16 +447,21 @@ class Connection:
         """Read and drop an unread body of at most ``limit`` bytes.
 
         Keeps the connection in sync after a request was refused. Returns
-        False, reading nothing, when the body is larger or the client
-        still waits for 100 Continue (it may never send the body).
+        False, reading nothing, when the body is declared larger or the
+        client still waits for 100 Continue (it may never send the body);
+        False too once a chunked body passed ``limit``.
         """
         if self.body_done:
             return True
-        if self.chunked or self.body_left > limit or self._continue_pending:
+        if self._continue_pending or (
+                not self.chunked and self.body_left > limit):
             return False
-        scratch = memoryview(bytearray(min(self.body_left, 65536)))
-        while self.body_left:
-            self.readinto(scratch)
+        scratch = memoryview(bytearray(DISCARD_SCRATCH))
+        drained = 0
+        while n := self.readinto(scratch):
+            drained += n
+            if drained > limit:
+                return False
         return True
 
     def _send_continue(self) -> None:

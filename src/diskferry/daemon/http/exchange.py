@@ -132,16 +132,24 @@ def _answer_error(conn: Connection, error: RequestError) -> bool:
     """Answer a failed request; returns whether the connection goes on
     (the client keeps it, and its body could be drained)."""
     keep = (not error.close_connection and conn.keep_alive and
-            not conn.close_after and
-            _discard_body(conn, error.discard_limit))
+            not conn.close_after and _discard_body(conn, error))
     if not send_error(conn, error, close=not keep):
         keep = False
     return keep
 
 
-def _discard_body(conn: Connection, limit: int | None) -> bool:
+def _discard_body(conn: Connection, error: RequestError) -> bool:
+    """Drain what is left of the body before answering ``error``.
+
+    A chunked body says nothing of its length up front: it is drained only
+    for an error that bounds the drain itself (a failed write, whose
+    client is still sending and must read the answer, not a reset);
+    after other refusals the connection closes.
+    """
+    if conn.chunked and not conn.body_done and error.discard_limit is None:
+        return False
     try:
-        return conn.discard_body(limit or MAX_DISCARDED_BODY)
+        return conn.discard_body(error.discard_limit or MAX_DISCARDED_BODY)
     except ConnectionGone:
         return False
 
