@@ -370,8 +370,8 @@ class TicketStore:
                                     self.default_inactivity)
         if ticket_id is not None and spec.uuid != ticket_id:
             raise BadRequest(
-                f"Invalid ticket field 'uuid': {spec.uuid!r} does not match "
-                f"the id in the URL {ticket_id!r}")
+                f"Invalid ticket field 'uuid': not the id in the URL "
+                f"{ticket_id!r}")
         ticket = Ticket(spec)
         with self._lock:
             self._tickets[spec.uuid] = ticket
