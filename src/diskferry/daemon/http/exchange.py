@@ -130,9 +130,16 @@ def _dispatch(app: Application[StateT], request: Request[StateT],
 
 def _answer_error(conn: Connection, error: RequestError) -> bool:
     """Answer a failed request; returns whether the connection goes on
-    (the client keeps it, and its body could be drained)."""
+    (the client keeps it, and its body could be drained).
+
+    An error that bounds its own drain (a failed write) drains the body
+    even when the connection closes after it, so that a client still
+    sending reads the answer instead of a broken pipe.
+    """
     keep = (not error.close_connection and conn.keep_alive and
-            not conn.close_after and _discard_body(conn, error))
+            not conn.close_after)
+    if keep or error.discard_limit is not None:
+        keep = _discard_body(conn, error) and keep
     if not send_error(conn, error, close=not keep):
         keep = False
     return keep
