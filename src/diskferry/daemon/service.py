@@ -26,8 +26,9 @@ from diskferry import __version__
 from diskferry.daemon import backends
 from diskferry.daemon.config import Config, FileName
 from diskferry.daemon.handlers import control_app, images_app
+from diskferry.daemon.http.limits import ConnectionLimit
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
-from diskferry.daemon.http.server import ConnectionLimit, Server
+from diskferry.daemon.http.server import Server
 from diskferry.daemon.instancelock import InstanceLock
 from diskferry.daemon.tickets import TicketStore
 from diskferry.errors import DiskferryError
@@ -142,9 +143,12 @@ class Daemon:
                             self._ticket_options())
         idle = config.daemon.inactivity_timeout
         head = config.daemon.head_timeout
-        # Image clients share one limit; the control service has its own,
-        # so that they can never lock the management plane out.
-        clients = ConnectionLimit(config.daemon.connection_limit)
+        # Image clients share one limit, of which remote peers cannot take
+        # the local socket's reserve; the control service has its own, so
+        # that they can never lock the management plane out.
+        clients = ConnectionLimit(config.daemon.connection_limit,
+                                  reserved=config.daemon.local_reserve)
+        pending = config.daemon.pending_limit
         try:
             context = None
             if config.tls.enable:
@@ -153,16 +157,19 @@ class Daemon:
                                config.remote.port)
             self.servers.append(Server(
                 "remote", remote, images, tls_context=context,
-                idle_timeout=idle, head_timeout=head, limit=clients))
+                idle_timeout=idle, head_timeout=head, limit=clients.share(),
+                pending_limit=pending))
             if config.local.enable:
                 self.servers.append(Server(
                     "local", self._unix("local", config.local_socket),
                     images, idle_timeout=idle, head_timeout=head,
-                    limit=clients))
+                    limit=clients.share(reserved=True),
+                    pending_limit=pending))
             self.servers.append(Server(
                 "control", self._control_socket(), control_app(self.store),
                 idle_timeout=idle, head_timeout=head,
-                limit=ConnectionLimit(config.daemon.connection_limit)))
+                limit=ConnectionLimit(config.daemon.connection_limit).share(),
+                pending_limit=pending))
         except BaseException:
             for server in self.servers:
                 server.sock.close()

@@ -103,12 +103,19 @@ class Connection:
 
     def __init__(self, sock: socket.socket, *, tls: bool = False,
                  timeout: float = 60.0,
-                 head_timeout: float = HEAD_TIMEOUT) -> None:
+                 head_timeout: float = HEAD_TIMEOUT,
+                 first_head_timeout: float | None = None,
+                 started: float | None = None) -> None:
         self.sock = sock
         self.tls = tls
         self.head_timeout = head_timeout
-        # The first head's deadline runs from the connection's start.
-        self._head_started: float | None = time.monotonic()
+        # The first head's deadline runs from the connection's start (its
+        # accept, when the server says: the handshake counts), and may be
+        # shorter: a connection that never sent a request proves nothing.
+        self._head_started: float | None = (
+            time.monotonic() if started is None else started)
+        self._head_limit = (head_timeout if first_head_timeout is None
+                            else min(head_timeout, first_head_timeout))
         #: When the current request's head began: its first byte (the
         #: connection's start for the first one); None while idle.
         self.request_started: float | None = None
@@ -191,13 +198,15 @@ class Connection:
         """
         idle = self.timeout
         started, self._head_started = self._head_started, None
+        limit, self._head_limit = self._head_limit, self.head_timeout
         self.request_started = started
         try:
-            return self._read_head(idle, started)
+            return self._read_head(idle, started, limit)
         finally:
             self.set_timeout(idle)
 
-    def _read_head(self, idle: float, started: float | None) -> bytes | None:
+    def _read_head(self, idle: float, started: float | None,
+                   limit: float) -> bytes | None:
         start = 0
         while True:
             end = self._buf.find(b"\r\n\r\n", max(0, start - 3))
@@ -213,11 +222,9 @@ class Connection:
             if started is None and self._buf:
                 started = self.request_started = time.monotonic()
             if started is not None:
-                left = started + self.head_timeout - time.monotonic()
+                left = started + limit - time.monotonic()
                 if left <= 0:
-                    raise RequestTimeout(
-                        f"Request head not received within "
-                        f"{self.head_timeout:g} seconds")
+                    raise _head_timeout(limit)
                 # Never 0: SO_RCVTIMEO takes a zero timeval as no timeout.
                 self.set_timeout(min(idle, max(left, 0.01)))
             start = len(self._buf)
@@ -225,10 +232,8 @@ class Connection:
                 chunk = self.sock.recv(HEAD_RECV_SIZE)
             except (TimeoutError, BlockingIOError) as e:
                 if started is not None and (
-                        time.monotonic() - started >= self.head_timeout):
-                    raise RequestTimeout(
-                        f"Request head not received within "
-                        f"{self.head_timeout:g} seconds") from e
+                        time.monotonic() - started >= limit):
+                    raise _head_timeout(limit) from e
                 raise ConnectionGone(f"Receiving failed: {e}") from e
             except PEER_ERRORS as e:
                 raise ConnectionGone(f"Receiving failed: {e}") from e
@@ -577,6 +582,11 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+
+def _head_timeout(limit: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"Request head not received within {limit:g} seconds")
 
 
 def _receive_failed(error: Exception) -> ConnectionGone:

@@ -1,0 +1,164 @@
+"""No client starves another: caps per service, pending connections cut
+oldest first, refusals a client reads, buffers nobody can hoard.
+
+Real daemons with small limits, real sockets. Times are bounds a loaded
+2-core machine keeps with a wide margin, not measurements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+
+import pytest
+
+import servers
+from diskferry.daemon.http.connection import Connection
+from diskferry.errors import RequestTimeout
+from servers import RawConnection
+
+SIZE = 1 << 20
+
+#: The limited daemon's connection limit; half of it is the local reserve.
+LIMIT = 12
+REMOTE_SHARE = LIMIT // 2
+PENDING = 4
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory, pki):
+    workdir = tmp_path_factory.mktemp("fairness-limited")
+    srv = servers.start_server(
+        "diskferry", workdir, local_socket="path", pki=pki,
+        daemon_options={"connection_limit": LIMIT,
+                        "local_reserve": LIMIT,  # capped at half
+                        "pending_limit": PENDING})
+    yield srv
+    srv.stop()
+
+
+def served(srv, service, path="/images/*", method="OPTIONS"):
+    """One request on a new connection; its status, None if refused
+    before any answer."""
+    con = (srv.local_connection(timeout=10) if service == "unix"
+           else srv.remote_connection(timeout=10))
+    try:
+        con.request(method, path, headers={"Range": "bytes=0-4095"})
+        res = con.getresponse()
+        res.read()
+        return res.status
+    finally:
+        con.close()
+
+
+def held_connection(srv, service):
+    """A connection that was served once and stays open, retried while
+    connections of an earlier test are still closing."""
+    deadline = time.monotonic() + 5
+    while True:
+        sock = (srv.raw_local_socket(timeout=10) if service == "unix"
+                else srv.raw_remote_socket(timeout=10))
+        con = RawConnection(sock)
+        try:
+            if con.request("OPTIONS", "/images/*").status == 200:
+                return con
+        except (OSError, ValueError):
+            pass
+        con.close()
+        assert time.monotonic() < deadline, "no room came back"
+        time.sleep(0.05)
+
+
+def silent_connects(srv, count):
+    """``count`` TCP connections to the TLS port that never handshake."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection((srv.host, srv.port), timeout=10)
+        socks.append(s)
+    return socks
+
+
+def test_remote_peers_cannot_take_the_local_share(limited):
+    with contextlib.ExitStack() as stack:
+        for _ in range(REMOTE_SHARE):
+            stack.enter_context(held_connection(limited, "tls"))
+        with RawConnection(limited.raw_remote_socket(timeout=10)) as con:
+            res = con.response()  # answered without asking
+            assert res.status == 503
+            assert res.header("Retry-After") == "2"
+        for _ in range(LIMIT - REMOTE_SHARE):
+            stack.enter_context(held_connection(limited, "unix"))
+
+
+def test_unix_client_over_its_cap_reads_503(limited):
+    """The request a refused client sends right after connecting is read
+    before the connection closes: the client reads the 503, its send
+    never fails with EPIPE."""
+    with contextlib.ExitStack() as stack:
+        for _ in range(LIMIT):
+            stack.enter_context(held_connection(limited, "unix"))
+        for body in (b"", b"x" * 256 * 1024):
+            for _ in range(3):
+                con = limited.local_connection(timeout=10)
+                try:
+                    con.request("PUT" if body else "GET", "/images/none",
+                                body=body or None)
+                    res = con.getresponse()
+                    assert res.status == 503
+                    assert res.getheader("Retry-After") == "2"
+                    res.read()
+                finally:
+                    con.close()
+
+
+def test_silent_connects_cut_oldest_first(limited):
+    """Past the pending cap the oldest connection without a request is
+    closed: a flood of silent connects never keeps a real client out."""
+    socks = silent_connects(limited, PENDING * 5)
+    try:
+        assert served(limited, "tls") == 200
+        # The first ones were closed to make room.
+        first = socks[0]
+        first.settimeout(5)
+        assert first.recv(1) == b""
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_thousand_silent_connects_leave_clients_served(daemons):
+    """1,000 TCP connects to the TLS port that never handshake: UNIX
+    socket clients, and TLS clients too, are served meanwhile."""
+    srv = daemons.get("diskferry", local_socket="path")
+    socks = silent_connects(srv, 1000)
+    try:
+        for service in ("unix", "tls") * 5:
+            start = time.monotonic()
+            assert served(srv, service) == 200
+            assert time.monotonic() - start < 2
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_first_head_has_the_shorter_deadline():
+    """A new connection has its first head within the pre-request
+    deadline, when shorter than the head deadline; later heads have the
+    head deadline."""
+    a, b = socket.socketpair()
+    with a, b:
+        conn = Connection(a, timeout=10, head_timeout=5,
+                          first_head_timeout=0.3)
+        b.sendall(b"GET / HTTP/1.1\r\n")
+        start = time.monotonic()
+        with pytest.raises(RequestTimeout, match="within 0.3 seconds"):
+            conn.read_request()
+        assert time.monotonic() - start < 2
+    a, b = socket.socketpair()
+    with a, b:
+        conn = Connection(a, timeout=10, head_timeout=0.5,
+                          first_head_timeout=5)
+        b.sendall(b"GET / HTTP/1.1\r\n")
+        with pytest.raises(RequestTimeout, match="within 0.5 seconds"):
+            conn.read_request()
