@@ -14,9 +14,10 @@ import time
 import pytest
 
 import servers
+from diskferry.daemon.buffers import BufferPool
 from diskferry.daemon.http.connection import Connection
 from diskferry.errors import RequestTimeout
-from servers import RawConnection
+from servers import RawConnection, make_sparse_file, ticket_dict
 
 SIZE = 1 << 20
 
@@ -162,3 +163,81 @@ def test_first_head_has_the_shorter_deadline():
         b.sendall(b"GET / HTTP/1.1\r\n")
         with pytest.raises(RequestTimeout, match="within 0.5 seconds"):
             conn.read_request()
+
+
+# --- buffers nobody can hoard ------------------------------------------------
+
+STALLERS = 70
+BIG = 1 << 30
+PUT_SIZE = 8 << 20
+
+
+@pytest.fixture
+def two_tickets(daemons, tmp_path):
+    """A TLS daemon, a big image others stall on and a small one."""
+    srv = daemons.get("diskferry")
+    big = tmp_path / "big.raw"
+    with open(big, "wb") as f:
+        f.truncate(BIG)
+    small = make_sparse_file(tmp_path / "small.raw", SIZE, {0: b"s" * 4096})
+    tickets = [ticket_dict(big, BIG), ticket_dict(small, SIZE)]
+    for t in tickets:
+        srv.add_ticket(t)
+    yield srv, tickets[0]["uuid"], tickets[1]["uuid"]
+    for t in tickets:
+        srv.delete_ticket(t["uuid"])
+
+
+def stalled_get(srv, ticket_id):
+    """A TLS GET of the whole big image whose client reads the head and
+    no more: the daemon's send blocks, its buffer lent."""
+    con = RawConnection(srv.raw_remote_socket(timeout=10))
+    con.send(f"GET /images/{ticket_id} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    con._read_until(b"\r\n\r\n")
+    return con
+
+
+def trickling_put(srv, ticket_id):
+    """A TLS PUT whose body came to its first byte (a trickle)."""
+    con = RawConnection(srv.raw_remote_socket(timeout=10))
+    con.send(f"PUT /images/{ticket_id} HTTP/1.1\r\nHost: x\r\n"
+             f"Content-Range: bytes 0-{PUT_SIZE - 1}/*\r\n"
+             f"Content-Length: {PUT_SIZE}\r\n\r\nx".encode())
+    return con
+
+
+@pytest.mark.parametrize("stall", [stalled_get, trickling_put])
+def test_stalled_clients_hoard_no_buffer(two_tickets, stall):
+    """70 TLS clients stall, each in a request that moves a large range
+    (more than the pool's 64 buffers): other clients' 4 KiB TLS GETs on
+    another ticket are all served, none in more than a second."""
+    srv, big, small = two_tickets
+    stalled = []
+    try:
+        for _ in range(STALLERS):
+            stalled.append(stall(srv, big))
+        time.sleep(0.5)  # the last ones have their buffer too
+        for _ in range(20):
+            start = time.monotonic()
+            with RawConnection(srv.raw_remote_socket(timeout=10)) as con:
+                res = con.request("GET", f"/images/{small}",
+                                  {"Range": "bytes=0-4095"})
+            assert res.status == 206
+            assert res.body == b"s" * 4096
+            assert time.monotonic() - start < 1
+    finally:
+        for con in stalled:
+            con.close()
+
+
+def test_try_take_never_waits():
+    pool = BufferPool(limit=1, keep=1)
+    a = pool.take(4096)
+    start = time.monotonic()
+    assert pool.try_take(4096) is None
+    assert time.monotonic() - start < 0.5
+    pool.give(a)
+    b = pool.try_take(4096)
+    assert b is a  # the kept one
+    pool.give(b)
+    assert pool.lent == 0
