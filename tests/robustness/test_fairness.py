@@ -16,6 +16,7 @@ import pytest
 import servers
 from diskferry.daemon.buffers import BufferPool
 from diskferry.daemon.http.connection import Connection
+from diskferry.daemon.http.limits import ConnectionLimit, PendingConnections
 from diskferry.errors import RequestTimeout
 from servers import RawConnection, make_sparse_file, ticket_dict
 
@@ -241,3 +242,36 @@ def test_try_take_never_waits():
     assert b is a  # the kept one
     pool.give(b)
     assert pool.lent == 0
+
+
+def test_remote_share_stops_short_of_the_reserve():
+    limit = ConnectionLimit(10, reserved=4)
+    remote, local = limit.share(), limit.share(reserved=True)
+    assert (remote.limit, local.limit) == (6, 10)
+    assert all(remote.acquire() for _ in range(6))
+    assert not remote.acquire()
+    assert all(local.acquire() for _ in range(4))
+    assert not local.acquire()  # the whole limit is open
+    remote.release()
+    assert local.acquire()  # room goes to whoever asks first
+    assert not remote.acquire()
+    assert ConnectionLimit(10, reserved=100).reserved == 5  # at most half
+
+
+def test_pending_cuts_the_oldest():
+    pending = PendingConnections(2)
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        assert pending.add(pairs[0][0].fileno()) == 0
+        assert pending.add(pairs[1][0].fileno()) == 0
+        pending.remove(pairs[1][0].fileno())  # it started a request
+        assert pending.add(pairs[2][0].fileno()) == 0
+        assert pending.add(pairs[1][1].fileno()) == 1
+        # The oldest was shut down: its peer reads the end.
+        pairs[0][1].settimeout(2)
+        assert pairs[0][1].recv(1) == b""
+        assert len(pending) == 2
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
