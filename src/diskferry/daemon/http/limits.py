@@ -35,10 +35,12 @@ DEFAULT_LOCAL_RESERVE = 250
 
 #: Connections per service that may wait for their handshake or first
 #: head at once. A real client handshakes and sends its head within
-#: milliseconds of connecting, so even a burst of many clients keeps few
-#: pending at a time; nginx and Apache have no such bound, and drop
-#: nothing, but hold a slot per connection for the whole header timeout.
-DEFAULT_PENDING_LIMIT = 128
+#: milliseconds of connecting, so a burst of clients keeps few pending at
+#: a time: 256 TLS handshakes take about half a second of two cores, the
+#: window in which a larger burst could see its first connections cut.
+#: nginx and Apache have no such bound, and drop nothing, but hold a slot
+#: per connection for the whole header timeout.
+DEFAULT_PENDING_LIMIT = 256
 
 #: Seconds a new connection has for its TLS handshake and its first
 #: request head together (the head deadline, when shorter, applies).
