@@ -15,8 +15,9 @@ bounds apply while waiting for a request:
     idle timeout   between requests, until the first byte of a head
                    (the ticket's inactivity_timeout once one is used)
     head deadline  from that first byte (for the first request of a
-                   connection: from its start) to the end of the head;
-                   past it the request is answered 408 and the
+                   connection: from its start, the server's accept, and
+                   at most ``first_head_timeout``) to the end of the
+                   head; past it the request is answered 408 and the
                    connection closed, however often bytes trickle in
 
 The connection owns the framing: ``read_request`` reads a head within

@@ -5,7 +5,10 @@
     app.handle(request)        the application answers
       RequestError             answered; the connection goes on only if
                                the client keeps it and its body could
-                               be drained (``MAX_DISCARDED_BODY``)
+                               be drained (``MAX_DISCARDED_BODY``, or
+                               the error's own bound: a failed write
+                               drains before answering, even when the
+                               connection closes after it)
       ConnectionGone           nothing to answer; the connection closes
       anything else            logged, answered 500 saying nothing of
                                the internals; the connection closes
