@@ -115,6 +115,20 @@ def test_control_requests_shorten_ticket_ids(daemon, tmp_path):
     assert t["uuid"][:5] not in daemon.log_text()
 
 
+def test_ticket_body_naming_another_id_is_not_logged_whole(daemon, tmp_path):
+    image = servers.make_sparse_file(tmp_path / "m.raw", 4096)
+    t = servers.ticket_dict(image, 4096)
+    in_path = str(uuid.uuid4())
+    mark = len(daemon.log_text())
+    status, _, body = daemon.control("PUT", f"/tickets/{in_path}", t)
+    assert status == 400, body
+    shown = accesslog.secret_prefix(in_path)
+    lines = new_lines(daemon, mark, 1, re.escape(f"/tickets/{shown} "))
+    assert " 400 " in lines[0]
+    assert t["uuid"][:5] not in daemon.log_text()
+    assert in_path[:5] not in daemon.log_text()
+
+
 def test_unparsable_head_has_a_line(daemon):
     mark = len(daemon.log_text())
     with socket.socket(socket.AF_UNIX) as s:

@@ -9,6 +9,7 @@ the connection closes.
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -25,7 +26,12 @@ from diskferry.daemon.http.exchange import (
     serve_request,
 )
 from diskferry.daemon.http.request import Request
-from diskferry.errors import BadRequest
+from diskferry.errors import (
+    BadRequest,
+    StorageLost,
+    request_error,
+    storage_error,
+)
 
 TIMEOUT = 5.0
 
@@ -38,8 +44,9 @@ class State:
 
 class EchoApp:
     """``/echo`` answers the body it read; ``/ignore`` answers without
-    reading it; ``/refuse`` raises a 400 without reading it; ``/fail``
-    breaks."""
+    reading it; ``/refuse`` raises a 400 without reading it; ``/full``
+    and ``/lost`` fail a write after reading a little of the body (a
+    full disk, a storage gone); ``/fail`` breaks."""
 
     secret_paths = SecretPaths()
 
@@ -62,6 +69,13 @@ class EchoApp:
             conn.send_response(200, b"ignored")
         elif request.path == "/refuse":
             raise BadRequest("Refused")
+        elif request.path == "/full":
+            conn.readinto(memoryview(bytearray(3)))
+            error = OSError(errno.ENOSPC, "No space left on device")
+            raise storage_error(error, "Writing") from error
+        elif request.path == "/lost":
+            conn.readinto(memoryview(bytearray(3)))
+            raise request_error(StorageLost("export gone"))
         else:
             raise RuntimeError("secret internals")
 
@@ -318,6 +332,29 @@ def test_refused_chunked_body_closes(pair):
               b"1\r\nx\r\n0\r\n\r\n")
     status, headers, _ = pair.response()
     assert (status, headers["connection"]) == (400, "close")
+    assert pair.closed()
+
+
+def test_failed_write_drains_a_chunked_body_and_keeps(pair):
+    pair.send(b"PUT /full HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + b"2000\r\n" + b"x" * 0x2000 + b"\r\n0\r\n\r\n"
+              + req("PUT", "/echo", b"next"))
+    status, headers, body = pair.response()
+    assert (status, body) == (507, b"Writing failed: No space left on "
+                                    b"device\n")
+    assert "connection" not in headers
+    assert pair.response()[::2] == (200, b"next")
+
+
+def test_storage_lost_drains_the_body_then_closes(pair):
+    """The client sends its whole body (more than the socket buffers
+    hold) and reads the 500: the body was drained before the answer."""
+    body = b"x" * (4 << 20)
+    pair.send(req("PUT", "/lost", b"", f"Content-Length: {len(body)}")
+              + body)
+    status, headers, data = pair.response()
+    assert (status, headers["connection"]) == (500, "close")
+    assert b"storage went away" in data
     assert pair.closed()
 
 

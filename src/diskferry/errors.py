@@ -251,6 +251,18 @@ class ExportFailed(BackendError):
     daemon's own business, not the storage's."""
 
 
+class StorageLost(BackendError):
+    """Raised when the storage behind an image went away in the middle of
+    a request (the server of an NBD export died): a 500 that says so,
+    after the rest of the body is drained as for a failed write; which
+    storage and what failed go to the access line, as its cause."""
+
+
+#: The message of ``StorageLost``: the client may send the request again
+#: once the storage is back; where it was is for the log only.
+STORAGE_LOST = "The image's storage went away during the request"
+
+
 #: Status passed back when the upstream's is not a client or server
 #: error this daemon could send.
 BAD_GATEWAY = 502
@@ -286,4 +298,8 @@ def request_error(error: BackendError) -> RequestError:
         return UpstreamError(error.status, message)
     if isinstance(error, UpstreamFailed | ExportFailed):
         return ServerError(message)
+    if isinstance(error, StorageLost):
+        answer = ServerError(STORAGE_LOST)
+        answer.discard_limit = STORAGE_ERROR_DISCARD
+        return answer
     return ServerError(INTERNAL_ERROR)

@@ -10,8 +10,10 @@ backend).
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -112,3 +114,82 @@ def test_nbd_export_without_room_answers_507(daemons, tmp_path, transport):
             srv.delete_ticket(t["uuid"])
     finally:
         export.stop()
+
+
+def fill(directory):
+    """Take every free byte of the file system under ``directory``."""
+    block = b"\xff" * (64 * 1024)
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(block)
+                f.flush()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+
+
+def framed(ticket_id, body, offset, framing):
+    """A PUT's head and body as one byte string, sent in one go."""
+    headers = [f"PUT /images/{ticket_id} HTTP/1.1", "Host: localhost",
+               f"Content-Range: bytes {offset}-{offset + len(body) - 1}/*"]
+    if framing == "chunked":
+        headers.append("Transfer-Encoding: chunked")
+        pieces = [body[i:i + MiB] for i in range(0, len(body), MiB)]
+        data = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+        data += b"0\r\n\r\n"
+    else:
+        headers.append(f"Content-Length: {len(body)}")
+        if framing == "continue":
+            headers.append("Expect: 100-continue")
+        data = body
+    return ("\r\n".join(headers) + "\r\n\r\n").encode() + data
+
+
+def final_response(raw):
+    """The first answer that is not 100 Continue."""
+    while True:
+        res = raw.response("PUT")
+        if res.status != 100:
+            return res
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "continue"])
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+def test_full_disk_answered_at_once(daemons, small_fs, transport, framing):
+    """Head and body in one send on a full file system: the 507 comes as
+    soon as the body is drained, never after the idle timeout (the bytes
+    that arrived with the head are part of the body drained)."""
+    srv = daemons.get("diskferry", tls=True, local_socket="path")
+    image = small_fs / "disk.raw"
+    image.write_bytes(b"")
+    os.truncate(image, SIZE)
+    fill(small_fs)
+    t = servers.ticket_dict(image, SIZE, ("read", "write"),
+                            uuid=str(uuid.uuid4()))
+    srv.add_ticket(t)
+    sock = (srv.raw_local_socket(timeout=20) if transport == "unix"
+            else srv.raw_remote_socket(timeout=20))
+    try:
+        with servers.RawConnection(sock) as raw:
+            start = time.monotonic()
+            # Longer than the buffer a body is received into.
+            raw.send(framed(t["uuid"], os.urandom(16 * MiB), MiB, framing))
+            res = final_response(raw)
+            elapsed = time.monotonic() - start
+            assert res.status == 507, res.body
+            assert b"No space left on device" in res.body
+            assert elapsed < 5, f"answered after {elapsed:.1f} s"
+            # The body was drained: the connection goes on.
+            res = raw.request("GET", f"/images/{t['uuid']}",
+                              headers={"Range": "bytes=0-0"})
+            assert res.status == 206
+    finally:
+        srv.delete_ticket(t["uuid"])
+    # Nothing of the body landed outside its range.
+    with open(image, "rb") as f:
+        head = f.read(MiB)
+        f.seek(17 * MiB)
+        tail = f.read()
+    assert head == bytes(MiB)
+    assert tail == bytes(len(tail))

@@ -24,10 +24,12 @@ class BufferPool:
     A connection holds a buffer only while one of its requests runs, so
     the daemon's memory follows the requests in flight, not the
     connections open: a thousand idle keep-alive connections hold none.
-    At most ``limit`` buffers are lent at once; a request that finds none
-    waits for one (each request takes at most one, so waiting cannot
-    deadlock). Returned buffers are kept for reuse (their pages are
-    already mapped), ``keep`` of them at most.
+    At most ``limit`` buffers are lent at once; ``take`` waits for one
+    (each request takes at most one, so waiting cannot deadlock), and
+    ``try_take`` does not: the daemon's requests never wait, they fall
+    back to a small buffer (``SMALL_POOL``), so that a client that stalls
+    holding a buffer costs no other client time. Returned buffers are
+    kept for reuse (their pages are already mapped), ``keep`` at most.
     """
 
     def __init__(self, limit: int = 64, keep: int = 8) -> None:
@@ -42,9 +44,21 @@ class BufferPool:
         return self._lent
 
     def take(self, size: int) -> mmap.mmap:
-        """A buffer of at least ``size`` bytes (contents undefined)."""
+        """A buffer of at least ``size`` bytes (contents undefined),
+        waiting for one while ``limit`` are lent."""
+        buf = self._take(size, wait=True)
+        assert buf is not None
+        return buf
+
+    def try_take(self, size: int) -> mmap.mmap | None:
+        """``take``, or None at once while ``limit`` are lent."""
+        return self._take(size, wait=False)
+
+    def _take(self, size: int, wait: bool) -> mmap.mmap | None:
         with self._cond:
             while self._lent >= self.limit:
+                if not wait:
+                    return None
                 self._cond.wait()
             self._lent += 1
             for i, buf in enumerate(self._free):
@@ -75,3 +89,14 @@ class BufferPool:
 #: above what two cores keep busy, and a bound on what a flood of
 #: concurrent requests can make the daemon map.
 POOL = BufferPool()
+
+#: Size of a small buffer: what a request needing no more takes (a 4 KiB
+#: range, a short chunk), and what a large request falls back to while
+#: the pool's buffers are all lent, so that clients that stall with a
+#: large buffer each never make another client wait. Two TLS records'
+#: worth of 64 KiB; 1,000 connections hold 125 MiB of them at most.
+SMALL_BUFFER = 128 * 1024
+
+#: Small buffers: as many as requests run (the connection limit bounds
+#: them, not this pool), the last 64 kept for reuse.
+SMALL_POOL = BufferPool(limit=1 << 30, keep=64)

@@ -28,7 +28,11 @@ from typing import TypeAlias
 
 from diskferry.daemon import places, tomlwrite
 from diskferry.daemon.http.connection import HEAD_TIMEOUT
-from diskferry.daemon.http.server import DEFAULT_CONNECTION_LIMIT
+from diskferry.daemon.http.limits import (
+    DEFAULT_CONNECTION_LIMIT,
+    DEFAULT_LOCAL_RESERVE,
+    DEFAULT_PENDING_LIMIT,
+)
 from diskferry.daemon.tickets import DEFAULT_INACTIVITY_TIMEOUT, DEFAULT_REMOVE_TIMEOUT
 from diskferry.errors import DiskferryError
 from diskferry.sockaddr import kernel_address
@@ -59,6 +63,13 @@ class Daemon:
     #: local together; the control service has as many of its own);
     #: more are answered 503 with Retry-After and closed.
     connection_limit: int = DEFAULT_CONNECTION_LIMIT
+    #: Connections of connection_limit that only the local socket may use
+    #: (at most half of it), so that remote peers can never lock local
+    #: clients out.
+    local_reserve: int = DEFAULT_LOCAL_RESERVE
+    #: Connections per service that may wait for their TLS handshake or
+    #: first request head at once; past it the oldest is closed.
+    pending_limit: int = DEFAULT_PENDING_LIMIT
     #: Seconds a client has to send a whole request head.
     head_timeout: int = int(HEAD_TIMEOUT)
 
@@ -303,9 +314,13 @@ def _check(path: str, config: Config) -> None:
     for name, value in (
             ("[daemon] connection_limit", config.daemon.connection_limit),
             ("[daemon] head_timeout", config.daemon.head_timeout),
+            ("[daemon] pending_limit", config.daemon.pending_limit),
             ("[backend_file] max_writers", config.backend_file.max_writers)):
         if value < 1:
             raise ConfigError(f"{path}: {name} must be at least 1")
+    if config.daemon.local_reserve < 0:
+        raise ConfigError(f"{path}: [daemon] local_reserve must be at "
+                          f"least 0")
     for name, value in (("[remote] port", config.remote.port),
                         ("[control] port", config.control.port),
                         ("[metrics] port", config.metrics.port)):

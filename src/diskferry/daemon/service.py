@@ -30,8 +30,9 @@ from diskferry.daemon import backends
 from diskferry.daemon.config import Config, FileName
 from diskferry.daemon.exports import ExportManager
 from diskferry.daemon.handlers import control_app, images_app, metrics_app
+from diskferry.daemon.http.limits import ConnectionLimit
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
-from diskferry.daemon.http.server import ConnectionLimit, Server
+from diskferry.daemon.http.server import Server
 from diskferry.daemon.instancelock import InstanceLock
 from diskferry.daemon.metrics.registry import DaemonMetrics, MetricsSettings
 from diskferry.daemon.tickets import TicketStore
@@ -222,31 +223,38 @@ class Daemon:
                             self._ticket_options())
         idle = config.daemon.inactivity_timeout
         head = config.daemon.head_timeout
-        # Image clients share one limit; the control service has its own,
-        # so that they can never lock the management plane out.
-        clients = ConnectionLimit(config.daemon.connection_limit)
+        # Image clients share one limit, of which remote peers cannot take
+        # the local socket's reserve; the control service has its own, so
+        # that they can never lock the management plane out.
+        clients = ConnectionLimit(config.daemon.connection_limit,
+                                  reserved=config.daemon.local_reserve)
+        pending = config.daemon.pending_limit
         servers: list[Service] = [Server(
             "remote", listeners.remote, images, tls_context=context,
-            idle_timeout=idle, head_timeout=head, limit=clients,
+            idle_timeout=idle, head_timeout=head, limit=clients.share(),
+            pending_limit=pending,
             observer=self.metrics.service(
                 "remote", "tls" if context else "tcp"))]
         if listeners.local is not None:
             servers.append(Server(
                 "local", listeners.local, images, idle_timeout=idle,
-                head_timeout=head, limit=clients,
+                head_timeout=head, limit=clients.share(reserved=True),
+                pending_limit=pending,
                 observer=self.metrics.service("local", "unix")))
         servers.append(Server(
             "control", listeners.control,
             control_app(self.store, self.metrics),
             idle_timeout=idle, head_timeout=head,
-            limit=ConnectionLimit(config.daemon.connection_limit),
+            limit=ConnectionLimit(config.daemon.connection_limit).share(),
+            pending_limit=pending,
             observer=self.metrics.service(
                 "control", config.control.transport)))
         if listeners.metrics is not None:
             servers.append(Server(
                 "metrics", listeners.metrics, metrics_app(self.metrics),
                 idle_timeout=idle, head_timeout=head,
-                limit=ConnectionLimit(METRICS_CONNECTION_LIMIT),
+                limit=ConnectionLimit(METRICS_CONNECTION_LIMIT).share(),
+                pending_limit=pending,
                 observer=self.metrics.service("metrics", "tcp")))
         return servers
 

@@ -480,8 +480,8 @@ class TicketStore:
                                     self.default_inactivity)
         if ticket_id is not None and spec.uuid != ticket_id:
             raise BadRequest(
-                f"Invalid ticket field 'uuid': {spec.uuid!r} does not match "
-                f"the id in the URL {ticket_id!r}")
+                f"Invalid ticket field 'uuid': not the id in the URL "
+                f"{ticket_id!r}")
         with self._lock:
             replaced = self._tickets.get(spec.uuid)
         if replaced is not None and replaced.export is not None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 from diskferry import nbd
 from diskferry.daemon.backends.base import Backend, Extent, SplicesPipes
 from diskferry.daemon.backends.nbd import NbdBackend
-from diskferry.errors import ExportFailed
+from diskferry.errors import ExportFailed, StorageLost
 from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from diskferry.daemon.tickets import Ticket, TicketExport
 
 #: What a request on a dead export fails with.
-_FAILURES = (nbd.NbdError, OSError)
+_FAILURES = (nbd.NbdError, OSError, StorageLost)
 
 
 def open_managed(ticket: Ticket, config: Config) -> ManagedBackend:

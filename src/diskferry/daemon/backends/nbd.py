@@ -41,7 +41,7 @@ from diskferry.daemon.backends.base import (
     SplicesPipes,
 )
 from diskferry.daemon.metrics.events import BACKEND_EVENTS
-from diskferry.errors import BackendError, NotAvailable
+from diskferry.errors import BackendError, NotAvailable, StorageLost
 from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
@@ -111,17 +111,18 @@ class NbdBackend:
     def readinto(self, buf: memoryview, offset: int) -> int:
         count = max(0, min(len(buf), self._client.size - offset))
         if count:
-            self._client.readinto(buf[:count], offset)
+            with _storage_errors(self.url):
+                self._client.readinto(buf[:count], offset)
         return count
 
     def write(self, data: memoryview, offset: int) -> int:
-        with _as_os_error():
+        with _storage_errors(self.url):
             self._client.write(data, offset)
         return len(data)
 
     def zero(self, offset: int, length: int, punch_hole: bool) -> None:
         if length:
-            with _as_os_error():
+            with _storage_errors(self.url):
                 self._client.zero(offset, length, punch_hole=punch_hole)
 
     def flush(self) -> None:
@@ -129,7 +130,7 @@ class NbdBackend:
             log.info("%s offers no flush: its writes are durable as they "
                      "are acknowledged, or not at all", self.url)
             self._flush_logged = True
-        with _as_os_error():
+        with _storage_errors(self.url):
             self._client.flush()
 
     def extents(self, start: int, length: int) -> list[Extent]:
@@ -150,11 +151,12 @@ class NbdBackend:
                       piece: int, reclaim: Callable[[bool], bool]) -> None:
         ends = [pipe.w for pipe in pipes if pipe.w is not None]
         assert len(ends) == len(pipes)
-        self._client.readinto_pipes(ends, offset, length, piece, reclaim)
+        with _storage_errors(self.url):
+            self._client.readinto_pipes(ends, offset, length, piece, reclaim)
 
     def write_from_pipe(self, pipe: Pipe, offset: int, length: int) -> None:
         assert pipe.r is not None
-        with _as_os_error():
+        with _storage_errors(self.url):
             self._client.write_from_pipe(pipe.r, offset, length)
 
     def close(self) -> None:
@@ -185,12 +187,16 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _as_os_error() -> Iterator[None]:
+def _storage_errors(url: str) -> Iterator[None]:
     """A command the server refused, as the storage error it names (an
     NBD_ENOSPC is the file system's ENOSPC), for the handlers to answer
-    as they answer a file's."""
+    as they answer a file's; a server gone mid-request as StorageLost,
+    naming the export."""
     try:
         yield
     except nbd.RequestError as e:
         BACKEND_EVENTS.nbd_failed()
         raise OSError(e.errno, str(e)) from e
+    except (nbd.ConnectionClosed, nbd.ProtocolError) as e:
+        BACKEND_EVENTS.nbd_failed()
+        raise StorageLost(f"NBD export {url}: {e}") from e

@@ -16,7 +16,7 @@ from typing import Protocol, TypeAlias
 
 from diskferry.daemon.backends import open_backend
 from diskferry.daemon.backends.base import Backend
-from diskferry.daemon.buffers import POOL
+from diskferry.daemon.buffers import POOL, SMALL_BUFFER, SMALL_POOL, BufferPool
 from diskferry.daemon.config import Config
 from diskferry.daemon.http.request import AccessRecord, Request
 from diskferry.daemon.tickets import Ticket, TicketStore
@@ -50,6 +50,8 @@ class ConnectionContext:
     idle_timeout: float | None = None
     images: dict[str, OpenImage] = field(default_factory=dict)
     buffer: mmap.mmap | None = None
+    #: Where ``buffer`` goes back to.
+    buffer_pool: BufferPool = POOL
     pipe: Pipe | None = None
 
 
@@ -115,16 +117,25 @@ def ticket_image(request: ImageRequest, ticket: Ticket,
     return image
 
 
-def connection_buffer(request: ImageRequest, size: int) -> mmap.mmap:
-    """An aligned buffer for this request, lent by the daemon's pool and
-    given back when the request ends (``release_request``)."""
+def connection_buffer(request: ImageRequest, size: int,
+                      need: int | None = None) -> mmap.mmap:
+    """An aligned buffer for this request, given back when the request
+    ends (``release_request``): of ``size`` bytes from the daemon's pool,
+    or a small one when ``need`` (the bytes the request moves, if known)
+    fits in it or the pool's buffers are all lent. Never waits: a client
+    stalling with a large buffer holds up no other request."""
     context = request.context
     buf = context.buffer
-    if buf is None or len(buf) < size:
+    if buf is not None and len(buf) >= min(size, need or size):
+        return buf
+    release_request(context)
+    if need is None or need > SMALL_BUFFER:
+        buf = POOL.try_take(size)
         if buf is not None:
-            context.buffer = None
-            POOL.give(buf)
-        buf = context.buffer = POOL.take(size)
+            context.buffer, context.buffer_pool = buf, POOL
+            return buf
+    buf = SMALL_POOL.take(SMALL_BUFFER)
+    context.buffer, context.buffer_pool = buf, SMALL_POOL
     return buf
 
 
@@ -133,7 +144,7 @@ def release_request(context: ConnectionContext) -> None:
     buffer."""
     buf, context.buffer = context.buffer, None
     if buf is not None:
-        POOL.give(buf)
+        context.buffer_pool.give(buf)
 
 
 def connection_pipe(request: ImageRequest) -> Pipe:

@@ -66,7 +66,7 @@ def send(request: Request, backend: Backend, op: overlap.Operation,
         with request_pipes(overlap.GET_PIPES) as pipes:
             overlap.send_spliced(conn, splicer, pipes, op, offset, length)
         return
-    buf = connection_buffer(request, backend.buffer_size)
+    buf = connection_buffer(request, backend.buffer_size, length)
     with memoryview(buf) as view:
         overlap.send(conn, backend, view, op, offset, length)
 
@@ -84,7 +84,7 @@ def receive(request: Request, backend: Backend, op: overlap.Operation,
         with request_pipes() as (pipe,):
             overlap.receive_spliced(conn, splicer, pipe, op, offset, length)
         return
-    buf = connection_buffer(request, backend.buffer_size)
+    buf = connection_buffer(request, backend.buffer_size, length)
     with memoryview(buf) as view:
         overlap.receive(conn, backend, view, op, offset, length,
                         overlapped=conn.zero_copy or backend.remote)

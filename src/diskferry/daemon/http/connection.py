@@ -15,8 +15,9 @@ bounds apply while waiting for a request:
     idle timeout   between requests, until the first byte of a head
                    (the ticket's inactivity_timeout once one is used)
     head deadline  from that first byte (for the first request of a
-                   connection: from its start) to the end of the head;
-                   past it the request is answered 408 and the
+                   connection: from its start, the server's accept, and
+                   at most ``first_head_timeout``) to the end of the
+                   head; past it the request is answered 408 and the
                    connection closed, however often bytes trickle in
 
 The connection owns the framing: ``read_request`` reads a head within
@@ -77,6 +78,9 @@ HEAD_RECV_SIZE = 64 * 1024
 #: (EAGAIN is how a kernel socket timeout shows on a blocking socket).
 PEER_ERRORS = (ConnectionError, TimeoutError, BlockingIOError, ssl.SSLError)
 
+#: Bytes received per step when draining a refused body.
+DISCARD_SCRATCH = 64 * 1024
+
 #: Seconds a peer has to send a whole request head once it started one.
 #: A client sends its head in one packet, so this bounds only peers that
 #: trickle bytes to hold a thread (slowloris), which the idle timeout
@@ -100,12 +104,19 @@ class Connection:
 
     def __init__(self, sock: socket.socket, *, tls: bool = False,
                  timeout: float = 60.0,
-                 head_timeout: float = HEAD_TIMEOUT) -> None:
+                 head_timeout: float = HEAD_TIMEOUT,
+                 first_head_timeout: float | None = None,
+                 started: float | None = None) -> None:
         self.sock = sock
         self.tls = tls
         self.head_timeout = head_timeout
-        # The first head's deadline runs from the connection's start.
-        self._head_started: float | None = time.monotonic()
+        # The first head's deadline runs from the connection's start (its
+        # accept, when the server says: the handshake counts), and may be
+        # shorter: a connection that never sent a request proves nothing.
+        self._head_started: float | None = (
+            time.monotonic() if started is None else started)
+        self._head_limit = (head_timeout if first_head_timeout is None
+                            else min(head_timeout, first_head_timeout))
         #: When the current request's head began: its first byte (the
         #: connection's start for the first one); None while idle.
         self.request_started: float | None = None
@@ -188,13 +199,15 @@ class Connection:
         """
         idle = self.timeout
         started, self._head_started = self._head_started, None
+        limit, self._head_limit = self._head_limit, self.head_timeout
         self.request_started = started
         try:
-            return self._read_head(idle, started)
+            return self._read_head(idle, started, limit)
         finally:
             self.set_timeout(idle)
 
-    def _read_head(self, idle: float, started: float | None) -> bytes | None:
+    def _read_head(self, idle: float, started: float | None,
+                   limit: float) -> bytes | None:
         start = 0
         while True:
             end = self._buf.find(b"\r\n\r\n", max(0, start - 3))
@@ -210,11 +223,9 @@ class Connection:
             if started is None and self._buf:
                 started = self.request_started = time.monotonic()
             if started is not None:
-                left = started + self.head_timeout - time.monotonic()
+                left = started + limit - time.monotonic()
                 if left <= 0:
-                    raise RequestTimeout(
-                        f"Request head not received within "
-                        f"{self.head_timeout:g} seconds")
+                    raise _head_timeout(limit)
                 # Never 0: SO_RCVTIMEO takes a zero timeval as no timeout.
                 self.set_timeout(min(idle, max(left, 0.01)))
             start = len(self._buf)
@@ -222,10 +233,8 @@ class Connection:
                 chunk = self.sock.recv(HEAD_RECV_SIZE)
             except (TimeoutError, BlockingIOError) as e:
                 if started is not None and (
-                        time.monotonic() - started >= self.head_timeout):
-                    raise RequestTimeout(
-                        f"Request head not received within "
-                        f"{self.head_timeout:g} seconds") from e
+                        time.monotonic() - started >= limit):
+                    raise _head_timeout(limit) from e
                 raise ConnectionGone(f"Receiving failed: {e}") from e
             except PEER_ERRORS as e:
                 raise ConnectionGone(f"Receiving failed: {e}") from e
@@ -389,11 +398,9 @@ class Connection:
         self._send_continue()
         done = 0
         if self._buf:
-            head = bytes(self._buf[:count])
-            del self._buf[:len(head)]
+            head = self._take_buffered(count)
             pwrite_all(fd, head, offset)
             done = len(head)
-            self.body_left -= done
         r, w = _open_end(pipe.r), _open_end(pipe.w)
         sockfd = self.sock.fileno()
         while done < count:
@@ -413,15 +420,23 @@ class Connection:
         w = _open_end(pipe.w)
         done = 0
         if self._buf:
-            head = bytes(self._buf[:count])
-            del self._buf[:len(head)]
+            head = self._take_buffered(count)
             _write_all(w, head)
             done = len(head)
-            self.body_left -= done
         sockfd = self.sock.fileno()
         while done < count:
             done += self._receive_body(os.splice, sockfd, w, count - done)
         return done
+
+    def _take_buffered(self, count: int) -> bytes:
+        """Up to ``count`` body bytes that came with the head, consumed:
+        they count as read before the caller writes them anywhere, so that
+        a failed write leaves ``body_left`` true and the drain after it
+        waits for no byte already received."""
+        data = bytes(self._buf[:count])
+        del self._buf[:len(data)]
+        self.body_left -= len(data)
+        return data
 
     def read_body(self, limit: int) -> bytes:
         """The whole body as bytes, for small (JSON) bodies."""
@@ -438,16 +453,21 @@ class Connection:
         """Read and drop an unread body of at most ``limit`` bytes.
 
         Keeps the connection in sync after a request was refused. Returns
-        False, reading nothing, when the body is larger or the client
-        still waits for 100 Continue (it may never send the body).
+        False, reading nothing, when the body is declared larger or the
+        client still waits for 100 Continue (it may never send the body);
+        False too once a chunked body passed ``limit``.
         """
         if self.body_done:
             return True
-        if self.chunked or self.body_left > limit or self._continue_pending:
+        if self._continue_pending or (
+                not self.chunked and self.body_left > limit):
             return False
-        scratch = memoryview(bytearray(min(self.body_left, 65536)))
-        while self.body_left:
-            self.readinto(scratch)
+        scratch = memoryview(bytearray(DISCARD_SCRATCH))
+        drained = 0
+        while n := self.readinto(scratch):
+            drained += n
+            if drained > limit:
+                return False
         return True
 
     def _send_continue(self) -> None:
@@ -563,6 +583,11 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+
+def _head_timeout(limit: float) -> RequestTimeout:
+    return RequestTimeout(
+        f"Request head not received within {limit:g} seconds")
 
 
 def _receive_failed(error: Exception) -> ConnectionGone:

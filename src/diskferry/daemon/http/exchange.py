@@ -5,7 +5,10 @@
     app.handle(request)        the application answers
       RequestError             answered; the connection goes on only if
                                the client keeps it and its body could
-                               be drained (``MAX_DISCARDED_BODY``)
+                               be drained (``MAX_DISCARDED_BODY``, or
+                               the error's own bound: a failed write
+                               drains before answering, even when the
+                               connection closes after it)
       ConnectionGone           nothing to answer; the connection closes
       anything else            logged, answered 500 saying nothing of
                                the internals; the connection closes
@@ -130,18 +133,33 @@ def _dispatch(app: Application[StateT], request: Request[StateT],
 
 def _answer_error(conn: Connection, error: RequestError) -> bool:
     """Answer a failed request; returns whether the connection goes on
-    (the client keeps it, and its body could be drained)."""
+    (the client keeps it, and its body could be drained).
+
+    An error that bounds its own drain (a failed write) drains the body
+    even when the connection closes after it, so that a client still
+    sending reads the answer instead of a broken pipe.
+    """
     keep = (not error.close_connection and conn.keep_alive and
-            not conn.close_after and
-            _discard_body(conn, error.discard_limit))
+            not conn.close_after)
+    if keep or error.discard_limit is not None:
+        keep = _discard_body(conn, error) and keep
     if not send_error(conn, error, close=not keep):
         keep = False
     return keep
 
 
-def _discard_body(conn: Connection, limit: int | None) -> bool:
+def _discard_body(conn: Connection, error: RequestError) -> bool:
+    """Drain what is left of the body before answering ``error``.
+
+    A chunked body says nothing of its length up front: it is drained only
+    for an error that bounds the drain itself (a failed write, whose
+    client is still sending and must read the answer, not a reset);
+    after other refusals the connection closes.
+    """
+    if conn.chunked and not conn.body_done and error.discard_limit is None:
+        return False
     try:
-        return conn.discard_body(limit or MAX_DISCARDED_BODY)
+        return conn.discard_body(error.discard_limit or MAX_DISCARDED_BODY)
     except ConnectionGone:
         return False
 

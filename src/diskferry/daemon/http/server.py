@@ -16,9 +16,13 @@ runs one exchange after another per connection, and logs each.
 Blocking I/O in threads is enough here: a server moves bulk data over a
 few dozen connections, and every syscall releases the GIL.
 
-Connections open at once are capped (``ConnectionLimit``, shared by the
-services that serve clients): past the cap a new connection is answered
-``503`` with ``Retry-After`` and closed, never queued or left hanging.
+Connections open at once are capped per service (``limits``): a share of
+a limit the image services have together, of which remote peers cannot
+take the local socket's reserve; and a cap on the connections that have
+not started a request yet, past which the oldest is cut. Past its share
+a new connection is answered ``503`` with ``Retry-After`` in a thread of
+its own, which reads what the client sends meanwhile so that the client
+reads the answer; never queued or left hanging.
 
 Errors become answers in one place, ``exchange.serve_request``: a
 ``RequestError`` becomes its status and a text body; ``ConnectionGone``
@@ -43,6 +47,13 @@ from diskferry.daemon.http.exchange import (
     send_error,
     serve_request,
 )
+from diskferry.daemon.http.limits import (
+    DEFAULT_PENDING_LIMIT,
+    PRE_REQUEST_TIMEOUT,
+    ConnectionLimit,
+    LimitShare,
+    PendingConnections,
+)
 from diskferry.daemon.http.listener import describe
 from diskferry.daemon.http.observer import NO_OBSERVER, ServerObserver
 from diskferry.daemon.http.request import StateT
@@ -51,7 +62,7 @@ from diskferry.errors import ServiceUnavailable
 log = logging.getLogger("diskferry.daemon.http")
 
 #: Seconds a new TLS connection has to complete its handshake.
-TLS_HANDSHAKE_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = PRE_REQUEST_TIMEOUT
 
 #: Seconds the accept loop sleeps when out of descriptors, instead of
 #: spinning or dying; connections finishing will free some.
@@ -65,43 +76,24 @@ UNIX_SEND_BUFFER = 4 * 1024**2
 
 ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
-#: Connections open at once when the configuration does not say: each
-#: costs a thread and up to four descriptors (socket, image, splice pipe);
-#: past this, a flood of idle peers would exhaust threads or descriptors.
-#: ovirt-imageio has no cap (a thread for every connection).
-DEFAULT_CONNECTION_LIMIT = 1000
-
 #: Seconds a client refused for lack of room is told to wait (Retry-After).
 RETRY_AFTER = 2
 
-#: Seconds a refused TLS connection gets for its handshake and to read its
-#: 503; a plain one is answered at once, without waiting on the peer.
+#: Seconds a refused connection is kept, at most: for its TLS handshake,
+#: and for the request it may be sending while its 503 waits, so that the
+#: client reads the answer instead of a broken pipe.
 REJECT_TIMEOUT = 2.0
 
-#: Refused TLS connections answered at once (each needs a thread for its
-#: handshake); past this they are closed unanswered, never kept waiting.
+#: Seconds of silence after which a refused client is taken to have sent
+#: all it will before reading its answer.
+REJECT_QUIET = 0.5
+
+#: Bytes of a refused client's request read before closing, at most.
+REJECT_DRAIN = 1024**2
+
+#: Refused connections answered in a thread of their own at once; past
+#: this a plain one is answered and closed at once, a TLS one closed.
 MAX_REJECTING = 16
-
-
-class ConnectionLimit:
-    """How many connections may be open at once; shared by services."""
-
-    def __init__(self, limit: int = DEFAULT_CONNECTION_LIMIT) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def acquire(self) -> bool:
-        """Count one more connection; False, counting none, when full."""
-        with self._lock:
-            if self.count >= self.limit:
-                return False
-            self.count += 1
-            return True
-
-    def release(self) -> None:
-        with self._lock:
-            self.count -= 1
 
 
 class Server(Generic[StateT]):
@@ -116,7 +108,8 @@ class Server(Generic[StateT]):
                  tls_context: ssl.SSLContext | None = None,
                  idle_timeout: float = 60.0,
                  head_timeout: float = HEAD_TIMEOUT,
-                 limit: ConnectionLimit | None = None,
+                 limit: LimitShare | None = None,
+                 pending_limit: int = DEFAULT_PENDING_LIMIT,
                  observer: ServerObserver = NO_OBSERVER) -> None:
         self.name = name
         self.sock = sock
@@ -124,10 +117,12 @@ class Server(Generic[StateT]):
         self.tls_context = tls_context
         self.idle_timeout = idle_timeout
         self.head_timeout = head_timeout
-        self.limit = limit if limit is not None else ConnectionLimit()
+        self.limit = limit if limit is not None else ConnectionLimit().share()
+        self._pending = PendingConnections(pending_limit)
         self.observer = observer
         self._rejecting = threading.BoundedSemaphore(MAX_REJECTING)
         self._full = False  # logged once per episode
+        self._cutting = False  # logged once per episode
         self.address = describe(sock)
         self._lock = threading.Lock()
         self._connections: dict[Connection, bool] = {}  # -> busy
@@ -162,7 +157,18 @@ class Server(Generic[StateT]):
             if self._full:
                 log.info("%s: below the connection limit again", self.name)
                 self._full = False
-            self._start_worker(sock, addr)
+            self._admit(sock, addr)
+
+    def _admit(self, sock: socket.socket, addr: object) -> None:
+        """Count a new connection as pending and start its worker; the
+        oldest pending ones are cut past the pending cap."""
+        accepted = time.monotonic()
+        cut = self._pending.add(sock.fileno())
+        if cut and not self._cutting:
+            log.warning("%s: more than %d connections without a request; "
+                        "closing the oldest", self.name, self._pending.limit)
+        self._cutting = bool(cut)
+        self._start_worker(sock, addr, accepted)
 
     def _accept_failed(self, error: OSError, starved: bool) -> bool:
         """Back off after a failed accept; returns whether descriptors
@@ -182,69 +188,79 @@ class Server(Generic[StateT]):
     # Refusing
 
     def _reject(self, sock: socket.socket) -> None:
-        """Answer 503 and close: plain sockets at once, TLS in a thread."""
+        """Answer 503 and close, in a thread of its own that waits for the
+        client's request (and the TLS handshake); plain sockets at once
+        when too many refusals run already."""
         self.observer.connection_refused()
         if not self._full:
             log.warning("%s: %d connections open, the limit; refusing new "
                         "ones", self.name, self.limit.limit)
             self._full = True
-        if self.tls_context is None:
-            self._refuse(sock)
-        elif self._rejecting.acquire(blocking=False):
+        if self._rejecting.acquire(blocking=False):
             try:
-                threading.Thread(target=self._refuse_tls, args=(sock,),
+                threading.Thread(target=self._refuse_in_thread, args=(sock,),
                                  name=f"{self.name}-refuse",
                                  daemon=True).start()
+                return
             except RuntimeError:
                 self._rejecting.release()
-                sock.close()
+        if self.tls_context is None:
+            self._refuse(sock)
         else:
             sock.close()
 
-    def _refuse_tls(self, sock: socket.socket) -> None:
-        assert self.tls_context is not None
+    def _refuse_in_thread(self, sock: socket.socket) -> None:
         try:
             sock.settimeout(REJECT_TIMEOUT)
-            try:
-                sock = self.tls_context.wrap_socket(sock, server_side=True)
-            except (OSError, ValueError):
-                sock.close()
-                return
-            self._refuse(sock, tls=True)
+            if self.tls_context is not None:
+                try:
+                    sock = self.tls_context.wrap_socket(sock,
+                                                        server_side=True)
+                except (OSError, ValueError):
+                    sock.close()
+                    return
+            self._refuse(sock, tls=self.tls_context is not None, linger=True)
         finally:
             self._rejecting.release()
 
-    def _refuse(self, sock: socket.socket, tls: bool = False) -> None:
-        # A plain socket is answered in the accept loop: its send buffer
-        # is empty, so the short answer never waits.
+    def _refuse(self, sock: socket.socket, tls: bool = False,
+                linger: bool = False) -> None:
+        """Answer 503, then take in the request the client sends, so that
+        closing neither resets the connection under the answer (TCP) nor
+        fails the client's send with EPIPE (UNIX): with ``linger`` until
+        the client is done or quiet, else what already came."""
+        # Without linger this runs in the accept loop: the send buffer of
+        # a new socket is empty, so the short answer never waits.
         conn = Connection(sock, tls=tls,
-                          timeout=REJECT_TIMEOUT if tls else 0.1)
+                          timeout=REJECT_TIMEOUT if linger else 0.1)
         error = ServiceUnavailable(
             f"Too many connections ({self.limit.limit}); retry in "
             f"{RETRY_AFTER} seconds", retry_after=RETRY_AFTER)
         try:
             send_error(conn, error, close=True)
-            # Take in what the client already sent, so that closing does
-            # not reset the connection under the answer (TCP).
-            sock.setblocking(False)
-            for _ in range(16):
-                if not sock.recv(65536):
-                    break
+            if linger:
+                _take_in(sock, time.monotonic() + REJECT_TIMEOUT)
+            else:
+                sock.setblocking(False)
+                for _ in range(16):
+                    if not sock.recv(65536):
+                        break
         except (OSError, ValueError):
             pass
         finally:
             conn.close()
 
-    def _start_worker(self, sock: socket.socket, addr: object) -> None:
+    def _start_worker(self, sock: socket.socket, addr: object,
+                      accepted: float) -> None:
         with self._lock:
             if self._stopping:
-                self.limit.release()
-                sock.close()
+                self._dropped(sock)
                 return
             self._next_id += 1
             conn_id = self._next_id
             thread = threading.Thread(
-                target=self._serve_connection, args=(sock, addr, conn_id),
+                target=self._serve_connection,
+                args=(sock, addr, conn_id, accepted),
                 name=f"{self.name}/{conn_id}", daemon=True)
             self._threads.add(thread)
         try:
@@ -252,28 +268,36 @@ class Server(Generic[StateT]):
         except RuntimeError:
             with self._lock:
                 self._threads.discard(thread)
-            self.limit.release()
-            sock.close()
+            self._dropped(sock)
             log.warning("%s: cannot start a thread, connection dropped",
                         self.name)
+
+    def _dropped(self, sock: socket.socket) -> None:
+        """Forget a connection no worker will serve."""
+        self._pending.remove(sock.fileno())
+        self.limit.release()
+        sock.close()
 
     # Serving one connection
 
     def _serve_connection(self, sock: socket.socket, addr: object,
-                          conn_id: int) -> None:
+                          conn_id: int, accepted: float) -> None:
+        fd = sock.fileno()
         conn = None
         self.observer.connection_opened()
         context = self.app.connection_opened(f"{self.name}/{conn_id}")
         client = _client_name(addr)
         try:
-            conn = self._open_connection(sock)
-            if conn is None:
-                return
-            while self._serve_request(conn, context, client):
+            sock = self._secure(_tuned(sock))
+            conn = self._open_connection(sock, accepted)
+            while conn is not None and self._serve_request(conn, context,
+                                                           client):
                 pass
         except Exception:
             log.exception("%s: connection %s failed", self.name, context.id)
         finally:
+            # Before closing: the descriptor may be reused at once.
+            self._pending.remove(fd)
             try:
                 self.app.connection_closed(context)
             except Exception:
@@ -290,41 +314,41 @@ class Server(Generic[StateT]):
             self.observer.connection_closed()
             self.limit.release()
 
-    def _open_connection(self, sock: socket.socket) -> Connection | None:
-        """The accepted socket tuned, TLS wrapped, as a registered
-        Connection; None when the handshake failed or the server stops."""
-        if sock.family == socket.AF_UNIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
-                            UNIX_SEND_BUFFER)
-        else:
-            # A head and a small body sent apart must not wait for the
-            # peer's delayed ACK (~40 ms a request).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        tls = self.tls_context is not None
-        if self.tls_context is not None:
-            wrapped = self._handshake(self.tls_context, sock)
-            if wrapped is None:
-                return None
-            sock = wrapped
-        conn = Connection(sock, tls=tls, timeout=self.idle_timeout,
-                          head_timeout=self.head_timeout)
+    def _secure(self, sock: socket.socket) -> socket.socket:
+        """``sock`` wrapped for TLS, its handshake still to come (so that
+        a failed one leaves the socket for the worker to close)."""
+        if self.tls_context is None:
+            return sock
+        return self.tls_context.wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False)
+
+    def _open_connection(self, sock: socket.socket,
+                         accepted: float) -> Connection | None:
+        """The accepted socket, TLS handshake done, as a registered
+        Connection; None when the handshake failed or the server stops.
+        The handshake and the first head share the pre-request deadline."""
+        if isinstance(sock, ssl.SSLSocket) and not self._handshake(sock):
+            return None
+        conn = Connection(sock, tls=self.tls_context is not None,
+                          timeout=self.idle_timeout,
+                          head_timeout=self.head_timeout,
+                          first_head_timeout=PRE_REQUEST_TIMEOUT,
+                          started=accepted)
         with self._lock:
             if self._stopping:
-                conn.close()
                 return None
             self._connections[conn] = False
         return conn
 
-    def _handshake(self, tls_context: ssl.SSLContext,
-                   sock: socket.socket) -> ssl.SSLSocket | None:
-        """The TLS socket; None, ``sock`` closed, if the handshake failed."""
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        """Complete the TLS handshake; False if it failed."""
         sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
         try:
-            return tls_context.wrap_socket(sock, server_side=True)
+            sock.do_handshake()
         except (OSError, ValueError) as e:
             log.debug("%s: TLS handshake failed: %s", self.name, e)
-            sock.close()
-            return None
+            return False
+        return True
 
     def _serve_request(self, conn: Connection, context: StateT,
                        client: str) -> bool:
@@ -344,6 +368,8 @@ class Server(Generic[StateT]):
         return outcome.keep and not self._stopping
 
     def _set_busy(self, conn: Connection, busy: bool) -> None:
+        if busy:  # a request started: the connection is no longer pending
+            self._pending.remove(conn.sock.fileno())
         with self._lock:
             if conn in self._connections:
                 self._connections[conn] = busy
@@ -398,6 +424,35 @@ class Server(Generic[StateT]):
             if not threads or time.monotonic() >= deadline:
                 return threads
             time.sleep(0.05)
+
+
+def _tuned(sock: socket.socket) -> socket.socket:
+    if sock.family == socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
+    else:
+        # A head and a small body sent apart must not wait for the
+        # peer's delayed ACK (~40 ms a request).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _take_in(sock: socket.socket, deadline: float) -> None:
+    """Read what a refused client sends until it closes, falls quiet for
+    ``REJECT_QUIET`` seconds, sent ``REJECT_DRAIN`` bytes, or
+    ``deadline``."""
+    taken = 0
+    while taken < REJECT_DRAIN:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        sock.settimeout(min(left, REJECT_QUIET))
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            return
+        if not data:
+            return
+        taken += len(data)
 
 
 def _shutdown(sock: socket.socket) -> None:

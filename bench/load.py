@@ -1,0 +1,271 @@
+"""Small reads beside big writes, on diskferry and ovirt-imageio 2.5.1.
+
+N connections over one transport (TLS or the UNIX socket), half sending
+4 KiB ranged GETs at random offsets, half 4 MiB PUTs (``flush=n``) to
+ranges of their own, spread over several tickets, for a fixed time; the
+same shape against each daemon in one run. Per operation: requests/s,
+MiB/s, p50/p99 latency and errors; per row the daemon's peak RSS and
+threads while loaded, and both again a few seconds after the clients
+closed (back to baseline?). What it is for: a small request must not be
+queued behind other connections' large bodies (docs/design.md, fairness
+under load); ovirt-imageio's latency is the bar.
+
+Clients run in several processes (threads in each), so that the client
+side's own GIL does not set the latency measured. Daemons as the test
+suite starts them (``tests/servers.py``); images are sparse files in a
+temporary folder.
+
+    .venv/bin/python bench/load.py [--seconds 30] [--connections 64 256]
+        [--transports tls unix] [--servers diskferry ovirt-imageio]
+        [--output bench/results/DATE-load.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import multiprocessing
+import os
+import random
+import ssl
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import servers  # noqa: E402  (the suite's daemon launcher)
+
+MiB = 1024**2
+SMALL = 4096
+PUT_SIZE = 4 * MiB
+TICKETS = 16
+PROCESSES = 4
+
+
+@dataclass
+class OpStats:
+    """What one kind of request did in a run."""
+
+    latencies: list[float] = field(default_factory=list)
+    moved: int = 0
+    errors: int = 0
+
+    def merge(self, other: OpStats) -> None:
+        self.latencies += other.latencies
+        self.moved += other.moved
+        self.errors += other.errors
+
+
+@dataclass
+class Job:
+    """The connections one client process runs (picklable: addresses,
+    not the daemon's process)."""
+
+    address: tuple[str, int, str, str]  # host, port, CA file, UNIX socket
+    transport: str
+    tickets: list[tuple[str, int]]  # (ticket id, image size)
+    connections: list[int]  # connection numbers; even: GET, odd: PUT
+    seconds: float
+
+
+def connect(job: Job) -> http.client.HTTPConnection:
+    host, port, ca_file, local_socket = job.address
+    if job.transport == "unix":
+        return servers.UnixHTTPConnection(local_socket, timeout=60)
+    context = ssl.create_default_context(cafile=ca_file)
+    return http.client.HTTPSConnection(host, port, timeout=60,
+                                       context=context)
+
+
+def one_connection(job: Job, n: int, deadline: float,
+                   stats: OpStats, data: bytes) -> None:
+    """GETs (``n`` even) or PUTs (``n`` odd) until ``deadline``."""
+    ticket, size = job.tickets[n % len(job.tickets)]
+    rng = random.Random(n)
+    con = connect(job)
+    try:
+        while time.monotonic() < deadline:
+            if n % 2 == 0:
+                offset = rng.randrange(size // SMALL) * SMALL
+                method, body, want = "GET", None, 206
+                headers = {"Range": f"bytes={offset}-{offset + SMALL - 1}"}
+                path = f"/images/{ticket}"
+            else:
+                slot = (n // 2 // len(job.tickets)) % (size // PUT_SIZE)
+                offset = slot * PUT_SIZE
+                method, body, want = "PUT", data, 200
+                headers = {"Content-Range":
+                           f"bytes {offset}-{offset + PUT_SIZE - 1}/*"}
+                path = f"/images/{ticket}?flush=n"
+            start = time.monotonic()
+            try:
+                con.request(method, path, body=body, headers=headers)
+                res = con.getresponse()
+                got = res.read()
+                ok = res.status == want
+            except OSError:
+                ok, got = False, b""
+                con.close()
+                con = connect(job)
+            stats.latencies.append(time.monotonic() - start)
+            if ok:
+                stats.moved += len(got) if body is None else len(body)
+            else:
+                stats.errors += 1
+    finally:
+        con.close()
+
+
+def run_job(job: Job) -> tuple[OpStats, OpStats]:
+    """One client process: its connections in threads; (GET, PUT) stats."""
+    data = os.urandom(PUT_SIZE)
+    deadline = time.monotonic() + job.seconds
+    per = {n: OpStats() for n in job.connections}
+    threads = [threading.Thread(target=one_connection,
+                                args=(job, n, deadline, per[n], data))
+               for n in job.connections]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gets, puts = OpStats(), OpStats()
+    for n, stats in per.items():
+        (gets if n % 2 == 0 else puts).merge(stats)
+    return gets, puts
+
+
+def proc_status(pid: int) -> tuple[float, int]:
+    """RSS (MiB) and threads of a process."""
+    rss, threads = 0.0, 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    return rss, threads
+
+
+def sample_peak(pid: int, stop: threading.Event, peak: list[float]) -> None:
+    while not stop.wait(0.2):
+        try:
+            rss, threads = proc_status(pid)
+        except FileNotFoundError:
+            return
+        peak[0], peak[1] = max(peak[0], rss), max(peak[1], threads)
+
+
+@dataclass
+class Row:
+    server: str
+    transport: str
+    connections: int
+    seconds: float
+    gets: OpStats
+    puts: OpStats
+    peak: list[float]
+    after: tuple[float, int]
+
+
+def run_row(server: servers.Server, kind: str, transport: str,
+            connections: int, tickets: list[tuple[str, int]],
+            seconds: float) -> Row:
+    numbers = list(range(connections))
+    address = (server.host, server.port, server.ca_file or "",
+               server.local_socket or "")
+    jobs = [Job(address, transport, tickets, numbers[i::PROCESSES], seconds)
+            for i in range(PROCESSES)]
+    stop, peak = threading.Event(), [0.0, 0.0]
+    sampler = threading.Thread(target=sample_peak,
+                               args=(server.pid, stop, peak))
+    sampler.start()
+    with multiprocessing.Pool(PROCESSES) as pool:
+        results = pool.map(run_job, jobs)
+    stop.set()
+    sampler.join()
+    gets, puts = OpStats(), OpStats()
+    for g, p in results:
+        gets.merge(g)
+        puts.merge(p)
+    time.sleep(3)
+    return Row(kind, transport, connections, seconds, gets, puts, peak,
+               proc_status(server.pid))
+
+
+def image_tickets(server: servers.Server, folder: str,
+                  connections: int) -> list[tuple[str, int]]:
+    """TICKETS sparse images, each with room for its PUT connections."""
+    size = max(1, connections // 2 // TICKETS + 1) * PUT_SIZE * 2
+    tickets = []
+    for i in range(TICKETS):
+        path = os.path.join(folder, f"{server.name}-{connections}-{i}.raw")
+        with open(path, "wb") as f:
+            f.truncate(size)
+        t = servers.ticket_dict(path, size, ("read", "write"))
+        server.add_ticket(t)
+        tickets.append((t["uuid"], size))
+    return tickets
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| server | transport | conns | op | req/s | MiB/s | p50 ms | "
+        "p99 ms | errors | peak RSS MiB | peak threads | after RSS MiB | "
+        "after threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for op, s in (("GET 4 KiB", r.gets), ("PUT 4 MiB", r.puts)):
+            lat = s.latencies
+            lines.append(
+                f"| {r.server} | {r.transport} | {r.connections} | {op} | "
+                f"{len(lat) / r.seconds:.0f} | "
+                f"{s.moved / MiB / r.seconds:.1f} | "
+                f"{statistics.median(lat) * 1000 if lat else 0:.1f} | "
+                f"{percentile(lat, 0.99) * 1000:.1f} | {s.errors} | "
+                f"{r.peak[0]:.0f} | {r.peak[1]:.0f} | {r.after[0]:.0f} | "
+                f"{r.after[1]} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--connections", type=int, nargs="+",
+                        default=[64, 256])
+    parser.add_argument("--transports", nargs="+", default=["tls", "unix"])
+    parser.add_argument("--servers", nargs="+",
+                        default=["diskferry", "ovirt-imageio"])
+    parser.add_argument("--output")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="load-") as work:
+        for kind in args.servers:
+            with servers.start_server(kind, os.path.join(work, kind),
+                                      local_socket="path") as server:
+                for transport in args.transports:
+                    for n in args.connections:
+                        tickets = image_tickets(server, work, n)
+                        rows.append(run_row(server, kind, transport, n,
+                                            tickets, args.seconds))
+                        print(table(rows[-1:]), flush=True)
+    report = (f"Command: `{' '.join(sys.argv)}`\n\n{table(rows)}\n")
+    print(report)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
