@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .helpers import KINDS, MiB, empty_image, make_image
+from .helpers import KINDS, MiB, allocated, empty_image, make_image
 
 SIZE = 6 * MiB + 4096
 
@@ -126,3 +126,30 @@ def test_streams_survive_a_cut_connection(daemons, make_ticket, relay,
     assert proc.returncode == 0, proc.stderr
     assert down_proxy.cuts == 1
     assert proc.stdout == content
+
+
+def test_upload_from_standard_input_keeps_a_sparse_target_sparse(
+        daemons, make_ticket, tmp_path):
+    """Zeros in a stream are not written where the target already reads
+    zeros: a thin target stays thin, as with an upload from a file."""
+    srv = daemons.get("diskferry")
+    size = 32 * MiB
+    content = make_image(tmp_path / "src.raw", size, "sparse")
+    target = empty_image(tmp_path / "target.raw", size)
+    t = make_ticket(srv, target, size)
+    with open(tmp_path / "src.raw", "rb") as src:
+        cat = subprocess.Popen(["cat"], stdin=src, stdout=subprocess.PIPE)
+        proc = diskferry("upload", "--json", "--cafile", srv.ca_file,
+                         "--request-size", "1M", "-",
+                         srv.image_url(t["uuid"]), stdin=cat.stdout)
+        cat.stdout.close()
+        cat.wait()
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert target.read_bytes() == content
+    data = summary["bytes"]
+    assert summary["zero_bytes"] == 0
+    assert summary["skipped_bytes"] == size - data
+    # Only the pieces that hold data are allocated (1 MiB pieces).
+    assert data <= 12 * MiB
+    assert allocated(target) <= data

@@ -249,7 +249,8 @@ def _send(sess: session.Session, source: Source, path: LocalPath,
     zero_ranges = _extents.ranges(
         (e for e in src_extents if not (source.keeps_holes and e.hole)),
         zero=True)
-    known = engine.destination_zeros(sess) if zero_ranges else []
+    known = engine.destination_zeros(sess) \
+        if zero_ranges or source.finds_zeros else []
     needed = _extents.subtract(zero_ranges, known)
     # Servers without the flush feature flush every PUT anyway.
     flush_each = "flush" not in sess.features

@@ -23,7 +23,7 @@ from diskferry.extent import Extent
 class StreamSource:
     """Standard input: a raw stream of ``size`` bytes (None: the image's
     size), read in order. With ``detect_zeros``, a piece of zeros is sent
-    as zero."""
+    as zero, or not at all where the destination already reads zeros."""
 
     sequential = True
     keeps_holes = False
@@ -36,6 +36,7 @@ class StreamSource:
         self._buf = bytearray(request_size)
         self._held = (-1, 0)
         self._zeros = bytes(request_size) if detect_zeros else None
+        self.finds_zeros = detect_zeros
 
     def sized(self, image_size: int) -> int:
         if self.size is None:
