@@ -153,3 +153,23 @@ def test_upload_from_standard_input_keeps_a_sparse_target_sparse(
     # Only the pieces that hold data are allocated (1 MiB pieces).
     assert data <= 12 * MiB
     assert allocated(target) <= data
+
+
+@pytest.mark.parametrize("unix", ["auto", "never"])
+def test_download_to_a_reader_that_goes_away_ends_quietly(
+        daemons, make_ticket, tmp_path, unix):
+    """``download URL - | head -c N``: a closed standard output ends the
+    command as Unix tools end (status 141, nothing on standard error),
+    without retrying it as a network failure."""
+    srv = daemons.get("diskferry")
+    size = 32 * MiB
+    make_image(tmp_path / "img.raw", size, "full")
+    t = make_ticket(srv, tmp_path / "img.raw", size, ops=["read"])
+    command = (f"{sys.executable} -m diskferry download --cafile "
+               f"{srv.ca_file} --unix {unix} --request-size 1M "
+               f"{srv.image_url(t['uuid'])} - | head -c 3000000 | wc -c; "
+               f"echo ${{PIPESTATUS[0]}}")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.split() == ["3000000", "141"], proc.stderr
+    assert proc.stderr == ""

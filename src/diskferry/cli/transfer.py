@@ -317,6 +317,9 @@ def _copy(args: argparse.Namespace, command: str, copy: Copy, src: str,
         message = (imageformat.refusal(e.path, e.probe, "--format raw")
                    if isinstance(e.probe, imageformat.Probe) else str(e))
         return common.usage_error(command, message)
+    except client.OutputClosed:
+        # A reader that went away (| head) is not a failure of the copy.
+        return common.reader_gone()
     except common.REPORTED as e:
         status = common.fail(command, e, args.url)
         if not isinstance(e, ResumeError):

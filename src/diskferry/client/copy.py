@@ -242,9 +242,11 @@ def _send(sess: session.Session, source: Source, path: LocalPath,
     if job.on_start:
         job.on_start(size)
     if source_size > size:
+        what = "standard input (--size)" if path == STREAM else path
         raise TransferError(
-            f"{path} ({source_size} bytes) is larger than the image "
-            f"({size} bytes)", size)
+            f"{what} ({source_size} bytes) is larger than the image "
+            f"({size} bytes): upload it to a ticket of at least "
+            f"{source_size} bytes")
     src_extents = source.extents()
     zero_ranges = _extents.ranges(
         (e for e in src_extents if not (source.keeps_holes and e.hole)),
@@ -457,5 +459,5 @@ def _dirty_extents(sess: session.Session) -> Iterator[Extent]:
             raise TransferError(
                 "the transfer has no dirty extents (its ticket is not "
                 "dirty, or its export has no bitmap): download it whole, "
-                "without --incremental", 0) from e
+                "without --incremental") from e
         raise
