@@ -365,7 +365,8 @@ def download(url: str, path: LocalPath, *, format: str = "raw",
     output, in order, on one connection.
 
     ``format="qcow2"`` writes a new qcow2 image itself (``qcow2``), or,
-    over ``backing_file`` (named relative to it), creates one with
+    over ``backing_file`` (a relative name is relative to ``path``'s
+    folder, as qemu-img names a backing file), creates one with
     qemu-img and writes it through qemu-nbd; zero ranges are written
     only where they must hide backing data.
     ``incremental`` (with a backing file, the previous backup) copies
@@ -381,6 +382,8 @@ def download(url: str, path: LocalPath, *, format: str = "raw",
         raise OptionConflict(conflict)
     job = _Job(**options)
     kind = DESTINATIONS[_target_kind(path, format, backing_file)]
+    if backing_file is not None:
+        backing_file = localfile.backing_path(path, backing_file)
     with job.open(url, "r") as sess:
         size = sess.size()
         extents = _image_extents(sess, size, incremental)
