@@ -212,7 +212,8 @@ def upload(path: LocalPath, url: str, *, format: str | None = None,
     Holes of the source are zeroed with PATCH zero, except where the
     destination already reads zeros (its extents say so). With
     ``detect_zeros``, zero runs inside the data of an image that is not
-    raw are sent as zero too. ``progress(n)`` is called as ``n`` more
+    raw, or of standard input, are sent as zero too, or not at all where
+    the destination already reads zeros. ``progress(n)`` is called as ``n`` more
     bytes of the image are done, ``on_start(size)`` once the image size
     is known. Options that cannot work together raise ``OptionConflict``
     (``rules``).
@@ -362,7 +363,8 @@ def download(url: str, path: LocalPath, *, format: str = "raw",
     recorded in a journal beside the ``.part`` (``resume``), which is
     kept when the download fails or is interrupted: ``resume=True``
     continues from it. ``path="-"`` writes a raw stream to standard
-    output, in order, on one connection.
+    output, in order, on one connection; a reader that goes away
+    raises ``OutputClosed``.
 
     ``format="qcow2"`` writes a new qcow2 image itself (``qcow2``), or,
     over ``backing_file`` (a relative name is relative to ``path``'s

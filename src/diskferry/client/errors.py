@@ -71,13 +71,14 @@ class RetryExhausted(ClientError):
 
 class TransferError(ClientError):
     """Raised when copying an image failed; ``offset`` is where the copy
-    stopped, None when the failure is not about a place in the image.
+    stopped, None when the failure is not about a place in the image;
+    the message names it once.
 
     The cause (``__cause__``) is the underlying error.
     """
 
     def __init__(self, message: str, offset: int | None = None) -> None:
-        if offset is not None:
+        if offset is not None and f"offset {offset}" not in message:
             message = f"{message} (at offset {offset})"
         super().__init__(message)
         self.offset = offset
