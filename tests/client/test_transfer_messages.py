@@ -78,3 +78,17 @@ def test_a_summary_counts_what_the_source_held(target, tmp_path, source,
                      input=data)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().startswith(summary), proc.stdout
+
+
+def test_progress_adds_up_to_what_the_upload_covers(target, tmp_path):
+    """A progress bar over a source shorter than the image ends full."""
+    from diskferry import client
+
+    srv, url = target
+    make_image(tmp_path / "src.raw", MiB, "full")
+    started, done = [], []
+    result = client.upload(tmp_path / "src.raw", url, cafile=srv.ca_file,
+                           on_start=started.append, progress=done.append)
+    assert started == [MiB]
+    assert sum(done) == MiB == result.copied_bytes
+    assert result.image_size == 4 * MiB

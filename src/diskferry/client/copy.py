@@ -213,9 +213,10 @@ def upload(path: LocalPath, url: str, *, format: str | None = None,
     destination already reads zeros (its extents say so). With
     ``detect_zeros``, zero runs inside the data of an image that is not
     raw, or of standard input, are sent as zero too, or not at all where
-    the destination already reads zeros. ``progress(n)`` is called as ``n`` more
-    bytes of the image are done, ``on_start(size)`` once the image size
-    is known. Options that cannot work together raise ``OptionConflict``
+    the destination already reads zeros. ``progress(n)`` is called as
+    ``n`` more bytes of the image are done, ``on_start(size)`` once the
+    size to copy is known (the source's: what the progress adds up to).
+    Options that cannot work together raise ``OptionConflict``
     (``rules``).
     """
     conflict = upload_conflict(path, format=format, member=member,
@@ -241,7 +242,7 @@ def _send(sess: session.Session, source: Source, path: LocalPath,
     size = sess.size()
     source_size = source.sized(size)
     if job.on_start:
-        job.on_start(size)
+        job.on_start(source_size)
     if source_size > size:
         what = "standard input (--size)" if path == STREAM else path
         raise TransferError(
