@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from .helpers import KINDS, MiB, empty_image, make_image
+from .helpers import KINDS, MiB, allocated, empty_image, make_image
 
 SIZE = 6 * MiB + 4096
 
@@ -126,3 +126,50 @@ def test_streams_survive_a_cut_connection(daemons, make_ticket, relay,
     assert proc.returncode == 0, proc.stderr
     assert down_proxy.cuts == 1
     assert proc.stdout == content
+
+
+def test_upload_from_standard_input_keeps_a_sparse_target_sparse(
+        daemons, make_ticket, tmp_path):
+    """Zeros in a stream are not written where the target already reads
+    zeros: a thin target stays thin, as with an upload from a file."""
+    srv = daemons.get("diskferry")
+    size = 32 * MiB
+    content = make_image(tmp_path / "src.raw", size, "sparse")
+    target = empty_image(tmp_path / "target.raw", size)
+    t = make_ticket(srv, target, size)
+    with open(tmp_path / "src.raw", "rb") as src:
+        cat = subprocess.Popen(["cat"], stdin=src, stdout=subprocess.PIPE)
+        proc = diskferry("upload", "--json", "--cafile", srv.ca_file,
+                         "--request-size", "1M", "-",
+                         srv.image_url(t["uuid"]), stdin=cat.stdout)
+        cat.stdout.close()
+        cat.wait()
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert target.read_bytes() == content
+    data = summary["bytes"]
+    assert summary["zero_bytes"] == 0
+    assert summary["skipped_bytes"] == size - data
+    # Only the pieces that hold data are allocated (1 MiB pieces).
+    assert data <= 12 * MiB
+    assert allocated(target) <= data
+
+
+@pytest.mark.parametrize("unix", ["auto", "never"])
+def test_download_to_a_reader_that_goes_away_ends_quietly(
+        daemons, make_ticket, tmp_path, unix):
+    """``download URL - | head -c N``: a closed standard output ends the
+    command as Unix tools end (status 141, nothing on standard error),
+    without retrying it as a network failure."""
+    srv = daemons.get("diskferry")
+    size = 32 * MiB
+    make_image(tmp_path / "img.raw", size, "full")
+    t = make_ticket(srv, tmp_path / "img.raw", size, ops=["read"])
+    command = (f"{sys.executable} -m diskferry download --cafile "
+               f"{srv.ca_file} --unix {unix} --request-size 1M "
+               f"{srv.image_url(t['uuid'])} - | head -c 3000000 | wc -c; "
+               f"echo ${{PIPESTATUS[0]}}")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.split() == ["3000000", "141"], proc.stderr
+    assert proc.stderr == ""

@@ -45,7 +45,8 @@ def human_line(result: TransferResult, verify_seconds: float | None,
                verified: bool) -> str:
     """``downloaded 4.00 GiB (1.02 GiB data) in 17.31 s (copy 1.31 s at
     3.05 GiB/s, verify 16.00 s) via unix (4 connections), checksum
-    verified``."""
+    verified``; an upload of a source shorter than the image says
+    ``uploaded 10.00 MiB of 100.00 MiB``."""
     total = result.seconds + (verify_seconds or 0.0)
     copy_rate = units.rate(result.gib_per_second * units.GiB)
     if verify_seconds is None:
@@ -54,7 +55,10 @@ def human_line(result: TransferResult, verify_seconds: float | None,
         timing = (f"in {total:.2f} s (copy {result.seconds:.2f} s at "
                   f"{copy_rate}, verify {verify_seconds:.2f} s)")
     plural = "s" if result.connections > 1 else ""
-    line = (f"{result.direction}ed {units.human(result.image_size)} "
+    moved = units.human(result.copied_bytes)
+    if result.copied_bytes != result.image_size:
+        moved += f" of {units.human(result.image_size)}"
+    line = (f"{result.direction}ed {moved} "
             f"({units.human(result.data_bytes)} data) {timing} via "
             f"{result.transport} ({result.connections} connection{plural})")
     if result.transport != "unix":

@@ -20,7 +20,7 @@ from diskferry import client
 from diskferry.cli import arguments, common, output
 from diskferry.cli.progress import ProgressBar
 from diskferry.cli.units import KiB, MiB
-from diskferry.client import imageformat
+from diskferry.client import imageformat, localfile
 from diskferry.client.copy import DEFAULT_REQUEST_SIZE, DEFAULT_WORKERS, STREAM
 from diskferry.client.engine import TransferResult
 from diskferry.client.resume import ResumeError
@@ -195,8 +195,9 @@ def _register_download(subparsers: Subparsers) -> None:
         help="format of FILE (default: raw; qcow2 with --backing-file)")
     down.add_argument(
         "--backing-file", metavar="PATH",
-        help="create FILE as a qcow2 overlay of PATH (named relative to "
-             "FILE)")
+        help="create FILE as a qcow2 overlay of PATH; a relative PATH is "
+             "relative to FILE's folder, as qemu-img names a backing file "
+             "(FILE's header keeps it so)")
     down.add_argument(
         "--incremental", action="store_true",
         help="copy only the transfer's dirty extents (needs "
@@ -253,8 +254,13 @@ def _download_problem(args: argparse.Namespace, fmt: str) -> str | None:
                              resume=args.resume, verify=args.verify)
     if rule is not None:
         return DOWNLOAD_RULES.get(rule, rule.value)
-    if args.backing_file and not os.path.exists(args.backing_file):
-        return f"--backing-file {args.backing_file}: no such file"
+    if args.backing_file:
+        backing = localfile.backing_path(args.file, args.backing_file)
+        if not os.path.exists(backing):
+            where = "" if backing == args.backing_file else (
+                f" ({backing}: a relative name is relative to FILE's "
+                f"folder)")
+            return f"--backing-file {args.backing_file}: no such file{where}"
     if args.file == STREAM:
         if sys.stdout.isatty():
             return "standard output is a terminal: redirect it to a file " \
@@ -317,6 +323,9 @@ def _copy(args: argparse.Namespace, command: str, copy: Copy, src: str,
         message = (imageformat.refusal(e.path, e.probe, "--format raw")
                    if isinstance(e.probe, imageformat.Probe) else str(e))
         return common.usage_error(command, message)
+    except client.OutputClosed:
+        # A reader that went away (| head) is not a failure of the copy.
+        return common.reader_gone()
     except common.REPORTED as e:
         status = common.fail(command, e, args.url)
         if not isinstance(e, ResumeError):

@@ -212,9 +212,11 @@ def upload(path: LocalPath, url: str, *, format: str | None = None,
     Holes of the source are zeroed with PATCH zero, except where the
     destination already reads zeros (its extents say so). With
     ``detect_zeros``, zero runs inside the data of an image that is not
-    raw are sent as zero too. ``progress(n)`` is called as ``n`` more
-    bytes of the image are done, ``on_start(size)`` once the image size
-    is known. Options that cannot work together raise ``OptionConflict``
+    raw, or of standard input, are sent as zero too, or not at all where
+    the destination already reads zeros. ``progress(n)`` is called as
+    ``n`` more bytes of the image are done, ``on_start(size)`` once the
+    size to copy is known (the source's: what the progress adds up to).
+    Options that cannot work together raise ``OptionConflict``
     (``rules``).
     """
     conflict = upload_conflict(path, format=format, member=member,
@@ -240,16 +242,19 @@ def _send(sess: session.Session, source: Source, path: LocalPath,
     size = sess.size()
     source_size = source.sized(size)
     if job.on_start:
-        job.on_start(size)
+        job.on_start(source_size)
     if source_size > size:
+        what = "standard input (--size)" if path == STREAM else path
         raise TransferError(
-            f"{path} ({source_size} bytes) is larger than the image "
-            f"({size} bytes)", size)
+            f"{what} ({source_size} bytes) is larger than the image "
+            f"({size} bytes): upload it to a ticket of at least "
+            f"{source_size} bytes")
     src_extents = source.extents()
     zero_ranges = _extents.ranges(
         (e for e in src_extents if not (source.keeps_holes and e.hole)),
         zero=True)
-    known = engine.destination_zeros(sess) if zero_ranges else []
+    known = engine.destination_zeros(sess) \
+        if zero_ranges or source.finds_zeros else []
     needed = _extents.subtract(zero_ranges, known)
     # Servers without the flush feature flush every PUT anyway.
     flush_each = "flush" not in sess.features
@@ -359,10 +364,12 @@ def download(url: str, path: LocalPath, *, format: str = "raw",
     recorded in a journal beside the ``.part`` (``resume``), which is
     kept when the download fails or is interrupted: ``resume=True``
     continues from it. ``path="-"`` writes a raw stream to standard
-    output, in order, on one connection.
+    output, in order, on one connection; a reader that goes away
+    raises ``OutputClosed``.
 
     ``format="qcow2"`` writes a new qcow2 image itself (``qcow2``), or,
-    over ``backing_file`` (named relative to it), creates one with
+    over ``backing_file`` (a relative name is relative to ``path``'s
+    folder, as qemu-img names a backing file), creates one with
     qemu-img and writes it through qemu-nbd; zero ranges are written
     only where they must hide backing data.
     ``incremental`` (with a backing file, the previous backup) copies
@@ -378,6 +385,8 @@ def download(url: str, path: LocalPath, *, format: str = "raw",
         raise OptionConflict(conflict)
     job = _Job(**options)
     kind = DESTINATIONS[_target_kind(path, format, backing_file)]
+    if backing_file is not None:
+        backing_file = localfile.backing_path(path, backing_file)
     with job.open(url, "r") as sess:
         size = sess.size()
         extents = _image_extents(sess, size, incremental)
@@ -456,5 +465,5 @@ def _dirty_extents(sess: session.Session) -> Iterator[Extent]:
             raise TransferError(
                 "the transfer has no dirty extents (its ticket is not "
                 "dirty, or its export has no bitmap): download it whole, "
-                "without --incremental", 0) from e
+                "without --incremental") from e
         raise

@@ -33,7 +33,11 @@ from typing import TYPE_CHECKING
 
 from diskferry.client import extents as _extents
 from diskferry.client.connection import BUFFER_SIZE, ImageConnection
-from diskferry.client.errors import ConnectionFailed, TransferError
+from diskferry.client.errors import (
+    ConnectionFailed,
+    OutputClosed,
+    TransferError,
+)
 from diskferry.client.extents import Range
 from diskferry.client.piece import DATA, ZERO, Cursor, Piece, Progress
 from diskferry.client.policy import Retry
@@ -64,8 +68,8 @@ class TransferResult(namedtuple("TransferResult", (
         "direction image_size data_bytes zero_bytes skipped_bytes seconds "
         "transport transport_reason connections"))):
     """What a copy did: sizes in bytes (``data_bytes`` moved as data,
-    ``zero_bytes`` zeroed by request, ``skipped_bytes`` already zero),
-    time in seconds, the transport used and why."""
+    ``zero_bytes`` zeroed by request, ``skipped_bytes`` already zero, or
+    left as it was), time in seconds, the transport used and why."""
 
     __slots__ = ()
     direction: str
@@ -79,8 +83,17 @@ class TransferResult(namedtuple("TransferResult", (
     connections: int
 
     @property
+    def copied_bytes(self) -> int:
+        """The bytes of the image the copy covered: all of it, except
+        for an upload of a shorter source, which leaves the rest as it
+        was."""
+        return self.data_bytes + self.zero_bytes + self.skipped_bytes
+
+    @property
     def gib_per_second(self) -> float:
-        return self.image_size / self.seconds / 1024**3 if self.seconds else 0.0
+        """The copy's rate over the bytes it covered."""
+        return self.copied_bytes / self.seconds / 1024**3 if self.seconds \
+            else 0.0
 
 
 def plan(extents: Iterable[Extent], request_size: int,
@@ -196,9 +209,11 @@ class _Run:
         if not self.failed:
             return
         error = self.failed[0]
-        if isinstance(error, TransferError) or not isinstance(error, Exception):
+        if isinstance(error, TransferError | OutputClosed) or \
+                not isinstance(error, Exception):
             raise error
-        raise TransferError(str(error), getattr(error, "offset", 0)) from error
+        raise TransferError(str(error), getattr(error, "offset", None)) \
+            from error
 
 
 def run(pieces: Iterable[Piece], connections: list[ImageConnection],
@@ -242,14 +257,15 @@ def with_retries(con: ImageConnection, piece: Piece, move: MovePiece,
             try:
                 retry = retry.increment(e)
             except Exception as spent:
-                raise TransferError(
-                    f"{piece.op} failed: {spent}", cursor.offset) from e
+                raise TransferError(str(spent), cursor.offset) from e
             log.warning("%s at offset %d failed (%s); retrying",
                         piece.op, cursor.offset, e)
             retry.sleep()
+        except (TransferError, OutputClosed):
+            # Already says what is wrong (and where, when it matters).
+            raise
         except Exception as e:
-            raise TransferError(f"{piece.op} failed: {e}",
-                                cursor.offset) from e
+            raise TransferError(str(e), cursor.offset) from e
 
 
 def open_connections(sess: Session, count: int) -> list[ImageConnection]:

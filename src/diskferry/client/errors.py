@@ -70,14 +70,23 @@ class RetryExhausted(ClientError):
 
 
 class TransferError(ClientError):
-    """Raised when copying an image failed; ``offset`` is where.
+    """Raised when copying an image failed; ``offset`` is where the copy
+    stopped, None when the failure is not about a place in the image;
+    the message names it once.
 
     The cause (``__cause__``) is the underlying error.
     """
 
-    def __init__(self, message: str, offset: int) -> None:
-        super().__init__(f"{message} (at offset {offset})")
+    def __init__(self, message: str, offset: int | None = None) -> None:
+        if offset is not None and f"offset {offset}" not in message:
+            message = f"{message} (at offset {offset})"
+        super().__init__(message)
         self.offset = offset
+
+
+class OutputClosed(ClientError):
+    """Raised when a download to a stream (standard output) lost its
+    reader (``| head``): not a network failure, so never retried."""
 
 
 class UnsupportedFormat(ClientError):

@@ -145,8 +145,9 @@ def backing_format(path: str) -> str:
 
 def create(path: str, fmt: str, size: int, *,
            backing: str | None = None) -> None:
-    """Create image ``path`` of ``size`` bytes; over ``backing`` (named
-    relative to ``path``'s folder, with its format) when given."""
+    """Create image ``path`` of ``size`` bytes; over ``backing`` (a path
+    from here, written into the header relative to ``path``'s folder,
+    with its format) when given."""
     args = ["create", "-q", "-f", fmt]
     if backing is not None:
         relative = os.path.relpath(os.path.abspath(backing),

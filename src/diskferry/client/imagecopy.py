@@ -178,6 +178,7 @@ class NbdSource:
         #: A single layer leaves what it does not allocate untouched.
         self.keeps_holes = single_layer
         self._detect_zeros = detect_zeros
+        self.finds_zeros = detect_zeros
         self._server = QemuNbd(image.spec, read_only=True,
                                shared=connections + 1, allocation_depth=True,
                                cache=_cache_mode(path))

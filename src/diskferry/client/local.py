@@ -29,7 +29,10 @@ class Source(Protocol):
     ``sequential``: its pieces must go in order on one connection (a
     stream). ``keeps_holes``: what it does not allocate is left untouched
     in the destination (a single layer), rather than zeroed.
-    ``reads_ahead``: ``prefetch`` is worth calling.
+    ``reads_ahead``: ``prefetch`` is worth calling. ``finds_zeros``: it
+    may send a run of zeros found in its data as zero (``Sender.zero``),
+    so the destination's own zeros are worth knowing even where its
+    extents show no hole.
     """
 
     @property
@@ -40,6 +43,9 @@ class Source(Protocol):
 
     @property
     def reads_ahead(self) -> bool: ...
+
+    @property
+    def finds_zeros(self) -> bool: ...
 
     def sized(self, image_size: int) -> int:
         """The bytes it holds, given the destination image's size (a

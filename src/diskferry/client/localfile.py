@@ -36,6 +36,13 @@ class LocalImage(namedtuple("LocalImage", "fd size kind zeroed",
         os.close(self.fd)
 
 
+def backing_path(image: LocalPath, backing: str) -> str:
+    """Where the backing file an overlay ``image`` names lies: a relative
+    name is relative to the overlay's folder, as qemu reads it from the
+    overlay's header, not to the current folder."""
+    return os.path.join(os.path.dirname(os.fsdecode(image)), backing)
+
+
 def _kind(mode: int) -> str:
     if stat.S_ISREG(mode):
         return "file"

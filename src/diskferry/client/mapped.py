@@ -217,6 +217,7 @@ class MappedSource:
             self.close()
             raise
         self._detect_zeros = detect_zeros
+        self.finds_zeros = detect_zeros
 
     def sized(self, image_size: int) -> int:
         return self.size

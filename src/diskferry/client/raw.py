@@ -35,6 +35,8 @@ class RawSource:
     sequential = False
     #: Nothing to read ahead: the kernel reads as it sends.
     reads_ahead = False
+    #: Its data is sent as it is, zeros included.
+    finds_zeros = False
 
     def __init__(self, local: LocalImage) -> None:
         self._local = local

@@ -9,11 +9,12 @@ writes every byte, zeros included (a pipe has no holes).
 from __future__ import annotations
 
 import os
+import select
 from types import TracebackType
 
 from diskferry.client import localfile
 from diskferry.client.connection import ImageConnection
-from diskferry.client.errors import TransferError
+from diskferry.client.errors import ConnectionFailed, OutputClosed, TransferError
 from diskferry.client.extents import Range
 from diskferry.client.piece import Cursor, Piece
 from diskferry.client.sender import Sender
@@ -23,7 +24,7 @@ from diskferry.extent import Extent
 class StreamSource:
     """Standard input: a raw stream of ``size`` bytes (None: the image's
     size), read in order. With ``detect_zeros``, a piece of zeros is sent
-    as zero."""
+    as zero, or not at all where the destination already reads zeros."""
 
     sequential = True
     keeps_holes = False
@@ -36,6 +37,7 @@ class StreamSource:
         self._buf = bytearray(request_size)
         self._held = (-1, 0)
         self._zeros = bytes(request_size) if detect_zeros else None
+        self.finds_zeros = detect_zeros
 
     def sized(self, image_size: int) -> int:
         if self.size is None:
@@ -69,7 +71,7 @@ class StreamSource:
                 raise TransferError(
                     f"standard input ended after {offset + got} bytes; "
                     f"expected {self.size} (pass --size for a shorter "
-                    f"stream)", offset + got)
+                    f"stream)")
             got += n
         self._held = (offset, length)
 
@@ -77,7 +79,7 @@ class StreamSource:
         if os.read(self._fd, 1):
             raise TransferError(
                 f"standard input holds more than {self.size} bytes (the "
-                f"image's size, or --size)", self.size or 0)
+                f"image's size, or --size)")
 
     def __enter__(self) -> StreamSource:
         return self
@@ -99,14 +101,32 @@ class StreamDestination:
         self._fd = fd
 
     def receive(self, con: ImageConnection, cursor: Cursor) -> None:
-        con.read_to_fd(self._fd, cursor.offset, cursor.remaining,
-                       cursor.advance, positional=False)
+        try:
+            con.read_to_fd(self._fd, cursor.offset, cursor.remaining,
+                           cursor.advance, positional=False)
+        except (OSError, ConnectionFailed) as e:
+            # A write to a pipe without a reader fails as a broken
+            # socket would (EPIPE): ask the pipe which end it was.
+            if self._reader_gone():
+                raise OutputClosed("standard output was closed") from e
+            raise
 
     def zero(self, offset: int, length: int) -> None:
         zeros = memoryview(bytes(min(length, localfile.ZERO_CHUNK)))
-        while length:
-            n = os.write(self._fd, zeros[:length])
-            length -= n
+        try:
+            while length:
+                n = os.write(self._fd, zeros[:length])
+                length -= n
+        except BrokenPipeError as e:
+            raise OutputClosed("standard output was closed") from e
+
+    def _reader_gone(self) -> bool:
+        """True when nothing reads the stream any more (a pipe whose
+        reader exited polls as an error)."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP)
+                   for _, events in poller.poll(0))
 
     def commit(self) -> None:
         """Nothing to sync or rename."""
