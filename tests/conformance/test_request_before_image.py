@@ -137,3 +137,23 @@ def test_request_checked_before_image(server, gone_ticket, case, ticket):
     if expected in (400, 416) and case.names:
         assert case.names.lower().encode() in res.body.lower(), res.body
     assert res.header("Content-Type").startswith("text/plain")
+
+
+
+def test_image_that_cannot_be_opened_names_the_cause(daemons, make_ticket,
+                                                      tmp_path):
+    """A well-formed request on a ticket whose file is gone: diskferry's
+    500 says why (the system's words), not where (the path is the
+    daemon's). ovirt-imageio's says neither."""
+    server = daemons.get("diskferry")
+    path = make_sparse_file(tmp_path / "gone.raw", SIZE)
+    ticket = make_ticket(server, path, SIZE)
+    os.unlink(path)
+    with RawConnection(server.raw_local_socket(timeout=10)) as con:
+        con.send(f"GET /images/{ticket['uuid']} HTTP/1.1\r\n"
+                 f"Host: localhost\r\n\r\n".encode())
+        res = con.response("GET")
+    assert res.status == 500
+    assert b"Cannot open the image" in res.body
+    assert b"No such file or directory" in res.body
+    assert b"gone.raw" not in res.body

@@ -105,7 +105,7 @@ def ticket_image(request: ImageRequest, ticket: Ticket,
         backend = open_backend(ticket, config)
     except BackendError as e:
         raise ServerError(f"Cannot open the image of transfer "
-                          f"{ticket.transfer_id}") from e
+                          f"{ticket.transfer_id}{_os_cause(e)}") from e
     image = OpenImage(ticket, backend)
     try:
         ticket.add_connection(context.id, image.close)
@@ -115,6 +115,16 @@ def ticket_image(request: ImageRequest, ticket: Ticket,
     context.images[ticket_id] = image
     context.idle_timeout = ticket.spec.inactivity_timeout
     return image
+
+
+def _os_cause(error: BaseException) -> str:
+    """": No such file or directory" when the system said why, so that a
+    client learns what is wrong with the image without its path, which
+    stays in the daemon's log."""
+    cause = error.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f": {cause.strerror}"
+    return ""
 
 
 def connection_buffer(request: ImageRequest, size: int,
