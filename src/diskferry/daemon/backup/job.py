@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from diskferry.errors import ExportFailed
+from diskferry.errors import Forbidden
 
 if TYPE_CHECKING:
     from diskferry.daemon.tickets import TicketExport
@@ -26,6 +26,11 @@ def checkpoint_name(now: datetime.datetime | None = None) -> str:
     """A new checkpoint's name: later ones sort after."""
     now = now or datetime.datetime.now(datetime.UTC)
     return CHECKPOINT_PREFIX + now.strftime("%Y%m%dT%H%M%S-%f")
+
+
+class BackupEnded(Forbidden):
+    """Raised when a ticket outlives its backup job: a job never starts
+    again, as a transfer that was canceled."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ class DiskExport:
     def url(self) -> str:
         cause = self.failure()
         if cause is not None:
-            raise ExportFailed(cause)
+            raise BackupEnded(cause)
         return self.disk.url
 
     def failure(self) -> str | None:
