@@ -338,3 +338,58 @@ def test_daemon_stop_ends_the_job(guest):
         assert os.listdir(backups_folder(srv)) == []
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_job_of_another_daemon_conflicts(daemon, guest):
+    workdir = public_folder("diskferry-backupd-")
+    other = servers.start_server("diskferry", workdir, local_socket="path")
+    try:
+        backup(other, guest)
+        done = cli(daemon, "backup", "start", guest.name, "--socket",
+                   daemon.control_socket, check=False)
+        assert done.returncode == 1
+        assert "Another job runs" in done.stderr
+        assert os.listdir(backups_folder(daemon)) == []
+    finally:
+        other.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert guest.job_type() == "None"
+
+
+@pytest.mark.parametrize("then", ["start", "stop"])
+def test_job_of_a_killed_daemon_is_ended(guest, then):
+    workdir = public_folder("diskferry-backupd-")
+    try:
+        srv = servers.start_server("diskferry", workdir, local_socket="path")
+        backup(srv, guest)
+        srv.kill()
+        assert guest.job_type() == "Unbounded"
+        srv = servers.start_server("diskferry", workdir, local_socket="path")
+        try:
+            assert os.listdir(backups_folder(srv)) == []
+            if then == "start":
+                job = backup(srv, guest)
+                assert job["disks"][0]["transfer_url"]
+            cli(srv, "backup", "stop", guest.name, "--socket",
+                srv.control_socket)
+            assert guest.job_type() == "None"
+        finally:
+            srv.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_stopped_domain_is_refused(daemon, guest):
+    name = f"{guest.name}-off"
+    xml = os.path.join(guest.folder, "off.xml")
+    with open(xml, "w") as f:
+        f.write(DOMAIN_XML.format(name=name, disk=guest.reference))
+    virsh("define", xml)
+    try:
+        done = cli(daemon, "backup", "start", name, "--socket",
+                   daemon.control_socket, check=False)
+    finally:
+        virsh("undefine", name, "--checkpoints-metadata")
+    assert done.returncode == 1
+    assert "shut off" in done.stderr and "running domain" in done.stderr
+    assert os.listdir(backups_folder(daemon)) == []

@@ -117,6 +117,17 @@ class Virsh:
                 return value.strip() not in ("None", "")
         return False
 
+    def backup_socket(self, domain: str) -> str | None:
+        """The NBD socket of the domain's pull-mode backup, if one runs."""
+        try:
+            out = self.run("backup-dumpxml", domain)
+        except LibvirtError as e:
+            if "no domain backup job" in str(e):
+                return None
+            raise
+        server = ET.fromstring(out).find("server")
+        return server.get("socket") if server is not None else None
+
     def backup_begin(self, domain: str, backup_xml: str,
                      checkpoint_xml: str, folder: str) -> None:
         """Begin a backup job, described by XML files written in

@@ -124,8 +124,15 @@ class BackupManager:
 
     def stop(self, domain: str) -> None:
         """Remove the job's tickets (their requests end first), then end
-        the job."""
-        job = self.job(domain)
+        the job; or end the job a killed daemon left."""
+        try:
+            job = self.job(domain)
+        except NotFound:
+            with self._lock:
+                starting = domain in self._jobs
+            if not starting and self._end_stale(domain):
+                return
+            raise
         assert self._tickets is not None
         for disk in job.disks:
             self._tickets.remove(disk.ticket_id)
@@ -187,10 +194,23 @@ class BackupManager:
                     f"Domain {request.domain!r} has no checkpoint "
                     f"{request.since!r} (its checkpoints: "
                     f"{', '.join(known) or 'none'})")
-        if virsh.job_running(request.domain):
+        if virsh.job_running(request.domain) \
+                and not self._end_stale(request.domain):
             raise Conflict(f"Another job runs on domain {request.domain!r} "
                            f"(virsh domjobinfo); it must end first")
         return disks
+
+    def _end_stale(self, domain: str) -> bool:
+        """End the backup a killed daemon of this run directory left
+        running on ``domain``, if that is the job that runs there."""
+        socket_path = self.virsh.backup_socket(domain)
+        if socket_path is None \
+                or not socket_path.startswith(self.folder + os.sep):
+            return False
+        log.warning("backup of %s: ending the job a previous daemon left",
+                    domain)
+        self.virsh.abort_job(domain)
+        return True
 
     def _job_folder(self, domain: str) -> str:
         folder = os.path.join(self.folder, secrets.token_hex(4))
