@@ -79,14 +79,26 @@ DOMAIN_XML = """\
       <driver name='qemu' type='qcow2'/>
       <source file='{disk}'/>
       <target dev='vda' bus='virtio'/>
-    </disk>
+    </disk>{more}
   </devices>
 </domain>
 """
 
 
+RAW_DISK_XML = """
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>"""
+
+#: The raw disk's size and content: libvirt backs it up in full only.
+RAW_SIZE = 4 * MiB
+
+
 class Guest:
-    """The running domain, and the raw reference of its disk."""
+    """The running domain, and the raw reference of its qcow2 disk vda;
+    vdb is a raw disk."""
 
     def __init__(self, folder: str) -> None:
         self.name = f"diskferry-test-{uuid.uuid4().hex[:8]}"
@@ -102,9 +114,16 @@ class Guest:
                             f"write -P 0x11 {offset} 512k", self.disk],
                            check=True, capture_output=True)
             self._reference_write(0x11, offset, 512 * 1024)
+        self.raw_disk = os.path.join(folder, "vdb.raw")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "raw",
+                        self.raw_disk, str(RAW_SIZE)], check=True)
+        subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 1M 64k",
+                        self.raw_disk], check=True, capture_output=True)
         xml = os.path.join(folder, "domain.xml")
         with open(xml, "w") as f:
-            f.write(DOMAIN_XML.format(name=self.name, disk=self.disk))
+            f.write(DOMAIN_XML.format(
+                name=self.name, disk=self.disk,
+                more=RAW_DISK_XML.format(disk=self.raw_disk)))
         virsh("create", xml)
 
     def write(self, pattern: int, offset: int, length: int) -> None:
@@ -224,8 +243,13 @@ def test_full_then_incremental(daemon, guest, tmp_path, unix):
     full = backup(daemon, guest, "--full")
     assert full["since"] is None
     assert full["checkpoint"] in checkpoints(guest)
-    [disk] = full["disks"]
+    disk, raw_disk = full["disks"]
     assert (disk["name"], disk["size"], disk["dirty"]) == ("vda", SIZE, False)
+    assert (raw_disk["name"], raw_disk["size"], raw_disk["dirty"]) == \
+        ("vdb", RAW_SIZE, False)
+    raw_image = str(tmp_path / "vdb.raw")
+    download(daemon, raw_disk["transfer_url"], raw_image, unix)
+    subprocess.run(["cmp", raw_image, guest.raw_disk], check=True)
     assert guest.job_type() == "Unbounded"
     # During the job: not in this backup.
     guest.write(0x33, 2 * MiB, 128 * 1024)
@@ -242,7 +266,8 @@ def test_full_then_incremental(daemon, guest, tmp_path, unix):
     incremental = backup(daemon, guest, "--since", full["checkpoint"])
     assert incremental["since"] == full["checkpoint"]
     assert incremental["checkpoint"] > full["checkpoint"]
-    [disk] = incremental["disks"]
+    [disk] = incremental["disks"]  # vdb is raw: in full backups only
+    assert disk["name"] == "vda"
     assert disk["dirty"]
     guest.write(0x55, 6 * MiB, 64 * 1024)
     overlay = str(tmp_path / "incremental.qcow2")
@@ -300,6 +325,7 @@ def test_expiry_ends_the_job_and_its_ticket_says_so(daemon, guest):
 @pytest.mark.parametrize("args, message", [
     (["--since", "no-such-checkpoint"], "has no checkpoint 'no-such-"),
     (["--disk", "vdz"], "No disk 'vdz'"),
+    (["--since", "any", "--disk", "vdb"], "is raw: libvirt keeps checkpoints"),
 ])
 def test_refused_start_leaves_nothing(daemon, guest, args, message):
     done = cli(daemon, "backup", "start", guest.name, "--socket",
@@ -383,7 +409,7 @@ def test_stopped_domain_is_refused(daemon, guest):
     name = f"{guest.name}-off"
     xml = os.path.join(guest.folder, "off.xml")
     with open(xml, "w") as f:
-        f.write(DOMAIN_XML.format(name=name, disk=guest.reference))
+        f.write(DOMAIN_XML.format(name=name, disk=guest.reference, more=""))
     virsh("define", xml)
     try:
         done = cli(daemon, "backup", "start", name, "--socket",
@@ -393,3 +419,14 @@ def test_stopped_domain_is_refused(daemon, guest):
     assert done.returncode == 1
     assert "shut off" in done.stderr and "running domain" in done.stderr
     assert os.listdir(backups_folder(daemon)) == []
+
+
+def test_raw_disk_alone_makes_no_checkpoint(daemon, guest, tmp_path):
+    before = checkpoints(guest)
+    job = backup(daemon, guest, "--disk", "vdb")
+    assert job["checkpoint"] is None
+    assert [d["name"] for d in job["disks"]] == ["vdb"]
+    assert checkpoints(guest) == before
+    image = str(tmp_path / "vdb.raw")
+    download(daemon, job["disks"][0]["transfer_url"], image, "always")
+    subprocess.run(["cmp", image, guest.raw_disk], check=True)

@@ -114,8 +114,8 @@ def list_backups(args: argparse.Namespace, control: ControlSocket) -> None:
 
 def _print_job(job: dict[str, object]) -> None:
     since = job["since"] or "(full backup)"
-    print(f"domain {job['domain']}: checkpoint {job['checkpoint']} "
-          f"since {since}")
+    checkpoint = job["checkpoint"] or "(none: no qcow2 disk)"
+    print(f"domain {job['domain']}: checkpoint {checkpoint} since {since}")
     disks = job["disks"]
     assert isinstance(disks, list)
     for disk in disks:

@@ -54,7 +54,7 @@ class BackupJob:
     """A running pull-mode backup and the folder it owns; thread-safe."""
 
     domain: str
-    checkpoint: str
+    checkpoint: str | None
     since: str | None
     folder: str
     disks: list[BackupDisk]

@@ -129,12 +129,13 @@ class Virsh:
         return server.get("socket") if server is not None else None
 
     def backup_begin(self, domain: str, backup_xml: str,
-                     checkpoint_xml: str, folder: str) -> None:
-        """Begin a backup job, described by XML files written in
-        ``folder``."""
-        backup = _write(folder, "backup.xml", backup_xml)
-        checkpoint = _write(folder, "checkpoint.xml", checkpoint_xml)
-        self.run("backup-begin", domain, backup, checkpoint)
+                     checkpoint_xml: str | None, folder: str) -> None:
+        """Begin a backup job, making a checkpoint when given one,
+        described by XML files written in ``folder``."""
+        args = [_write(folder, "backup.xml", backup_xml)]
+        if checkpoint_xml is not None:
+            args.append(_write(folder, "checkpoint.xml", checkpoint_xml))
+        self.run("backup-begin", domain, *args)
 
     def abort_job(self, domain: str) -> None:
         """End the domain's job; none running is no failure."""

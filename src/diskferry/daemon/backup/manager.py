@@ -147,20 +147,26 @@ class BackupManager:
                 log.exception("ending the backup of %s", job.domain)
 
     def _begin(self, request: BackupRequest) -> BackupJob:
-        disks = self._check(request)
-        names = [disk.target for disk in disks]
-        others = [disk.target for disk in self.virsh.disks(request.domain)
-                  if disk.target not in names]
-        folder = self._job_folder(request.domain)
+        every, chosen = self._check(request)
+        names = [disk.target for disk in chosen]
+        others = [disk.target for disk in every if disk.target not in names]
+        # Only qcow2 disks keep a checkpoint's bitmap: the others are
+        # backed up in full, and a backup of no qcow2 disk makes none.
+        tracked = [disk.target for disk in chosen
+                   if disk.format == CHECKPOINT_FORMAT]
+        checkpoint = checkpoint_name() if tracked else None
+        folder = self._job_folder()
         try:
             socket_path = _socket_path(folder)
             scratch = {name: os.path.join(folder, f"{name}.scratch")
                        for name in names}
-            checkpoint = checkpoint_name()
             self.virsh.backup_begin(
                 request.domain,
                 backup_xml(socket_path, scratch, others, request.since),
-                checkpoint_xml(checkpoint, names, others), folder)
+                None if checkpoint is None else checkpoint_xml(
+                    checkpoint, tracked,
+                    [d.target for d in every if d.target not in tracked]),
+                folder)
             backup_disks = [self._disk(request, name, socket_path)
                             for name in names]
         except BaseException:
@@ -179,14 +185,17 @@ class BackupManager:
             url=f"nbd:unix:{socket_path}:exportname={name}",
             dirty=request.since is not None)
 
-    def _check(self, request: BackupRequest) -> list[DomainDisk]:
-        """The disks to back up, or the reason there is no backup."""
+    def _check(self, request: BackupRequest
+               ) -> tuple[list[DomainDisk], list[DomainDisk]]:
+        """The domain's disks and those to back up, or the reason there is
+        no backup."""
         virsh = self.virsh
         state = virsh.state(request.domain)
         if state != "running":
             raise BadRequest(f"Domain {request.domain!r} is {state}: only a "
                              f"running domain can be backed up")
-        disks = _chosen(virsh.disks(request.domain), request.disks)
+        every = virsh.disks(request.domain)
+        chosen = _chosen(every, request.disks, request.since is not None)
         if request.since is not None:
             known = virsh.checkpoints(request.domain)
             if request.since not in known:
@@ -198,7 +207,7 @@ class BackupManager:
                 and not self._end_stale(request.domain):
             raise Conflict(f"Another job runs on domain {request.domain!r} "
                            f"(virsh domjobinfo); it must end first")
-        return disks
+        return every, chosen
 
     def _end_stale(self, domain: str) -> bool:
         """End the backup a killed daemon of this run directory left
@@ -212,7 +221,7 @@ class BackupManager:
         self.virsh.abort_job(domain)
         return True
 
-    def _job_folder(self, domain: str) -> str:
+    def _job_folder(self) -> str:
         folder = os.path.join(self.folder, secrets.token_hex(4))
         os.mkdir(folder, 0o700)
         owner = _qemu_user()
@@ -237,23 +246,30 @@ class BackupManager:
                 del self._jobs[job.domain]
 
 
-def _chosen(disks: Sequence[DomainDisk],
-            names: Sequence[str]) -> list[DomainDisk]:
-    """The disks named (all when none is), each in qcow2."""
+def _chosen(disks: Sequence[DomainDisk], names: Sequence[str],
+            incremental: bool) -> list[DomainDisk]:
+    """The disks named, else every disk (every qcow2 disk for an
+    incremental backup, the only ones with checkpoints)."""
     by_name = {disk.target: disk for disk in disks}
     for name in names:
         if name not in by_name:
             raise BadRequest(f"No disk {name!r} (disks: "
                              f"{', '.join(by_name) or 'none'})")
-    chosen = [by_name[name] for name in names] if names else list(disks)
+    if names:
+        chosen = [by_name[name] for name in names]
+    else:
+        chosen = [disk for disk in disks if not incremental
+                  or disk.format == CHECKPOINT_FORMAT]
     if not chosen:
-        raise BadRequest("The domain has no disk to back up")
+        raise BadRequest("The domain has no disk to back up"
+                         + (" incrementally (no qcow2 disk)"
+                            if incremental else ""))
     for disk in chosen:
-        if disk.format != CHECKPOINT_FORMAT:
+        if incremental and disk.format != CHECKPOINT_FORMAT:
             raise BadRequest(
                 f"Disk {disk.target!r} is {disk.format}: libvirt keeps "
-                f"checkpoints in qcow2 disks only; leave it out with "
-                f"--disk")
+                f"checkpoints in qcow2 disks only, so it is backed up in "
+                f"full only; leave it out with --disk")
     return chosen
 
 
