@@ -236,8 +236,25 @@ def checkpoints(guest) -> list[str]:
 # --- tests -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("unix", ["always", "never"])
-def test_full_then_incremental(daemon, guest, tmp_path, unix):
+def imageio_download(daemon, url: str, dest: str, unix: str,
+                     *args: str) -> None:
+    """The same download by ovirt-imageio's client library."""
+    from ovirt_imageio import client
+
+    if "--incremental" in args:
+        backing = args[args.index("--backing-file") + 1]
+        client.download(url, dest, daemon.ca_file, fmt="qcow2",
+                        incremental=True, backing_file=backing,
+                        backing_format="qcow2")
+    else:
+        client.download(url, dest, daemon.ca_file,
+                        fmt="qcow2" if "qcow2" in args else "raw")
+
+
+@pytest.mark.parametrize("unix, fetch", [
+    ("always", download), ("never", download), ("any", imageio_download),
+], ids=["diskferry-unix", "diskferry-tls", "ovirt-imageio"])
+def test_full_then_incremental(daemon, guest, tmp_path, unix, fetch):
     guest.write(0x22, 1 * MiB, 64 * 1024)
     at_full = guest.snapshot(f"full-{unix}.raw")
     full = backup(daemon, guest, "--full")
@@ -248,13 +265,13 @@ def test_full_then_incremental(daemon, guest, tmp_path, unix):
     assert (raw_disk["name"], raw_disk["size"], raw_disk["dirty"]) == \
         ("vdb", RAW_SIZE, False)
     raw_image = str(tmp_path / "vdb.raw")
-    download(daemon, raw_disk["transfer_url"], raw_image, unix)
+    fetch(daemon, raw_disk["transfer_url"], raw_image, unix)
     subprocess.run(["cmp", raw_image, guest.raw_disk], check=True)
     assert guest.job_type() == "Unbounded"
     # During the job: not in this backup.
     guest.write(0x33, 2 * MiB, 128 * 1024)
     full_image = str(tmp_path / "full.qcow2")
-    download(daemon, disk["transfer_url"], full_image, unix,
+    fetch(daemon, disk["transfer_url"], full_image, unix,
              "--format", "qcow2")
     assert_same(full_image, at_full)
     cli(daemon, "backup", "stop", guest.name, "--socket",
@@ -271,7 +288,7 @@ def test_full_then_incremental(daemon, guest, tmp_path, unix):
     assert disk["dirty"]
     guest.write(0x55, 6 * MiB, 64 * 1024)
     overlay = str(tmp_path / "incremental.qcow2")
-    download(daemon, disk["transfer_url"], overlay, unix, "--incremental",
+    fetch(daemon, disk["transfer_url"], overlay, unix, "--incremental",
              "--backing-file", "full.qcow2")
     assert_same(overlay, at_incremental)
     # Only what changed since the checkpoint went into the overlay.
