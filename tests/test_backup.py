@@ -447,3 +447,20 @@ def test_raw_disk_alone_makes_no_checkpoint(daemon, guest, tmp_path):
     image = str(tmp_path / "vdb.raw")
     download(daemon, job["disks"][0]["transfer_url"], image, "always")
     subprocess.run(["cmp", image, guest.raw_disk], check=True)
+
+
+def test_backup_stop_after_the_domain_is_destroyed(daemon):
+    folder = public_folder("diskferry-guest-")
+    doomed = Guest(folder)
+    try:
+        job = backup(daemon, doomed)
+        doomed.destroy()
+        cli(daemon, "backup", "stop", doomed.name, "--socket",
+            daemon.control_socket)
+        assert os.listdir(backups_folder(daemon)) == []
+        tickets = json.loads(daemon.control("GET", "/tickets/")[2])
+        assert not {d["ticket"] for d in job["disks"]} & {
+            t["uuid"] for t in tickets}
+    finally:
+        doomed.destroy()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -138,12 +138,19 @@ class Virsh:
         self.run("backup-begin", domain, *args)
 
     def abort_job(self, domain: str) -> None:
-        """End the domain's job; none running is no failure."""
+        """End the domain's job; none running, or no domain running any
+        more (its jobs ended with it), is no failure."""
         try:
             self.run("domjobabort", domain)
         except LibvirtError as e:
-            if "no job" not in str(e).lower():
+            if "no job" not in str(e).lower() and self._running(domain):
                 raise
+
+    def _running(self, domain: str) -> bool:
+        try:
+            return self.state(domain) == "running"
+        except LibvirtError:
+            return False
 
 
 def _write(folder: str, name: str, text: str) -> str:
