@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+import servers
 from diskferry.daemon.backup.job import checkpoint_name
 from diskferry.daemon.backup.libvirt import (
     LibvirtUnavailable,
@@ -22,6 +23,20 @@ def test_no_virsh_says_what_is_missing(monkeypatch):
     with pytest.raises(LibvirtUnavailable, match="libvirt-clients") as e:
         Virsh().state("vm1")
     assert e.value.status == 503
+
+
+def test_daemon_without_virsh_says_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    srv = servers.start_server("diskferry", tmp_path / "daemon", tls=False,
+                               local_socket=None)
+    try:
+        status, _, body = srv.control("POST", "/backups/vm1", {})
+        tickets = srv.control("GET", "/tickets/")
+    finally:
+        srv.stop()
+    assert status == 503
+    assert b"virsh not found" in body and b"libvirt-clients" in body
+    assert tickets[0] == 200 and tickets[2] == b"[]"
 
 
 @pytest.mark.skipif(shutil.which("virsh") is None, reason="no virsh")
