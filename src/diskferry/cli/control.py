@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from diskferry.errors import DiskferryError
 
 #: Seconds to wait for the control service: a DELETE waits for running
 #: requests to end ([control] remove_timeout, 60 s by default).
@@ -77,3 +81,29 @@ class ControlSocket:
                 f"({self.origin}): {error.strerror or error}; is the daemon "
                 f"running? Give --socket, or the daemon's --config or "
                 f"--conf-dir")
+
+
+#: A command's work on the control socket, and what argparse runs.
+ControlAction = Callable[[argparse.Namespace, ControlSocket], None]
+Action = Callable[[argparse.Namespace], int]
+
+
+def on_control_socket(command: str) -> Callable[[ControlAction], Action]:
+    """Run a ``diskferry COMMAND`` action with the control socket found,
+    its failures told as one line: status 2 for a configuration error, 1
+    for a failed request."""
+    def decorate(func: ControlAction) -> Action:
+        def wrapper(args: argparse.Namespace) -> int:
+            from diskferry.daemon.config import ConfigError
+
+            try:
+                func(args, ControlSocket.find(args))
+            except ConfigError as e:
+                print(f"diskferry {command}: {e}", file=sys.stderr)
+                return 2
+            except (ControlError, DiskferryError) as e:
+                print(f"diskferry {command}: {e}", file=sys.stderr)
+                return 1
+            return 0
+        return wrapper
+    return decorate

@@ -14,6 +14,7 @@ from diskferry import __version__
 COMMAND_MODULES = (
     "diskferry.cli.serve",
     "diskferry.cli.ticket",
+    "diskferry.cli.backup",
     "diskferry.cli.transfer",
     "diskferry.cli.checksum",
     "diskferry.cli.inspect",
@@ -26,6 +27,7 @@ Move virtual disk images in and out of a host over HTTP.
   diskferry serve                      run the daemon (default configuration)
   diskferry ticket add FILE            authorize access to an image (prints its id)
   diskferry ticket list                the daemon's tickets
+  diskferry backup start DOMAIN        back up a running libvirt domain
   diskferry upload FILE URL            upload a local image to a transfer URL
   diskferry download URL FILE          download a transfer URL to a local file
   diskferry info URL                   what a transfer URL offers, how it is reached

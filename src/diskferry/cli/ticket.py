@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from diskferry.cli import arguments, tickettable
 from diskferry.cli.arguments import Subparsers
-from diskferry.cli.control import ControlError, ControlSocket
+from diskferry.cli.control import ControlError, ControlSocket, on_control_socket
 from diskferry.cli.ticketimage import (
     RAW,
     UpstreamAccess,
@@ -19,7 +19,6 @@ from diskferry.cli.ticketimage import (
     image_size,
     ticket_url,
 )
-from diskferry.errors import DiskferryError
 
 #: Longest ticket timeout the daemon accepts (a year), as in its tickets.
 MAX_TIMEOUT = 365 * 24 * 3600
@@ -215,22 +214,7 @@ def _register_changes(actions: Subparsers) -> None:
                         help="remove every ticket")
 
 
-def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
-    """``func`` with the control socket found, its failures told as one
-    line: status 2 for a configuration error, 1 for a failed request."""
-    def wrapper(args: argparse.Namespace) -> int:
-        from diskferry.daemon.config import ConfigError
-
-        try:
-            func(args, ControlSocket.find(args))
-        except ConfigError as e:
-            print(f"diskferry ticket: {e}", file=sys.stderr)
-            return 2
-        except (ControlError, DiskferryError) as e:
-            print(f"diskferry ticket: {e}", file=sys.stderr)
-            return 1
-        return 0
-    return wrapper
+_run = on_control_socket("ticket")
 
 
 @_run

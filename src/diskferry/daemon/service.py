@@ -27,9 +27,11 @@ from typing import Protocol
 
 from diskferry import __version__
 from diskferry.daemon import backends
+from diskferry.daemon.backup.manager import BackupManager
 from diskferry.daemon.config import Config, FileName
 from diskferry.daemon.exports import ExportManager
 from diskferry.daemon.handlers import control_app, images_app, metrics_app
+from diskferry.daemon.handlers.backups import BackupsHandler
 from diskferry.daemon.http.limits import ConnectionLimit
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import Server
@@ -131,11 +133,12 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.exports = ExportManager(config)
+        self.backups = BackupManager(config.run_dir, self.exports.start_export)
         self.store = TicketStore(
             backends.check_url,
             remove_timeout=config.control.remove_timeout,
             default_inactivity=config.daemon.inactivity_timeout,
-            start_export=self.exports.start_export)
+            start_export=self.backups.start_export)
         self.metrics = DaemonMetrics(self.store, MetricsSettings(
             transfer_labels=config.metrics.transfer_labels))
         self.server_id = uuid.uuid4().hex
@@ -174,6 +177,7 @@ class Daemon:
             # nor its exports' folder.
             context = self._tls_context()
             self.exports.open(self.store.stop_idle_exports)
+            self.backups.open(self.store)
             self.servers = self._servers(listeners, context)
         except BaseException:
             self._unbind(listeners.sockets())
@@ -243,7 +247,8 @@ class Daemon:
                 observer=self.metrics.service("local", "unix")))
         servers.append(Server(
             "control", listeners.control,
-            control_app(self.store, self.metrics),
+            control_app(self.store, self.metrics,
+                        BackupsHandler(self.backups, lambda: self.url)),
             idle_timeout=idle, head_timeout=head,
             limit=ConnectionLimit(config.daemon.connection_limit).share(),
             pending_limit=pending,
@@ -366,6 +371,7 @@ class Daemon:
         for t in threads:
             t.join()
         self.store.stop_exports()
+        self.backups.stop_all()
         self.exports.close()
         self._remove_socket_files()
         self.lock.release()

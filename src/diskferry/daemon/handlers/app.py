@@ -102,12 +102,16 @@ def images_app(store: TicketStore, config: Config, options: dict[str, Any],
 
 
 def control_app(store: TicketStore,
-                metrics: MetricsSource | None = None) -> App:
-    """The tickets API, and the daemon's ``metrics`` when given."""
+                metrics: MetricsSource | None = None,
+                backups: object | None = None) -> App:
+    """The tickets API, the daemon's ``metrics`` and the ``backups``
+    handler when given."""
     routes: list[tuple[str, object]] = [
         (r"/tickets/([^/]*)", TicketsHandler(store)),
         (r"/info/?", InfoHandler()),
     ]
+    if backups is not None:
+        routes.append((r"/backups/([^/]*)", backups))
     if metrics is not None:
         routes.append((r"/metrics", MetricsHandler(metrics)))
     return App(routes)

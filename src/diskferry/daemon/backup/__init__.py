@@ -1,0 +1,24 @@
+"""Backups of running libvirt domains: a pull-mode job behind tickets.
+
+One call begins libvirt's pull-mode backup of a running domain and
+serves each disk's point-in-time export under a ticket of its own::
+
+    backup start DOMAIN --> checks (running, qcow2 disks, the checkpoint
+                            to start from, no other job)
+                        --> RUN_DIR/backups/JOB/ (QEMU may write it):
+                            backup.xml, checkpoint.xml, scratch files,
+                            the NBD socket
+                        --> virsh backup-begin, a new checkpoint
+                        --> one read ticket per disk on
+                            nbd:unix:SOCKET:exportname=DISK (dirty when
+                            incremental)
+    ticket end      --> the disk is released; the last one ends the job
+    backup stop     --> the job's tickets removed (in-flight requests end
+                        first), then the job ends
+    job end         --> virsh domjobabort, the folder removed
+
+A disk's ``TicketExport`` is the job's: when its ticket is deleted, or
+expires while idle, or the daemon stops, the disk is released and the
+job ends with its last disk. A job that ended does not start again: the
+ticket then fails with a message saying so.
+"""

@@ -1,0 +1,291 @@
+"""The backup jobs of one daemon: begun, served under tickets, ended."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from diskferry.daemon.backup.job import (
+    BackupDisk,
+    BackupJob,
+    DiskExport,
+    checkpoint_name,
+)
+from diskferry.daemon.backup.libvirt import (
+    DomainDisk,
+    Virsh,
+    backup_xml,
+    checkpoint_xml,
+)
+from diskferry.daemon.backup.request import BackupRequest
+from diskferry.daemon.tickets import StartExport, TicketExport, TicketSpec
+from diskferry.errors import BadRequest, Conflict, ExportFailed, NotFound
+
+log = logging.getLogger("diskferry.daemon.backup")
+
+#: Folder of the run directory that holds the jobs' folders.
+FOLDER = "backups"
+
+#: Users QEMU runs as under libvirt (Debian, then Fedora): a job's folder
+#: is theirs, so that QEMU can make its NBD socket there (a root-owned
+#: folder makes ``nbd-server-start`` fail with "Permission denied").
+QEMU_USERS = ("libvirt-qemu", "qemu")
+
+#: The only disk format libvirt keeps checkpoints (bitmaps) in.
+CHECKPOINT_FORMAT = "qcow2"
+
+#: Longest socket path the kernel takes (sun_path, with its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+class TicketInstaller(Protocol):
+    """What the manager needs of the ticket store."""
+
+    def add(self, ticket_dict: object,
+            ticket_id: str | None = None) -> object: ...
+
+    def remove(self, ticket_id: str) -> None: ...
+
+
+class BackupManager:
+    """Begins jobs and installs their tickets; thread-safe.
+
+    ``start_export`` is the ticket store's ``StartExport``: a backup
+    disk's ticket gets the job's export, any other ticket ``fallback``'s.
+    """
+
+    def __init__(self, run_dir: str, fallback: StartExport,
+                 virsh: Virsh | None = None) -> None:
+        self.folder = os.path.join(run_dir, FOLDER)
+        self.virsh = virsh or Virsh()
+        self._fallback = fallback
+        self._lock = threading.Lock()
+        self._jobs: dict[str, BackupJob | None] = {}
+        self._pending: dict[str, DiskExport] = {}
+        self._tickets: TicketInstaller | None = None
+
+    def open(self, tickets: TicketInstaller) -> None:
+        """Make the jobs' folder, removing what a killed daemon left."""
+        self._tickets = tickets
+        os.makedirs(self.folder, mode=0o711, exist_ok=True)
+        os.chmod(self.folder, 0o711)
+        for name in os.listdir(self.folder):
+            shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+
+    def start_export(self, spec: TicketSpec) -> TicketExport | None:
+        with self._lock:
+            export = self._pending.pop(spec.uuid, None)
+        if export is not None:
+            return export
+        return self._fallback(spec)
+
+    def jobs(self) -> list[BackupJob]:
+        with self._lock:
+            return [job for job in self._jobs.values() if job is not None]
+
+    def job(self, domain: str) -> BackupJob:
+        with self._lock:
+            job = self._jobs.get(domain)
+        if job is None:
+            raise NotFound(f"No backup of domain {domain!r} is running")
+        return job
+
+    def checkpoints(self, domain: str) -> list[str]:
+        return self.virsh.checkpoints(domain)
+
+    def start(self, request: BackupRequest) -> BackupJob:
+        """Begin a backup and install one ticket per disk."""
+        with self._lock:
+            if request.domain in self._jobs:
+                raise Conflict(f"A backup of domain {request.domain!r} is "
+                               f"running already; 'backup stop' ends it")
+            self._jobs[request.domain] = None
+        try:
+            job = self._begin(request)
+        except BaseException:
+            with self._lock:
+                del self._jobs[request.domain]
+            raise
+        with self._lock:
+            self._jobs[request.domain] = job
+        try:
+            self._install(job, request.timeout)
+        except BaseException:
+            self.stop(request.domain)
+            raise
+        return job
+
+    def stop(self, domain: str) -> None:
+        """Remove the job's tickets (their requests end first), then end
+        the job; or end the job a killed daemon left."""
+        try:
+            job = self.job(domain)
+        except NotFound:
+            with self._lock:
+                starting = domain in self._jobs
+            if not starting and self._end_stale(domain):
+                return
+            raise
+        assert self._tickets is not None
+        for disk in job.disks:
+            self._tickets.remove(disk.ticket_id)
+        job.end()
+
+    def stop_all(self) -> None:
+        """End every job (the daemon stops)."""
+        for job in self.jobs():
+            try:
+                job.end()
+            except Exception:
+                log.exception("ending the backup of %s", job.domain)
+
+    def _begin(self, request: BackupRequest) -> BackupJob:
+        every, chosen = self._check(request)
+        names = [disk.target for disk in chosen]
+        others = [disk.target for disk in every if disk.target not in names]
+        # Only qcow2 disks keep a checkpoint's bitmap: the others are
+        # backed up in full, and a backup of no qcow2 disk makes none.
+        tracked = [disk.target for disk in chosen
+                   if disk.format == CHECKPOINT_FORMAT]
+        checkpoint = checkpoint_name() if tracked else None
+        folder = self._job_folder()
+        try:
+            socket_path = _socket_path(folder)
+            scratch = {name: os.path.join(folder, f"{name}.scratch")
+                       for name in names}
+            self.virsh.backup_begin(
+                request.domain,
+                backup_xml(socket_path, scratch, others, request.since),
+                None if checkpoint is None else checkpoint_xml(
+                    checkpoint, tracked,
+                    [d.target for d in every if d.target not in tracked]),
+                folder)
+            backup_disks = [self._disk(request, name, socket_path)
+                            for name in names]
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        log.info("backup of %s: job begun, checkpoint %s since %s",
+                 request.domain, checkpoint, request.since or "(full)")
+        return BackupJob(request.domain, checkpoint, request.since, folder,
+                         backup_disks, self.virsh.abort_job, self._ended)
+
+    def _disk(self, request: BackupRequest, name: str,
+              socket_path: str) -> BackupDisk:
+        return BackupDisk(
+            name=name, ticket_id=str(uuid.uuid4()),
+            size=self.virsh.capacity(request.domain, name),
+            url=f"nbd:unix:{socket_path}:exportname={name}",
+            dirty=request.since is not None)
+
+    def _check(self, request: BackupRequest
+               ) -> tuple[list[DomainDisk], list[DomainDisk]]:
+        """The domain's disks and those to back up, or the reason there is
+        no backup."""
+        virsh = self.virsh
+        state = virsh.state(request.domain)
+        if state != "running":
+            raise BadRequest(f"Domain {request.domain!r} is {state}: only a "
+                             f"running domain can be backed up")
+        every = virsh.disks(request.domain)
+        chosen = _chosen(every, request.disks, request.since is not None)
+        if request.since is not None:
+            known = virsh.checkpoints(request.domain)
+            if request.since not in known:
+                raise BadRequest(
+                    f"Domain {request.domain!r} has no checkpoint "
+                    f"{request.since!r} (its checkpoints: "
+                    f"{', '.join(known) or 'none'})")
+        if virsh.job_running(request.domain) \
+                and not self._end_stale(request.domain):
+            raise Conflict(f"Another job runs on domain {request.domain!r} "
+                           f"(virsh domjobinfo); it must end first")
+        return every, chosen
+
+    def _end_stale(self, domain: str) -> bool:
+        """End the backup a killed daemon of this run directory left
+        running on ``domain``, if that is the job that runs there."""
+        socket_path = self.virsh.backup_socket(domain)
+        if socket_path is None \
+                or not socket_path.startswith(self.folder + os.sep):
+            return False
+        log.warning("backup of %s: ending the job a previous daemon left",
+                    domain)
+        self.virsh.abort_job(domain)
+        return True
+
+    def _job_folder(self) -> str:
+        folder = os.path.join(self.folder, secrets.token_hex(4))
+        os.mkdir(folder, 0o700)
+        owner = _qemu_user()
+        if owner is not None:
+            os.chown(folder, owner.pw_uid, owner.pw_gid)
+        return folder
+
+    def _install(self, job: BackupJob, timeout: int) -> None:
+        assert self._tickets is not None
+        for disk in job.disks:
+            with self._lock:
+                self._pending[disk.ticket_id] = DiskExport(job, disk)
+            try:
+                self._tickets.add(disk.ticket(timeout), disk.ticket_id)
+            finally:
+                with self._lock:
+                    self._pending.pop(disk.ticket_id, None)
+
+    def _ended(self, job: BackupJob) -> None:
+        with self._lock:
+            if self._jobs.get(job.domain) is job:
+                del self._jobs[job.domain]
+
+
+def _chosen(disks: Sequence[DomainDisk], names: Sequence[str],
+            incremental: bool) -> list[DomainDisk]:
+    """The disks named, else every disk (every qcow2 disk for an
+    incremental backup, the only ones with checkpoints)."""
+    by_name = {disk.target: disk for disk in disks}
+    for name in names:
+        if name not in by_name:
+            raise BadRequest(f"No disk {name!r} (disks: "
+                             f"{', '.join(by_name) or 'none'})")
+    if names:
+        chosen = [by_name[name] for name in names]
+    else:
+        chosen = [disk for disk in disks if not incremental
+                  or disk.format == CHECKPOINT_FORMAT]
+    if not chosen:
+        raise BadRequest("The domain has no disk to back up"
+                         + (" incrementally (no qcow2 disk)"
+                            if incremental else ""))
+    for disk in chosen:
+        if incremental and disk.format != CHECKPOINT_FORMAT:
+            raise BadRequest(
+                f"Disk {disk.target!r} is {disk.format}: libvirt keeps "
+                f"checkpoints in qcow2 disks only, so it is backed up in "
+                f"full only; leave it out with --disk")
+    return chosen
+
+
+def _socket_path(folder: str) -> str:
+    path = os.path.join(folder, "nbd.sock")
+    if len(path.encode()) > _MAX_SOCKET_PATH:
+        raise ExportFailed(f"the run directory's path is too long for a "
+                           f"socket: {path}")
+    return path
+
+
+def _qemu_user() -> pwd.struct_passwd | None:
+    for name in QEMU_USERS:
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    return None
+
