@@ -11,9 +11,15 @@ nothing: not the format, not a protocol hidden in a file name.
 import ctypes
 import json
 import signal
+import socket
+import subprocess
+import time
 
 #: <sys/prctl.h>
 _PR_SET_PDEATHSIG = 1
+
+#: What an NBD server sends first, once it serves.
+NBD_GREETING = b"NBDMAGIC"
 
 
 def die_with_parent() -> None:
@@ -27,3 +33,44 @@ def die_with_parent() -> None:
 def blockdev_filename(spec: dict[str, object]) -> str:
     """The ``json:`` filename of a blockdev tree (compact, one line)."""
     return "json:" + json.dumps(spec, separators=(",", ":"))
+
+
+def wait_serving(proc: subprocess.Popen[bytes], socket_path: str,
+                 timeout: float) -> bool:
+    """Until the NBD server ``proc`` greets a client on ``socket_path``:
+    True then, False if it ended first, ``TimeoutError`` after ``timeout``
+    seconds. qemu-nbd binds its socket before it opens the image, so a
+    connection alone proves nothing: the image may still fail to open
+    (locked by a VM, a backing file missing)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if greets(socket_path, deadline - time.monotonic()):
+            return True
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"qemu-nbd did not listen within {timeout:.0f} s")
+        time.sleep(0.005)
+    return False
+
+
+def greets(socket_path: str, timeout: float) -> bool:
+    """Whether an NBD server on ``socket_path`` sends its greeting."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(max(timeout, 0.001))
+        try:
+            s.connect(socket_path)
+            return s.recv(len(NBD_GREETING)) == NBD_GREETING
+        except OSError:
+            return False
+
+
+def log_message(path: str) -> str:
+    """What a qemu program wrote to its log ``path``, on one line, without
+    its name ("" when there is no log)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-4000:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "; ".join(line.removeprefix("qemu-nbd: ").strip()
+                     for line in text.splitlines() if line.strip())

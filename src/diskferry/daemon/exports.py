@@ -31,10 +31,8 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO
@@ -44,7 +42,12 @@ from diskferry.client.errors import UnsupportedFormat
 from diskferry.daemon.config import Config
 from diskferry.daemon.tickets import TicketExport, TicketSpec
 from diskferry.errors import BadRequest, ExportFailed
-from diskferry.qemuprocess import blockdev_filename, die_with_parent
+from diskferry.qemuprocess import (
+    blockdev_filename,
+    die_with_parent,
+    log_message,
+    wait_serving,
+)
 
 log = logging.getLogger("diskferry.daemon.exports")
 
@@ -68,9 +71,6 @@ SPARE_CONNECTIONS = 2
 
 #: Seconds between looks for expired tickets whose export can stop.
 EXPIRY_INTERVAL = 1.0
-
-#: What an NBD server sends first, once it serves.
-NBD_GREETING = b"NBDMAGIC"
 
 #: Longest socket path the kernel takes (sun_path, with its NUL).
 _MAX_SOCKET_PATH = 107
@@ -215,29 +215,15 @@ class QemuNbdExport:
         log.info("export %s: qemu-nbd %d serving", self.socket_path, proc.pid)
 
     def _wait_listening(self, proc: subprocess.Popen[bytes]) -> None:
-        """Until qemu-nbd greets a client: it binds its socket before it
-        opens the image, so a connection alone proves nothing."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while proc.poll() is None:
-            if _greets(self.socket_path, deadline - time.monotonic()):
-                return
-            if time.monotonic() > deadline:
-                raise ExportFailed(f"qemu-nbd did not listen within "
-                                   f"{START_TIMEOUT:.0f} s")
-            time.sleep(0.005)
-        raise ExportFailed(self._ended(proc))
+        try:
+            serving = wait_serving(proc, self.socket_path, START_TIMEOUT)
+        except TimeoutError as e:
+            raise ExportFailed(str(e)) from None
+        if not serving:
+            raise ExportFailed(self._ended(proc))
 
     def _ended(self, proc: subprocess.Popen[bytes]) -> str:
-        return _death(proc.returncode, self._message())
-
-    def _message(self) -> str:
-        try:
-            with open(self._log_path, "rb") as f:
-                text = f.read()[-4000:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "; ".join(line.removeprefix("qemu-nbd: ").strip()
-                         for line in text.splitlines() if line.strip())
+        return _death(proc.returncode, log_message(self._log_path))
 
     def _remove_files(self) -> None:
         """qemu-nbd removes its socket when it stops, not when it fails
@@ -247,17 +233,6 @@ class QemuNbdExport:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-
-
-def _greets(path: str, timeout: float) -> bool:
-    """Whether an NBD server on ``path`` sends its greeting."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(max(timeout, 0.001))
-        try:
-            s.connect(path)
-            return s.recv(len(NBD_GREETING)) == NBD_GREETING
-        except OSError:
-            return False
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
