@@ -264,15 +264,19 @@ def test_checksum_is_of_the_guest_data(endpoint, image, tmp_path):
     assert get(endpoint, q, "/checksum") == get(endpoint, r, "/checksum")
 
 
-def test_dirty_extents_from_a_bitmap(endpoint, tmp_path):
-    image = tmp_path / "disk.qcow2"
-    qemu_img("create", "-f", "qcow2", image, SIZE)
-    qemu_io(image, "qcow2", "write -P 1 0 1M")
-    qemu_img("bitmap", "--add", image, "b1")
-    qemu_io(image, "qcow2", "write -P 2 4M 64k", "write -z 8M 1M")
-    t = add(endpoint.server, image, "qcow2", dirty=True, bitmap="b1")
+@pytest.mark.parametrize("image", ["new-qcow2", "chain", "top-layer"],
+                         indirect=True)
+def test_dirty_extents_from_a_bitmap(endpoint, image):
+    """Dirty where qemu wrote since ``qemu-img bitmap --add``, and the
+    dirty context's zero flags are the zero context's."""
+    qemu_io(image.path, "qcow2", "write -P 1 0 1M")
+    qemu_img("bitmap", "--add", image.path, "b1")
+    qemu_io(image.path, "qcow2", "write -P 2 4M 64k", "write -z 8M 1M")
+    t = add(endpoint.server, image.path, "qcow2", dirty=True, bitmap="b1",
+            **image.fields)
+    found = extents(endpoint, t, "dirty")
     dirty: list[tuple[int, int, bool]] = []
-    for start, length, _, _, flag in extents(endpoint, t, "dirty"):
+    for start, length, _, _, flag in found:
         if dirty and dirty[-1][2] == flag:  # apart only by zero
             dirty[-1] = (dirty[-1][0], dirty[-1][1] + length, flag)
         else:
@@ -284,6 +288,10 @@ def test_dirty_extents_from_a_bitmap(endpoint, tmp_path):
         (8 * MiB, MiB, True),
         (9 * MiB, 7 * MiB, False),
     ]
+    zero = extents(endpoint, t, "zero")
+    for start, length, flag, _, _ in found:
+        assert {z for s, n, z, _, _ in zero
+                if s < start + length and start < s + n} == {flag}, start
 
 
 def test_raw_serves_the_container(endpoint, chain):
