@@ -113,12 +113,15 @@ def wait_gone(pid, socket_path, timeout=10.0):
 
 
 def _running(pid) -> bool:
+    """Whether ``pid`` runs: a zombie does not, unless threads of its own
+    still do (a killed process's first thread ends before the others)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
+        threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
-    return state != "Z"
+    return state != "Z" or threads != [str(pid)]
 
 
 def socket_path(export) -> str:
@@ -499,13 +502,26 @@ def test_a_dead_export_is_named_then_restarted(diskferry, chain):
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_daemon_end_stops_every_export(pki, chain, how):
+    """Every export, also one started again on a request (the kernel's
+    PR_SET_PDEATHSIG follows the thread that started it)."""
     # A short run directory: a socket path has at most 107 bytes.
     workdir = tempfile.mkdtemp(prefix="df-")
     srv = servers.start_server("diskferry", workdir, tls=False,
                                local_socket=None, pki=pki)
     try:
-        exports = [export_of(srv, add(srv, chain, "qcow2", ops=("read",)))
-                   for _ in range(2)]
+        tickets = [add(srv, chain, "qcow2", ops=("read",)) for _ in range(2)]
+        exports = [export_of(srv, t) for t in tickets]
+        # One export started again after it died: by a request's thread.
+        os.kill(exports[1]["pid"], 9)
+        status, body = request(Endpoint(srv, "tls"), "GET",
+                               f"/images/{tickets[1]['uuid']}")
+        assert status == 200 or (status == 500 and b"SIGKILL" in body), \
+            (status, body)
+        assert get(Endpoint(srv, "tls"), tickets[1]) == \
+            guest_bytes(chain, "qcow2")
+        exports.append(export_of(srv, tickets[1]))
+        assert exports[2]["running"]
+        assert exports[2]["pid"] != exports[1]["pid"]
     finally:
         if how == "SIGTERM":
             srv.stop()

@@ -159,7 +159,7 @@ class QemuNbdExport:
     def url(self) -> str:
         with self._lock:
             proc = self._proc
-            if proc is None or proc.returncode is not None:
+            if proc is None or _has_ended(proc):
                 if proc is not None:
                     log.warning("export %s: %s; starting it again",
                                 self.socket_path, self._ended(proc))
@@ -174,13 +174,13 @@ class QemuNbdExport:
     def failure(self) -> str | None:
         """How the export died, if it did (None while it runs)."""
         proc = self._proc
-        if proc is None or proc.returncode is None:
+        if proc is None or not _has_ended(proc):
             return None
         return self._ended(proc)
 
     def describe(self) -> dict[str, object]:
         proc = self._proc
-        running = proc is not None and proc.returncode is None
+        running = proc is not None and not _has_ended(proc)
         return {"kind": "qemu-nbd",
                 "url": f"nbd:unix:{self.socket_path}",
                 "pid": proc.pid if proc is not None and running else None,
@@ -207,9 +207,9 @@ class QemuNbdExport:
             self._remove_files()
             raise
         self._proc = proc
-        # Reaped as soon as it ends: no zombie, and ``failure()`` reads
-        # an attribute (``Popen.poll`` answers None while another
-        # thread waits).
+        # Reaped as soon as it ends: no zombie (``Popen.poll`` answers
+        # None while another thread waits: ``_has_ended`` asks the
+        # kernel).
         threading.Thread(target=proc.wait, name=f"qemu-nbd-{proc.pid}",
                          daemon=True).start()
         log.info("export %s: qemu-nbd %d serving", self.socket_path, proc.pid)
@@ -233,6 +233,22 @@ class QemuNbdExport:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+def _has_ended(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` ended (its ``returncode`` is then set). The thread
+    that reaps it may not have recorded its end yet, or even run: the
+    kernel says (``WNOWAIT`` leaves the status to that thread)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        if os.waitid(os.P_PID, proc.pid, flags) is None:
+            return False
+    except ChildProcessError:
+        pass    # Reaped: its status is being recorded.
+    proc.wait()
+    return True
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:

@@ -20,7 +20,7 @@ from diskferry.daemon.buffers import POOL
 from diskferry.daemon.config import Config
 from diskferry.daemon.http.request import AccessRecord, Request
 from diskferry.daemon.tickets import Ticket, TicketStore
-from diskferry.errors import BackendError, ServerError
+from diskferry.errors import BackendError, ExportFailed, ServerError
 from diskferry.pipe import Pipe
 
 
@@ -102,8 +102,10 @@ def ticket_image(request: ImageRequest, ticket: Ticket,
     try:
         backend = open_backend(ticket, config)
     except BackendError as e:
+        # How the daemon's own export died is the client's to know.
+        cause = f": {e}" if isinstance(e, ExportFailed) else ""
         raise ServerError(f"Cannot open the image of transfer "
-                          f"{ticket.transfer_id}") from e
+                          f"{ticket.transfer_id}{cause}") from e
     image = OpenImage(ticket, backend)
     try:
         ticket.add_connection(context.id, image.close)
