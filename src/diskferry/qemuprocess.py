@@ -12,6 +12,7 @@ import ctypes
 import json
 import signal
 import socket
+import struct
 import subprocess
 import time
 
@@ -20,6 +21,16 @@ _PR_SET_PDEATHSIG = 1
 
 #: What an NBD server sends first, once it serves.
 NBD_GREETING = b"NBDMAGIC"
+
+# The newstyle handshake (the NBD protocol): the server's greeting, the
+# client's flags and option, the server's option reply.
+_HANDSHAKE = struct.Struct(">8s8sH")
+_ABORT = struct.Struct(">I8sII")
+_IHAVEOPT = b"IHAVEOPT"
+_OPT_ABORT = 2
+#: NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES.
+_CLIENT_FLAGS = 0x3
+_REPLY_SIZE = 20
 
 
 def die_with_parent() -> None:
@@ -54,12 +65,24 @@ def wait_serving(proc: subprocess.Popen[bytes], socket_path: str,
 
 
 def greets(socket_path: str, timeout: float) -> bool:
-    """Whether an NBD server on ``socket_path`` sends its greeting."""
+    """Whether an NBD server on ``socket_path`` sends its greeting. The
+    connection then ends the way the protocol says (``NBD_OPT_ABORT``),
+    so that qemu-nbd logs no failed negotiation: its log is what names
+    its death."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(max(timeout, 0.001))
         try:
             s.connect(socket_path)
-            return s.recv(len(NBD_GREETING)) == NBD_GREETING
+            greeting = s.recv(_HANDSHAKE.size, socket.MSG_WAITALL)
+            if len(greeting) != _HANDSHAKE.size:
+                return False
+            magic, _, flags = _HANDSHAKE.unpack(greeting)
+            if magic != NBD_GREETING:
+                return False
+            s.sendall(_ABORT.pack(flags & _CLIENT_FLAGS, _IHAVEOPT,
+                                  _OPT_ABORT, 0))
+            s.recv(_REPLY_SIZE, socket.MSG_WAITALL)  # its ack, or EOF
+            return True
         except OSError:
             return False
 
