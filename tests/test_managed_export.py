@@ -22,6 +22,7 @@ import time
 import pytest
 
 import servers
+from diskferry.daemon import exports
 from nbd_servers import qemu_img, qemu_io
 from servers import Endpoint, ticket_dict
 
@@ -474,6 +475,24 @@ def test_expiry_stops_the_export(diskferry, chain):
     diskferry.extend_ticket(t["uuid"], 300)
     endpoint = Endpoint(diskferry, "path")
     assert get(endpoint, t) == guest_bytes(chain, "qcow2")
+
+
+def test_expiry_waits_for_a_request_in_flight(diskferry, chain):
+    """An expired ticket's export stops once its last request ends."""
+    t = add(diskferry, chain, "qcow2", timeout=1)
+    export = export_of(diskferry, t)
+    con = Endpoint(diskferry, "path").connect()
+    try:
+        con.request("GET", f"/images/{t['uuid']}")
+        res = con.getresponse()
+        assert res.status == 200
+        head = res.read(MiB)     # the rest waits in the daemon
+        time.sleep(1 + 2 * exports.EXPIRY_INTERVAL)
+        assert export_of(diskferry, t)["running"]
+        assert head + res.read() == guest_bytes(chain, "qcow2")
+    finally:
+        con.close()
+    wait_gone(export["pid"], socket_path(export))
 
 
 def test_a_dead_export_is_named_then_restarted(diskferry, chain):
