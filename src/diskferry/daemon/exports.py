@@ -172,15 +172,18 @@ class QemuNbdExport:
             self._start()
 
     def failure(self) -> str | None:
-        """How the export died, if it did (None while it runs)."""
+        """How the export died, if it did (None while it runs, or until
+        the thread that reaps it has recorded its end: a request that
+        lost its connection waits for that; this look costs no system
+        call, since every GET asks)."""
         proc = self._proc
-        if proc is None or not _has_ended(proc):
+        if proc is None or proc.returncode is None:
             return None
         return self._ended(proc)
 
     def describe(self) -> dict[str, object]:
         proc = self._proc
-        running = proc is not None and not _has_ended(proc)
+        running = proc is not None and proc.returncode is None
         return {"kind": "qemu-nbd",
                 "url": f"nbd:unix:{self.socket_path}",
                 "pid": proc.pid if proc is not None and running else None,
