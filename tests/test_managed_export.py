@@ -8,8 +8,10 @@ Real qemu-img, qemu-io and qemu-nbd; a ticket's export is checked gone
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import socket
 import subprocess
@@ -20,6 +22,7 @@ import time
 import pytest
 
 import servers
+from diskferry.daemon import exports
 from nbd_servers import qemu_img, qemu_io
 from servers import Endpoint, ticket_dict
 
@@ -76,12 +79,18 @@ def extents(endpoint, ticket, context="zero"):
              e.get("dirty")) for e in json.loads(body)]
 
 
-def guest_bytes(path, fmt) -> bytes:
+def guest_bytes(path, fmt, backing_chain=True) -> bytes:
     """What qemu reads as the guest disk of ``path`` (while an export may
-    hold it: -U)."""
+    hold it: -U), or of its top layer alone."""
     out = f"{path}.guest.raw"
+    if backing_chain:
+        source = ["-f", fmt, str(path)]
+    else:
+        source = ["json:" + json.dumps({
+            "driver": fmt, "backing": None,
+            "file": {"driver": "file", "filename": str(path)}})]
     try:
-        qemu_img("convert", "-U", "-f", fmt, "-O", "raw", path, out)
+        qemu_img("convert", "-U", *source, "-O", "raw", out)
         with open(out, "rb") as f:
             return f.read()
     finally:
@@ -105,12 +114,15 @@ def wait_gone(pid, socket_path, timeout=10.0):
 
 
 def _running(pid) -> bool:
+    """Whether ``pid`` runs: a zombie does not, unless threads of its own
+    still do (a killed process's first thread ends before the others)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
+        threads = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
-    return state != "Z"
+    return state != "Z" or threads != [str(pid)]
 
 
 def socket_path(export) -> str:
@@ -136,84 +148,139 @@ def chain(tmp_path):
 # --- data --------------------------------------------------------------------
 
 
-def test_get_serves_guest_data_of_a_chain(endpoint, chain):
-    t = add(endpoint.server, chain, "qcow2")
-    assert get(endpoint, t) == guest_bytes(chain, "qcow2")
-    assert get(endpoint, t, start=MiB, end=3 * MiB - 1) == \
-        guest_bytes(chain, "qcow2")[MiB:3 * MiB]
+@dataclasses.dataclass
+class Image:
+    """An image a format ticket serves, and what it should serve."""
+
+    path: pathlib.Path
+    format: str
+    #: Further ticket fields.
+    fields: dict
+    #: The zero context's extents: (start, length, zero, hole, dirty).
+    extents: list
+
+    def guest(self) -> bytes:
+        return guest_bytes(self.path, self.format,
+                           self.fields.get("backing_chain", True))
+
+    def add(self, srv, ops=("read",)) -> dict:
+        return add(srv, self.path, self.format, ops, **self.fields)
 
 
-def test_zero_extents_of_a_chain(endpoint, chain):
-    t = add(endpoint.server, chain, "qcow2")
-    assert extents(endpoint, t) == [
-        (0, 4 * MiB, False, False, None),
-        (4 * MiB, 4 * MiB, True, True, None),
-        (8 * MiB, 64 * 1024, True, False, None),       # zeroed in top
-        (8 * MiB + 64 * 1024, MiB - 64 * 1024, False, False, None),
-        (9 * MiB, 7 * MiB, True, True, None),
-    ]
+def _one_layer(tmp_path, fmt) -> Image:
+    path = tmp_path / f"disk.{fmt}"
+    qemu_img("create", "-f", fmt, path, SIZE)
+    qemu_io(path, fmt, "write -P 0x42 1M 1M")
+    # qemu's vdi driver says a block it has not allocated is present and
+    # zero (``qemu-img map``: depth 0, present): not a hole.
+    hole = fmt != "vdi"
+    return Image(path, fmt, {}, [
+        (0, MiB, True, hole, None),
+        (MiB, MiB, False, False, None),
+        (2 * MiB, SIZE - 2 * MiB, True, hole, None),
+    ])
 
 
-def test_top_layer_alone(endpoint, chain):
-    """``backing_chain: false``: what the top layer does not allocate is
-    a hole, and reads as zeros."""
-    t = add(endpoint.server, chain, "qcow2", backing_chain=False)
-    data = get(endpoint, t)
-    assert data[:2 * MiB] == bytes(2 * MiB)
-    assert data[2 * MiB:4 * MiB] == b"\xcc" * (2 * MiB)
-    assert data[4 * MiB:] == bytes(SIZE - 4 * MiB)
-    assert extents(endpoint, t) == [
+IMAGES = ["chain", "top-layer", "vmdk", "vdi"]
+
+
+@pytest.fixture(params=IMAGES)
+def image(request, tmp_path) -> Image:
+    """A qcow2 with a two-level backing chain, served whole or its top
+    layer alone (``backing_chain: false``: what the top layer does not
+    allocate is a hole, and reads as zeros), a vmdk and a vdi; and, for
+    tests that ask, a new empty qcow2."""
+    if request.param == "new-qcow2":
+        path = tmp_path / "new.qcow2"
+        qemu_img("create", "-f", "qcow2", path, SIZE)
+        return Image(path, "qcow2", {}, [(0, SIZE, True, True, None)])
+    if request.param in ("vmdk", "vdi"):
+        return _one_layer(tmp_path, request.param)
+    top = request.getfixturevalue("chain")
+    if request.param == "chain":
+        return Image(top, "qcow2", {}, [
+            (0, 4 * MiB, False, False, None),
+            (4 * MiB, 4 * MiB, True, True, None),
+            (8 * MiB, 64 * 1024, True, False, None),    # zeroed in top
+            (8 * MiB + 64 * 1024, MiB - 64 * 1024, False, False, None),
+            (9 * MiB, 7 * MiB, True, True, None),
+        ])
+    return Image(top, "qcow2", {"backing_chain": False}, [
         (0, 2 * MiB, True, True, None),
         (2 * MiB, 2 * MiB, False, False, None),
         (4 * MiB, 4 * MiB, True, True, None),
         (8 * MiB, 64 * 1024, True, False, None),
         (8 * MiB + 64 * 1024, SIZE - 8 * MiB - 64 * 1024, True, True, None),
-    ]
+    ])
 
 
-def test_put_zero_flush_write_the_guest_disk(endpoint, tmp_path):
-    image = tmp_path / "disk.qcow2"
-    qemu_img("create", "-f", "qcow2", image, SIZE)
-    t = add(endpoint.server, image, "qcow2", ops=("read", "write"))
+def test_get_serves_guest_data(endpoint, image):
+    t = image.add(endpoint.server)
+    expected = image.guest()
+    assert get(endpoint, t) == expected
+    assert get(endpoint, t, start=MiB, end=3 * MiB - 1) == \
+        expected[MiB:3 * MiB]
+
+
+def test_top_layer_alone_reads_holes_as_zeros(chain):
+    data = guest_bytes(chain, "qcow2", backing_chain=False)
+    assert data[:2 * MiB] == bytes(2 * MiB)
+    assert data[2 * MiB:4 * MiB] == b"\xcc" * (2 * MiB)
+    assert data[4 * MiB:] == bytes(SIZE - 4 * MiB)
+
+
+def test_zero_extents(endpoint, image):
+    t = image.add(endpoint.server)
+    assert extents(endpoint, t) == image.extents
+
+
+@pytest.mark.parametrize("image", [*IMAGES, "new-qcow2"], indirect=True)
+def test_put_zero_flush_write_the_guest_disk(endpoint, image):
+    expected = bytearray(image.guest())
+    t = image.add(endpoint.server, ops=("read", "write"))
     path = f"/images/{t['uuid']}"
     status, body = request(endpoint, "PUT", path, b"\x5a" * (3 * MiB),
                            {"Content-Range": f"bytes {MiB}-{4 * MiB - 1}/*"})
     assert status == 200, body
+    expected[MiB:4 * MiB] = b"\x5a" * (3 * MiB)
     zero = json.dumps({"op": "zero", "offset": 2 * MiB, "size": MiB,
                        "flush": False}).encode()
     status, body = request(endpoint, "PATCH", path, zero,
                            {"Content-Type": "application/json"})
     assert status == 200, body
+    expected[2 * MiB:3 * MiB] = bytes(MiB)
     status, body = request(endpoint, "PATCH", path,
                            json.dumps({"op": "flush"}).encode(),
                            {"Content-Type": "application/json"})
     assert status == 200, body
-    expected = (bytes(MiB) + b"\x5a" * MiB + bytes(MiB) + b"\x5a" * MiB
-                + bytes(SIZE - 4 * MiB))
     assert get(endpoint, t) == expected
     endpoint.server.delete_ticket(t["uuid"])
-    qemu_img("check", image)
-    assert guest_bytes(image, "qcow2") == expected
+    qemu_img("check", "-f", image.format, image.path)
+    assert image.guest() == expected
 
 
-def test_checksum_is_of_the_guest_data(endpoint, chain, tmp_path):
+def test_checksum_is_of_the_guest_data(endpoint, image, tmp_path):
     raw = tmp_path / "guest.raw"
-    raw.write_bytes(guest_bytes(chain, "qcow2"))
-    q = add(endpoint.server, chain, "qcow2")
+    raw.write_bytes(image.guest())
+    q = image.add(endpoint.server)
     r = ticket_dict(raw, SIZE, ("read",))
     endpoint.server.add_ticket(r)
     assert get(endpoint, q, "/checksum") == get(endpoint, r, "/checksum")
 
 
-def test_dirty_extents_from_a_bitmap(endpoint, tmp_path):
-    image = tmp_path / "disk.qcow2"
-    qemu_img("create", "-f", "qcow2", image, SIZE)
-    qemu_io(image, "qcow2", "write -P 1 0 1M")
-    qemu_img("bitmap", "--add", image, "b1")
-    qemu_io(image, "qcow2", "write -P 2 4M 64k", "write -z 8M 1M")
-    t = add(endpoint.server, image, "qcow2", dirty=True, bitmap="b1")
+@pytest.mark.parametrize("image", ["new-qcow2", "chain", "top-layer"],
+                         indirect=True)
+def test_dirty_extents_from_a_bitmap(endpoint, image):
+    """Dirty where qemu wrote since ``qemu-img bitmap --add``, and the
+    dirty context's zero flags are the zero context's."""
+    qemu_io(image.path, "qcow2", "write -P 1 0 1M")
+    qemu_img("bitmap", "--add", image.path, "b1")
+    qemu_io(image.path, "qcow2", "write -P 2 4M 64k", "write -z 8M 1M")
+    t = add(endpoint.server, image.path, "qcow2", dirty=True, bitmap="b1",
+            **image.fields)
+    found = extents(endpoint, t, "dirty")
     dirty: list[tuple[int, int, bool]] = []
-    for start, length, _, _, flag in extents(endpoint, t, "dirty"):
+    for start, length, _, _, flag in found:
         if dirty and dirty[-1][2] == flag:  # apart only by zero
             dirty[-1] = (dirty[-1][0], dirty[-1][1] + length, flag)
         else:
@@ -225,24 +292,10 @@ def test_dirty_extents_from_a_bitmap(endpoint, tmp_path):
         (8 * MiB, MiB, True),
         (9 * MiB, 7 * MiB, False),
     ]
-
-
-@pytest.mark.parametrize("fmt", ["vmdk", "vdi"])
-def test_other_formats(endpoint, tmp_path, fmt):
-    image = tmp_path / f"disk.{fmt}"
-    qemu_img("create", "-f", fmt, image, SIZE)
-    qemu_io(image, fmt, "write -P 0x42 1M 1M")
-    t = add(endpoint.server, image, fmt, ops=("read", "write"))
-    assert get(endpoint, t) == guest_bytes(image, fmt)
-    status, body = request(endpoint, "PUT", f"/images/{t['uuid']}",
-                           b"\x17" * MiB,
-                           {"Content-Range": f"bytes {4 * MiB}-"
-                                             f"{5 * MiB - 1}/*"})
-    assert status == 200, body
-    endpoint.server.delete_ticket(t["uuid"])
-    data = guest_bytes(image, fmt)
-    assert data[MiB:2 * MiB] == b"\x42" * MiB
-    assert data[4 * MiB:5 * MiB] == b"\x17" * MiB
+    zero = extents(endpoint, t, "zero")
+    for start, length, flag, _, _ in found:
+        assert {z for s, n, z, _, _ in zero
+                if s < start + length and start < s + n} == {flag}, start
 
 
 def test_raw_serves_the_container(endpoint, chain):
@@ -296,21 +349,57 @@ def test_refuses_an_encrypted_image(diskferry, tmp_path):
     assert "encrypted" in add_error(diskferry, image, "qcow2")
 
 
-def test_refuses_an_image_another_qemu_holds(diskferry, chain):
-    sock = f"{chain}.sock"
+@contextlib.contextmanager
+def held_by_qemu_nbd(path):
+    sock = f"{path}.sock"
     holder = subprocess.Popen(
         ["qemu-nbd", f"--socket={sock}", "--persistent", "-f", "qcow2",
-         chain], stderr=subprocess.PIPE)
+         path], stderr=subprocess.PIPE)
     try:
         # Its socket comes before the image is open; its greeting after.
         deadline = time.monotonic() + 10
         while not _greets(sock):
             assert time.monotonic() < deadline and holder.poll() is None
             time.sleep(0.01)
-        assert "lock" in add_error(diskferry, chain, "qcow2")
+        yield
     finally:
         holder.terminate()
         holder.wait()
+
+
+@contextlib.contextmanager
+def held_by_qemu_io(path):
+    """An interactive qemu-io, the image open for writing until its input
+    ends."""
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", path], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # Once it answers a read, the image is open (and locked).
+        holder.stdin.write(b"read 0 512\n")
+        holder.stdin.flush()
+        line = holder.stdout.readline()
+        assert b"read 512/512 bytes" in line, line
+        yield
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+
+
+@pytest.mark.parametrize("ops", [("read",), ("read", "write")])
+@pytest.mark.parametrize("hold", [held_by_qemu_nbd, held_by_qemu_io])
+def test_refuses_an_image_another_qemu_holds(diskferry, chain, hold, ops):
+    """qemu's image locking: refused with qemu's reason, for reading as
+    for writing (never opened with ``--force-share``)."""
+    with hold(chain):
+        t = ticket_dict(chain, SIZE, ops, format="qcow2")
+        with pytest.raises(servers.TicketError) as e:
+            diskferry.add_ticket(t)
+        assert e.value.status == 400, e.value
+        assert "lock" in str(e.value)
+    # Free again, the image is served.
+    t = add(diskferry, chain, "qcow2", ops=ops)
+    assert get(Endpoint(diskferry, "path"), t) == guest_bytes(chain, "qcow2")
 
 
 def _greets(path) -> bool:
@@ -388,6 +477,24 @@ def test_expiry_stops_the_export(diskferry, chain):
     assert get(endpoint, t) == guest_bytes(chain, "qcow2")
 
 
+def test_expiry_waits_for_a_request_in_flight(diskferry, chain):
+    """An expired ticket's export stops once its last request ends."""
+    t = add(diskferry, chain, "qcow2", timeout=1)
+    export = export_of(diskferry, t)
+    con = Endpoint(diskferry, "path").connect()
+    try:
+        con.request("GET", f"/images/{t['uuid']}")
+        res = con.getresponse()
+        assert res.status == 200
+        head = res.read(MiB)     # the rest waits in the daemon
+        time.sleep(1 + 2 * exports.EXPIRY_INTERVAL)
+        assert export_of(diskferry, t)["running"]
+        assert head + res.read() == guest_bytes(chain, "qcow2")
+    finally:
+        con.close()
+    wait_gone(export["pid"], socket_path(export))
+
+
 def test_a_dead_export_is_named_then_restarted(diskferry, chain):
     t = add(diskferry, chain, "qcow2")
     endpoint = Endpoint(diskferry, "path")
@@ -405,7 +512,8 @@ def test_a_dead_export_is_named_then_restarted(diskferry, chain):
         res = con.getresponse()
         body = res.read()
         assert res.status == 500
-        assert b"SIGKILL" in body, body
+        # How it died, and nothing it said before (it started well).
+        assert b"(qemu-nbd was killed by SIGKILL)" in body, body
     finally:
         con.close()
     assert get(endpoint, t) == guest_bytes(chain, "qcow2")
@@ -414,13 +522,26 @@ def test_a_dead_export_is_named_then_restarted(diskferry, chain):
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_daemon_end_stops_every_export(pki, chain, how):
+    """Every export, also one started again on a request (the kernel's
+    PR_SET_PDEATHSIG follows the thread that started it)."""
     # A short run directory: a socket path has at most 107 bytes.
     workdir = tempfile.mkdtemp(prefix="df-")
     srv = servers.start_server("diskferry", workdir, tls=False,
                                local_socket=None, pki=pki)
     try:
-        exports = [export_of(srv, add(srv, chain, "qcow2", ops=("read",)))
-                   for _ in range(2)]
+        tickets = [add(srv, chain, "qcow2", ops=("read",)) for _ in range(2)]
+        exports = [export_of(srv, t) for t in tickets]
+        # One export started again after it died: by a request's thread.
+        os.kill(exports[1]["pid"], 9)
+        status, body = request(Endpoint(srv, "tls"), "GET",
+                               f"/images/{tickets[1]['uuid']}")
+        assert status == 200 or (status == 500 and b"SIGKILL" in body), \
+            (status, body)
+        assert get(Endpoint(srv, "tls"), tickets[1]) == \
+            guest_bytes(chain, "qcow2")
+        exports.append(export_of(srv, tickets[1]))
+        assert exports[2]["running"]
+        assert exports[2]["pid"] != exports[1]["pid"]
     finally:
         if how == "SIGTERM":
             srv.stop()

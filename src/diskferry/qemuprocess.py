@@ -11,9 +11,26 @@ nothing: not the format, not a protocol hidden in a file name.
 import ctypes
 import json
 import signal
+import socket
+import struct
+import subprocess
+import time
 
 #: <sys/prctl.h>
 _PR_SET_PDEATHSIG = 1
+
+#: What an NBD server sends first, once it serves.
+NBD_GREETING = b"NBDMAGIC"
+
+# The newstyle handshake (the NBD protocol): the server's greeting, the
+# client's flags and option, the server's option reply.
+_HANDSHAKE = struct.Struct(">8s8sH")
+_ABORT = struct.Struct(">I8sII")
+_IHAVEOPT = b"IHAVEOPT"
+_OPT_ABORT = 2
+#: NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES.
+_CLIENT_FLAGS = 0x3
+_REPLY_SIZE = 20
 
 
 def die_with_parent() -> None:
@@ -27,3 +44,56 @@ def die_with_parent() -> None:
 def blockdev_filename(spec: dict[str, object]) -> str:
     """The ``json:`` filename of a blockdev tree (compact, one line)."""
     return "json:" + json.dumps(spec, separators=(",", ":"))
+
+
+def wait_serving(proc: subprocess.Popen[bytes], socket_path: str,
+                 timeout: float) -> bool:
+    """Until the NBD server ``proc`` greets a client on ``socket_path``:
+    True then, False if it ended first, ``TimeoutError`` after ``timeout``
+    seconds. qemu-nbd binds its socket before it opens the image, so a
+    connection alone proves nothing: the image may still fail to open
+    (locked by a VM, a backing file missing)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if greets(socket_path, deadline - time.monotonic()):
+            return True
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"qemu-nbd did not listen within {timeout:.0f} s")
+        time.sleep(0.005)
+    return False
+
+
+def greets(socket_path: str, timeout: float) -> bool:
+    """Whether an NBD server on ``socket_path`` sends its greeting. The
+    connection then ends the way the protocol says (``NBD_OPT_ABORT``),
+    so that qemu-nbd logs no failed negotiation: its log is what names
+    its death."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(max(timeout, 0.001))
+        try:
+            s.connect(socket_path)
+            greeting = s.recv(_HANDSHAKE.size, socket.MSG_WAITALL)
+            if len(greeting) != _HANDSHAKE.size:
+                return False
+            magic, _, flags = _HANDSHAKE.unpack(greeting)
+            if magic != NBD_GREETING:
+                return False
+            s.sendall(_ABORT.pack(flags & _CLIENT_FLAGS, _IHAVEOPT,
+                                  _OPT_ABORT, 0))
+            s.recv(_REPLY_SIZE, socket.MSG_WAITALL)  # its ack, or EOF
+            return True
+        except OSError:
+            return False
+
+
+def log_message(path: str) -> str:
+    """What a qemu program wrote to its log ``path``, on one line, without
+    its name ("" when there is no log)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()[-4000:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "; ".join(line.removeprefix("qemu-nbd: ").strip()
+                     for line in text.splitlines() if line.strip())

@@ -17,17 +17,15 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from types import TracebackType
 
 from diskferry import nbd
 from diskferry.client.errors import ClientError
 from diskferry.qemuprocess import blockdev_filename as blockdev_filename
-from diskferry.qemuprocess import die_with_parent
+from diskferry.qemuprocess import die_with_parent, log_message, wait_serving
 
 #: Seconds qemu-nbd may take to open the image and listen.
 START_TIMEOUT = 30.0
@@ -91,31 +89,18 @@ class QemuNbd:
         return nbd.open_client(self.url, **options)
 
     def _wait_listening(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self._proc.poll() is not None:
-                raise QemuNbdError(
-                    f"qemu-nbd cannot serve the image: {self._message()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(self.socket_path)
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise QemuNbdError(
-                        f"qemu-nbd did not listen within {START_TIMEOUT:.0f} s"
-                    ) from None
-                time.sleep(0.005)
+        try:
+            serving = wait_serving(self._proc, self.socket_path,
+                                   START_TIMEOUT)
+        except TimeoutError as e:
+            raise QemuNbdError(str(e)) from None
+        if not serving:
+            raise QemuNbdError(
+                f"qemu-nbd cannot serve the image: {self._message()}")
 
     def _message(self) -> str:
-        try:
-            with open(self._log_path, "rb") as log:
-                text = log.read()[-4000:].decode("utf-8", "replace")
-        except OSError:
-            return f"exit status {self._proc.returncode}"
-        lines = [line.removeprefix("qemu-nbd: ").strip()
-                 for line in text.splitlines() if line.strip()]
-        return "; ".join(lines) or f"exit status {self._proc.returncode}"
+        return (log_message(self._log_path)
+                or f"exit status {self._proc.returncode}")
 
     def close(self) -> None:
         """Stop the server (SIGTERM: it flushes and closes the image)."""

@@ -31,10 +31,8 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import IO
@@ -44,7 +42,12 @@ from diskferry.client.errors import UnsupportedFormat
 from diskferry.daemon.config import Config
 from diskferry.daemon.tickets import TicketExport, TicketSpec
 from diskferry.errors import BadRequest, ExportFailed
-from diskferry.qemuprocess import blockdev_filename, die_with_parent
+from diskferry.qemuprocess import (
+    blockdev_filename,
+    die_with_parent,
+    log_message,
+    wait_serving,
+)
 
 log = logging.getLogger("diskferry.daemon.exports")
 
@@ -68,9 +71,6 @@ SPARE_CONNECTIONS = 2
 
 #: Seconds between looks for expired tickets whose export can stop.
 EXPIRY_INTERVAL = 1.0
-
-#: What an NBD server sends first, once it serves.
-NBD_GREETING = b"NBDMAGIC"
 
 #: Longest socket path the kernel takes (sun_path, with its NUL).
 _MAX_SOCKET_PATH = 107
@@ -159,7 +159,7 @@ class QemuNbdExport:
     def url(self) -> str:
         with self._lock:
             proc = self._proc
-            if proc is None or proc.returncode is not None:
+            if proc is None or _has_ended(proc):
                 if proc is not None:
                     log.warning("export %s: %s; starting it again",
                                 self.socket_path, self._ended(proc))
@@ -172,7 +172,10 @@ class QemuNbdExport:
             self._start()
 
     def failure(self) -> str | None:
-        """How the export died, if it did (None while it runs)."""
+        """How the export died, if it did (None while it runs, or until
+        the thread that reaps it has recorded its end: a request that
+        lost its connection waits for that; this look costs no system
+        call, since every GET asks)."""
         proc = self._proc
         if proc is None or proc.returncode is None:
             return None
@@ -207,37 +210,23 @@ class QemuNbdExport:
             self._remove_files()
             raise
         self._proc = proc
-        # Reaped as soon as it ends: no zombie, and ``failure()`` reads
-        # an attribute (``Popen.poll`` answers None while another
-        # thread waits).
+        # Reaped as soon as it ends: no zombie (``Popen.poll`` answers
+        # None while another thread waits: ``_has_ended`` asks the
+        # kernel).
         threading.Thread(target=proc.wait, name=f"qemu-nbd-{proc.pid}",
                          daemon=True).start()
         log.info("export %s: qemu-nbd %d serving", self.socket_path, proc.pid)
 
     def _wait_listening(self, proc: subprocess.Popen[bytes]) -> None:
-        """Until qemu-nbd greets a client: it binds its socket before it
-        opens the image, so a connection alone proves nothing."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while proc.poll() is None:
-            if _greets(self.socket_path, deadline - time.monotonic()):
-                return
-            if time.monotonic() > deadline:
-                raise ExportFailed(f"qemu-nbd did not listen within "
-                                   f"{START_TIMEOUT:.0f} s")
-            time.sleep(0.005)
-        raise ExportFailed(self._ended(proc))
+        try:
+            serving = wait_serving(proc, self.socket_path, START_TIMEOUT)
+        except TimeoutError as e:
+            raise ExportFailed(str(e)) from None
+        if not serving:
+            raise ExportFailed(self._ended(proc))
 
     def _ended(self, proc: subprocess.Popen[bytes]) -> str:
-        return _death(proc.returncode, self._message())
-
-    def _message(self) -> str:
-        try:
-            with open(self._log_path, "rb") as f:
-                text = f.read()[-4000:].decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "; ".join(line.removeprefix("qemu-nbd: ").strip()
-                         for line in text.splitlines() if line.strip())
+        return _death(proc.returncode, log_message(self._log_path))
 
     def _remove_files(self) -> None:
         """qemu-nbd removes its socket when it stops, not when it fails
@@ -249,15 +238,20 @@ class QemuNbdExport:
                 pass
 
 
-def _greets(path: str, timeout: float) -> bool:
-    """Whether an NBD server on ``path`` sends its greeting."""
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(max(timeout, 0.001))
-        try:
-            s.connect(path)
-            return s.recv(len(NBD_GREETING)) == NBD_GREETING
-        except OSError:
+def _has_ended(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` ended (its ``returncode`` is then set). The thread
+    that reaps it may not have recorded its end yet, or even run: the
+    kernel says (``WNOWAIT`` leaves the status to that thread)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        if os.waitid(os.P_PID, proc.pid, flags) is None:
             return False
+    except ChildProcessError:
+        pass    # Reaped: its status is being recorded.
+    proc.wait()
+    return True
 
 
 def _terminate(proc: subprocess.Popen[bytes]) -> None:

@@ -9,21 +9,32 @@ failure pays for the look: the data path is the NBD backend's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from diskferry import nbd
 from diskferry.daemon.backends.base import Backend, Extent, SplicesPipes
 from diskferry.daemon.backends.nbd import NbdBackend
-from diskferry.errors import ExportFailed, StorageLost
+from diskferry.errors import BackendError, ExportFailed
 from diskferry.pipe import Pipe
 
 if TYPE_CHECKING:
     from diskferry.daemon.config import Config
     from diskferry.daemon.tickets import Ticket, TicketExport
 
-#: What a request on a dead export fails with.
-_FAILURES = (nbd.NbdError, OSError, StorageLost)
+#: What a request on a dead export fails with (``BackendError``: the
+#: connection to it failed).
+_FAILURES = (nbd.NbdError, OSError, BackendError)
+
+#: What a request fails with when the export's connection was lost, not
+#: answered with an error.
+_LOST = (nbd.ConnectionClosed, OSError, BackendError)
+
+#: Seconds a request that lost its export waits for the export's end, to
+#: name it: a killed qemu-nbd closes its sockets before its last thread
+#: ends.
+DYING_TIMEOUT = 1.0
 
 
 def open_managed(ticket: Ticket, config: Config) -> ManagedBackend:
@@ -60,10 +71,20 @@ class ManagedBackend(NbdBackend):
         """Raise how the export died, when it did (``error`` may be its
         consequence)."""
         cause = self._export.failure()
+        if cause is None and isinstance(error, _LOST):
+            cause = self._failure_within(DYING_TIMEOUT)
         if cause is not None:
             raise ExportFailed(
                 f"The export of this image stopped ({cause}); it starts "
                 f"again on the next connection") from error
+
+    def _failure_within(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        cause = None
+        while cause is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            cause = self._export.failure()
+        return cause
 
     def size(self) -> int:
         # Asked before a GET's head is sent: the last moment a death can

@@ -20,7 +20,7 @@ from diskferry.daemon.buffers import POOL, SMALL_BUFFER, SMALL_POOL, BufferPool
 from diskferry.daemon.config import Config
 from diskferry.daemon.http.request import AccessRecord, Request
 from diskferry.daemon.tickets import Ticket, TicketStore
-from diskferry.errors import BackendError, ServerError
+from diskferry.errors import BackendError, ExportFailed, ServerError
 from diskferry.pipe import Pipe
 
 
@@ -105,7 +105,7 @@ def ticket_image(request: ImageRequest, ticket: Ticket,
         backend = open_backend(ticket, config)
     except BackendError as e:
         raise ServerError(f"Cannot open the image of transfer "
-                          f"{ticket.transfer_id}{_os_cause(e)}") from e
+                          f"{ticket.transfer_id}{_open_cause(e)}") from e
     image = OpenImage(ticket, backend)
     try:
         ticket.add_connection(context.id, image.close)
@@ -117,10 +117,12 @@ def ticket_image(request: ImageRequest, ticket: Ticket,
     return image
 
 
-def _os_cause(error: BaseException) -> str:
-    """": No such file or directory" when the system said why, so that a
-    client learns what is wrong with the image without its path, which
-    stays in the daemon's log."""
+def _open_cause(error: BackendError) -> str:
+    """Why an image could not be opened, as far as the client may know:
+    how the daemon's own export died, or the system's reason (": No such
+    file or directory"); the image's path stays in the daemon's log."""
+    if isinstance(error, ExportFailed):
+        return f": {error}"
     cause = error.__cause__
     if isinstance(cause, OSError) and cause.strerror:
         return f": {cause.strerror}"
