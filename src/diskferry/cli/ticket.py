@@ -9,10 +9,12 @@ import textwrap
 import uuid
 from collections.abc import Callable
 
-from diskferry.cli import arguments, tickettable
+from diskferry.cli import arguments, tickettable, ticketwatch
 from diskferry.cli.arguments import Subparsers
+from diskferry.cli.common import ReaderGone, reader_gone
 from diskferry.cli.control import ControlError, ControlSocket
 from diskferry.cli.ticketimage import UpstreamAccess, image_size, ticket_url
+from diskferry.cli.tickettable import TicketInfo
 from diskferry.errors import DiskferryError
 
 #: Longest ticket timeout the daemon accepts (a year), as in its tickets.
@@ -23,6 +25,7 @@ examples:
   diskferry ticket add --ops read,write disk.raw
   diskferry ticket add --ops read --dirty nbd:unix:/run/backup/disk.sock
   diskferry ticket list
+  diskferry ticket list --watch
   diskferry ticket show 3f0c...
   diskferry ticket extend 3f0c... 3600
   diskferry ticket del 3f0c...
@@ -83,6 +86,11 @@ bytes transferred (tickets with one op), client connections, time since
 last used, and when the ticket expires (local time, and how long from
 now). --json prints the control service's answer (expires in the
 daemon's monotonic seconds) for scripts.
+
+--watch polls the daemon every SECONDS (default 2) and adds RATE, how
+fast TRANSFERRED grew since the poll before. On a terminal the table is
+redrawn in place; into a pipe or a file, a table is written each time
+under the date and time. Ctrl-C stops it (status 130).
 """
 
 SHOW_EPILOG = """\
@@ -157,17 +165,38 @@ def _add_access_arguments(add: argparse.ArgumentParser) -> None:
 def _register_views(actions: Subparsers) -> None:
     listing = _action(actions, "list", list_tickets,
                       "print every ticket as a table", epilog=LIST_EPILOG)
-    _add_view_options(listing)
+    output = listing.add_mutually_exclusive_group()
+    output.add_argument("--watch", nargs="?", metavar="SECONDS",
+                        type=watch_interval,
+                        const=ticketwatch.DEFAULT_INTERVAL,
+                        help="print the table again every SECONDS "
+                             f"(default {ticketwatch.DEFAULT_INTERVAL:g}), "
+                             "with each transfer's rate, until Ctrl-C")
+    _add_view_options(listing, output.add_argument)
     show = _action(actions, "show", show_ticket,
                    "print a ticket's state, a field a line",
                    epilog=SHOW_EPILOG)
     show.add_argument("id", type=arguments.ticket_id)
-    _add_view_options(show)
+    _add_view_options(show, show.add_argument)
 
 
-def _add_view_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="print the control service's JSON unchanged")
+def watch_interval(text: str) -> float:
+    """``--watch``'s SECONDS: polling faster than MIN_INTERVAL only loads
+    the daemon."""
+    value = arguments.seconds(text)
+    if value < ticketwatch.MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range: at least "
+            f"{ticketwatch.MIN_INTERVAL:g} seconds")
+    return value
+
+
+def _add_view_options(parser: argparse.ArgumentParser,
+                      add_output: Callable[..., argparse.Action]) -> None:
+    """--json is added by ``add_output``: a group's, where another way of
+    printing excludes it."""
+    add_output("--json", action="store_true",
+               help="print the control service's JSON unchanged")
     parser.add_argument("--full-ids", action="store_true",
                         help="print ticket ids whole (they are secrets: "
                              "shortened by default, as in logs)")
@@ -189,7 +218,8 @@ def _register_changes(actions: Subparsers) -> None:
 
 def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
     """``func`` with the control socket found, its failures told as one
-    line: status 2 for a configuration error, 1 for a failed request."""
+    line: status 2 for a configuration error, 1 for a failed request;
+    standard output's reader gone (``| head``) ends it quietly."""
     def wrapper(args: argparse.Namespace) -> int:
         from diskferry.daemon.config import ConfigError
 
@@ -201,6 +231,8 @@ def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
         except (ControlError, DiskferryError) as e:
             print(f"diskferry ticket: {e}", file=sys.stderr)
             return 1
+        except ReaderGone:
+            return reader_gone()
         return 0
     return wrapper
 
@@ -227,9 +259,19 @@ def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     print(ticket["uuid"])
 
 
+def _tickets(control: ControlSocket) -> list[TicketInfo]:
+    infos: list[TicketInfo] = json.loads(control.request("GET", "/tickets/"))
+    return infos
+
+
 @_run
 def list_tickets(args: argparse.Namespace, control: ControlSocket) -> None:
-    infos = json.loads(control.request("GET", "/tickets/"))
+    if args.watch is not None:
+        ticketwatch.watch(lambda: _tickets(control),
+                          ticketwatch.display_for(sys.stdout, args.watch),
+                          args.watch, full_ids=args.full_ids)
+        return
+    infos = _tickets(control)
     if args.json:
         print(json.dumps(infos, indent=2, sort_keys=True))
     elif infos:
