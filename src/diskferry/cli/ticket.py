@@ -9,12 +9,10 @@ import textwrap
 import uuid
 from collections.abc import Callable
 
-from diskferry.cli import arguments, tickettable, ticketwatch
+from diskferry.cli import arguments, common, tickettable, ticketwatch
 from diskferry.cli.arguments import Subparsers
-from diskferry.cli.common import ReaderGone, reader_gone
 from diskferry.cli.control import ControlError, ControlSocket
 from diskferry.cli.ticketimage import UpstreamAccess, image_size, ticket_url
-from diskferry.cli.tickettable import TicketInfo
 from diskferry.errors import DiskferryError
 
 #: Longest ticket timeout the daemon accepts (a year), as in its tickets.
@@ -218,8 +216,7 @@ def _register_changes(actions: Subparsers) -> None:
 
 def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
     """``func`` with the control socket found, its failures told as one
-    line: status 2 for a configuration error, 1 for a failed request;
-    standard output's reader gone (``| head``) ends it quietly."""
+    line: status 2 for a configuration error, 1 for a failed request."""
     def wrapper(args: argparse.Namespace) -> int:
         from diskferry.daemon.config import ConfigError
 
@@ -231,8 +228,6 @@ def _run(func: Callable[[argparse.Namespace, ControlSocket], None]) -> Action:
         except (ControlError, DiskferryError) as e:
             print(f"diskferry ticket: {e}", file=sys.stderr)
             return 1
-        except ReaderGone:
-            return reader_gone()
         return 0
     return wrapper
 
@@ -259,17 +254,26 @@ def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     print(ticket["uuid"])
 
 
-def _tickets(control: ControlSocket) -> list[TicketInfo]:
-    infos: list[TicketInfo] = json.loads(control.request("GET", "/tickets/"))
+def _tickets(control: ControlSocket) -> list[tickettable.TicketInfo]:
+    infos: list[tickettable.TicketInfo] = json.loads(
+        control.request("GET", "/tickets/"))
     return infos
+
+
+def _watch(args: argparse.Namespace, control: ControlSocket) -> None:
+    """``list --watch``; its reader gone (``| head``) ends it quietly."""
+    try:
+        ticketwatch.watch(lambda: _tickets(control),
+                          ticketwatch.display_for(sys.stdout, args.watch),
+                          args.watch, full_ids=args.full_ids)
+    except common.ReaderGone:
+        sys.exit(common.reader_gone())
 
 
 @_run
 def list_tickets(args: argparse.Namespace, control: ControlSocket) -> None:
     if args.watch is not None:
-        ticketwatch.watch(lambda: _tickets(control),
-                          ticketwatch.display_for(sys.stdout, args.watch),
-                          args.watch, full_ids=args.full_ids)
+        _watch(args, control)
         return
     infos = _tickets(control)
     if args.json:

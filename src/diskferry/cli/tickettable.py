@@ -27,7 +27,7 @@ COLUMNS = (("ID", "uuid"), ("URL", "url"), ("OPS", "ops"),
            ("EXPIRES", "expires"))
 
 #: Columns of ``ticket list --watch``: RATE, after TRANSFERRED, is the
-#: ``rate`` the watch adds to each info from two polls.
+#: ``rate`` the watch adds to each info from two polls, as text.
 WATCH_COLUMNS = COLUMNS[:5] + (("RATE", "rate"),) + COLUMNS[5:]
 
 #: More fields ``ticket show`` prints, after the columns.
@@ -84,7 +84,7 @@ class Formatter:
         self.now_wall = time.time()
         self._by_field: dict[str, Callable[[object], str]] = {
             "uuid": self._ticket_id, "url": self._url, "ops": _ops, "size": _size,
-            "transferred": _size, "rate": _rate, "idle_time": _idle,
+            "transferred": _size, "idle_time": _idle,
             "expires": self._expires}
 
     def cell(self, info: TicketInfo, field: str) -> str:
@@ -122,10 +122,6 @@ def _ops(value: object) -> str:
 
 def _size(value: object) -> str:
     return units.human(value) if isinstance(value, int) else str(value)
-
-
-def _rate(value: object) -> str:
-    return units.rate(value) if isinstance(value, int | float) else str(value)
 
 
 def _idle(value: object) -> str:

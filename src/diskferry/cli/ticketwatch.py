@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol, TextIO
 
-from diskferry.cli import tickettable
+from diskferry.cli import tickettable, units
 from diskferry.cli.common import ReaderGone
 from diskferry.cli.ticketrates import Sample, rates
 from diskferry.cli.tickettable import TicketInfo
@@ -107,10 +107,15 @@ def frame(infos: Sequence[TicketInfo], ticket_rates: dict[str, float],
     """One poll's table, with each ticket's rate in its RATE column."""
     if not infos:
         return "no tickets"
-    rows = [{**info, "rate": ticket_rates.get(str(info["uuid"]))}
+    rows = [{**info, "rate": _rate(ticket_rates.get(str(info["uuid"])))}
             for info in infos]
     return tickettable.table(rows, full_ids=full_ids,
                              columns=tickettable.WATCH_COLUMNS)
+
+
+def _rate(value: float | None) -> str | None:
+    """A RATE cell: None (shown "-") for a ticket without a rate."""
+    return None if value is None else units.rate(value)
 
 
 def watch(poll: Poll, display: Display, interval: float,
