@@ -254,22 +254,6 @@ def add_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     print(ticket["uuid"])
 
 
-def _tickets(control: ControlSocket) -> list[tickettable.TicketInfo]:
-    infos: list[tickettable.TicketInfo] = json.loads(
-        control.request("GET", "/tickets/"))
-    return infos
-
-
-def _watch(args: argparse.Namespace, control: ControlSocket) -> None:
-    """``list --watch``; its reader gone (``| head``) ends it quietly."""
-    try:
-        ticketwatch.watch(lambda: _tickets(control),
-                          ticketwatch.display_for(sys.stdout, args.watch),
-                          args.watch, full_ids=args.full_ids)
-    except common.ReaderGone:
-        sys.exit(common.reader_gone())
-
-
 @_run
 def list_tickets(args: argparse.Namespace, control: ControlSocket) -> None:
     if args.watch is not None:
@@ -304,3 +288,19 @@ def delete_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     if args.all == bool(args.id):
         raise ControlError("give a ticket id or --all")
     control.request("DELETE", f"/tickets/{args.id or ''}")
+
+
+def _tickets(control: ControlSocket) -> list[tickettable.TicketInfo]:
+    infos: list[tickettable.TicketInfo] = json.loads(
+        control.request("GET", "/tickets/"))
+    return infos
+
+
+def _watch(args: argparse.Namespace, control: ControlSocket) -> None:
+    """``list --watch``; its reader gone (``| head``) ends it quietly."""
+    try:
+        ticketwatch.watch(lambda: _tickets(control),
+                          ticketwatch.display_for(sys.stdout, args.watch),
+                          args.watch, full_ids=args.full_ids)
+    except common.ReaderGone:
+        sys.exit(common.reader_gone())
