@@ -9,7 +9,7 @@ import textwrap
 import uuid
 from collections.abc import Callable
 
-from diskferry.cli import arguments, tickettable
+from diskferry.cli import arguments, common, tickettable, ticketwatch
 from diskferry.cli.arguments import Subparsers
 from diskferry.cli.control import ControlError, ControlSocket, on_control_socket
 from diskferry.cli.ticketimage import (
@@ -28,6 +28,7 @@ examples:
   diskferry ticket add --ops read,write disk.raw
   diskferry ticket add --ops read --dirty nbd:unix:/run/backup/disk.sock
   diskferry ticket list
+  diskferry ticket list --watch
   diskferry ticket show 3f0c...
   diskferry ticket extend 3f0c... 3600
   diskferry ticket del 3f0c...
@@ -99,6 +100,11 @@ bytes transferred (tickets with one op), client connections, time since
 last used, and when the ticket expires (local time, and how long from
 now). --json prints the control service's answer (expires in the
 daemon's monotonic seconds) for scripts.
+
+--watch polls the daemon every SECONDS (default 2) and adds RATE, how
+fast TRANSFERRED grew since the poll before. On a terminal the table is
+redrawn in place; into a pipe or a file, a table is written each time
+under the date and time. Ctrl-C stops it (status 130).
 """
 
 SHOW_EPILOG = """\
@@ -184,17 +190,38 @@ def _add_access_arguments(add: argparse.ArgumentParser) -> None:
 def _register_views(actions: Subparsers) -> None:
     listing = _action(actions, "list", list_tickets,
                       "print every ticket as a table", epilog=LIST_EPILOG)
-    _add_view_options(listing)
+    output = listing.add_mutually_exclusive_group()
+    output.add_argument("--watch", nargs="?", metavar="SECONDS",
+                        type=watch_interval,
+                        const=ticketwatch.DEFAULT_INTERVAL,
+                        help="print the table again every SECONDS "
+                             f"(default {ticketwatch.DEFAULT_INTERVAL:g}), "
+                             "with each transfer's rate, until Ctrl-C")
+    _add_view_options(listing, output.add_argument)
     show = _action(actions, "show", show_ticket,
                    "print a ticket's state, a field a line",
                    epilog=SHOW_EPILOG)
     show.add_argument("id", type=arguments.ticket_id)
-    _add_view_options(show)
+    _add_view_options(show, show.add_argument)
 
 
-def _add_view_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help="print the control service's JSON unchanged")
+def watch_interval(text: str) -> float:
+    """``--watch``'s SECONDS: polling faster than MIN_INTERVAL only loads
+    the daemon."""
+    value = arguments.seconds(text)
+    if value < ticketwatch.MIN_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range: at least "
+            f"{ticketwatch.MIN_INTERVAL:g} seconds")
+    return value
+
+
+def _add_view_options(parser: argparse.ArgumentParser,
+                      add_output: Callable[..., argparse.Action]) -> None:
+    """--json is added by ``add_output``: a group's, where another way of
+    printing excludes it."""
+    add_output("--json", action="store_true",
+               help="print the control service's JSON unchanged")
     parser.add_argument("--full-ids", action="store_true",
                         help="print ticket ids whole (they are secrets: "
                              "shortened by default, as in logs)")
@@ -258,7 +285,10 @@ def _format_fields(args: argparse.Namespace, fmt: str) -> dict[str, object]:
 
 @_run
 def list_tickets(args: argparse.Namespace, control: ControlSocket) -> None:
-    infos = json.loads(control.request("GET", "/tickets/"))
+    if args.watch is not None:
+        _watch(args, control)
+        return
+    infos = _tickets(control)
     if args.json:
         print(json.dumps(infos, indent=2, sort_keys=True))
     elif infos:
@@ -287,3 +317,19 @@ def delete_ticket(args: argparse.Namespace, control: ControlSocket) -> None:
     if args.all == bool(args.id):
         raise ControlError("give a ticket id or --all")
     control.request("DELETE", f"/tickets/{args.id or ''}")
+
+
+def _tickets(control: ControlSocket) -> list[tickettable.TicketInfo]:
+    infos: list[tickettable.TicketInfo] = json.loads(
+        control.request("GET", "/tickets/"))
+    return infos
+
+
+def _watch(args: argparse.Namespace, control: ControlSocket) -> None:
+    """``list --watch``; its reader gone (``| head``) ends it quietly."""
+    try:
+        ticketwatch.watch(lambda: _tickets(control),
+                          ticketwatch.display_for(sys.stdout, args.watch),
+                          args.watch, full_ids=args.full_ids)
+    except common.ReaderGone:
+        sys.exit(common.reader_gone())

@@ -26,6 +26,10 @@ COLUMNS = (("ID", "uuid"), ("URL", "url"), ("OPS", "ops"),
            ("CONNECTIONS", "connections"), ("IDLE", "idle_time"),
            ("EXPIRES", "expires"))
 
+#: Columns of ``ticket list --watch``: RATE, after TRANSFERRED, is the
+#: ``rate`` the watch adds to each info from two polls, as text.
+WATCH_COLUMNS = COLUMNS[:5] + (("RATE", "rate"),) + COLUMNS[5:]
+
 #: More fields ``ticket show`` prints, after the columns.
 DETAILS = (("TRANSFER ID", "transfer_id"), ("TIMEOUT", "timeout"),
            ("INACTIVITY TIMEOUT", "inactivity_timeout"),
@@ -140,13 +144,14 @@ def _idle(value: object) -> str:
     return duration(value) if isinstance(value, int | float) else str(value)
 
 
-def table(infos: Sequence[TicketInfo], full_ids: bool = False) -> str:
+def table(infos: Sequence[TicketInfo], full_ids: bool = False,
+          columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
     """Every ticket as a row under a heading, columns aligned."""
     formatter = Formatter(full_ids)
-    rows = [[heading for heading, _ in COLUMNS]]
-    rows += [[formatter.cell(info, field) for _, field in COLUMNS]
+    rows = [[heading for heading, _ in columns]]
+    rows += [[formatter.cell(info, field) for _, field in columns]
              for info in infos]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths,
                                                             strict=True))
