@@ -13,8 +13,11 @@ import urllib.parse
 from collections.abc import Callable
 
 from diskferry.cli.arguments import Subparsers
-from diskferry.cli.control import ControlSocket, on_control_socket
-from diskferry.cli.ticket import _CONNECTION as CONNECTION_OPTIONS
+from diskferry.cli.control import (
+    CONNECTION_OPTIONS,
+    ControlSocket,
+    on_control_socket,
+)
 
 EPILOG = """\
 examples:

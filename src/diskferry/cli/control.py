@@ -30,6 +30,22 @@ class ControlError(Exception):
     an error."""
 
 
+#: Options every action of "ticket" and "backup" takes, after the command
+#: or after the action ("ticket add --config F" as well as "ticket
+#: --config F add"). SUPPRESS keeps an action's parser from overwriting a
+#: value given before it.
+CONNECTION_OPTIONS = argparse.ArgumentParser(add_help=False)
+CONNECTION_OPTIONS.add_argument(
+    "--config", metavar="FILE", default=argparse.SUPPRESS,
+    help="the daemon's TOML configuration")
+CONNECTION_OPTIONS.add_argument(
+    "--conf-dir", metavar="DIR", default=argparse.SUPPRESS,
+    help="the daemon's configuration folder (DIR/conf.d/*.toml)")
+CONNECTION_OPTIONS.add_argument(
+    "--socket", metavar="PATH", default=argparse.SUPPRESS,
+    help="control socket (overrides the configuration)")
+
+
 @dataclass(frozen=True)
 class ControlSocket:
     """Where the control socket is, and which rule put it there."""

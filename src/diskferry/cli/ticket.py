@@ -11,7 +11,12 @@ from collections.abc import Callable
 
 from diskferry.cli import arguments, common, tickettable, ticketwatch
 from diskferry.cli.arguments import Subparsers
-from diskferry.cli.control import ControlError, ControlSocket, on_control_socket
+from diskferry.cli.control import (
+    CONNECTION_OPTIONS,
+    ControlError,
+    ControlSocket,
+    on_control_socket,
+)
 from diskferry.cli.ticketimage import (
     RAW,
     UpstreamAccess,
@@ -76,20 +81,6 @@ when the server's certificate is not signed by a system CA).
     f"given with --id is made of {arguments.TICKET_ID_RULE}.", 72)}
 """
 
-#: Options every action takes, after "ticket" or after the action
-#: ("ticket add --config F" as well as "ticket --config F add"). SUPPRESS
-#: keeps an action's parser from overwriting a value given before it.
-_CONNECTION = argparse.ArgumentParser(add_help=False)
-_CONNECTION.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
-                         help="the daemon's TOML configuration")
-_CONNECTION.add_argument("--conf-dir", metavar="DIR",
-                         default=argparse.SUPPRESS,
-                         help="the daemon's configuration folder "
-                              "(DIR/conf.d/*.toml)")
-_CONNECTION.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
-                         help="control socket (overrides the configuration)")
-
-
 #: The action a parsed command line runs: returns the exit status.
 Action = Callable[[argparse.Namespace], int]
 
@@ -118,7 +109,7 @@ def register(subparsers: Subparsers) -> None:
         "ticket", help="add, list, show, extend or delete tickets",
         description="Manage the tickets of a running daemon.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[_CONNECTION])
+        parents=[CONNECTION_OPTIONS])
     actions = parser.add_subparsers(metavar="ACTION", required=True)
     _register_add(actions)
     _register_views(actions)
@@ -129,7 +120,7 @@ def _action(actions: Subparsers, name: str, func: Action, summary: str,
             description: str | None = None,
             epilog: str | None = None) -> argparse.ArgumentParser:
     parser = actions.add_parser(
-        name, parents=[_CONNECTION], help=summary, description=description,
+        name, parents=[CONNECTION_OPTIONS], help=summary, description=description,
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.set_defaults(func=func)
     return parser
