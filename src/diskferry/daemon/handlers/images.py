@@ -8,9 +8,9 @@ canceled.
 A request is checked in three steps, each before what the next needs:
 what it says by itself (a PUT's head: ``PutRequest``, a PATCH's body:
 ``PatchRequest``), then against its ticket (authorization, the range
-against the ticket's size), and only then is the image opened. A
-malformed request is so a 400 whatever the state of its storage, never
-the 500 that tells a client to resend its data.
+against the ticket's size), and only then is the image opened. So a
+malformed request is a 400 whatever the state of its storage, never the
+500 that tells a client to resend its data.
 
 HEAD answers what GET would, without the body, so that generic HTTP
 clients (qemu's curl driver, nbdkit-curl-plugin, resuming downloaders)
