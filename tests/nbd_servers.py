@@ -178,6 +178,29 @@ def qemu_img(*args) -> str:
                           capture_output=True, text=True).stdout
 
 
+#: Attempts at creating an encrypted image: qemu-img times its key
+#: derivation with the thread's CPU clock and gives up ("Unable to get
+#: accurate CPU usage") when a 10 ms tick has not passed, which a loaded
+#: machine makes likely.
+ENCRYPTED_ATTEMPTS = 5
+
+
+def create_encrypted_qcow2(path, size: int) -> None:
+    """A qcow2 encrypted with LUKS (secret "123456"), made again when
+    qemu-img could not time its key derivation."""
+    for attempt in range(ENCRYPTED_ATTEMPTS):
+        try:
+            qemu_img("create", "-f", "qcow2", "--object",
+                     "secret,id=sec0,data=123456", "-o",
+                     "encrypt.format=luks,encrypt.key-secret=sec0,"
+                     "encrypt.iter-time=10", path, size)
+            return
+        except subprocess.CalledProcessError as e:
+            if ("accurate CPU usage" not in e.stderr
+                    or attempt + 1 == ENCRYPTED_ATTEMPTS):
+                raise
+
+
 def qemu_io(image, fmt: str, *commands: str) -> None:
     argv = ["qemu-io", "-f", fmt]
     for c in commands:

@@ -23,7 +23,7 @@ import pytest
 
 import servers
 from diskferry.daemon import exports
-from nbd_servers import qemu_img, qemu_io
+from nbd_servers import create_encrypted_qcow2, qemu_img, qemu_io
 from servers import Endpoint, ticket_dict
 
 MiB = 1 << 20
@@ -343,9 +343,7 @@ def test_refuses_a_missing_bitmap(diskferry, chain):
 
 def test_refuses_an_encrypted_image(diskferry, tmp_path):
     image = tmp_path / "secret.qcow2"
-    qemu_img("create", "-f", "qcow2", "--object",
-             "secret,id=sec0,data=123456", "-o",
-             "encrypt.format=luks,encrypt.key-secret=sec0", image, SIZE)
+    create_encrypted_qcow2(image, SIZE)
     assert "encrypted" in add_error(diskferry, image, "qcow2")
 
 
