@@ -15,6 +15,8 @@ serves each disk's point-in-time export under a ticket of its own::
     ticket end      --> the disk is released; the last one ends the job
     backup stop     --> the job's tickets removed (in-flight requests end
                         first), then the job ends
+    domain stops    --> the job ends (a pidfd of the QEMU serving it);
+                        its tickets answer 410 until removed
     job end         --> virsh domjobabort, the folder removed
 
 A disk's ``TicketExport`` is the job's: when its ticket is deleted, or

@@ -25,8 +25,10 @@ from diskferry.daemon.backup.libvirt import (
     checkpoint_xml,
 )
 from diskferry.daemon.backup.request import BackupRequest
+from diskferry.daemon.backup.watch import ProcessWatch
 from diskferry.daemon.tickets import StartExport, TicketExport, TicketSpec
 from diskferry.errors import BadRequest, Conflict, ExportFailed, NotFound
+from diskferry.qemuprocess import server_pid
 
 log = logging.getLogger("diskferry.daemon.backup")
 
@@ -40,6 +42,11 @@ QEMU_USERS = ("libvirt-qemu", "qemu")
 
 #: The only disk format libvirt keeps checkpoints (bitmaps) in.
 CHECKPOINT_FORMAT = "qcow2"
+
+#: Seconds the job's NBD server may take to greet the daemon, which asks
+#: the kernel which process serves it (QEMU listens before backup-begin
+#: returns: this bounds a stalled QEMU only).
+WATCH_TIMEOUT = 10.0
 
 #: Longest socket path the kernel takes (sun_path, with its NUL).
 _MAX_SOCKET_PATH = 107
@@ -68,6 +75,9 @@ class BackupManager:
         self._fallback = fallback
         self._lock = threading.Lock()
         self._jobs: dict[str, BackupJob | None] = {}
+        #: Jobs that ended while their tickets stayed (the domain
+        #: stopped): ``stop`` removes those tickets.
+        self._leftovers: list[BackupJob] = []
         self._pending: dict[str, DiskExport] = {}
         self._tickets: TicketInstaller | None = None
 
@@ -88,12 +98,13 @@ class BackupManager:
 
     def jobs(self) -> list[BackupJob]:
         with self._lock:
-            return [job for job in self._jobs.values() if job is not None]
+            return [job for job in self._jobs.values()
+                    if job is not None and not job.over]
 
     def job(self, domain: str) -> BackupJob:
         with self._lock:
             job = self._jobs.get(domain)
-        if job is None:
+        if job is None or job.over:
             raise NotFound(f"No backup of domain {domain!r} is running")
         return job
 
@@ -117,6 +128,7 @@ class BackupManager:
             self._jobs[request.domain] = job
         try:
             self._install(job, request.timeout)
+            job.check()  # the domain may have stopped meanwhile
         except BaseException:
             self.stop(request.domain)
             raise
@@ -124,19 +136,23 @@ class BackupManager:
 
     def stop(self, domain: str) -> None:
         """Remove the job's tickets (their requests end first), then end
-        the job; or end the job a killed daemon left."""
-        try:
-            job = self.job(domain)
-        except NotFound:
-            with self._lock:
-                starting = domain in self._jobs
+        the job; or end the job a killed daemon left. The tickets of a
+        job that ended with its domain go too."""
+        with self._lock:
+            job = self._jobs.get(domain)
+            starting = domain in self._jobs and job is None
+            ended = [j for j in self._leftovers
+                     if j.domain == domain and j.live_tickets]
+        if job is None and not ended:
             if not starting and self._end_stale(domain):
                 return
-            raise
+            raise NotFound(f"No backup of domain {domain!r} is running")
         assert self._tickets is not None
-        for disk in job.disks:
-            self._tickets.remove(disk.ticket_id)
-        job.end()
+        for each in ended if job is None else [*ended, job]:
+            for ticket_id in each.live_tickets:
+                self._tickets.remove(ticket_id)
+            each.end()
+            self._ended(each)
 
     def stop_all(self) -> None:
         """End every job (the daemon stops)."""
@@ -158,6 +174,8 @@ class BackupManager:
         folder = self._job_folder()
         try:
             socket_path = _socket_path(folder)
+            backup_disks = [self._disk(request, name, socket_path)
+                            for name in names]
             scratch = {name: os.path.join(folder, f"{name}.scratch")
                        for name in names}
             self.virsh.backup_begin(
@@ -167,15 +185,19 @@ class BackupManager:
                     checkpoint, tracked,
                     [d.target for d in every if d.target not in tracked]),
                 folder)
-            backup_disks = [self._disk(request, name, socket_path)
-                            for name in names]
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         log.info("backup of %s: job begun, checkpoint %s since %s",
                  request.domain, checkpoint, request.since or "(full)")
-        return BackupJob(request.domain, checkpoint, request.since, folder,
-                         backup_disks, self.virsh.abort_job, self._ended)
+        job = BackupJob(request.domain, checkpoint, request.since, folder,
+                        backup_disks, self.virsh.abort_job, self._ended)
+        try:
+            job.watch = _watch(job, socket_path)
+        except BaseException:
+            job.end()
+            raise
+        return job
 
     def _disk(self, request: BackupRequest, name: str,
               socket_path: str) -> BackupDisk:
@@ -241,9 +263,33 @@ class BackupManager:
                     self._pending.pop(disk.ticket_id, None)
 
     def _ended(self, job: BackupJob) -> None:
+        """Forget an ended job, but for its tickets if they stay (the
+        domain stopped); idempotent."""
         with self._lock:
-            if self._jobs.get(job.domain) is job:
+            registered = self._jobs.get(job.domain) is job
+            if registered:
                 del self._jobs[job.domain]
+            self._leftovers = [j for j in self._leftovers
+                               if j is not job and j.live_tickets]
+            if registered and job.live_tickets:
+                self._leftovers.append(job)
+
+
+def _watch(job: BackupJob, socket_path: str) -> ProcessWatch | None:
+    """Have the job end when the domain's QEMU, which serves it, ends."""
+    pid = server_pid(socket_path, WATCH_TIMEOUT)
+    try:
+        if pid is None:
+            raise ProcessLookupError(f"no NBD server answers on {socket_path}")
+        return ProcessWatch(pid, job.domain_stopped,
+                            f"backup-watch-{job.domain}")
+    except ProcessLookupError as e:
+        raise ExportFailed(f"the backup of domain {job.domain!r} is not "
+                           f"served: {e} (did the domain stop?)") from e
+    except OSError as e:
+        log.warning("backup of %s: cannot watch its QEMU (%s): the job "
+                    "ends only with its tickets", job.domain, e)
+        return None
 
 
 def _chosen(disks: Sequence[DomainDisk], names: Sequence[str],

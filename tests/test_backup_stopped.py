@@ -1,0 +1,169 @@
+"""Backups when the domain is not running: a domain that stops during a
+backup, and backups of a domain that is shut off.
+
+One persistent TCG guest for the module (it survives ``virsh
+destroy``), started and stopped by the tests; while it is shut off its
+disk is written offline with ``qemu-io``, so that the disk file itself
+is the reference each backup is compared with.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+
+import test_backup
+from test_backup import (
+    DOMAIN_XML,
+    MiB,
+    backup,
+    backups_folder,
+    cli,
+    public_folder,
+    virsh,
+)
+
+VIRSH = ["virsh", "-q", "-c", "qemu:///system"]
+
+#: Larger than every buffer between the daemon and a client, so that a
+#: GET of the whole disk is still being sent when the domain stops.
+SIZE = 64 * MiB
+
+#: The backup tests' daemon, and no job left after a test.
+daemon = test_backup.daemon
+no_job_left = test_backup.no_job_left
+
+
+class StoppableGuest:
+    """A defined domain whose qcow2 disk vda has data at 0 and 8 MiB."""
+
+    def __init__(self, folder: str) -> None:
+        self.name = f"diskferry-stopped-{uuid.uuid4().hex[:8]}"
+        self.folder = folder
+        self.disk = os.path.join(folder, "vda.qcow2")
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", self.disk,
+                        str(SIZE)], check=True)
+        for offset in (0, 8 * MiB):
+            self.write_offline(0x11, offset, 1 * MiB)
+        xml = os.path.join(folder, "domain.xml")
+        with open(xml, "w") as f:
+            f.write(DOMAIN_XML.format(name=self.name, disk=self.disk, more=""))
+        virsh("define", xml)
+
+    def write_offline(self, pattern: int, offset: int, length: int) -> None:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c",
+                        f"write -P {pattern:#x} {offset} {length}",
+                        self.disk], check=True, capture_output=True)
+
+    def state(self) -> str:
+        return virsh("domstate", self.name).strip()
+
+    def start(self) -> None:
+        if self.state() != "running":
+            virsh("start", self.name)
+
+    def destroy(self) -> None:
+        subprocess.run([*VIRSH, "destroy", self.name], capture_output=True)
+
+    def has_job(self) -> bool:
+        done = subprocess.run([*VIRSH, "domjobinfo", self.name],
+                              capture_output=True, text=True)
+        if done.returncode:
+            assert "not running" in done.stderr, done.stderr
+            return False
+        return "Job type:         None" not in done.stdout
+
+    def undefine(self) -> None:
+        self.destroy()
+        subprocess.run([*VIRSH, "undefine", self.name,
+                        "--checkpoints-metadata"], capture_output=True)
+
+
+def libvirt_up() -> bool:
+    return subprocess.run([*VIRSH, "version"], capture_output=True,
+                          check=False).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def guest():
+    if os.geteuid() != 0 or shutil.which("libvirtd") is None:
+        if os.environ.get("CI"):
+            pytest.fail("libvirt must run in CI (scripts/setup --test)")
+        pytest.skip("needs root and libvirt (scripts/setup --test)")
+    if not libvirt_up():
+        # No systemd here: the daemons start themselves (a second one
+        # exits at once, finding the first's pid file).
+        for name in ("virtlogd", "libvirtd"):
+            subprocess.run([name, "-d"], check=False)
+        deadline = time.monotonic() + 30
+        while not libvirt_up():
+            assert time.monotonic() < deadline, "libvirtd did not start"
+            time.sleep(0.2)
+    folder = public_folder("diskferry-stopped-")
+    g = StoppableGuest(folder)
+    yield g
+    g.undefine()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def running_jobs(daemon) -> list[dict]:
+    status, _, body = daemon.control("GET", "/backups/")
+    assert status == 200
+    return json.loads(body)
+
+
+def get(daemon, ticket: str) -> tuple[int, str]:
+    con = daemon.local_connection()
+    try:
+        con.request("GET", f"/images/{ticket}")
+        res = con.getresponse()
+        return res.status, res.read().decode(errors="replace")
+    finally:
+        con.close()
+
+
+# --- the domain stops during a backup ----------------------------------------
+
+
+def test_domain_destroyed_mid_transfer(daemon, guest, tmp_path):
+    guest.start()
+    job = backup(daemon, guest)
+    ticket = job["disks"][0]["ticket"]
+    con = daemon.local_connection()
+    try:
+        con.request("GET", f"/images/{ticket}")
+        res = con.getresponse()
+        assert res.status == 200
+        assert res.read(1 * MiB) == b"\x11" * MiB
+        guest.destroy()
+        with pytest.raises(http.client.IncompleteRead):
+            res.read()
+    finally:
+        con.close()
+    deadline = time.monotonic() + 10
+    while running_jobs(daemon):
+        assert time.monotonic() < deadline, "the job outlived its domain"
+        time.sleep(0.05)
+    assert os.listdir(backups_folder(daemon)) == []
+    assert not guest.has_job()
+    # Its ticket stays, and says why nothing is served any more.
+    status, body = get(daemon, ticket)
+    assert status == 410
+    assert f"domain '{guest.name}'" in body and "the domain stopped" in body
+    done = cli(daemon, "download", job["disks"][0]["transfer_url"],
+               str(tmp_path / "vda.qcow2"), "--cafile", daemon.ca_file,
+               "--unix", "always", check=False)
+    assert done.returncode == 1
+    assert "410" in done.stderr and "the domain stopped" in done.stderr
+    cli(daemon, "backup", "stop", guest.name, "--socket",
+        daemon.control_socket)
+    tickets = json.loads(daemon.control("GET", "/tickets/")[2])
+    assert ticket not in {t["uuid"] for t in tickets}
+    assert "Traceback" not in daemon.log_text()
