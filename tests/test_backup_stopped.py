@@ -25,7 +25,9 @@ from test_backup import (
     MiB,
     backup,
     backups_folder,
+    checkpoints,
     cli,
+    download,
     public_folder,
     virsh,
 )
@@ -167,3 +169,88 @@ def test_domain_destroyed_mid_transfer(daemon, guest, tmp_path):
     tickets = json.loads(daemon.control("GET", "/tickets/")[2])
     assert ticket not in {t["uuid"] for t in tickets}
     assert "Traceback" not in daemon.log_text()
+
+
+# --- a shut off domain ---------------------------------------------------------
+
+
+def assert_same_as_disk(image: str, guest) -> None:
+    """``image`` reads as the disk file does now (-U: the backup's export
+    may hold the disk's lock)."""
+    done = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F",
+                           "qcow2", image, guest.disk], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def bitmaps(guest) -> list[str]:
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", guest.disk], check=True,
+        capture_output=True, text=True).stdout)
+    return [b["name"] for b in
+            info["format-specific"]["data"].get("bitmaps", [])]
+
+
+def top_layer_bytes(image: str) -> int:
+    """Bytes an overlay holds itself (its backing file's excluded)."""
+    extents = json.loads(subprocess.run(
+        ["qemu-img", "map", "--output=json", image], check=True,
+        capture_output=True, text=True).stdout)
+    return sum(e["length"] for e in extents if e["depth"] == 0 and e["data"])
+
+
+def test_stopped_domain_full_then_incremental(daemon, guest, tmp_path):
+    guest.destroy()
+    full = backup(daemon, guest, "--full")
+    assert full["checkpoint"] in checkpoints(guest)
+    assert full["checkpoint"] in bitmaps(guest)
+    [disk] = full["disks"]
+    assert (disk["name"], disk["size"], disk["dirty"]) == ("vda", SIZE, False)
+    info = daemon.get_ticket(disk["ticket"])["export"]
+    assert info["kind"] == "libvirt-backup" and info["export"]["running"]
+    # The export holds the disk: the domain cannot start meanwhile.
+    done = subprocess.run([*VIRSH, "start", guest.name], capture_output=True,
+                          text=True)
+    assert done.returncode and "lock" in done.stderr, done.stderr
+    full_image = str(tmp_path / "full.qcow2")
+    download(daemon, disk["transfer_url"], full_image, "always",
+             "--format", "qcow2")
+    assert_same_as_disk(full_image, guest)
+    cli(daemon, "backup", "stop", guest.name, "--socket",
+        daemon.control_socket)
+    assert running_jobs(daemon) == []
+
+    guest.write_offline(0x22, 2 * MiB, 64 * 1024)
+    guest.write_offline(0x33, 8 * MiB + 512 * 1024, 128 * 1024)
+    incremental = backup(daemon, guest, "--since", full["checkpoint"])
+    assert incremental["since"] == full["checkpoint"]
+    assert incremental["checkpoint"] > full["checkpoint"]
+    [disk] = incremental["disks"]
+    assert disk["dirty"]
+    overlay = str(tmp_path / "incremental.qcow2")
+    download(daemon, disk["transfer_url"], overlay, "never",
+             "--incremental", "--backing-file", "full.qcow2")
+    assert_same_as_disk(overlay, guest)
+    assert top_layer_bytes(overlay) == 192 * 1024
+    # The last ticket's delete ends the job and its export.
+    cli(daemon, "ticket", "del", disk["ticket"], "--socket",
+        daemon.control_socket)
+    assert running_jobs(daemon) == []
+
+    # The checkpoint made offline is one a running domain starts from.
+    at_start = str(tmp_path / "at-start.qcow2")
+    shutil.copyfile(guest.disk, at_start)
+    guest.start()
+    running = backup(daemon, guest, "--since", incremental["checkpoint"])
+    [disk] = running["disks"]
+    second = str(tmp_path / "second.qcow2")
+    download(daemon, disk["transfer_url"], second, "always",
+             "--incremental", "--backing-file", "incremental.qcow2")
+    done = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F",
+                           "qcow2", second, at_start], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout
+    assert top_layer_bytes(second) == 0
+    cli(daemon, "backup", "stop", guest.name, "--socket",
+        daemon.control_socket)
+    guest.destroy()

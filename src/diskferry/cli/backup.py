@@ -1,7 +1,8 @@
-"""``diskferry backup``: back up running libvirt domains through the daemon.
+"""``diskferry backup``: back up libvirt domains through the daemon.
 
-The daemon begins libvirt's pull-mode backup and serves each disk under
-a ticket of its own; this command asks it on the control socket and
+The daemon begins libvirt's pull-mode backup of a running domain, or
+serves a shut off domain's disk files itself, each disk under a ticket
+of its own; this command asks it on the control socket and
 prints what a client needs to download each disk.
 """
 
@@ -36,13 +37,19 @@ backup starts from a checkpoint (download it with 'diskferry download
 --incremental --backing-file PREVIOUS'). Each backup makes a checkpoint,
 named by the time it was made; the next backup starts from it. The job
 ends with 'backup stop', or when the last of its tickets is deleted or
-expires; the daemon then removes its scratch files. Disks must be qcow2.
+expires; the daemon then removes its scratch files. It also ends when
+the domain stops; its tickets then answer 410 until 'backup stop'.
+Only qcow2 disks keep checkpoints; other disks are backed up in full.
+
+A shut off domain is backed up the same way, with the same output: the
+daemon serves its disk files read-only (the domain cannot start until
+the backup ends) and adds the new checkpoint's bitmap to them itself.
 """
 
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
-        "backup", help="back up a running libvirt domain",
-        description="Back up running libvirt domains through the daemon.",
+        "backup", help="back up a libvirt domain, running or shut off",
+        description="Back up libvirt domains through the daemon.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[CONNECTION_OPTIONS])
     actions = parser.add_subparsers(metavar="ACTION", required=True)

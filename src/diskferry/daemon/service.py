@@ -133,7 +133,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.exports = ExportManager(config)
-        self.backups = BackupManager(config.run_dir, self.exports.start_export)
+        self.backups = BackupManager(config.run_dir, self.exports.start_export,
+                                     self.exports.serve)
         self.store = TicketStore(
             backends.check_url,
             remove_timeout=config.control.remove_timeout,

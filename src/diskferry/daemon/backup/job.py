@@ -53,27 +53,39 @@ class BackupDisk:
     size: int
     url: str
     dirty: bool
+    #: A disk file's format, when the daemon serves it (a shut off
+    #: domain), and the bitmap of its dirty extents.
+    format: str | None = None
+    bitmap: str | None = None
 
     def ticket(self, timeout: int) -> dict[str, object]:
-        return {"uuid": self.ticket_id, "size": self.size, "url": self.url,
-                "ops": ["read"], "timeout": timeout, "dirty": self.dirty,
-                "transfer_id": f"backup-{self.name}"}
+        ticket: dict[str, object] = {
+            "uuid": self.ticket_id, "size": self.size, "url": self.url,
+            "ops": ["read"], "timeout": timeout, "dirty": self.dirty,
+            "transfer_id": f"backup-{self.name}"}
+        if self.format is not None:
+            ticket["format"] = self.format
+        if self.bitmap is not None:
+            ticket["bitmap"] = self.bitmap
+        return ticket
 
 
 @dataclass
 class BackupJob:
-    """A running pull-mode backup and the folder it owns; thread-safe.
+    """A running backup and the folder it owns; thread-safe.
 
-    ``watch`` notices the domain's end (``domain_stopped``); the job's
-    end closes it.
+    A running domain's job is libvirt's pull-mode job (``abort`` ends
+    it), with its ``folder``; ``watch`` notices the domain's end
+    (``domain_stopped``), and the job's end closes it. A shut off
+    domain's job has none of these: the daemon serves its disks.
     """
 
     domain: str
     checkpoint: str | None
     since: str | None
-    folder: str
+    folder: str | None
     disks: list[BackupDisk]
-    abort: Callable[[str], None]
+    abort: Callable[[str], None] | None
     ended: Callable[[BackupJob], None]
     watch: ProcessWatch | None = None
     _live: set[str] = field(default_factory=set)
@@ -128,10 +140,11 @@ class BackupJob:
         try:
             if self.watch is not None:
                 self.watch.close()
-            if abort:
+            if abort and self.abort is not None:
                 self.abort(self.domain)
         finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
             self.ended(self)
             log.info("backup of %s: job ended (checkpoint %s)", self.domain,
                      self.checkpoint)
@@ -146,26 +159,29 @@ class BackupJob:
 
 
 class DiskExport:
-    """A disk of a job as its ticket's export: QEMU serves it; stopping
-    it releases the disk.
+    """A disk of a job as its ticket's export: QEMU serves it, or
+    ``served``, the daemon's own export of a shut off domain's disk;
+    stopping it releases the disk.
 
     Once the job is over, ``url()`` and ``failure()`` raise the error
     that answers the request (403: the job ended; 410: the domain
     stopped) rather than name a death the next connection would undo.
     """
 
-    def __init__(self, job: BackupJob, disk: BackupDisk) -> None:
+    def __init__(self, job: BackupJob, disk: BackupDisk,
+                 served: TicketExport | None = None) -> None:
         self.job = job
         self.disk = disk
+        self._served = served
         self._stopped = False
 
     def url(self) -> str:
         self._check()
-        return self.disk.url
+        return self.disk.url if self._served is None else self._served.url()
 
     def failure(self) -> str | None:
         self._check()
-        return None
+        return None if self._served is None else self._served.failure()
 
     def _check(self) -> None:
         self.job.check()
@@ -173,14 +189,23 @@ class DiskExport:
             raise backup_ended(self.job.domain)
 
     def describe(self) -> dict[str, object]:
-        return {"kind": "libvirt-backup", "domain": self.job.domain,
-                "disk": self.disk.name, "checkpoint": self.job.checkpoint,
-                "since": self.job.since, "url": self.disk.url,
-                "running": not (self._stopped or self.job.over)}
+        info: dict[str, object] = {
+            "kind": "libvirt-backup", "domain": self.job.domain,
+            "disk": self.disk.name, "checkpoint": self.job.checkpoint,
+            "since": self.job.since, "url": self.disk.url,
+            "running": not (self._stopped or self.job.over)}
+        if self._served is not None:
+            info["export"] = self._served.describe()
+        return info
 
     def stop(self) -> None:
-        if not self._stopped:
-            self._stopped = True
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._served is not None:
+                self._served.stop()
+        finally:
             self.job.release(self.disk.name)
 
 

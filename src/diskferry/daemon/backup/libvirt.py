@@ -52,8 +52,9 @@ class Virsh:
     def __init__(self, uri: str = DEFAULT_URI) -> None:
         self.uri = uri
 
-    def run(self, *args: str) -> str:
-        """virsh's output; ``LibvirtError`` with its message if it fails."""
+    def run(self, *args: str, stdin: str | None = None) -> str:
+        """virsh's output; ``LibvirtError`` with its message if it fails.
+        ``stdin`` is what virsh reads as the file ``/dev/stdin``."""
         binary = shutil.which("virsh")
         if binary is None:
             raise LibvirtUnavailable(
@@ -62,7 +63,9 @@ class Virsh:
         try:
             done = subprocess.run(
                 [binary, "-q", "-c", self.uri, *args], capture_output=True,
-                text=True, timeout=VIRSH_TIMEOUT, check=False)
+                text=True, timeout=VIRSH_TIMEOUT, check=False,
+                input=stdin, stdin=None if stdin is not None
+                else subprocess.DEVNULL)
         except subprocess.TimeoutExpired as e:
             raise LibvirtUnavailable(f"virsh {args[0]} did not answer within "
                                      f"{VIRSH_TIMEOUT:.0f} s") from e
@@ -137,6 +140,11 @@ class Virsh:
             args.append(_write(folder, "checkpoint.xml", checkpoint_xml))
         self.run("backup-begin", domain, *args)
 
+    def redefine_checkpoint(self, domain: str, xml: str) -> None:
+        """Tell libvirt of a checkpoint whose bitmaps exist already."""
+        self.run("checkpoint-create", domain, "/dev/stdin", "--redefine",
+                 stdin=xml)
+
     def abort_job(self, domain: str) -> None:
         """End the domain's job; none running, or no domain running any
         more (its jobs ended with it), is no failure."""
@@ -179,14 +187,26 @@ def backup_xml(socket_path: str, scratch: dict[str, str], others: Sequence[str],
     return ET.tostring(root, encoding="unicode")
 
 
-def checkpoint_xml(name: str, disks: Sequence[str],
-                   others: Sequence[str]) -> str:
-    """A checkpoint ``name`` with a bitmap in each of ``disks``."""
+def checkpoint_xml(name: str, disks: Sequence[str], others: Sequence[str],
+                   *, parent: str | None = None,
+                   created: int | None = None) -> str:
+    """A checkpoint ``name`` with a bitmap in each of ``disks``; with
+    its ``parent`` and time of creation (seconds since the epoch) when
+    it is redefined."""
     root = ET.Element("domaincheckpoint")
     ET.SubElement(root, "name").text = name
+    if parent is not None:
+        ET.SubElement(ET.SubElement(root, "parent"), "name").text = parent
+    if created is not None:
+        ET.SubElement(root, "creationTime").text = str(created)
     element = ET.SubElement(root, "disks")
+    # A redefinition names the bitmap that exists; libvirt names a new
+    # one after the checkpoint.
     for target in disks:
-        ET.SubElement(element, "disk", name=target, checkpoint="bitmap")
+        disk = ET.SubElement(element, "disk", name=target,
+                             checkpoint="bitmap")
+        if created is not None:
+            disk.set("bitmap", name)
     for target in others:
         ET.SubElement(element, "disk", name=target, checkpoint="no")
     return ET.tostring(root, encoding="unicode")

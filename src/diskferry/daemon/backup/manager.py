@@ -9,7 +9,7 @@ import secrets
 import shutil
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from diskferry.daemon.backup.job import (
@@ -24,6 +24,7 @@ from diskferry.daemon.backup.libvirt import (
     backup_xml,
     checkpoint_xml,
 )
+from diskferry.daemon.backup.offline import add_checkpoint, offline_disks
 from diskferry.daemon.backup.request import BackupRequest
 from diskferry.daemon.backup.watch import ProcessWatch
 from diskferry.daemon.tickets import StartExport, TicketExport, TicketSpec
@@ -40,6 +41,11 @@ FOLDER = "backups"
 #: folder makes ``nbd-server-start`` fail with "Permission denied").
 QEMU_USERS = ("libvirt-qemu", "qemu")
 
+#: The states of a domain that can be backed up, as ``virsh domstate``
+#: says them.
+RUNNING = "running"
+SHUT_OFF = "shut off"
+
 #: The only disk format libvirt keeps checkpoints (bitmaps) in.
 CHECKPOINT_FORMAT = "qcow2"
 
@@ -50,6 +56,11 @@ WATCH_TIMEOUT = 10.0
 
 #: Longest socket path the kernel takes (sun_path, with its NUL).
 _MAX_SOCKET_PATH = 107
+
+
+#: Starts the daemon's export of a ticket's image file, whatever its
+#: format (``ExportManager.serve``).
+Serve = Callable[[TicketSpec], TicketExport]
 
 
 class TicketInstaller(Protocol):
@@ -66,19 +77,22 @@ class BackupManager:
 
     ``start_export`` is the ticket store's ``StartExport``: a backup
     disk's ticket gets the job's export, any other ticket ``fallback``'s.
+    ``serve`` starts the daemon's own export of a disk file, for a shut
+    off domain.
     """
 
     def __init__(self, run_dir: str, fallback: StartExport,
-                 virsh: Virsh | None = None) -> None:
+                 serve: Serve, virsh: Virsh | None = None) -> None:
         self.folder = os.path.join(run_dir, FOLDER)
         self.virsh = virsh or Virsh()
         self._fallback = fallback
+        self._serve = serve
         self._lock = threading.Lock()
         self._jobs: dict[str, BackupJob | None] = {}
         #: Jobs that ended while their tickets stayed (the domain
         #: stopped): ``stop`` removes those tickets.
         self._leftovers: list[BackupJob] = []
-        self._pending: dict[str, DiskExport] = {}
+        self._pending: dict[str, Serve] = {}
         self._tickets: TicketInstaller | None = None
 
     def open(self, tickets: TicketInstaller) -> None:
@@ -93,7 +107,7 @@ class BackupManager:
         with self._lock:
             export = self._pending.pop(spec.uuid, None)
         if export is not None:
-            return export
+            return export(spec)
         return self._fallback(spec)
 
     def jobs(self) -> list[BackupJob]:
@@ -163,7 +177,36 @@ class BackupManager:
                 log.exception("ending the backup of %s", job.domain)
 
     def _begin(self, request: BackupRequest) -> BackupJob:
-        every, chosen = self._check(request)
+        state = self.virsh.state(request.domain)
+        if state not in (RUNNING, SHUT_OFF):
+            raise BadRequest(f"Domain {request.domain!r} is {state}: only a "
+                             f"running or shut off domain can be backed up")
+        every = self.virsh.disks(request.domain)
+        chosen = _chosen(every, request.disks, request.since is not None)
+        self._check_since(request)
+        if state == SHUT_OFF:
+            return self._begin_offline(request, every, chosen)
+        if self.virsh.job_running(request.domain) \
+                and not self._end_stale(request.domain):
+            raise Conflict(f"Another job runs on domain {request.domain!r} "
+                           f"(virsh domjobinfo); it must end first")
+        return self._begin_running(request, every, chosen)
+
+    def _begin_offline(self, request: BackupRequest, every: list[DomainDisk],
+                       chosen: list[DomainDisk]) -> BackupJob:
+        disks = offline_disks(request.domain, chosen, request.since)
+        tracked = [d for d in chosen if d.format == CHECKPOINT_FORMAT]
+        checkpoint = checkpoint_name() if tracked else None
+        if checkpoint is not None:
+            add_checkpoint(self.virsh, request.domain, checkpoint, tracked,
+                           [d.target for d in every if d not in tracked])
+        log.info("backup of %s (shut off): checkpoint %s since %s",
+                 request.domain, checkpoint, request.since or "(full)")
+        return BackupJob(request.domain, checkpoint, request.since, None,
+                         disks, None, self._ended)
+
+    def _begin_running(self, request: BackupRequest, every: list[DomainDisk],
+                       chosen: list[DomainDisk]) -> BackupJob:
         names = [disk.target for disk in chosen]
         others = [disk.target for disk in every if disk.target not in names]
         # Only qcow2 disks keep a checkpoint's bitmap: the others are
@@ -207,29 +250,15 @@ class BackupManager:
             url=f"nbd:unix:{socket_path}:exportname={name}",
             dirty=request.since is not None)
 
-    def _check(self, request: BackupRequest
-               ) -> tuple[list[DomainDisk], list[DomainDisk]]:
-        """The domain's disks and those to back up, or the reason there is
-        no backup."""
-        virsh = self.virsh
-        state = virsh.state(request.domain)
-        if state != "running":
-            raise BadRequest(f"Domain {request.domain!r} is {state}: only a "
-                             f"running domain can be backed up")
-        every = virsh.disks(request.domain)
-        chosen = _chosen(every, request.disks, request.since is not None)
-        if request.since is not None:
-            known = virsh.checkpoints(request.domain)
-            if request.since not in known:
-                raise BadRequest(
-                    f"Domain {request.domain!r} has no checkpoint "
-                    f"{request.since!r} (its checkpoints: "
-                    f"{', '.join(known) or 'none'})")
-        if virsh.job_running(request.domain) \
-                and not self._end_stale(request.domain):
-            raise Conflict(f"Another job runs on domain {request.domain!r} "
-                           f"(virsh domjobinfo); it must end first")
-        return every, chosen
+    def _check_since(self, request: BackupRequest) -> None:
+        if request.since is None:
+            return
+        known = self.virsh.checkpoints(request.domain)
+        if request.since not in known:
+            raise BadRequest(
+                f"Domain {request.domain!r} has no checkpoint "
+                f"{request.since!r} (its checkpoints: "
+                f"{', '.join(known) or 'none'})")
 
     def _end_stale(self, domain: str) -> bool:
         """End the backup a killed daemon of this run directory left
@@ -255,12 +284,27 @@ class BackupManager:
         assert self._tickets is not None
         for disk in job.disks:
             with self._lock:
-                self._pending[disk.ticket_id] = DiskExport(job, disk)
+                self._pending[disk.ticket_id] = self._exporter(job, disk)
             try:
                 self._tickets.add(disk.ticket(timeout), disk.ticket_id)
             finally:
                 with self._lock:
                     self._pending.pop(disk.ticket_id, None)
+
+    def _exporter(self, job: BackupJob, disk: BackupDisk) -> Serve:
+        """What starts the export of ``disk``'s ticket."""
+        if disk.format is None:
+            return lambda spec: DiskExport(job, disk)
+
+        def serve(spec: TicketSpec) -> TicketExport:
+            try:
+                return DiskExport(job, disk, self._serve(spec))
+            except BadRequest as e:
+                # qemu's words: the image's lock, when the domain started
+                # meanwhile.
+                raise Conflict(f"Disk {disk.name!r} of domain "
+                               f"{job.domain!r} cannot be served: {e}") from e
+        return serve
 
     def _ended(self, job: BackupJob) -> None:
         """Forget an ended job, but for its tickets if they stay (the
