@@ -254,3 +254,56 @@ def test_stopped_domain_full_then_incremental(daemon, guest, tmp_path):
     cli(daemon, "backup", "stop", guest.name, "--socket",
         daemon.control_socket)
     guest.destroy()
+
+
+# --- pruning checkpoints ---------------------------------------------------------
+
+
+def prune(daemon, guest, *args: str, check: bool = True):
+    return cli(daemon, "backup", "prune", guest.name, "--socket",
+               daemon.control_socket, *args, check=check)
+
+
+def test_prune_keeps_the_newest(daemon, guest):
+    guest.start()
+    made = [backup(daemon, guest)["checkpoint"]]
+    done = prune(daemon, guest, "--keep", "1", check=False)
+    assert done.returncode == 1
+    assert "409" in done.stderr and "is running" in done.stderr
+    for _ in range(2):
+        cli(daemon, "backup", "stop", guest.name, "--socket",
+            daemon.control_socket)
+        made.append(backup(daemon, guest)["checkpoint"])
+    cli(daemon, "backup", "stop", guest.name, "--socket",
+        daemon.control_socket)
+    before = checkpoints(guest)
+    answer = json.loads(prune(daemon, guest, "--keep", "1", "--json").stdout)
+    assert answer["kept"] == [made[-1]]
+    assert set(made[:-1]) <= set(answer["removed"])
+    assert set(answer["removed"]) == set(before) - {made[-1]}
+    assert checkpoints(guest) == [made[-1]]
+    guest.destroy()
+    assert bitmaps(guest) == [made[-1]]
+
+    # A shut off domain's: libvirt deletes none, the daemon does.
+    made.append(backup(daemon, guest)["checkpoint"])
+    cli(daemon, "backup", "stop", guest.name, "--socket",
+        daemon.control_socket)
+    text = prune(daemon, guest, "--keep", "1").stdout
+    assert f"removed {made[-2]}" in text and f"kept: {made[-1]}" in text
+    assert checkpoints(guest) == [made[-1]]
+    assert bitmaps(guest) == [made[-1]]
+    # The checkpoint left is one the next backup starts from.
+    job = backup(daemon, guest, "--since", made[-1])
+    assert job["since"] == made[-1]
+    text = prune(daemon, guest, "--keep", "0", check=False)
+    assert text.returncode == 1 and "is running" in text.stderr
+
+
+@pytest.mark.parametrize("body, message", [
+    ({}, "keep"), ({"keep": -1}, "keep"), ({"keep": "1"}, "keep"),
+])
+def test_prune_refuses_a_bad_request(daemon, guest, body, message):
+    status, _, text = daemon.control("POST", f"/backups/{guest.name}/prune",
+                                     body)
+    assert status == 400 and message in text.decode()

@@ -21,6 +21,11 @@ from diskferry.errors import BadRequest, RequestError
 #: The connection of the system's QEMU domains.
 DEFAULT_URI = "qemu:///system"
 
+#: The states of a domain that can be backed up, as ``virsh domstate``
+#: says them.
+RUNNING = "running"
+SHUT_OFF = "shut off"
+
 #: Seconds one virsh call may take (a backup-begin freezes nothing, but
 #: a busy libvirtd answers slowly).
 VIRSH_TIMEOUT = 60.0
@@ -111,6 +116,20 @@ class Virsh:
         """The domain's checkpoints, oldest first."""
         out = self.run("checkpoint-list", domain, "--name", "--topological")
         return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def checkpoint_bitmaps(self, domain: str, name: str) -> dict[str, str]:
+        """The bitmap of checkpoint ``name`` in each disk that has one."""
+        root = ET.fromstring(self.run("checkpoint-dumpxml", domain, name))
+        return {disk.get("name", ""): disk.get("bitmap") or name
+                for disk in root.iterfind("./disks/disk")
+                if disk.get("checkpoint") == "bitmap"}
+
+    def delete_checkpoint(self, domain: str, name: str,
+                          metadata_only: bool = False) -> None:
+        """Delete a checkpoint and its bitmaps (a running domain's), or
+        libvirt's record of it only."""
+        self.run("checkpoint-delete", domain, name,
+                 *(["--metadata"] if metadata_only else []))
 
     def job_running(self, domain: str) -> bool:
         """Whether a job (a backup, a migration) runs on the domain."""

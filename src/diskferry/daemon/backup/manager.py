@@ -19,12 +19,15 @@ from diskferry.daemon.backup.job import (
     checkpoint_name,
 )
 from diskferry.daemon.backup.libvirt import (
+    RUNNING,
+    SHUT_OFF,
     DomainDisk,
     Virsh,
     backup_xml,
     checkpoint_xml,
 )
 from diskferry.daemon.backup.offline import add_checkpoint, offline_disks
+from diskferry.daemon.backup.prune import Pruned, prune
 from diskferry.daemon.backup.request import BackupRequest
 from diskferry.daemon.backup.watch import ProcessWatch
 from diskferry.daemon.tickets import StartExport, TicketExport, TicketSpec
@@ -40,11 +43,6 @@ FOLDER = "backups"
 #: is theirs, so that QEMU can make its NBD socket there (a root-owned
 #: folder makes ``nbd-server-start`` fail with "Permission denied").
 QEMU_USERS = ("libvirt-qemu", "qemu")
-
-#: The states of a domain that can be backed up, as ``virsh domstate``
-#: says them.
-RUNNING = "running"
-SHUT_OFF = "shut off"
 
 #: The only disk format libvirt keeps checkpoints (bitmaps) in.
 CHECKPOINT_FORMAT = "qcow2"
@@ -147,6 +145,20 @@ class BackupManager:
             self.stop(request.domain)
             raise
         return job
+
+    def prune(self, domain: str, keep: int) -> Pruned:
+        """Delete the domain's checkpoints but the newest ``keep``; no
+        backup of it may run meanwhile."""
+        with self._lock:
+            if domain in self._jobs:
+                raise Conflict(f"A backup of domain {domain!r} is running; "
+                               f"prune after 'backup stop'")
+            self._jobs[domain] = None
+        try:
+            return prune(self.virsh, domain, keep)
+        finally:
+            with self._lock:
+                del self._jobs[domain]
 
     def stop(self, domain: str) -> None:
         """Remove the job's tickets (their requests end first), then end
