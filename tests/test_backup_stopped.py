@@ -28,6 +28,7 @@ from test_backup import (
     checkpoints,
     cli,
     download,
+    imageio_download,
     public_folder,
     virsh,
 )
@@ -164,6 +165,11 @@ def test_domain_destroyed_mid_transfer(daemon, guest, tmp_path):
                "--unix", "always", check=False)
     assert done.returncode == 1
     assert "410" in done.stderr and "the domain stopped" in done.stderr
+    # ovirt-imageio's client says the same.
+    with pytest.raises(Exception, match="the domain stopped") as e:
+        imageio_download(daemon, job["disks"][0]["transfer_url"],
+                         str(tmp_path / "vda.raw"), "any")
+    assert e.value.args[0] == 410
     cli(daemon, "backup", "stop", guest.name, "--socket",
         daemon.control_socket)
     tickets = json.loads(daemon.control("GET", "/tickets/")[2])
