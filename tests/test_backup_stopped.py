@@ -22,6 +22,8 @@ import pytest
 import test_backup
 from test_backup import (
     DOMAIN_XML,
+    RAW_DISK_XML,
+    RAW_SIZE,
     MiB,
     backup,
     backups_folder,
@@ -45,7 +47,8 @@ no_job_left = test_backup.no_job_left
 
 
 class StoppableGuest:
-    """A defined domain whose qcow2 disk vda has data at 0 and 8 MiB."""
+    """A defined domain whose qcow2 disk vda has data at 0 and 8 MiB; vdb
+    is raw."""
 
     def __init__(self, folder: str) -> None:
         self.name = f"diskferry-stopped-{uuid.uuid4().hex[:8]}"
@@ -55,10 +58,14 @@ class StoppableGuest:
                         str(SIZE)], check=True)
         for offset in (0, 8 * MiB):
             self.write_offline(0x11, offset, 1 * MiB)
-        xml = os.path.join(folder, "domain.xml")
-        with open(xml, "w") as f:
-            f.write(DOMAIN_XML.format(name=self.name, disk=self.disk, more=""))
-        virsh("define", xml)
+        self.raw_disk = os.path.join(folder, "vdb.raw")
+        with open(self.raw_disk, "wb") as f:
+            f.truncate(RAW_SIZE)
+            f.write(b"\x77" * 65536)
+        xml = DOMAIN_XML.format(name=self.name, disk=self.disk,
+                                more=RAW_DISK_XML.format(disk=self.raw_disk))
+        subprocess.run([*VIRSH, "define", "/dev/stdin"], input=xml,
+                       text=True, check=True, capture_output=True)
 
     def write_offline(self, pattern: int, offset: int, length: int) -> None:
         subprocess.run(["qemu-io", "-f", "qcow2", "-c",
@@ -210,8 +217,15 @@ def test_stopped_domain_full_then_incremental(daemon, guest, tmp_path):
     full = backup(daemon, guest, "--full")
     assert full["checkpoint"] in checkpoints(guest)
     assert full["checkpoint"] in bitmaps(guest)
-    [disk] = full["disks"]
+    disk, raw_disk = full["disks"]
     assert (disk["name"], disk["size"], disk["dirty"]) == ("vda", SIZE, False)
+    assert (raw_disk["name"], raw_disk["size"]) == ("vdb", RAW_SIZE)
+    # The raw disk too is served by the daemon's qemu-nbd, holding its lock.
+    info = daemon.get_ticket(raw_disk["ticket"])["export"]
+    assert info["export"]["kind"] == "qemu-nbd"
+    raw_image = str(tmp_path / "vdb.raw")
+    download(daemon, raw_disk["transfer_url"], raw_image, "always")
+    subprocess.run(["cmp", raw_image, guest.raw_disk], check=True)
     info = daemon.get_ticket(disk["ticket"])["export"]
     assert info["kind"] == "libvirt-backup" and info["export"]["running"]
     # The export holds the disk: the domain cannot start meanwhile.
@@ -271,6 +285,13 @@ def prune(daemon, guest, *args: str, check: bool = True):
 
 
 def test_prune_keeps_the_newest(daemon, guest):
+    guest.destroy()
+    lost = backup(daemon, guest, "--disk", "vda")["checkpoint"]
+    cli(daemon, "backup", "stop", guest.name, "--socket",
+        daemon.control_socket)
+    # As a domain killed before QEMU stored its bitmaps leaves it.
+    subprocess.run(["qemu-img", "bitmap", "--remove", guest.disk, lost],
+                   check=True)
     guest.start()
     made = [backup(daemon, guest)["checkpoint"]]
     done = prune(daemon, guest, "--keep", "1", check=False)
@@ -285,7 +306,7 @@ def test_prune_keeps_the_newest(daemon, guest):
     before = checkpoints(guest)
     answer = json.loads(prune(daemon, guest, "--keep", "1", "--json").stdout)
     assert answer["kept"] == [made[-1]]
-    assert set(made[:-1]) <= set(answer["removed"])
+    assert {lost, *made[:-1]} <= set(answer["removed"])
     assert set(answer["removed"]) == set(before) - {made[-1]}
     assert checkpoints(guest) == [made[-1]]
     guest.destroy()

@@ -20,7 +20,12 @@ import logging
 from dataclasses import dataclass
 
 from diskferry.daemon.backup.job import CHECKPOINT_PREFIX
-from diskferry.daemon.backup.libvirt import SHUT_OFF, DomainDisk, Virsh
+from diskferry.daemon.backup.libvirt import (
+    SHUT_OFF,
+    DomainDisk,
+    LibvirtError,
+    Virsh,
+)
 from diskferry.daemon.backup.offline import remove_bitmap
 from diskferry.errors import Conflict
 
@@ -55,9 +60,24 @@ def prune(virsh: Virsh, domain: str, keep: int) -> Pruned:
         if shut_off:
             _remove_offline(virsh, domain, name, disks)
         else:
-            virsh.delete_checkpoint(domain, name)
+            _remove_running(virsh, domain, name)
         log.info("backup of %s: checkpoint %s deleted", domain, name)
     return Pruned(domain, ours[:cut], ours[cut:])
+
+
+def _remove_running(virsh: Virsh, domain: str, name: str) -> None:
+    try:
+        virsh.delete_checkpoint(domain, name)
+    except LibvirtError as e:
+        # A domain killed (virsh destroy) before QEMU stored its
+        # bitmaps leaves checkpoints without them: libvirt then deletes
+        # none ("bitmap ... not found in backing chain"); its record is
+        # all there is left.
+        if "not found" not in str(e):
+            raise
+        log.warning("backup of %s: checkpoint %s has no bitmap left (%s); "
+                    "deleting its record", domain, name, e)
+        virsh.delete_checkpoint(domain, name, metadata_only=True)
 
 
 def _remove_offline(virsh: Virsh, domain: str, name: str,
