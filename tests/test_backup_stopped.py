@@ -22,7 +22,6 @@ import pytest
 import test_backup
 from test_backup import (
     DOMAIN_XML,
-    RAW_DISK_XML,
     RAW_SIZE,
     MiB,
     backup,
@@ -40,6 +39,10 @@ VIRSH = ["virsh", "-q", "-c", "qemu:///system"]
 #: Larger than every buffer between the daemon and a client, so that a
 #: GET of the whole disk is still being sent when the domain stops.
 SIZE = 64 * MiB
+
+#: The raw disk, which libvirt backs up in full only.
+VDB_XML = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+           "<source file='{disk}'/><target dev='vdb' bus='virtio'/></disk>")
 
 #: The backup tests' daemon, and no job left after a test.
 daemon = test_backup.daemon
@@ -63,7 +66,7 @@ class StoppableGuest:
             f.truncate(RAW_SIZE)
             f.write(b"\x77" * 65536)
         xml = DOMAIN_XML.format(name=self.name, disk=self.disk,
-                                more=RAW_DISK_XML.format(disk=self.raw_disk))
+                                more=VDB_XML.format(disk=self.raw_disk))
         subprocess.run([*VIRSH, "define", "/dev/stdin"], input=xml,
                        text=True, check=True, capture_output=True)
 

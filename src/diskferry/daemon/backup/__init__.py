@@ -21,7 +21,8 @@ serves each disk's point-in-time export under a ticket of its own::
 
 A shut off domain has no QEMU to serve a job: its disk files are served
 as format tickets are, by the daemon's own qemu-nbd, and the daemon makes
-the checkpoint itself (``offline``).
+the checkpoint itself (``offline``). ``backup prune`` deletes a
+domain's older checkpoints, running or shut off (``prune``).
 
 A disk's ``TicketExport`` is the job's: when its ticket is deleted, or
 expires while idle, or the daemon stops, the disk is released and the
