@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+import servers
 import test_backup
 from test_backup import (
     DOMAIN_XML,
@@ -277,6 +278,27 @@ def test_stopped_domain_full_then_incremental(daemon, guest, tmp_path):
     cli(daemon, "backup", "stop", guest.name, "--socket",
         daemon.control_socket)
     guest.destroy()
+
+
+def test_a_disk_another_program_holds_is_refused(daemon, guest):
+    """The image's lock refuses what a running domain would refuse: here
+    another daemon's backup of the shut off domain holds the disks."""
+    guest.destroy()
+    workdir = public_folder("diskferry-backupd-")
+    other = servers.start_server("diskferry", workdir, local_socket="path")
+    try:
+        backup(other, guest, "--disk", "vda")
+        before = (checkpoints(guest), bitmaps(guest))
+        done = cli(daemon, "backup", "start", guest.name, "--disk", "vda",
+                   "--socket", daemon.control_socket, check=False)
+        assert done.returncode == 1
+        assert "409" in done.stderr and "Disk 'vda'" in done.stderr
+        assert "lock" in done.stderr, done.stderr
+        assert (checkpoints(guest), bitmaps(guest)) == before
+        assert running_jobs(daemon) == []
+    finally:
+        other.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # --- pruning checkpoints ---------------------------------------------------------

@@ -97,7 +97,8 @@ def _bitmap(disk: DomainDisk, action: str, name: str) -> None:
         formats.run_qemu_img("bitmap", action, "-f", disk.format,
                              disk.source, name)
     except (OSError, RuntimeError) as e:
-        # The image's lock: the domain started meanwhile, or another
-        # program writes the disk.
+        hint = ""
+        if "lock" in str(e):
+            hint = " (the domain started, or another program uses the disk)"
         raise Conflict(f"Disk {disk.target!r} ({disk.source}): qemu-img "
-                       f"bitmap {action} {name}: {e}") from e
+                       f"bitmap {action} {name}: {e}{hint}") from e
