@@ -296,6 +296,14 @@ def test_a_disk_another_program_holds_is_refused(daemon, guest):
         assert "lock" in done.stderr, done.stderr
         assert (checkpoints(guest), bitmaps(guest)) == before
         assert running_jobs(daemon) == []
+        # A killed daemon's exports die with it: the disks are free.
+        other.kill()
+        deadline = time.monotonic() + 10
+        while cli(daemon, "backup", "start", guest.name, "--disk", "vda",
+                  "--socket", daemon.control_socket, check=False).returncode:
+            assert time.monotonic() < deadline, "the killed daemon's " \
+                "export holds the disk"
+            time.sleep(0.05)
     finally:
         other.stop()
         shutil.rmtree(workdir, ignore_errors=True)
