@@ -422,7 +422,8 @@ def test_job_of_a_killed_daemon_is_ended(guest, then):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_stopped_domain_is_refused(daemon, guest):
+def test_stopped_domain_whose_disk_is_not_its_format_is_refused(daemon,
+                                                                guest):
     name = f"{guest.name}-off"
     xml = os.path.join(guest.folder, "off.xml")
     with open(xml, "w") as f:
@@ -431,10 +432,12 @@ def test_stopped_domain_is_refused(daemon, guest):
     try:
         done = cli(daemon, "backup", "start", name, "--socket",
                    daemon.control_socket, check=False)
+        assert virsh("checkpoint-list", name, "--name").split() == []
     finally:
         virsh("undefine", name, "--checkpoints-metadata")
     assert done.returncode == 1
-    assert "shut off" in done.stderr and "running domain" in done.stderr
+    assert "Disk 'vda'" in done.stderr
+    assert "cannot read it as qcow2" in done.stderr
     assert os.listdir(backups_folder(daemon)) == []
 
 

@@ -100,6 +100,13 @@ class Conflict(RequestError):
     status = 409
 
 
+class Gone(RequestError):
+    """Raised when what a ticket served is gone for good (the domain of
+    a backup stopped)."""
+
+    status = 410
+
+
 class PayloadTooLarge(RequestError):
     """Raised when a JSON body is larger than allowed."""
 

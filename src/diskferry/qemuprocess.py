@@ -31,6 +31,8 @@ _OPT_ABORT = 2
 #: NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES.
 _CLIENT_FLAGS = 0x3
 _REPLY_SIZE = 20
+#: ``struct ucred``: pid, uid, gid.
+_PEERCRED = struct.Struct("3i")
 
 
 def die_with_parent() -> None:
@@ -69,22 +71,32 @@ def greets(socket_path: str, timeout: float) -> bool:
     connection then ends the way the protocol says (``NBD_OPT_ABORT``),
     so that qemu-nbd logs no failed negotiation: its log is what names
     its death."""
+    return server_pid(socket_path, timeout) is not None
+
+
+def server_pid(socket_path: str, timeout: float) -> int | None:
+    """The process of the NBD server that greets a client on
+    ``socket_path`` (the kernel's ``SO_PEERCRED``: the process that
+    listens), or None if none does; the connection ends as ``greets``
+    ends it."""
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(max(timeout, 0.001))
         try:
             s.connect(socket_path)
             greeting = s.recv(_HANDSHAKE.size, socket.MSG_WAITALL)
             if len(greeting) != _HANDSHAKE.size:
-                return False
+                return None
             magic, _, flags = _HANDSHAKE.unpack(greeting)
             if magic != NBD_GREETING:
-                return False
+                return None
             s.sendall(_ABORT.pack(flags & _CLIENT_FLAGS, _IHAVEOPT,
                                   _OPT_ABORT, 0))
             s.recv(_REPLY_SIZE, socket.MSG_WAITALL)  # its ack, or EOF
-            return True
+            pid, _, _ = _PEERCRED.unpack(s.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            return int(pid)
         except OSError:
-            return False
+            return None
 
 
 def log_message(path: str) -> str:

@@ -1,7 +1,8 @@
-"""``diskferry backup``: back up running libvirt domains through the daemon.
+"""``diskferry backup``: back up libvirt domains through the daemon.
 
-The daemon begins libvirt's pull-mode backup and serves each disk under
-a ticket of its own; this command asks it on the control socket and
+The daemon begins libvirt's pull-mode backup of a running domain, or
+serves a shut off domain's disk files itself, each disk under a ticket
+of its own; this command asks it on the control socket and
 prints what a client needs to download each disk.
 """
 
@@ -28,6 +29,8 @@ examples:
   diskferry backup list                      the running backups
   diskferry backup list vm1                  vm1's backup and checkpoints
   diskferry backup stop vm1
+  diskferry backup prune vm1 --keep 2        delete all but vm1's newest
+                                             two checkpoints
 
 A backup is libvirt's pull-mode backup of a running domain: QEMU serves
 each disk as it was when the backup began (writes since then are not in
@@ -36,13 +39,22 @@ backup starts from a checkpoint (download it with 'diskferry download
 --incremental --backing-file PREVIOUS'). Each backup makes a checkpoint,
 named by the time it was made; the next backup starts from it. The job
 ends with 'backup stop', or when the last of its tickets is deleted or
-expires; the daemon then removes its scratch files. Disks must be qcow2.
+expires; the daemon then removes its scratch files. It also ends when
+the domain stops; its tickets then answer 410 until 'backup stop'.
+Only qcow2 disks keep checkpoints; other disks are backed up in full.
+Each checkpoint keeps a bitmap in every qcow2 disk, which every write
+marks: 'backup prune' deletes the older ones this daemon made (never
+while a backup of the domain runs).
+
+A shut off domain is backed up the same way, with the same output: the
+daemon serves its disk files read-only (the domain cannot start until
+the backup ends) and adds the new checkpoint's bitmap to them itself.
 """
 
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
-        "backup", help="back up a running libvirt domain",
-        description="Back up running libvirt domains through the daemon.",
+        "backup", help="back up a libvirt domain, running or shut off",
+        description="Back up libvirt domains through the daemon.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[CONNECTION_OPTIONS])
     actions = parser.add_subparsers(metavar="ACTION", required=True)
@@ -64,6 +76,19 @@ def register(subparsers: Subparsers) -> None:
     listing = _action(actions, "list", list_backups,
                       "running backups, or a domain's backup and checkpoints")
     listing.add_argument("domain", metavar="DOMAIN", nargs="?")
+    pruning = _action(actions, "prune", prune_checkpoints,
+                      "delete a domain's older checkpoints (and bitmaps)")
+    pruning.add_argument("domain", metavar="DOMAIN")
+    pruning.add_argument("--keep", type=_count, required=True, metavar="N",
+                         help="how many of the newest checkpoints to keep "
+                              "(0: delete them all)")
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is less than 0")
+    return value
 
 
 def _action(actions: Subparsers,
@@ -113,6 +138,18 @@ def list_backups(args: argparse.Namespace, control: ControlSocket) -> None:
         if answer["job"] is not None:
             _print_job(answer["job"])
         print("checkpoints: " + (" ".join(answer["checkpoints"]) or "none"))
+
+
+def prune_checkpoints(args: argparse.Namespace,
+                      control: ControlSocket) -> None:
+    answer = json.loads(control.request(
+        "POST", _path(args.domain) + "/prune", {"keep": args.keep}))
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return
+    for name in answer["removed"]:
+        print(f"removed {name}")
+    print("kept: " + (" ".join(answer["kept"]) or "none"))
 
 
 def _print_job(job: dict[str, object]) -> None:

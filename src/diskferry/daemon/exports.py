@@ -108,7 +108,7 @@ def check_image(spec: TicketSpec, path: str) -> formats.Source:
         raise BadRequest(f"Invalid ticket field 'size': {spec.size} is more "
                          f"than the image's virtual size {source.size}")
     if spec.bitmap is not None:
-        bitmaps = _bitmaps(source.chain[0])
+        bitmaps = image_bitmaps(source.chain[0])
         if spec.bitmap not in bitmaps:
             raise BadRequest(
                 f"Invalid ticket field 'bitmap': {path} has no bitmap "
@@ -116,7 +116,8 @@ def check_image(spec: TicketSpec, path: str) -> formats.Source:
     return source
 
 
-def _bitmaps(layer: dict[str, object]) -> list[str]:
+def image_bitmaps(layer: dict[str, object]) -> list[str]:
+    """The persistent bitmaps of a layer, as ``qemu-img info`` shows it."""
     specific = layer.get("format-specific")
     data = specific.get("data") if isinstance(specific, dict) else None
     found = data.get("bitmaps") if isinstance(data, dict) else None
@@ -311,6 +312,11 @@ class ExportManager:
         ticket); ``BadRequest`` with qemu's words otherwise."""
         if not spec.exported:
             return None
+        return self.serve(spec)
+
+    def serve(self, spec: TicketSpec) -> QemuNbdExport:
+        """Check the ticket's image and start its export, raw as well
+        (a shut off domain's backup holds each disk's lock)."""
         path = urllib.parse.unquote(urllib.parse.urlsplit(spec.url).path)
         source = check_image(spec, path)
         socket_path = os.path.join(

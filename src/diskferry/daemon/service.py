@@ -31,7 +31,7 @@ from diskferry.daemon.backup.manager import BackupManager
 from diskferry.daemon.config import Config, FileName
 from diskferry.daemon.exports import ExportManager
 from diskferry.daemon.handlers import control_app, images_app, metrics_app
-from diskferry.daemon.handlers.backups import BackupsHandler
+from diskferry.daemon.handlers.backups import backup_routes
 from diskferry.daemon.http.limits import ConnectionLimit
 from diskferry.daemon.http.listener import tcp_listener, unix_listener
 from diskferry.daemon.http.server import Server
@@ -133,7 +133,8 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.exports = ExportManager(config)
-        self.backups = BackupManager(config.run_dir, self.exports.start_export)
+        self.backups = BackupManager(config.run_dir, self.exports.start_export,
+                                     self.exports.serve)
         self.store = TicketStore(
             backends.check_url,
             remove_timeout=config.control.remove_timeout,
@@ -248,7 +249,7 @@ class Daemon:
         servers.append(Server(
             "control", listeners.control,
             control_app(self.store, self.metrics,
-                        BackupsHandler(self.backups, lambda: self.url)),
+                        backup_routes(self.backups, lambda: self.url)),
             idle_timeout=idle, head_timeout=head,
             limit=ConnectionLimit(config.daemon.connection_limit).share(),
             pending_limit=pending,

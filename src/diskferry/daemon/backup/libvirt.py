@@ -21,6 +21,11 @@ from diskferry.errors import BadRequest, RequestError
 #: The connection of the system's QEMU domains.
 DEFAULT_URI = "qemu:///system"
 
+#: The states of a domain that can be backed up, as ``virsh domstate``
+#: says them.
+RUNNING = "running"
+SHUT_OFF = "shut off"
+
 #: Seconds one virsh call may take (a backup-begin freezes nothing, but
 #: a busy libvirtd answers slowly).
 VIRSH_TIMEOUT = 60.0
@@ -52,8 +57,9 @@ class Virsh:
     def __init__(self, uri: str = DEFAULT_URI) -> None:
         self.uri = uri
 
-    def run(self, *args: str) -> str:
-        """virsh's output; ``LibvirtError`` with its message if it fails."""
+    def run(self, *args: str, stdin: str | None = None) -> str:
+        """virsh's output; ``LibvirtError`` with its message if it fails.
+        ``stdin`` is what virsh reads as the file ``/dev/stdin``."""
         binary = shutil.which("virsh")
         if binary is None:
             raise LibvirtUnavailable(
@@ -62,7 +68,9 @@ class Virsh:
         try:
             done = subprocess.run(
                 [binary, "-q", "-c", self.uri, *args], capture_output=True,
-                text=True, timeout=VIRSH_TIMEOUT, check=False)
+                text=True, timeout=VIRSH_TIMEOUT, check=False,
+                input=stdin, stdin=None if stdin is not None
+                else subprocess.DEVNULL)
         except subprocess.TimeoutExpired as e:
             raise LibvirtUnavailable(f"virsh {args[0]} did not answer within "
                                      f"{VIRSH_TIMEOUT:.0f} s") from e
@@ -109,6 +117,20 @@ class Virsh:
         out = self.run("checkpoint-list", domain, "--name", "--topological")
         return [line.strip() for line in out.splitlines() if line.strip()]
 
+    def checkpoint_bitmaps(self, domain: str, name: str) -> dict[str, str]:
+        """The bitmap of checkpoint ``name`` in each disk that has one."""
+        root = ET.fromstring(self.run("checkpoint-dumpxml", domain, name))
+        return {disk.get("name", ""): disk.get("bitmap") or name
+                for disk in root.iterfind("./disks/disk")
+                if disk.get("checkpoint") == "bitmap"}
+
+    def delete_checkpoint(self, domain: str, name: str,
+                          metadata_only: bool = False) -> None:
+        """Delete a checkpoint and its bitmaps (a running domain's), or
+        libvirt's record of it only."""
+        self.run("checkpoint-delete", domain, name,
+                 *(["--metadata"] if metadata_only else []))
+
     def job_running(self, domain: str) -> bool:
         """Whether a job (a backup, a migration) runs on the domain."""
         for line in self.run("domjobinfo", domain).splitlines():
@@ -136,6 +158,11 @@ class Virsh:
         if checkpoint_xml is not None:
             args.append(_write(folder, "checkpoint.xml", checkpoint_xml))
         self.run("backup-begin", domain, *args)
+
+    def redefine_checkpoint(self, domain: str, xml: str) -> None:
+        """Tell libvirt of a checkpoint whose bitmaps exist already."""
+        self.run("checkpoint-create", domain, "/dev/stdin", "--redefine",
+                 stdin=xml)
 
     def abort_job(self, domain: str) -> None:
         """End the domain's job; none running, or no domain running any
@@ -179,14 +206,26 @@ def backup_xml(socket_path: str, scratch: dict[str, str], others: Sequence[str],
     return ET.tostring(root, encoding="unicode")
 
 
-def checkpoint_xml(name: str, disks: Sequence[str],
-                   others: Sequence[str]) -> str:
-    """A checkpoint ``name`` with a bitmap in each of ``disks``."""
+def checkpoint_xml(name: str, disks: Sequence[str], others: Sequence[str],
+                   *, parent: str | None = None,
+                   created: int | None = None) -> str:
+    """A checkpoint ``name`` with a bitmap in each of ``disks``; with
+    its ``parent`` and time of creation (seconds since the epoch) when
+    it is redefined."""
     root = ET.Element("domaincheckpoint")
     ET.SubElement(root, "name").text = name
+    if parent is not None:
+        ET.SubElement(ET.SubElement(root, "parent"), "name").text = parent
+    if created is not None:
+        ET.SubElement(root, "creationTime").text = str(created)
     element = ET.SubElement(root, "disks")
+    # A redefinition names the bitmap that exists; libvirt names a new
+    # one after the checkpoint.
     for target in disks:
-        ET.SubElement(element, "disk", name=target, checkpoint="bitmap")
+        disk = ET.SubElement(element, "disk", name=target,
+                             checkpoint="bitmap")
+        if created is not None:
+            disk.set("bitmap", name)
     for target in others:
         ET.SubElement(element, "disk", name=target, checkpoint="no")
     return ET.tostring(root, encoding="unicode")

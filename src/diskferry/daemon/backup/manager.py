@@ -9,7 +9,7 @@ import secrets
 import shutil
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from diskferry.daemon.backup.job import (
@@ -19,14 +19,20 @@ from diskferry.daemon.backup.job import (
     checkpoint_name,
 )
 from diskferry.daemon.backup.libvirt import (
+    RUNNING,
+    SHUT_OFF,
     DomainDisk,
     Virsh,
     backup_xml,
     checkpoint_xml,
 )
+from diskferry.daemon.backup.offline import add_checkpoint, offline_disks
+from diskferry.daemon.backup.prune import Pruned, prune
 from diskferry.daemon.backup.request import BackupRequest
+from diskferry.daemon.backup.watch import ProcessWatch
 from diskferry.daemon.tickets import StartExport, TicketExport, TicketSpec
 from diskferry.errors import BadRequest, Conflict, ExportFailed, NotFound
+from diskferry.qemuprocess import server_pid
 
 log = logging.getLogger("diskferry.daemon.backup")
 
@@ -41,8 +47,18 @@ QEMU_USERS = ("libvirt-qemu", "qemu")
 #: The only disk format libvirt keeps checkpoints (bitmaps) in.
 CHECKPOINT_FORMAT = "qcow2"
 
+#: Seconds the job's NBD server may take to greet the daemon, which asks
+#: the kernel which process serves it (QEMU listens before backup-begin
+#: returns: this bounds a stalled QEMU only).
+WATCH_TIMEOUT = 10.0
+
 #: Longest socket path the kernel takes (sun_path, with its NUL).
 _MAX_SOCKET_PATH = 107
+
+
+#: Starts the daemon's export of a ticket's image file, whatever its
+#: format (``ExportManager.serve``).
+Serve = Callable[[TicketSpec], TicketExport]
 
 
 class TicketInstaller(Protocol):
@@ -59,16 +75,22 @@ class BackupManager:
 
     ``start_export`` is the ticket store's ``StartExport``: a backup
     disk's ticket gets the job's export, any other ticket ``fallback``'s.
+    ``serve`` starts the daemon's own export of a disk file, for a shut
+    off domain.
     """
 
     def __init__(self, run_dir: str, fallback: StartExport,
-                 virsh: Virsh | None = None) -> None:
+                 serve: Serve, virsh: Virsh | None = None) -> None:
         self.folder = os.path.join(run_dir, FOLDER)
         self.virsh = virsh or Virsh()
         self._fallback = fallback
+        self._serve = serve
         self._lock = threading.Lock()
         self._jobs: dict[str, BackupJob | None] = {}
-        self._pending: dict[str, DiskExport] = {}
+        #: Jobs that ended while their tickets stayed (the domain
+        #: stopped): ``stop`` removes those tickets.
+        self._leftovers: list[BackupJob] = []
+        self._pending: dict[str, Serve] = {}
         self._tickets: TicketInstaller | None = None
 
     def open(self, tickets: TicketInstaller) -> None:
@@ -83,17 +105,18 @@ class BackupManager:
         with self._lock:
             export = self._pending.pop(spec.uuid, None)
         if export is not None:
-            return export
+            return export(spec)
         return self._fallback(spec)
 
     def jobs(self) -> list[BackupJob]:
         with self._lock:
-            return [job for job in self._jobs.values() if job is not None]
+            return [job for job in self._jobs.values()
+                    if job is not None and not job.over]
 
     def job(self, domain: str) -> BackupJob:
         with self._lock:
             job = self._jobs.get(domain)
-        if job is None:
+        if job is None or job.over:
             raise NotFound(f"No backup of domain {domain!r} is running")
         return job
 
@@ -117,26 +140,45 @@ class BackupManager:
             self._jobs[request.domain] = job
         try:
             self._install(job, request.timeout)
+            job.check()  # the domain may have stopped meanwhile
         except BaseException:
             self.stop(request.domain)
             raise
         return job
 
+    def prune(self, domain: str, keep: int) -> Pruned:
+        """Delete the domain's checkpoints but the newest ``keep``; no
+        backup of it may run meanwhile."""
+        with self._lock:
+            if domain in self._jobs:
+                raise Conflict(f"A backup of domain {domain!r} is running; "
+                               f"prune after 'backup stop'")
+            self._jobs[domain] = None
+        try:
+            return prune(self.virsh, domain, keep)
+        finally:
+            with self._lock:
+                del self._jobs[domain]
+
     def stop(self, domain: str) -> None:
         """Remove the job's tickets (their requests end first), then end
-        the job; or end the job a killed daemon left."""
-        try:
-            job = self.job(domain)
-        except NotFound:
-            with self._lock:
-                starting = domain in self._jobs
+        the job; or end the job a killed daemon left. The tickets of a
+        job that ended with its domain go too."""
+        with self._lock:
+            job = self._jobs.get(domain)
+            starting = domain in self._jobs and job is None
+            ended = [j for j in self._leftovers
+                     if j.domain == domain and j.live_tickets]
+        if job is None and not ended:
             if not starting and self._end_stale(domain):
                 return
-            raise
+            raise NotFound(f"No backup of domain {domain!r} is running")
         assert self._tickets is not None
-        for disk in job.disks:
-            self._tickets.remove(disk.ticket_id)
-        job.end()
+        for each in ended if job is None else [*ended, job]:
+            for ticket_id in each.live_tickets:
+                self._tickets.remove(ticket_id)
+            each.end()
+            self._ended(each)
 
     def stop_all(self) -> None:
         """End every job (the daemon stops)."""
@@ -147,7 +189,36 @@ class BackupManager:
                 log.exception("ending the backup of %s", job.domain)
 
     def _begin(self, request: BackupRequest) -> BackupJob:
-        every, chosen = self._check(request)
+        state = self.virsh.state(request.domain)
+        if state not in (RUNNING, SHUT_OFF):
+            raise BadRequest(f"Domain {request.domain!r} is {state}: only a "
+                             f"running or shut off domain can be backed up")
+        every = self.virsh.disks(request.domain)
+        chosen = _chosen(every, request.disks, request.since is not None)
+        self._check_since(request)
+        if state == SHUT_OFF:
+            return self._begin_offline(request, every, chosen)
+        if self.virsh.job_running(request.domain) \
+                and not self._end_stale(request.domain):
+            raise Conflict(f"Another job runs on domain {request.domain!r} "
+                           f"(virsh domjobinfo); it must end first")
+        return self._begin_running(request, every, chosen)
+
+    def _begin_offline(self, request: BackupRequest, every: list[DomainDisk],
+                       chosen: list[DomainDisk]) -> BackupJob:
+        disks = offline_disks(request.domain, chosen, request.since)
+        tracked = [d for d in chosen if d.format == CHECKPOINT_FORMAT]
+        checkpoint = checkpoint_name() if tracked else None
+        if checkpoint is not None:
+            add_checkpoint(self.virsh, request.domain, checkpoint, tracked,
+                           [d.target for d in every if d not in tracked])
+        log.info("backup of %s (shut off): checkpoint %s since %s",
+                 request.domain, checkpoint, request.since or "(full)")
+        return BackupJob(request.domain, checkpoint, request.since, None,
+                         disks, None, self._ended)
+
+    def _begin_running(self, request: BackupRequest, every: list[DomainDisk],
+                       chosen: list[DomainDisk]) -> BackupJob:
         names = [disk.target for disk in chosen]
         others = [disk.target for disk in every if disk.target not in names]
         # Only qcow2 disks keep a checkpoint's bitmap: the others are
@@ -158,6 +229,8 @@ class BackupManager:
         folder = self._job_folder()
         try:
             socket_path = _socket_path(folder)
+            backup_disks = [self._disk(request, name, socket_path)
+                            for name in names]
             scratch = {name: os.path.join(folder, f"{name}.scratch")
                        for name in names}
             self.virsh.backup_begin(
@@ -167,15 +240,19 @@ class BackupManager:
                     checkpoint, tracked,
                     [d.target for d in every if d.target not in tracked]),
                 folder)
-            backup_disks = [self._disk(request, name, socket_path)
-                            for name in names]
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         log.info("backup of %s: job begun, checkpoint %s since %s",
                  request.domain, checkpoint, request.since or "(full)")
-        return BackupJob(request.domain, checkpoint, request.since, folder,
-                         backup_disks, self.virsh.abort_job, self._ended)
+        job = BackupJob(request.domain, checkpoint, request.since, folder,
+                        backup_disks, self.virsh.abort_job, self._ended)
+        try:
+            job.watch = _watch(job, socket_path)
+        except BaseException:
+            job.end()
+            raise
+        return job
 
     def _disk(self, request: BackupRequest, name: str,
               socket_path: str) -> BackupDisk:
@@ -185,29 +262,15 @@ class BackupManager:
             url=f"nbd:unix:{socket_path}:exportname={name}",
             dirty=request.since is not None)
 
-    def _check(self, request: BackupRequest
-               ) -> tuple[list[DomainDisk], list[DomainDisk]]:
-        """The domain's disks and those to back up, or the reason there is
-        no backup."""
-        virsh = self.virsh
-        state = virsh.state(request.domain)
-        if state != "running":
-            raise BadRequest(f"Domain {request.domain!r} is {state}: only a "
-                             f"running domain can be backed up")
-        every = virsh.disks(request.domain)
-        chosen = _chosen(every, request.disks, request.since is not None)
-        if request.since is not None:
-            known = virsh.checkpoints(request.domain)
-            if request.since not in known:
-                raise BadRequest(
-                    f"Domain {request.domain!r} has no checkpoint "
-                    f"{request.since!r} (its checkpoints: "
-                    f"{', '.join(known) or 'none'})")
-        if virsh.job_running(request.domain) \
-                and not self._end_stale(request.domain):
-            raise Conflict(f"Another job runs on domain {request.domain!r} "
-                           f"(virsh domjobinfo); it must end first")
-        return every, chosen
+    def _check_since(self, request: BackupRequest) -> None:
+        if request.since is None:
+            return
+        known = self.virsh.checkpoints(request.domain)
+        if request.since not in known:
+            raise BadRequest(
+                f"Domain {request.domain!r} has no checkpoint "
+                f"{request.since!r} (its checkpoints: "
+                f"{', '.join(known) or 'none'})")
 
     def _end_stale(self, domain: str) -> bool:
         """End the backup a killed daemon of this run directory left
@@ -233,17 +296,56 @@ class BackupManager:
         assert self._tickets is not None
         for disk in job.disks:
             with self._lock:
-                self._pending[disk.ticket_id] = DiskExport(job, disk)
+                self._pending[disk.ticket_id] = self._exporter(job, disk)
             try:
                 self._tickets.add(disk.ticket(timeout), disk.ticket_id)
             finally:
                 with self._lock:
                     self._pending.pop(disk.ticket_id, None)
 
+    def _exporter(self, job: BackupJob, disk: BackupDisk) -> Serve:
+        """What starts the export of ``disk``'s ticket."""
+        if disk.format is None:
+            return lambda spec: DiskExport(job, disk)
+
+        def serve(spec: TicketSpec) -> TicketExport:
+            try:
+                return DiskExport(job, disk, self._serve(spec))
+            except BadRequest as e:
+                # qemu's words: the image's lock, when the domain started
+                # meanwhile.
+                raise Conflict(f"Disk {disk.name!r} of domain "
+                               f"{job.domain!r} cannot be served: {e}") from e
+        return serve
+
     def _ended(self, job: BackupJob) -> None:
+        """Forget an ended job, but for its tickets if they stay (the
+        domain stopped); idempotent."""
         with self._lock:
-            if self._jobs.get(job.domain) is job:
+            registered = self._jobs.get(job.domain) is job
+            if registered:
                 del self._jobs[job.domain]
+            self._leftovers = [j for j in self._leftovers
+                               if j is not job and j.live_tickets]
+            if registered and job.live_tickets:
+                self._leftovers.append(job)
+
+
+def _watch(job: BackupJob, socket_path: str) -> ProcessWatch | None:
+    """Have the job end when the domain's QEMU, which serves it, ends."""
+    pid = server_pid(socket_path, WATCH_TIMEOUT)
+    try:
+        if pid is None:
+            raise ProcessLookupError(f"no NBD server answers on {socket_path}")
+        return ProcessWatch(pid, job.domain_stopped,
+                            f"backup-watch-{job.domain}")
+    except ProcessLookupError as e:
+        raise ExportFailed(f"the backup of domain {job.domain!r} is not "
+                           f"served: {e} (did the domain stop?)") from e
+    except OSError as e:
+        log.warning("backup of %s: cannot watch its QEMU (%s): the job "
+                    "ends only with its tickets", job.domain, e)
+        return None
 
 
 def _chosen(disks: Sequence[DomainDisk], names: Sequence[str],

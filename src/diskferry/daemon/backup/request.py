@@ -1,4 +1,4 @@
-"""What ``POST /backups/{domain}`` asks for, validated."""
+"""What ``POST /backups/{domain}`` and ``.../prune`` ask for, validated."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ from diskferry.errors import BadRequest
 
 #: Seconds a backup's tickets live unless the request says otherwise.
 DEFAULT_TIMEOUT = 3600
+
+#: Most checkpoints a prune may be asked to keep: more than any domain
+#: has (each is a bitmap in every disk).
+MAX_CHECKPOINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -38,3 +42,12 @@ class BackupRequest:
         return cls(domain=domain, disks=tuple(disks), since=since,
                    timeout=field(d, "timeout", int, DEFAULT_TIMEOUT,
                                  minimum=1, maximum=MAX_TIMEOUT))
+
+
+def checkpoints_to_keep(d: object) -> int:
+    """What ``POST /backups/{domain}/prune`` asks for: ``{"keep": N}``,
+    the newest checkpoints to keep."""
+    if not isinstance(d, dict):
+        raise BadRequest("Body must be a JSON object")
+    return field(d, "keep", int, required=True, minimum=0,
+                 maximum=MAX_CHECKPOINTS)

@@ -7,7 +7,7 @@ ticket id is a bearer secret: the applications tell the access log so
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from diskferry.daemon.config import Config
@@ -103,15 +103,14 @@ def images_app(store: TicketStore, config: Config, options: dict[str, Any],
 
 def control_app(store: TicketStore,
                 metrics: MetricsSource | None = None,
-                backups: object | None = None) -> App:
-    """The tickets API, the daemon's ``metrics`` and the ``backups``
-    handler when given."""
+                backups: Sequence[tuple[str, object]] = ()) -> App:
+    """The tickets API, the daemon's ``metrics`` and the routes of
+    ``backups`` when given."""
     routes: list[tuple[str, object]] = [
         (r"/tickets/([^/]*)", TicketsHandler(store)),
         (r"/info/?", InfoHandler()),
     ]
-    if backups is not None:
-        routes.append((r"/backups/([^/]*)", backups))
+    routes.extend(backups)
     if metrics is not None:
         routes.append((r"/metrics", MetricsHandler(metrics)))
     return App(routes)
