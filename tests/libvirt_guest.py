@@ -11,7 +11,6 @@ backed up in full only.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -115,7 +114,7 @@ class Guest:
             subprocess.run(["qemu-io", "-f", "qcow2", "-c",
                             f"write -P 0x11 {offset} 512k", self.disk],
                            check=True, capture_output=True)
-            self._reference_write(0x11, offset, 512 * 1024)
+            self._reference_io(f"write -P 0x11 {offset} 512k")
         self.raw_disk = os.path.join(folder, "vdb.raw")
         subprocess.run(["qemu-img", "create", "-q", "-f", "raw",
                         self.raw_disk, str(RAW_SIZE)], check=True)
@@ -130,11 +129,11 @@ class Guest:
 
     def write(self, pattern: int, offset: int, length: int) -> None:
         """A write of the running guest, and the same on the reference."""
-        out = virsh("qemu-monitor-command", self.name, "--hmp",
-                    f'qemu-io -d {DEVICE} "write -P {pattern:#x} {offset} '
-                    f'{length}"')
-        assert "error" not in out.lower(), out
-        self._reference_write(pattern, offset, length)
+        self._both(f"write -P {pattern:#x} {offset} {length}")
+
+    def zero(self, offset: int, length: int) -> None:
+        """The running guest writes zeroes, and the reference too."""
+        self._both(f"write -z {offset} {length}")
 
     def snapshot(self, name: str) -> str:
         """A copy of the reference: the disk as it is now."""
@@ -152,17 +151,26 @@ class Guest:
     def destroy(self) -> None:
         subprocess.run([*VIRSH, "destroy", self.name], capture_output=True)
 
-    def _reference_write(self, pattern: int, offset: int,
-                         length: int) -> None:
-        subprocess.run(["qemu-io", "-f", "raw", "-c",
-                        f"write -P {pattern:#x} {offset} {length}",
+    def _both(self, command: str) -> None:
+        """A ``qemu-io`` command on the running disk and the reference."""
+        out = virsh("qemu-monitor-command", self.name, "--hmp",
+                    f'qemu-io -d {DEVICE} "{command}"')
+        assert "error" not in out.lower(), out
+        self._reference_io(command)
+
+    def _reference_io(self, command: str) -> None:
+        subprocess.run(["qemu-io", "-f", "raw", "-c", command,
                         self.reference], check=True, capture_output=True)
 
 
-@contextlib.contextmanager
-def running_guest() -> Iterator[Guest]:
-    """A guest for a test module, destroyed with its files at the end;
-    a skip where libvirt cannot run (a failure in CI)."""
+# Fixtures: a test module takes them as its own (``guest =
+# libvirt_guest.guest``), each module then has a guest and a daemon.
+
+
+@pytest.fixture(scope="module")
+def guest() -> Iterator[Guest]:
+    """A running guest for the module; a skip where libvirt cannot run
+    (a failure in CI)."""
     reason = libvirt_missing()
     if reason is not None:
         if os.environ.get("CI"):
@@ -171,23 +179,26 @@ def running_guest() -> Iterator[Guest]:
     ensure_libvirtd()
     folder = public_folder("diskferry-guest-")
     g = Guest(folder)
-    try:
-        yield g
-    finally:
-        g.destroy()
-        shutil.rmtree(folder, ignore_errors=True)
+    yield g
+    g.destroy()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def backup_daemon() -> Iterator[servers.Server]:
+@pytest.fixture(scope="module")
+def daemon(guest: Guest) -> Iterator[servers.Server]:
     """A daemon whose run folder QEMU's user can reach."""
     workdir = public_folder("diskferry-backupd-")
     srv = servers.start_server("diskferry", workdir, local_socket="path")
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield srv
+    srv.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_job_left(guest: Guest, daemon: servers.Server) -> Iterator[None]:
+    """Each test ends its jobs; a failed one leaves none to the next."""
+    yield
+    daemon.control("DELETE", f"/backups/{guest.name}")
 
 
 def cli(daemon, *args: str, check: bool = True, cwd=None):

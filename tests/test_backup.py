@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+import libvirt_guest
 import servers
 from libvirt_guest import (
     DOMAIN_XML,
@@ -29,36 +30,19 @@ from libvirt_guest import (
     assert_ended,
     assert_same,
     backup,
-    backup_daemon,
     backups_folder,
     checkpoints,
     cli,
     download,
     imageio_download,
     public_folder,
-    running_guest,
     virsh,
 )
 
-
-@pytest.fixture(scope="module")
-def guest():
-    with running_guest() as g:
-        yield g
-
-
-@pytest.fixture(scope="module")
-def daemon(guest):
-    """A daemon whose run folder QEMU's user can reach."""
-    with backup_daemon() as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def no_job_left(request, guest, daemon):
-    """Each test ends its jobs; a failed one leaves none to the next."""
-    yield
-    daemon.control("DELETE", f"/backups/{guest.name}")
+#: One guest and one daemon for the module; no job left after a test.
+guest = libvirt_guest.guest
+daemon = libvirt_guest.daemon
+no_job_left = libvirt_guest.no_job_left
 
 
 # --- tests -------------------------------------------------------------------
