@@ -196,29 +196,6 @@ def test_job_of_another_daemon_conflicts(daemon, guest):
     assert guest.job_type() == "None"
 
 
-@pytest.mark.parametrize("then", ["start", "stop"])
-def test_job_of_a_killed_daemon_is_ended(guest, then):
-    workdir = public_folder("diskferry-backupd-")
-    try:
-        srv = servers.start_server("diskferry", workdir, local_socket="path")
-        backup(srv, guest)
-        srv.kill()
-        assert guest.job_type() == "Unbounded"
-        srv = servers.start_server("diskferry", workdir, local_socket="path")
-        try:
-            assert os.listdir(backups_folder(srv)) == []
-            if then == "start":
-                job = backup(srv, guest)
-                assert job["disks"][0]["transfer_url"]
-            cli(srv, "backup", "stop", guest.name, "--socket",
-                srv.control_socket)
-            assert guest.job_type() == "None"
-        finally:
-            srv.stop()
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
 def test_stopped_domain_is_refused(daemon, guest):
     name = f"{guest.name}-off"
     xml = os.path.join(guest.folder, "off.xml")

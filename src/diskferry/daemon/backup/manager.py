@@ -26,7 +26,13 @@ from diskferry.daemon.backup.libvirt import (
 )
 from diskferry.daemon.backup.request import BackupRequest
 from diskferry.daemon.tickets import StartExport, TicketExport, TicketSpec
-from diskferry.errors import BadRequest, Conflict, ExportFailed, NotFound
+from diskferry.errors import (
+    BadRequest,
+    Conflict,
+    ExportFailed,
+    NotFound,
+    RequestError,
+)
 
 log = logging.getLogger("diskferry.daemon.backup")
 
@@ -72,11 +78,15 @@ class BackupManager:
         self._tickets: TicketInstaller | None = None
 
     def open(self, tickets: TicketInstaller) -> None:
-        """Make the jobs' folder, removing what a killed daemon left."""
+        """Make the jobs' folder; end the jobs a killed daemon left, then
+        remove their files."""
         self._tickets = tickets
         os.makedirs(self.folder, mode=0o711, exist_ok=True)
         os.chmod(self.folder, 0o711)
-        for name in os.listdir(self.folder):
+        left = os.listdir(self.folder)
+        if left:
+            self._end_stale_jobs()
+        for name in left:
             shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
 
     def start_export(self, spec: TicketSpec) -> TicketExport | None:
@@ -220,6 +230,15 @@ class BackupManager:
                     domain)
         self.virsh.abort_job(domain)
         return True
+
+    def _end_stale_jobs(self) -> None:
+        """End the backups a killed daemon of this run directory left, on
+        whichever running domain they are."""
+        try:
+            for domain in self.virsh.running_domains():
+                self._end_stale(domain)
+        except RequestError as e:
+            log.warning("backups a previous daemon left: %s", e)
 
     def _job_folder(self) -> str:
         folder = os.path.join(self.folder, secrets.token_hex(4))
