@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -141,6 +142,18 @@ class Guest:
         shutil.copyfile(self.reference, path)
         return path
 
+    def write_script(self, pattern: int, offset: int, length: int) -> str:
+        """``write`` as shell commands, for a script to run between its
+        steps (a failed write shows as a backup unlike its reference)."""
+        command = f"write -P {pattern:#x} {offset} {length}"
+        return "".join(shlex.join(argv) + " > /dev/null\n" for argv in (
+            [*VIRSH, *self._monitor(command)], self._reference(command)))
+
+    def snapshot_script(self, name: str) -> tuple[str, str]:
+        """``snapshot`` as a shell command, and the copy it makes."""
+        path = os.path.join(self.folder, name)
+        return shlex.join(["cp", self.reference, path]) + "\n", path
+
     def job_type(self) -> str:
         for line in virsh("domjobinfo", self.name).splitlines():
             key, _, value = line.partition(":")
@@ -153,14 +166,21 @@ class Guest:
 
     def _both(self, command: str) -> None:
         """A ``qemu-io`` command on the running disk and the reference."""
-        out = virsh("qemu-monitor-command", self.name, "--hmp",
-                    f'qemu-io -d {DEVICE} "{command}"')
+        out = virsh(*self._monitor(command))
         assert "error" not in out.lower(), out
         self._reference_io(command)
 
+    def _monitor(self, command: str) -> list[str]:
+        """virsh's arguments that run ``command`` on the running disk."""
+        return ["qemu-monitor-command", self.name, "--hmp",
+                f'qemu-io -d {DEVICE} "{command}"']
+
+    def _reference(self, command: str) -> list[str]:
+        return ["qemu-io", "-f", "raw", "-c", command, self.reference]
+
     def _reference_io(self, command: str) -> None:
-        subprocess.run(["qemu-io", "-f", "raw", "-c", command,
-                        self.reference], check=True, capture_output=True)
+        subprocess.run(self._reference(command), check=True,
+                       capture_output=True)
 
 
 # Fixtures: a test module takes them as its own (``guest =
