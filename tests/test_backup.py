@@ -1,12 +1,9 @@
-"""Backups of a running libvirt domain: ``diskferry backup`` begins
-libvirt's pull-mode job, the disks are downloaded with ``diskferry
-download``, and the job and its files are gone when it ends.
+"""Backups of a running libvirt domain: what ``diskferry backup`` says
+and refuses, and how a job ends, with nothing left behind.
 
 One TCG guest with no operating system (it sits in firmware) for the
-module; the guest's disk is written through the monitor (``qemu-io`` on
-the disk's virtio device), and every write is made as well on a raw
-reference file, so that each backup is compared with ``qemu-img
-compare`` against the disk as it was when the backup began.
+module (tests/libvirt_guest.py); the backups themselves, read by every
+client and compared with the disk, are in test_backup_chain.py.
 """
 
 from __future__ import annotations
@@ -23,18 +20,13 @@ import libvirt_guest
 import servers
 from libvirt_guest import (
     DOMAIN_XML,
-    RAW_SIZE,
-    SIZE,
     Guest,
-    MiB,
     assert_ended,
-    assert_same,
     backup,
     backups_folder,
     checkpoints,
     cli,
     download,
-    imageio_download,
     public_folder,
     virsh,
 )
@@ -46,58 +38,6 @@ no_job_left = libvirt_guest.no_job_left
 
 
 # --- tests -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("unix, fetch", [
-    ("always", download), ("never", download), ("any", imageio_download),
-], ids=["diskferry-unix", "diskferry-tls", "ovirt-imageio"])
-def test_full_then_incremental(daemon, guest, tmp_path, unix, fetch):
-    guest.write(0x22, 1 * MiB, 64 * 1024)
-    at_full = guest.snapshot(f"full-{unix}.raw")
-    full = backup(daemon, guest, "--full")
-    assert full["since"] is None
-    assert full["checkpoint"] in checkpoints(guest)
-    disk, raw_disk = full["disks"]
-    assert (disk["name"], disk["size"], disk["dirty"]) == ("vda", SIZE, False)
-    assert (raw_disk["name"], raw_disk["size"], raw_disk["dirty"]) == \
-        ("vdb", RAW_SIZE, False)
-    raw_image = str(tmp_path / "vdb.raw")
-    fetch(daemon, raw_disk["transfer_url"], raw_image, unix)
-    subprocess.run(["cmp", raw_image, guest.raw_disk], check=True)
-    assert guest.job_type() == "Unbounded"
-    # During the job: not in this backup.
-    guest.write(0x33, 2 * MiB, 128 * 1024)
-    full_image = str(tmp_path / "full.qcow2")
-    fetch(daemon, disk["transfer_url"], full_image, unix,
-             "--format", "qcow2")
-    assert_same(full_image, at_full)
-    cli(daemon, "backup", "stop", guest.name, "--socket",
-        daemon.control_socket)
-    assert_ended(daemon, guest)
-
-    guest.write(0x44, 6 * MiB, 192 * 1024)
-    at_incremental = guest.snapshot(f"incremental-{unix}.raw")
-    incremental = backup(daemon, guest, "--since", full["checkpoint"])
-    assert incremental["since"] == full["checkpoint"]
-    assert incremental["checkpoint"] > full["checkpoint"]
-    [disk] = incremental["disks"]  # vdb is raw: in full backups only
-    assert disk["name"] == "vda"
-    assert disk["dirty"]
-    guest.write(0x55, 6 * MiB, 64 * 1024)
-    overlay = str(tmp_path / "incremental.qcow2")
-    fetch(daemon, disk["transfer_url"], overlay, unix, "--incremental",
-             "--backing-file", "full.qcow2")
-    assert_same(overlay, at_incremental)
-    # Only what changed since the checkpoint went into the overlay.
-    allocated = subprocess.run(
-        ["qemu-img", "map", "--output=json", overlay], check=True,
-        capture_output=True, text=True).stdout
-    top = [e for e in json.loads(allocated) if e["depth"] == 0 and e["data"]]
-    assert sum(e["length"] for e in top) < 1 * MiB
-    # The job ends with its last ticket.
-    cli(daemon, "ticket", "del", disk["ticket"], "--socket",
-        daemon.control_socket)
-    assert_ended(daemon, guest)
 
 
 def test_list_shows_job_and_checkpoints(daemon, guest):

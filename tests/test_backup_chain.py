@@ -21,6 +21,8 @@ from pathlib import Path
 import libvirt_guest
 import servers
 from libvirt_guest import (
+    RAW_SIZE,
+    SIZE,
     MiB,
     assert_ended,
     assert_same,
@@ -102,8 +104,16 @@ def test_full_and_two_incrementals(daemon, guest, tmp_path):
     guest.write(0x22, 1 * MiB, 64 * 1024)
     at_full = guest.snapshot("at-full.raw")
     full = backup(daemon, guest, "--full")
+    assert full["since"] is None
     vda, vdb = full["disks"]
+    assert (vda["name"], vda["size"], vda["dirty"]) == ("vda", SIZE, False)
+    assert (vdb["name"], vdb["size"], vdb["dirty"]) == ("vdb", RAW_SIZE, False)
     guest.write(0x33, 2 * MiB, 128 * 1024)  # during the job: not in it
+    # The raw disk, backed up in full only.
+    for reader, (fetch, unix) in READERS.items():
+        image = str(tmp_path / f"vdb-{reader}.raw")
+        fetch(daemon, vdb["transfer_url"], image, unix)
+        subprocess.run(["cmp", image, guest.raw_disk], check=True)
     # The job serves its other disks until their tickets go too.
     delete_ticket(daemon, vdb["ticket"])
     assert guest.job_type() == "Unbounded"
@@ -117,8 +127,9 @@ def test_full_and_two_incrementals(daemon, guest, tmp_path):
     guest.write(0x44, 6 * MiB, 192 * 1024)
     at_inc1 = guest.snapshot("at-inc1.raw")
     inc1 = backup(daemon, guest, "--since", full["checkpoint"])
-    [vda] = inc1["disks"]
+    [vda] = inc1["disks"]  # vdb is raw: in full backups only
     assert vda["dirty"] and inc1["since"] == full["checkpoint"]
+    assert inc1["checkpoint"] > full["checkpoint"]
     # During the job: not in this backup, in the next.
     guest.write(0x55, 6 * MiB, 64 * 1024)
     guest.write(0x56, 10 * MiB, 64 * 1024)
