@@ -237,9 +237,10 @@ def backup(daemon, guest, *args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def download(daemon, url: str, dest: str, unix: str, *args: str) -> None:
-    cli(daemon, "download", url, dest, "--cafile", daemon.ca_file,
-        "--unix", unix, *args, cwd=os.path.dirname(dest))
+def download(daemon, url: str, dest: str, unix: str, *args: str) -> str:
+    """``diskferry download``; its summary ("... via unix ...")."""
+    return cli(daemon, "download", url, dest, "--cafile", daemon.ca_file,
+               "--unix", unix, *args, cwd=os.path.dirname(dest)).stdout
 
 
 def assert_same(image: str, reference: str) -> None:
@@ -266,8 +267,9 @@ def checkpoints(guest) -> list[str]:
 
 
 def imageio_download(daemon, url: str, dest: str, unix: str,
-                     *args: str) -> None:
-    """The same download by ovirt-imageio's client library."""
+                     *args: str) -> str:
+    """The same download by ovirt-imageio's client library (which prints
+    nothing)."""
     from ovirt_imageio import client
 
     if "--incremental" in args:
@@ -278,3 +280,4 @@ def imageio_download(daemon, url: str, dest: str, unix: str,
     else:
         client.download(url, dest, daemon.ca_file,
                         fmt="qcow2" if "qcow2" in args else "raw")
+    return ""

@@ -35,8 +35,9 @@ from libvirt_guest import (
     public_folder,
 )
 
-#: Who reads each backup: the function that downloads, and its --unix.
-READERS: dict[str, tuple[Callable[..., None], str]] = {
+#: Who reads each backup: the function that downloads, and its --unix
+#: (diskferry download says which transport it took: the reader's name).
+READERS: dict[str, tuple[Callable[..., str], str]] = {
     "unix": (download, "always"),
     "tls": (download, "never"),
     "imageio": (imageio_download, "any"),
@@ -62,7 +63,8 @@ def read_backup(daemon, disk: dict, folder: Path, name: str,
         else:
             args = ("--incremental", "--backing-file",
                     f"{backing}-{reader}.qcow2")
-        fetch(daemon, disk["transfer_url"], image, unix, *args)
+        summary = fetch(daemon, disk["transfer_url"], image, unix, *args)
+        assert reader == "imageio" or f" via {reader} " in summary, summary
         images[reader] = image
     return images
 
