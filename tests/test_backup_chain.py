@@ -102,6 +102,23 @@ def wait_for_no_job(guest, timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+def daemon_resources(daemon) -> tuple[int, int]:
+    """The daemon's open descriptors and threads."""
+    return (len(os.listdir(f"/proc/{daemon.pid}/fd")),
+            len(os.listdir(f"/proc/{daemon.pid}/task")))
+
+
+def assert_no_more_than(daemon, before: tuple[int, int]) -> None:
+    """The daemon holds no more descriptors and threads than ``before``
+    (once the last clients' connections are closed)."""
+    deadline = time.monotonic() + 10
+    while any(n > b for n, b in zip(daemon_resources(daemon), before,
+                                    strict=True)):
+        assert time.monotonic() < deadline, (daemon_resources(daemon),
+                                             before)
+        time.sleep(0.1)
+
+
 def test_full_and_two_incrementals(daemon, guest, tmp_path):
     guest.write(0x22, 1 * MiB, 64 * 1024)
     at_full = guest.snapshot("at-full.raw")
@@ -123,6 +140,7 @@ def test_full_and_two_incrementals(daemon, guest, tmp_path):
     assert_all_same(fulls, at_full)
     delete_ticket(daemon, vda["ticket"])
     assert_ended(daemon, guest)
+    after_one_job = daemon_resources(daemon)
 
     # Zeroes over data the full backup holds: the overlay must hide it.
     guest.zero(5 * MiB, 64 * 1024)
@@ -153,6 +171,7 @@ def test_full_and_two_incrementals(daemon, guest, tmp_path):
     wait_for_no_job(guest)
     assert_ended(daemon, guest)
     daemon.delete_ticket(vda["ticket"])
+    assert_no_more_than(daemon, after_one_job)
 
     assert checkpoints(guest)[-3:] == [
         full["checkpoint"], inc1["checkpoint"], inc2["checkpoint"]]
