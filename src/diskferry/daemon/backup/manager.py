@@ -235,10 +235,16 @@ class BackupManager:
         """End the backups a killed daemon of this run directory left, on
         whichever running domain they are."""
         try:
-            for domain in self.virsh.running_domains():
-                self._end_stale(domain)
+            domains = self.virsh.running_domains()
         except RequestError as e:
             log.warning("backups a previous daemon left: %s", e)
+            return
+        for domain in domains:
+            try:
+                self._end_stale(domain)
+            except RequestError as e:  # one domain's failure, not the rest
+                log.warning("backup of %s a previous daemon left: %s",
+                            domain, e)
 
     def _job_folder(self) -> str:
         folder = os.path.join(self.folder, secrets.token_hex(4))
