@@ -161,6 +161,12 @@ class Guest:
                 return value.strip()
         return ""
 
+    def abort_job(self) -> None:
+        """End whatever job runs on the domain (a test that failed
+        between a daemon's kill and its restart leaves one)."""
+        subprocess.run([*VIRSH, "domjobabort", self.name],
+                       capture_output=True)
+
     def destroy(self) -> None:
         subprocess.run([*VIRSH, "destroy", self.name], capture_output=True)
 

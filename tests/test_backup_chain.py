@@ -243,4 +243,5 @@ def test_restart_after_kill_ends_the_job(guest):
         finally:
             srv.stop()
     finally:
+        guest.abort_job()
         shutil.rmtree(workdir, ignore_errors=True)
