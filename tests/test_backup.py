@@ -31,6 +31,11 @@ from libvirt_guest import (
     virsh,
 )
 
+# Names other backup test modules still take from this one.
+from libvirt_guest import RAW_SIZE as RAW_SIZE
+from libvirt_guest import MiB as MiB
+from libvirt_guest import imageio_download as imageio_download
+
 #: One guest and one daemon for the module; no job left after a test.
 guest = libvirt_guest.guest
 daemon = libvirt_guest.daemon
@@ -134,6 +139,31 @@ def test_job_of_another_daemon_conflicts(daemon, guest):
         other.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     assert guest.job_type() == "None"
+
+
+def test_job_of_a_killed_daemon_is_ended(guest):
+    """The daemon started again ends the job a killed one left: no job,
+    no scratch file, no socket; the domain backs up again."""
+    workdir = public_folder("diskferry-backupd-")
+    try:
+        srv = servers.start_server("diskferry", workdir, local_socket="path")
+        backup(srv, guest)
+        srv.kill()
+        assert guest.job_type() == "Unbounded"
+        assert os.listdir(backups_folder(srv)) != []
+        srv = servers.start_server("diskferry", workdir, local_socket="path")
+        try:
+            assert_ended(srv, guest)
+            job = backup(srv, guest)
+            assert job["disks"][0]["transfer_url"]
+            cli(srv, "backup", "stop", guest.name, "--socket",
+                srv.control_socket)
+            assert guest.job_type() == "None"
+        finally:
+            srv.stop()
+    finally:
+        guest.abort_job()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_stopped_domain_is_refused(daemon, guest):

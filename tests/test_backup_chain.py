@@ -2,8 +2,7 @@
 backup and two incrementals, each downloaded by ``diskferry download``
 over the UNIX socket and over TLS and by ovirt-imageio's client library,
 each point compared with ``qemu-img compare`` against the disk as it was
-when its backup began (the guest writes during every job); and a
-daemon killed during a job, started again.
+when its backup began (the guest writes during every job).
 
 One guest and one daemon for the module (tests/libvirt_guest.py).
 """
@@ -12,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import libvirt_guest
-import servers
 from libvirt_guest import (
     RAW_SIZE,
     SIZE,
@@ -27,12 +24,10 @@ from libvirt_guest import (
     assert_ended,
     assert_same,
     backup,
-    backups_folder,
     checkpoints,
     cli,
     download,
     imageio_download,
-    public_folder,
 )
 
 #: Who reads each backup: the function that downloads, and its --unix
@@ -220,28 +215,3 @@ def test_chain_restored_by_the_imageio_client(daemon, guest, tmp_path):
         delete_ticket(daemon, ticket)
     assert_same(restored, at_inc)
 
-
-def test_restart_after_kill_ends_the_job(guest):
-    """The daemon that starts again in a killed one's run directory ends
-    the job the killed one left: no job, no scratch file, no socket."""
-    workdir = public_folder("diskferry-backupd-")
-    try:
-        srv = servers.start_server("diskferry", workdir, local_socket="path")
-        backup(srv, guest)
-        srv.kill()
-        assert guest.job_type() == "Unbounded"
-        assert os.listdir(backups_folder(srv)) != []
-        srv = servers.start_server("diskferry", workdir, local_socket="path")
-        try:
-            assert guest.job_type() == "None"
-            assert_ended(srv, guest)
-            # The domain backs up again, under the new daemon.
-            backup(srv, guest)
-            cli(srv, "backup", "stop", guest.name, "--socket",
-                srv.control_socket)
-            assert_ended(srv, guest)
-        finally:
-            srv.stop()
-    finally:
-        guest.abort_job()
-        shutil.rmtree(workdir, ignore_errors=True)
