@@ -26,13 +26,7 @@ from diskferry.daemon.backup.libvirt import (
 )
 from diskferry.daemon.backup.request import BackupRequest
 from diskferry.daemon.tickets import StartExport, TicketExport, TicketSpec
-from diskferry.errors import (
-    BadRequest,
-    Conflict,
-    ExportFailed,
-    NotFound,
-    RequestError,
-)
+from diskferry.errors import BadRequest, Conflict, ExportFailed, NotFound
 
 log = logging.getLogger("diskferry.daemon.backup")
 
@@ -236,13 +230,13 @@ class BackupManager:
         whichever running domain they are."""
         try:
             domains = self.virsh.running_domains()
-        except RequestError as e:
+        except Exception as e:  # the daemon starts, whatever libvirt says
             log.warning("backups a previous daemon left: %s", e)
             return
         for domain in domains:
             try:
                 self._end_stale(domain)
-            except RequestError as e:  # one domain's failure, not the rest
+            except Exception as e:  # one domain's failure, not the rest
                 log.warning("backup of %s a previous daemon left: %s",
                             domain, e)
 
