@@ -70,14 +70,15 @@ def namespaces() -> list[str] | None:
     return args if probe.returncode == 0 else None
 
 
-def readme_run(tmp_path: Path, commands: str):
+def readme_run(tmp_path: Path, commands: str, isolated: bool = True):
     """Run the daemon and ``commands``: in namespaces as written, else
     with the daemon's port, local socket and state folder replaced by
     ones of this test (in the daemon's configuration and the commands
-    alike). Returns (completed process, the state folder used)."""
+    alike); never in namespaces if not ``isolated`` (commands that need
+    the host's /run). Returns (completed process, the state folder used)."""
     env = dict(os.environ, SCRATCH=str(tmp_path),
                PATH=f"{VENV}/bin:{os.environ['PATH']}")
-    prefix = namespaces()
+    prefix = namespaces() if isolated else None
     if prefix is not None:
         script = PRELUDE.format(setup=NAMESPACE_SETUP, serve_args="")
         state = tmp_path / "var-lib" / "diskferry"

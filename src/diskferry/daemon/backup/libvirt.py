@@ -87,6 +87,11 @@ class Virsh:
         """``running``, ``shut off``, ...; ``LibvirtError`` if unknown."""
         return self.run("domstate", domain).strip()
 
+    def running_domains(self) -> list[str]:
+        """The names of the running domains."""
+        return [line.strip() for line in self.run("list", "--name").splitlines()
+                if line.strip()]
+
     def disks(self, domain: str) -> list[DomainDisk]:
         """The domain's file disks, from its live XML."""
         root = ET.fromstring(self.run("dumpxml", domain))

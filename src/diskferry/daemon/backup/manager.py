@@ -94,11 +94,15 @@ class BackupManager:
         self._tickets: TicketInstaller | None = None
 
     def open(self, tickets: TicketInstaller) -> None:
-        """Make the jobs' folder, removing what a killed daemon left."""
+        """Make the jobs' folder; end the jobs a killed daemon left, then
+        remove their files."""
         self._tickets = tickets
         os.makedirs(self.folder, mode=0o711, exist_ok=True)
         os.chmod(self.folder, 0o711)
-        for name in os.listdir(self.folder):
+        left = os.listdir(self.folder)
+        if left:
+            self._end_stale_jobs()
+        for name in left:
             shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
 
     def start_export(self, spec: TicketSpec) -> TicketExport | None:
@@ -283,6 +287,21 @@ class BackupManager:
                     domain)
         self.virsh.abort_job(domain)
         return True
+
+    def _end_stale_jobs(self) -> None:
+        """End the backups a killed daemon of this run directory left, on
+        whichever running domain they are."""
+        try:
+            domains = self.virsh.running_domains()
+        except Exception as e:  # the daemon starts, whatever libvirt says
+            log.warning("backups a previous daemon left: %s", e)
+            return
+        for domain in domains:
+            try:
+                self._end_stale(domain)
+            except Exception as e:  # one domain's failure, not the rest
+                log.warning("backup of %s a previous daemon left: %s",
+                            domain, e)
 
     def _job_folder(self) -> str:
         folder = os.path.join(self.folder, secrets.token_hex(4))
