@@ -31,11 +31,6 @@ from libvirt_guest import (
     virsh,
 )
 
-# Names other backup test modules still take from this one.
-from libvirt_guest import RAW_SIZE as RAW_SIZE
-from libvirt_guest import MiB as MiB
-from libvirt_guest import imageio_download as imageio_download
-
 #: One guest and one daemon for the module; no job left after a test.
 guest = libvirt_guest.guest
 daemon = libvirt_guest.daemon

@@ -19,9 +19,9 @@ import uuid
 
 import pytest
 
+import libvirt_guest
 import servers
-import test_backup
-from test_backup import (
+from libvirt_guest import (
     DOMAIN_XML,
     RAW_SIZE,
     MiB,
@@ -46,8 +46,8 @@ VDB_XML = ("<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
            "<source file='{disk}'/><target dev='vdb' bus='virtio'/></disk>")
 
 #: The backup tests' daemon, and no job left after a test.
-daemon = test_backup.daemon
-no_job_left = test_backup.no_job_left
+daemon = libvirt_guest.daemon
+no_job_left = libvirt_guest.no_job_left
 
 
 class StoppableGuest:
