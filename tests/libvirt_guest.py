@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -287,3 +288,31 @@ def imageio_download(daemon, url: str, dest: str, unix: str,
         client.download(url, dest, daemon.ca_file,
                         fmt="qcow2" if "qcow2" in args else "raw")
     return ""
+
+
+#: Who reads each backup: the function that downloads, and its --unix
+#: (diskferry download says which transport it took: the reader's name).
+READERS: dict[str, tuple[Callable[..., str], str]] = {
+    "unix": (download, "always"),
+    "tls": (download, "never"),
+    "imageio": (imageio_download, "any"),
+}
+
+
+def read_backup(daemon, disk: dict, folder: Path, name: str,
+                backing: str | None = None) -> dict[str, str]:
+    """``disk``'s backup as each reader downloads it, into
+    ``folder/NAME-READER.qcow2``: a full backup into qcow2, an
+    incremental as an overlay of the reader's own ``backing`` backup."""
+    images = {}
+    for reader, (fetch, unix) in READERS.items():
+        image = str(folder / f"{name}-{reader}.qcow2")
+        if backing is None:
+            args: tuple[str, ...] = ("--format", "qcow2")
+        else:
+            args = ("--incremental", "--backing-file",
+                    f"{backing}-{reader}.qcow2")
+        summary = fetch(daemon, disk["transfer_url"], image, unix, *args)
+        assert reader == "imageio" or f" via {reader} " in summary, summary
+        images[reader] = image
+    return images

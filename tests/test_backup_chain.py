@@ -13,12 +13,11 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import libvirt_guest
 from libvirt_guest import (
     RAW_SIZE,
+    READERS,
     SIZE,
     MiB,
     assert_ended,
@@ -26,42 +25,13 @@ from libvirt_guest import (
     backup,
     checkpoints,
     cli,
-    download,
-    imageio_download,
+    read_backup,
 )
-
-#: Who reads each backup: the function that downloads, and its --unix
-#: (diskferry download says which transport it took: the reader's name).
-READERS: dict[str, tuple[Callable[..., str], str]] = {
-    "unix": (download, "always"),
-    "tls": (download, "never"),
-    "imageio": (imageio_download, "any"),
-}
-
 
 #: One guest and one daemon for the module; no job left after a test.
 guest = libvirt_guest.guest
 daemon = libvirt_guest.daemon
 no_job_left = libvirt_guest.no_job_left
-
-
-def read_backup(daemon, disk: dict, folder: Path, name: str,
-                backing: str | None = None) -> dict[str, str]:
-    """``disk``'s backup as each reader downloads it, into
-    ``folder/NAME-READER.qcow2``: a full backup into qcow2, an
-    incremental as an overlay of the reader's own ``backing`` backup."""
-    images = {}
-    for reader, (fetch, unix) in READERS.items():
-        image = str(folder / f"{name}-{reader}.qcow2")
-        if backing is None:
-            args: tuple[str, ...] = ("--format", "qcow2")
-        else:
-            args = ("--incremental", "--backing-file",
-                    f"{backing}-{reader}.qcow2")
-        summary = fetch(daemon, disk["transfer_url"], image, unix, *args)
-        assert reader == "imageio" or f" via {reader} " in summary, summary
-        images[reader] = image
-    return images
 
 
 def assert_all_same(images: dict[str, str], reference: str) -> None:

@@ -32,6 +32,7 @@ from libvirt_guest import (
     download,
     imageio_download,
     public_folder,
+    read_backup,
     virsh,
 )
 
@@ -236,10 +237,8 @@ def test_stopped_domain_full_then_incremental(daemon, guest, tmp_path):
     done = subprocess.run([*VIRSH, "start", guest.name], capture_output=True,
                           text=True)
     assert done.returncode and "lock" in done.stderr, done.stderr
-    full_image = str(tmp_path / "full.qcow2")
-    download(daemon, disk["transfer_url"], full_image, "always",
-             "--format", "qcow2")
-    assert_same_as_disk(full_image, guest)
+    for image in read_backup(daemon, disk, tmp_path, "full").values():
+        assert_same_as_disk(image, guest)
     cli(daemon, "backup", "stop", guest.name, "--socket",
         daemon.control_socket)
     assert running_jobs(daemon) == []
@@ -251,11 +250,11 @@ def test_stopped_domain_full_then_incremental(daemon, guest, tmp_path):
     assert incremental["checkpoint"] > full["checkpoint"]
     [disk] = incremental["disks"]
     assert disk["dirty"]
-    overlay = str(tmp_path / "incremental.qcow2")
-    download(daemon, disk["transfer_url"], overlay, "never",
-             "--incremental", "--backing-file", "full.qcow2")
-    assert_same_as_disk(overlay, guest)
-    assert top_layer_bytes(overlay) == 192 * 1024
+    overlays = read_backup(daemon, disk, tmp_path, "incremental",
+                           backing="full")
+    for overlay in overlays.values():
+        assert_same_as_disk(overlay, guest)
+        assert top_layer_bytes(overlay) == 192 * 1024
     # The last ticket's delete ends the job and its export.
     cli(daemon, "ticket", "del", disk["ticket"], "--socket",
         daemon.control_socket)
@@ -269,7 +268,7 @@ def test_stopped_domain_full_then_incremental(daemon, guest, tmp_path):
     [disk] = running["disks"]
     second = str(tmp_path / "second.qcow2")
     download(daemon, disk["transfer_url"], second, "always",
-             "--incremental", "--backing-file", "incremental.qcow2")
+             "--incremental", "--backing-file", "incremental-tls.qcow2")
     done = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F",
                            "qcow2", second, at_start], capture_output=True,
                           text=True)
