@@ -19,8 +19,15 @@ requests answered as expected; the others count as errors. Daemons as
 the test suite starts them (``tests/servers.py``); images are sparse
 files in a temporary folder.
 
+With ``--get-rate N`` each GET connection sends N requests a second
+(an open loop: the same offered load on each daemon), so that the PUTs'
+MiB/s and the GETs' latency can be compared at once; without it, each
+GET follows the last answer, and a daemon that answers small GETs
+sooner serves more of them, with CPU the PUTs then lack.
+
     .venv/bin/python bench/load.py [--seconds 30] [--connections 64 256]
         [--transports tls unix] [--servers diskferry ovirt-imageio]
+        [--get-rate N]
         [--output bench/results/DATE-load.md]
 """
 
@@ -80,6 +87,7 @@ class Job:
     connections: list[int]  # connection numbers; even: GET, odd: PUT
     seconds: float
     start: float  # wall-clock time the clock starts, the same for all
+    get_rate: float  # GETs a second per GET connection; 0: back to back
 
 
 def connect(job: Job) -> http.client.HTTPConnection:
@@ -97,27 +105,25 @@ def one_connection(job: Job, n: int, deadline: float,
     """GETs (``n`` even) or PUTs (``n`` odd) until ``deadline``."""
     ticket, size = job.tickets[n % len(job.tickets)]
     rng = random.Random(n)
+    paced = n % 2 == 0 and job.get_rate > 0
     con = connect(job)
     try:
         con.connect()
     except OSError:
         stats.errors += 1  # the request loop connects again
     ready.wait()
+    due = time.monotonic() + rng.random() / job.get_rate if paced else 0.0
     try:
         while time.monotonic() < deadline:
-            if n % 2 == 0:
-                offset = rng.randrange(size // SMALL) * SMALL
-                method, body, want = "GET", None, 206
-                headers = {"Range": f"bytes={offset}-{offset + SMALL - 1}"}
-                path = f"/images/{ticket}"
+            method, path, headers, body, want = next_request(
+                n, ticket, size, rng, data)
+            if paced:
+                # A request is timed from when it was due: an answer that
+                # comes late delays the next request, and that wait counts.
+                time.sleep(max(0.0, due - time.monotonic()))
+                start, due = due, due + 1 / job.get_rate
             else:
-                slot = (n // 2 // len(job.tickets)) % (size // PUT_SIZE)
-                offset = slot * PUT_SIZE
-                method, body, want = "PUT", data, 200
-                headers = {"Content-Range":
-                           f"bytes {offset}-{offset + PUT_SIZE - 1}/*"}
-                path = f"/images/{ticket}?flush=n"
-            start = time.monotonic()
+                start = time.monotonic()
             try:
                 con.request(method, path, body=body, headers=headers)
                 res = con.getresponse()
@@ -134,6 +140,22 @@ def one_connection(job: Job, n: int, deadline: float,
                 stats.errors += 1
     finally:
         con.close()
+
+
+def next_request(n: int, ticket: str, size: int, rng: random.Random,
+                 data: bytes) -> tuple[str, str, dict[str, str],
+                                       bytes | None, int]:
+    """Connection ``n``'s next request: method, path, headers, body and
+    the status it wants."""
+    if n % 2 == 0:
+        offset = rng.randrange(size // SMALL) * SMALL
+        return ("GET", f"/images/{ticket}",
+                {"Range": f"bytes={offset}-{offset + SMALL - 1}"}, None, 206)
+    slot = (n // 2 // TICKETS) % (size // PUT_SIZE)
+    offset = slot * PUT_SIZE
+    return ("PUT", f"/images/{ticket}?flush=n",
+            {"Content-Range": f"bytes {offset}-{offset + PUT_SIZE - 1}/*"},
+            data, 200)
 
 
 def run_job(job: Job) -> tuple[OpStats, OpStats]:
@@ -193,14 +215,14 @@ class Row:
 
 def run_row(server: servers.Server, kind: str, transport: str,
             connections: int, tickets: list[tuple[str, int]],
-            seconds: float) -> Row:
+            seconds: float, get_rate: float = 0.0) -> Row:
     gets, puts = list(range(0, connections, 2)), list(range(1, connections, 2))
     half = PROCESSES // 2
     address = (server.host, server.port, server.ca_file or "",
                server.local_socket or "")
     start = time.time() + CONNECT_TIME
     jobs = [Job(address, transport, tickets, numbers[i::half], seconds,
-                start)
+                start, get_rate)
             for numbers in (gets, puts) for i in range(half)]
     stop, peak = threading.Event(), [0.0, 0.0]
     sampler = threading.Thread(target=sample_peak,
@@ -269,6 +291,12 @@ def main() -> None:
     parser.add_argument("--transports", nargs="+", default=["tls", "unix"])
     parser.add_argument("--servers", nargs="+",
                         default=["diskferry", "ovirt-imageio"])
+    parser.add_argument(
+        "--get-rate", type=float, default=0.0, metavar="N",
+        help="GETs a second on each GET connection, each timed from when "
+             "it was due (default 0: each GET as soon as the last is "
+             "answered, so a daemon that answers GETs faster also serves "
+             "more of them, with CPU the PUTs then lack)")
     parser.add_argument("--output")
     args = parser.parse_args()
     rows = []
@@ -280,7 +308,8 @@ def main() -> None:
                     for n in args.connections:
                         tickets = image_tickets(server, work, n)
                         rows.append(run_row(server, kind, transport, n,
-                                            tickets, args.seconds))
+                                            tickets, args.seconds,
+                                            args.get_rate))
                         print(table(rows[-1:]), flush=True)
     report = (f"Command: `{' '.join(sys.argv)}`\n\n{table(rows)}\n")
     print(report)
