@@ -51,6 +51,10 @@ daemon serves its disk files read-only (the domain cannot start until
 the backup ends) and adds the new checkpoint's bitmap to them itself.
 """
 
+#: What a DOMAIN argument names.
+DOMAIN_HELP = "a libvirt domain's name (virsh list --all)"
+
+
 def register(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "backup", help="back up a libvirt domain, running or shut off",
@@ -60,7 +64,7 @@ def register(subparsers: Subparsers) -> None:
     actions = parser.add_subparsers(metavar="ACTION", required=True)
     start = _action(actions, "start", start_backup,
                     "begin a backup; prints each disk's transfer URL")
-    start.add_argument("domain", metavar="DOMAIN")
+    start.add_argument("domain", metavar="DOMAIN", help=DOMAIN_HELP)
     start.add_argument("--disk", action="append", default=[], metavar="NAME",
                        help="a disk to back up, by target (vda); repeat "
                             "for more (default: every disk)")
@@ -72,13 +76,14 @@ def register(subparsers: Subparsers) -> None:
     start.add_argument("--timeout", type=int, metavar="S",
                        help="seconds the tickets live (default 3600)")
     stop = _action(actions, "stop", stop_backup, "end a domain's backup")
-    stop.add_argument("domain", metavar="DOMAIN")
+    stop.add_argument("domain", metavar="DOMAIN", help=DOMAIN_HELP)
     listing = _action(actions, "list", list_backups,
                       "running backups, or a domain's backup and checkpoints")
-    listing.add_argument("domain", metavar="DOMAIN", nargs="?")
+    listing.add_argument("domain", metavar="DOMAIN", nargs="?",
+                         help=DOMAIN_HELP)
     pruning = _action(actions, "prune", prune_checkpoints,
                       "delete a domain's older checkpoints (and bitmaps)")
-    pruning.add_argument("domain", metavar="DOMAIN")
+    pruning.add_argument("domain", metavar="DOMAIN", help=DOMAIN_HELP)
     pruning.add_argument("--keep", type=_count, required=True, metavar="N",
                          help="how many of the newest checkpoints to keep "
                               "(0: delete them all)")

@@ -353,18 +353,22 @@ class BackupManager:
 def _watch(job: BackupJob, socket_path: str) -> ProcessWatch | None:
     """Have the job end when the domain's QEMU, which serves it, ends."""
     pid = server_pid(socket_path, WATCH_TIMEOUT)
+    if pid is None:
+        raise _not_served(job, f"no NBD server answers on {socket_path}")
     try:
-        if pid is None:
-            raise ProcessLookupError(f"no NBD server answers on {socket_path}")
         return ProcessWatch(pid, job.domain_stopped,
                             f"backup-watch-{job.domain}")
     except ProcessLookupError as e:
-        raise ExportFailed(f"the backup of domain {job.domain!r} is not "
-                           f"served: {e} (did the domain stop?)") from e
+        raise _not_served(job, str(e)) from e
     except OSError as e:
         log.warning("backup of %s: cannot watch its QEMU (%s): the job "
                     "ends only with its tickets", job.domain, e)
         return None
+
+
+def _not_served(job: BackupJob, cause: str) -> ExportFailed:
+    return ExportFailed(f"the backup of domain {job.domain!r} is not "
+                        f"served: {cause} (did the domain stop?)")
 
 
 def _chosen(disks: Sequence[DomainDisk], names: Sequence[str],

@@ -39,11 +39,7 @@ def offline_disks(domain: str, chosen: Sequence[DomainDisk],
     the bitmap of ``since``), before anything is changed."""
     disks = []
     for disk in chosen:
-        try:
-            source = formats.open_source(disk.source, disk.format)
-        except UnsupportedFormat as e:
-            raise BadRequest(f"Disk {disk.target!r} of domain {domain!r}: "
-                             f"{e}") from e
+        source = _open(disk, f"Disk {disk.target!r} of domain {domain!r}")
         if since is not None:
             bitmaps = image_bitmaps(source.chain[0])
             if since not in bitmaps:
@@ -84,12 +80,18 @@ def add_checkpoint(virsh: Virsh, domain: str, name: str,
 def remove_bitmap(disk: DomainDisk, name: str) -> None:
     """Remove bitmap ``name`` from a shut off domain's disk, if it has
     one."""
-    try:
-        source = formats.open_source(disk.source, disk.format)
-    except UnsupportedFormat as e:
-        raise BadRequest(f"Disk {disk.target!r}: {e}") from e
+    source = _open(disk, f"Disk {disk.target!r}")
     if name in image_bitmaps(source.chain[0]):
         _bitmap(disk, "--remove", name)
+
+
+def _open(disk: DomainDisk, named: str) -> formats.Source:
+    """The disk file as qemu reads it; a 400 starting with ``named`` if
+    it cannot."""
+    try:
+        return formats.open_source(disk.source, disk.format)
+    except UnsupportedFormat as e:
+        raise BadRequest(f"{named}: {e}") from e
 
 
 def _bitmap(disk: DomainDisk, action: str, name: str) -> None:
