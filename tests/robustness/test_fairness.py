@@ -17,6 +17,7 @@ import servers
 from diskferry.daemon.buffers import BufferPool
 from diskferry.daemon.http.connection import Connection
 from diskferry.daemon.http.limits import ConnectionLimit, PendingConnections
+from diskferry.daemon.turns import default_slots
 from diskferry.errors import RequestTimeout
 from servers import RawConnection, make_sparse_file, ticket_dict
 
@@ -275,3 +276,44 @@ def test_pending_cuts_the_oldest():
         for a, b in pairs:
             a.close()
             b.close()
+
+
+@pytest.mark.parametrize("transport", ["unix", "tls"])
+def test_trickling_bodies_hold_no_turn(daemons, tmp_path, transport):
+    """More clients than there are turns to write (``daemon.turns``) stop
+    sending in the middle of their PUT bodies: another client's PUT is
+    written at once, as each stalled body waits for its client outside
+    any turn."""
+    srv = daemons.get("diskferry")
+    raw_socket = (srv.raw_local_socket if transport == "unix"
+                  else srv.raw_remote_socket)
+    tickets = []
+    for i in range(default_slots() + 3):
+        path = tmp_path / f"{i}.raw"
+        with open(path, "wb") as f:
+            f.truncate(SIZE)
+        tickets.append(ticket_dict(path, SIZE))
+        srv.add_ticket(tickets[-1])
+    stalled = []
+    try:
+        for t in tickets[:-1]:
+            con = RawConnection(raw_socket(timeout=10))
+            con.send(f"PUT /images/{t['uuid']} HTTP/1.1\r\nHost: x\r\n"
+                     f"Content-Length: {SIZE}\r\n\r\n".encode()
+                     + b"t" * (SIZE // 4))
+            stalled.append(con)
+        time.sleep(0.5)  # each stalled body was written up to its stall
+        data = bytes(range(256)) * (SIZE // 256)
+        start = time.monotonic()
+        with RawConnection(raw_socket(timeout=10)) as con:
+            res = con.request("PUT", f"/images/{tickets[-1]['uuid']}",
+                              body=data)
+            assert res.status == 200
+            assert time.monotonic() - start < 2
+            res = con.request("GET", f"/images/{tickets[-1]['uuid']}")
+        assert res.body == data
+    finally:
+        for con in stalled:
+            con.close()
+        for t in tickets:
+            srv.delete_ticket(t["uuid"])

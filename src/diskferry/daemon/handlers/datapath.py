@@ -27,6 +27,9 @@ it moved in ``op.done``. The buffer and the pipes are lent by the
 connection (``context``) and given back when the request ends.
 """
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
 from diskferry.daemon.backends.base import (
     Backend,
     SplicesPipes,
@@ -41,6 +44,7 @@ from diskferry.daemon.handlers.context import (
     request_pipes,
 )
 from diskferry.daemon.handlers.request import Connection, Request
+from diskferry.daemon.turns import STORAGE_WRITES
 
 #: Bytes sent per sendfile call between cancellation checks.
 SENDFILE_CHUNK = 64 * 1024**2
@@ -87,7 +91,15 @@ def receive(request: Request, backend: Backend, op: overlap.Operation,
     buf = connection_buffer(request, backend.buffer_size, length)
     with memoryview(buf) as view:
         overlap.receive(conn, backend, view, op, offset, length,
-                        overlapped=conn.zero_copy or backend.remote)
+                        overlapped=conn.zero_copy or backend.remote,
+                        turn=_storage_turn(backend))
+
+
+def _storage_turn(backend: Backend
+                  ) -> Callable[[], AbstractContextManager[object]]:
+    """Writes to local storage take turns (``diskferry.daemon.turns``); a
+    proxied image's writes wait on the network, not on this host's CPU."""
+    return nullcontext if backend.remote else STORAGE_WRITES.turn
 
 
 def _file_descriptor(conn: Connection, backend: Backend) -> int | None:
@@ -127,7 +139,7 @@ def _splice_to_file(request: Request, chunk: int, fd: int,
         while pos < end:
             op.check()
             n = request.conn.splice_body(fd, pos, min(chunk, end - pos),
-                                         pipe)
+                                         pipe, STORAGE_WRITES.turn)
             pos += n
             op.done += n
     except BaseException:

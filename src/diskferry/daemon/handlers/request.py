@@ -4,6 +4,8 @@ Protocols, so that the handlers depend on the members they call, not on
 the server's classes.
 """
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 from diskferry.daemon.handlers.context import ConnectionContext
@@ -28,8 +30,9 @@ class Connection(Protocol):
 
     def readinto_full(self, view: memoryview) -> int: ...
 
-    def splice_body(self, fd: int, offset: int, count: int,
-                    pipe: Pipe) -> int: ...
+    def splice_body(self, fd: int, offset: int, count: int, pipe: Pipe,
+                    turn: Callable[[], AbstractContextManager[object]]
+                    = ...) -> int: ...
 
     def splice_body_to_pipe(self, pipe: Pipe, count: int) -> int: ...
 

@@ -49,12 +49,15 @@ handler leaves body bytes unread, the stream is out of sync and the
 connection is closed after the response.
 """
 
+import fcntl
 import os
 import socket
 import ssl
 import struct
+import termios
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from http import HTTPStatus
 from typing import TypeAlias, TypeVar
 
@@ -398,12 +401,16 @@ class Connection:
                 return
         raise HeadersTooLarge(f"More than {parse.MAX_HEADERS} trailer lines")
 
-    def splice_body(self, fd: int, offset: int, count: int,
-                    pipe: Pipe) -> int:
+    def splice_body(self, fd: int, offset: int, count: int, pipe: Pipe,
+                    turn: Callable[[], AbstractContextManager[object]] = nullcontext
+                    ) -> int:
         """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
 
         socket -> pipe -> file with ``os.splice``: the bytes are never
-        copied to user space. ``pipe`` is a ``diskferry.pipe.Pipe``.
+        copied to user space. ``pipe`` is a ``diskferry.pipe.Pipe``. Each
+        step waits for the client with no ``turn`` held, then, in its
+        ``turn`` (``diskferry.daemon.turns``), adds what came meanwhile
+        and writes the pipe out.
         """
         self._send_continue()
         done = 0
@@ -414,14 +421,33 @@ class Connection:
         r, w = _open_end(pipe.r), _open_end(pipe.w)
         sockfd = self.sock.fileno()
         while done < count:
-            n = self._receive_body(os.splice, sockfd, w,
-                                   min(pipe.size, count - done))
-            left = n
-            while left:
-                left -= os.splice(r, fd, left,
-                                  offset_dst=offset + done + n - left)
+            want = min(pipe.size, count - done)
+            n = self._receive_body(os.splice, sockfd, w, want)
+            with turn():
+                n += self._splice_queued(sockfd, w, want - n)
+                left = n
+                while left:
+                    left -= os.splice(r, fd, left,
+                                      offset_dst=offset + done + n - left)
             done += n
         return done
+
+    def _splice_queued(self, sockfd: int, w: int, limit: int) -> int:
+        """Move up to ``limit`` bytes the socket holds into the pipe,
+        without waiting for the client (or for room in the pipe)."""
+        queued = struct.unpack("i", fcntl.ioctl(sockfd, termios.FIONREAD,
+                                                b"\0\0\0\0"))[0]
+        if min(queued, limit) <= 0:
+            return 0
+        try:
+            n = os.splice(sockfd, w, min(queued, limit),
+                          flags=os.SPLICE_F_NONBLOCK)
+        except BlockingIOError:
+            return 0  # the pipe is full
+        except PEER_ERRORS as e:
+            raise _receive_failed(e) from e
+        self.body_left -= n
+        return n
 
     def splice_body_to_pipe(self, pipe: Pipe, count: int) -> int:
         """Move the next ``count`` body bytes into ``pipe`` (at most its
