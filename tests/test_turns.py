@@ -63,7 +63,7 @@ def test_turns_go_in_the_order_asked():
                     order.append(i)
             threads.append(threading.Thread(target=take))
             threads[-1].start()
-            wait_until(lambda: turns.waiting == i + 1, f"waiter {i}")
+            wait_until(lambda n=i + 1: turns.waiting == n, f"waiter {i}")
     for t in threads:
         t.join(TIMEOUT)
     assert order == list(range(6))

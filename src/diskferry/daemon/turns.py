@@ -23,6 +23,12 @@ Rules that keep a turn from being hoarded:
 
 A turn may still wait on the storage itself (a slow disk, a hung NFS
 server); turns bound the CPU, not the storage.
+
+Where: bodies spliced from a plain socket to a file, whose threads
+otherwise sleep on their sockets. Not TLS bodies: decrypting keeps
+their threads runnable outside any turn, so a turn handed to one waits
+for a CPU with it, and in the same benchmark turns around TLS writes
+raised the small GET's p99 at 256 connections from 0.2 s to 2.2 s.
 """
 
 from __future__ import annotations

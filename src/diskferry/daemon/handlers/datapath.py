@@ -22,13 +22,13 @@ from its socket (``SplicesPipes``)::
 A chunked PUT has no length to choose by: images.py receives it through
 the buffer, each piece checked against the range before it is written.
 
+A body spliced to a file is written in turns (``diskferry.daemon.turns``),
+so that small requests do not wait behind every upload at once.
+
 Every path checks the ticket's operation between chunks and counts what
 it moved in ``op.done``. The buffer and the pipes are lent by the
 connection (``context``) and given back when the request ends.
 """
-
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
 from diskferry.daemon.backends.base import (
     Backend,
@@ -91,15 +91,7 @@ def receive(request: Request, backend: Backend, op: overlap.Operation,
     buf = connection_buffer(request, backend.buffer_size, length)
     with memoryview(buf) as view:
         overlap.receive(conn, backend, view, op, offset, length,
-                        overlapped=conn.zero_copy or backend.remote,
-                        turn=_storage_turn(backend))
-
-
-def _storage_turn(backend: Backend
-                  ) -> Callable[[], AbstractContextManager[object]]:
-    """Writes to local storage take turns (``diskferry.daemon.turns``); a
-    proxied image's writes wait on the network, not on this host's CPU."""
-    return nullcontext if backend.remote else STORAGE_WRITES.turn
+                        overlapped=conn.zero_copy or backend.remote)
 
 
 def _file_descriptor(conn: Connection, backend: Backend) -> int | None:

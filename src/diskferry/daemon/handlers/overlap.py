@@ -34,7 +34,6 @@ thread.
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol, TypeVar
 
 from diskferry.errors import BackendError
@@ -162,13 +161,9 @@ def send_spliced(conn: Connection, backend: PipeStorage, pipes: Sequence[Pipe],
 
 def receive(conn: Connection, backend: Storage, buf: memoryview,
             op: Operation, offset: int, length: int,
-            overlapped: bool = True,
-            turn: Callable[[], AbstractContextManager[object]] = nullcontext
-            ) -> None:
+            overlapped: bool = True) -> None:
     """Write the next ``length`` body bytes of ``conn`` at ``offset``;
     without ``overlapped``, receive the whole buffer and write it in turn.
-    Each write to the backend runs in a ``turn``
-    (``diskferry.daemon.turns``).
 
     A TLS body for local storage is received in turn (a proxied image
     keeps the overlap: its writes wait on the network, not the CPU):
@@ -184,8 +179,7 @@ def receive(conn: Connection, backend: Storage, buf: memoryview,
         conn.readinto_full(slot[:count])
 
     def drain(slot: memoryview, pos: int, count: int) -> None:
-        with turn():
-            backend.write(slot[:count], pos)
+        backend.write(slot[:count], pos)
 
     slots = slots_of(buf) if overlapped else [buf]
     _write_behind(slots, len(slots[0]), fill, drain, op, offset, length)
