@@ -45,7 +45,7 @@ class Connection:
             raise ConnectionGone("client went away")
         self.sent += data
 
-    def readinto_full(self, view):
+    def readinto_full(self, view, turn=None):
         if self.fail_at is not None and self.pos >= self.fail_at:
             raise ConnectionGone("body cut short")
         n = len(view)

@@ -1,5 +1,5 @@
-"""Turns at writing to storage: how many hold one, in what order, and a
-spliced body that takes its turn only for bytes already received."""
+"""Turns at receiving upload bodies: how many hold one, in what order,
+and bodies (spliced, TLS) that take a turn only for bytes already here."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import ssl
 import struct
 import termios
 import threading
@@ -187,3 +188,79 @@ def test_spliced_body_waits_for_the_client_outside_its_turn(body_pair):
     sender.join(TIMEOUT)
     assert held_while_waiting == [False] * (SIZE // (64 * 1024))
     assert os.pread(fd, SIZE, 0) == data
+
+
+@pytest.fixture
+def tls_pair(pki):
+    """A TLS client socket and the daemon's Connection on the other end
+    of a socket pair."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(pki.cert_file, pki.key_file)
+    client_ctx = ssl.create_default_context(cafile=pki.ca_file)
+    a, b = socket.socketpair()
+    shaken: list[ssl.SSLSocket] = []
+    handshake = threading.Thread(target=lambda: shaken.append(
+        server_ctx.wrap_socket(a, server_side=True)))
+    handshake.start()
+    client = client_ctx.wrap_socket(b, server_hostname="localhost")
+    handshake.join(TIMEOUT)
+    conn = Connection(shaken[0], tls=True, timeout=TIMEOUT)
+    try:
+        yield client, conn
+    finally:
+        conn.close()
+        client.close()
+
+
+def test_tls_body_decrypts_what_came_in_one_turn(tls_pair):
+    """Eight records wait in the socket: the first is received outside
+    any turn, the others but the last in one turn (the last is smaller
+    than the largest record, so it might not be whole)."""
+    client, conn = tls_pair
+    size = 8 * 16384
+    data = os.urandom(size)
+    client.sendall(data)
+    wait_until(lambda: _queued(conn.sock) >= size, "the records")
+    conn.start_body(size, expect_continue=False)
+    turns = []
+
+    @contextlib.contextmanager
+    def turn():
+        turns.append(conn.body_left)
+        yield
+
+    buf = bytearray(size)
+    assert conn.readinto_full(memoryview(buf), turn) == size
+    assert bytes(buf) == data
+    assert conn.body_left == 0
+    assert turns == [size - 16384, 0]
+
+
+def test_tls_body_waits_for_the_client_outside_its_turn(tls_pair):
+    client, conn = tls_pair
+    size = 16 * 16384
+    data = os.urandom(size)
+    conn.start_body(size, expect_continue=False)
+    in_turn = threading.Event()
+
+    @contextlib.contextmanager
+    def turn():
+        in_turn.set()
+        yield
+        in_turn.clear()
+
+    held_while_waiting = []
+
+    def send_slowly():
+        for i in range(0, size, 32768):
+            time.sleep(0.02)
+            held_while_waiting.append(in_turn.is_set())
+            client.sendall(data[i:i + 32768])
+
+    sender = threading.Thread(target=send_slowly)
+    sender.start()
+    buf = bytearray(size)
+    assert conn.readinto_full(memoryview(buf), turn) == size
+    sender.join(TIMEOUT)
+    assert bytes(buf) == data
+    assert held_while_waiting == [False] * (size // 32768)

@@ -1,34 +1,36 @@
-"""Turns at writing received bulk data to storage, shared by the daemon.
+"""Turns at the CPU for receiving upload bodies, shared by the daemon.
 
 Why: a host with two cores and 128 connections each uploading 4 MiB
-bodies has 128 threads that all want a CPU at once, copying into the
-page cache. A small request's thread (a 4 KiB GET, OPTIONS, extents)
-then wakes behind all of them, and again after each of its system
-calls: on the UNIX socket its answer took 8-400 ms where ovirt-imageio,
-whose direct writes sleep on the disk, took 2-3 ms
-(bench/results/20261208-load.md). With turns, at most ``slots``
-connections write at once and the others sleep; a small request never
-takes one and waits behind a few writers, not all.
+bodies has 128 threads that all want a CPU at once (copying into the
+page cache, or decrypting TLS). A small request's thread (a 4 KiB GET,
+OPTIONS, extents) then wakes behind all of them, and again after each
+of its system calls: its answer took 8-400 ms on the UNIX socket where
+ovirt-imageio, whose direct writes sleep on the disk, took 2-3 ms
+(bench/results/20261208-load.md). With turns, at most ``slots`` uploads
+use a CPU at once and the others sleep; a small request takes no turn
+and waits behind a few uploads, not all.
+
+What a turn covers, on each path (``handlers/datapath.py``):
+
+- a body spliced from a plain socket to a file: adding to the pipe what
+  came while the step waited, and writing the pipe to the file;
+- a TLS body: decrypting the records already received (its write to
+  storage is outside: in one turn with the decrypting, a turn waited
+  longer than the write took, and the GET's p99 rose).
 
 Rules that keep a turn from being hoarded:
 
-- A turn is taken only for bytes already received: the connection waits
+- A turn is taken only for bytes already received: a connection waits
   for its client outside any turn, so a client that trickles its body
   holds none.
 - Turns go in the order asked (FIFO), each handed straight to the next
-  waiter on release: a writer that finishes one step and asks again
+  waiter on release: an upload that finishes one step and asks again
   goes behind the others, whose sockets filled meanwhile, so every turn
-  moves a full step, and no writer starves.
+  moves a full step and no upload starves.
 - A turn lasts one step (at most a pipe or a buffer), never a request.
 
-A turn may still wait on the storage itself (a slow disk, a hung NFS
-server); turns bound the CPU, not the storage.
-
-Where: bodies spliced from a plain socket to a file, whose threads
-otherwise sleep on their sockets. Not TLS bodies: decrypting keeps
-their threads runnable outside any turn, so a turn handed to one waits
-for a CPU with it, and in the same benchmark turns around TLS writes
-raised the small GET's p99 at 256 connections from 0.2 s to 2.2 s.
+A spliced step's turn may still wait on the storage (a slow disk, a hung
+NFS server); turns bound the CPU, not the storage.
 """
 
 from __future__ import annotations
@@ -37,12 +39,18 @@ import collections
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import TypeAlias
+
+#: What takes a turn for the body of a ``with`` statement (``Turns.turn``,
+#: or ``contextlib.nullcontext`` for none).
+Turn: TypeAlias = Callable[[], AbstractContextManager[object]]
 
 
 def default_slots() -> int:
-    """One writer per CPU, at least two, so that one writer waiting on
-    the storage leaves another running."""
+    """One upload per CPU, at least two, so that one waiting on the
+    storage leaves another running."""
     return max(2, os.cpu_count() or 1)
 
 
@@ -80,8 +88,6 @@ class Turns:
             handed = threading.Lock()
             handed.acquire()
             self._waiters.append(handed)
-        # Not interruptible: the releaser counts on this thread taking
-        # the turn it hands over.
         handed.acquire()
 
     def _release(self) -> None:
@@ -92,5 +98,5 @@ class Turns:
                 self._free += 1
 
 
-#: The daemon's turns for writing request bodies to local storage.
-STORAGE_WRITES = Turns(default_slots())
+#: The daemon's turns for receiving upload bodies.
+UPLOADS = Turns(default_slots())

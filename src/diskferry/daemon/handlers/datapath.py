@@ -22,8 +22,9 @@ from its socket (``SplicesPipes``)::
 A chunked PUT has no length to choose by: images.py receives it through
 the buffer, each piece checked against the range before it is written.
 
-A body spliced to a file is written in turns (``diskferry.daemon.turns``),
-so that small requests do not wait behind every upload at once.
+A body spliced to a file, and a TLS body, are received in turns
+(``diskferry.daemon.turns``), so that small requests do not wait behind
+every upload at once.
 
 Every path checks the ticket's operation between chunks and counts what
 it moved in ``op.done``. The buffer and the pipes are lent by the
@@ -44,7 +45,7 @@ from diskferry.daemon.handlers.context import (
     request_pipes,
 )
 from diskferry.daemon.handlers.request import Connection, Request
-from diskferry.daemon.turns import STORAGE_WRITES
+from diskferry.daemon.turns import UPLOADS
 
 #: Bytes sent per sendfile call between cancellation checks.
 SENDFILE_CHUNK = 64 * 1024**2
@@ -91,7 +92,8 @@ def receive(request: Request, backend: Backend, op: overlap.Operation,
     buf = connection_buffer(request, backend.buffer_size, length)
     with memoryview(buf) as view:
         overlap.receive(conn, backend, view, op, offset, length,
-                        overlapped=conn.zero_copy or backend.remote)
+                        overlapped=conn.zero_copy or backend.remote,
+                        turn=None if conn.zero_copy else UPLOADS.turn)
 
 
 def _file_descriptor(conn: Connection, backend: Backend) -> int | None:
@@ -131,7 +133,7 @@ def _splice_to_file(request: Request, chunk: int, fd: int,
         while pos < end:
             op.check()
             n = request.conn.splice_body(fd, pos, min(chunk, end - pos),
-                                         pipe, STORAGE_WRITES.turn)
+                                         pipe, UPLOADS.turn)
             pos += n
             op.done += n
     except BaseException:

@@ -36,6 +36,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
+from diskferry.daemon.turns import Turn
 from diskferry.errors import BackendError
 from diskferry.pipe import Pipe
 
@@ -67,7 +68,8 @@ class _Stopped(Exception):
 class Connection(Protocol):
     def write(self, data: memoryview) -> None: ...
 
-    def readinto_full(self, view: memoryview) -> int: ...
+    def readinto_full(self, view: memoryview,
+                      turn: Turn | None = None) -> int: ...
 
     def send_pipe(self, pipe: Pipe, count: int) -> None: ...
 
@@ -161,9 +163,11 @@ def send_spliced(conn: Connection, backend: PipeStorage, pipes: Sequence[Pipe],
 
 def receive(conn: Connection, backend: Storage, buf: memoryview,
             op: Operation, offset: int, length: int,
-            overlapped: bool = True) -> None:
+            overlapped: bool = True, turn: Turn | None = None) -> None:
     """Write the next ``length`` body bytes of ``conn`` at ``offset``;
     without ``overlapped``, receive the whole buffer and write it in turn.
+    With a ``turn``, the body is received in turns (``Connection``'s
+    ``readinto_full``).
 
     A TLS body for local storage is received in turn (a proxied image
     keeps the overlap: its writes wait on the network, not the CPU):
@@ -176,7 +180,7 @@ def receive(conn: Connection, backend: Storage, buf: memoryview,
     upload to tmpfs, 0.91 against 0.98 (pyref), 1.08 against 1.10 (curl).
     """
     def fill(slot: memoryview, count: int) -> None:
-        conn.readinto_full(slot[:count])
+        conn.readinto_full(slot[:count], turn)
 
     def drain(slot: memoryview, pos: int, count: int) -> None:
         backend.write(slot[:count], pos)

@@ -4,13 +4,12 @@ Protocols, so that the handlers depend on the members they call, not on
 the server's classes.
 """
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Protocol
 
 from diskferry.daemon.handlers.context import ConnectionContext
 from diskferry.daemon.http.parse import RequestHead
 from diskferry.daemon.http.request import AccessRecord
+from diskferry.daemon.turns import Turn
 from diskferry.pipe import Pipe
 
 
@@ -28,11 +27,11 @@ class Connection(Protocol):
 
     def readinto(self, buf: memoryview) -> int: ...
 
-    def readinto_full(self, view: memoryview) -> int: ...
+    def readinto_full(self, view: memoryview,
+                      turn: Turn | None = None) -> int: ...
 
     def splice_body(self, fd: int, offset: int, count: int, pipe: Pipe,
-                    turn: Callable[[], AbstractContextManager[object]]
-                    = ...) -> int: ...
+                    turn: Turn = ...) -> int: ...
 
     def splice_body_to_pipe(self, pipe: Pipe, count: int) -> int: ...
 

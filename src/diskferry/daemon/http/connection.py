@@ -57,12 +57,13 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from http import HTTPStatus
 from typing import TypeAlias, TypeVar
 
 from diskferry.daemon.http import parse
 from diskferry.daemon.http.parse import RequestHead
+from diskferry.daemon.turns import Turn
 from diskferry.errors import (
     BadRequest,
     ConnectionGone,
@@ -101,6 +102,10 @@ Writable: TypeAlias = bytearray | memoryview
 #: answered with one call fewer (and one poll fewer); a longer body would
 #: be copied once more for nothing.
 HELD_HEAD_BODY = 64 * 1024
+
+#: The most bytes one TLS record takes on the wire (RFC 5246 and 8446):
+#: with at least this much received, a whole record is here.
+MAX_TLS_RECORD = 5 + 2**14 + 2048
 
 #: What a response body is sent from.
 Readable: TypeAlias = bytes | bytearray | memoryview
@@ -293,8 +298,10 @@ class Connection:
             return n
         return self._receive_body(self.sock.recv_into, buf, want)
 
-    def readinto_full(self, view: memoryview) -> int:
-        """Fill ``view`` with body bytes.
+    def readinto_full(self, view: memoryview,
+                      turn: Turn | None = None) -> int:
+        """Fill ``view`` with body bytes; with a ``turn``, receive in turns
+        (``_readinto_in_turns``).
 
         A TLS socket hands out one 16 KiB record per receive, so this loop
         runs 65,536 times per GiB: a plain body goes straight from the
@@ -302,6 +309,8 @@ class Connection:
         """
         if len(view) > self.body_left:
             raise ValueError("Reading past the end of the body")
+        if turn is not None:
+            return self._readinto_in_turns(view, turn)
         if self.chunked or self._buf:
             got = 0
             while got < len(view):
@@ -319,6 +328,42 @@ class Connection:
         self.body_left -= got
         if got < want:
             raise self._peer_closed()
+        return got
+
+    def _readinto_in_turns(self, view: memoryview, turn: Turn) -> int:
+        """Fill ``view``: wait for the client outside any turn, then in a
+        turn receive (decrypt, under TLS) what came meanwhile."""
+        got = 0
+        while got < len(view):
+            got += self.readinto(view[got:])
+            with turn():
+                got += self._readinto_queued(view[got:])
+        return got
+
+    def _readinto_queued(self, view: memoryview) -> int:
+        """Receive into ``view`` the body bytes already here, never waiting
+        for the client: under TLS, while a whole record is."""
+        if self.chunked or self._buf:
+            return 0
+        whole = MAX_TLS_RECORD if self.tls else 1
+        fd = self.sock.fileno()
+        recv_into = self.sock.recv_into
+        got, want = 0, min(len(view), self.body_left)
+        queued = _queued(fd)
+        try:
+            while got < want and (queued >= whole or _decrypted(self.sock)):
+                n = recv_into(view[got:want])
+                if not n:
+                    break
+                got += n
+                # Count the most a record may add, so as never to wait.
+                queued -= n + MAX_TLS_RECORD - 2**14
+                if queued < whole:
+                    queued = _queued(fd)
+        except PEER_ERRORS as e:
+            self.body_left -= got
+            raise _receive_failed(e) from e
+        self.body_left -= got
         return got
 
     def _receive_body(self, receive: Callable[..., int],
@@ -402,8 +447,7 @@ class Connection:
         raise HeadersTooLarge(f"More than {parse.MAX_HEADERS} trailer lines")
 
     def splice_body(self, fd: int, offset: int, count: int, pipe: Pipe,
-                    turn: Callable[[], AbstractContextManager[object]] = nullcontext
-                    ) -> int:
+                    turn: Turn = nullcontext) -> int:
         """Move ``count`` body bytes to file ``fd`` at ``offset`` in the kernel.
 
         socket -> pipe -> file with ``os.splice``: the bytes are never
@@ -435,8 +479,7 @@ class Connection:
     def _splice_queued(self, sockfd: int, w: int, limit: int) -> int:
         """Move up to ``limit`` bytes the socket holds into the pipe,
         without waiting for the client (or for room in the pipe)."""
-        queued = struct.unpack("i", fcntl.ioctl(sockfd, termios.FIONREAD,
-                                                b"\0\0\0\0"))[0]
+        queued = _queued(sockfd)
         if min(queued, limit) <= 0:
             return 0
         try:
@@ -639,6 +682,18 @@ class Connection:
 def _head_timeout(limit: float) -> RequestTimeout:
     return RequestTimeout(
         f"Request head not received within {limit:g} seconds")
+
+
+def _queued(fd: int) -> int:
+    """Bytes the socket ``fd`` has received that nobody read yet."""
+    count: int = struct.unpack(
+        "i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    return count
+
+
+def _decrypted(sock: socket.socket) -> bool:
+    """True if a TLS socket holds decrypted bytes not yet read."""
+    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 def _receive_failed(error: Exception) -> ConnectionGone:
