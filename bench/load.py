@@ -285,19 +285,27 @@ def table(rows: list[Row]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--seconds", type=float, default=30,
+                        help="length of each row (default 30)")
     parser.add_argument("--connections", type=int, nargs="+",
-                        default=[64, 256])
-    parser.add_argument("--transports", nargs="+", default=["tls", "unix"])
+                        default=[64, 256], metavar="N",
+                        help="connections of each row, half GETs and half "
+                             "PUTs (default 64 256)")
+    parser.add_argument("--transports", nargs="+", default=["tls", "unix"],
+                        choices=["tls", "unix"],
+                        help="default: both")
     parser.add_argument("--servers", nargs="+",
-                        default=["diskferry", "ovirt-imageio"])
+                        default=["diskferry", "ovirt-imageio"],
+                        choices=["diskferry", "ovirt-imageio"],
+                        help="default: both, in this order")
     parser.add_argument(
         "--get-rate", type=float, default=0.0, metavar="N",
         help="GETs a second on each GET connection, each timed from when "
              "it was due (default 0: each GET as soon as the last is "
              "answered, so a daemon that answers GETs faster also serves "
              "more of them, with CPU the PUTs then lack)")
-    parser.add_argument("--output")
+    parser.add_argument("--output", metavar="FILE",
+                        help="also write the report (markdown) here")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="load-") as work:

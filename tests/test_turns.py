@@ -93,6 +93,22 @@ def _record(turns, order, name):
         order.append(name)
 
 
+def test_a_turn_says_if_it_was_waited_for():
+    turns = Turns(1)
+    waited = []
+    with turns.turn() as first:
+        t = threading.Thread(target=lambda: _waited(turns, waited))
+        t.start()
+        wait_until(lambda: turns.waiting == 1, "the second")
+    t.join(TIMEOUT)
+    assert (first, waited) == (False, [True])
+
+
+def _waited(turns, waited):
+    with turns.turn() as w:
+        waited.append(w)
+
+
 def test_a_failed_step_gives_its_turn_back():
     turns = Turns(1)
     with pytest.raises(OSError), turns.turn():
@@ -147,7 +163,7 @@ def test_spliced_body_takes_what_came_while_it_waited(body_pair):
             client.sendall(rest)
             wait_until(lambda: _queued(conn.sock) == len(rest), "the rest")
         turns.append(conn.body_left)
-        yield
+        yield True  # waited for: the rest came meanwhile
 
     assert conn.splice_body(fd, 0, size, pipe, turn) == size
     assert turns == [size - 4096]  # one step: 4 KiB waited for, the rest queued
@@ -160,12 +176,9 @@ def _queued(sock):
                                           b"\0\0\0\0"))[0]
 
 
-def test_spliced_body_waits_for_the_client_outside_its_turn(body_pair):
-    """A body that comes in pieces: every turn starts with bytes in hand,
-    none waits for the client."""
-    client, conn, pipe, fd = body_pair
-    data = os.urandom(SIZE)
-    conn.start_body(SIZE, expect_continue=False)
+def sent_slowly(client, data, piece, receive):
+    """Send ``data`` in pieces 20 ms apart while ``receive(turn)`` takes
+    it; for each piece, whether a turn was held when it was sent."""
     in_turn = threading.Event()
 
     @contextlib.contextmanager
@@ -174,19 +187,32 @@ def test_spliced_body_waits_for_the_client_outside_its_turn(body_pair):
         yield
         in_turn.clear()
 
-    held_while_waiting = []
+    held = []
 
     def send_slowly():
-        for i in range(0, SIZE, 64 * 1024):
+        for i in range(0, len(data), piece):
             time.sleep(0.02)
-            held_while_waiting.append(in_turn.is_set())
-            client.sendall(data[i:i + 64 * 1024])
+            held.append(in_turn.is_set())
+            client.sendall(data[i:i + piece])
 
     sender = threading.Thread(target=send_slowly)
     sender.start()
-    assert conn.splice_body(fd, 0, SIZE, pipe, turn) == SIZE
-    sender.join(TIMEOUT)
-    assert held_while_waiting == [False] * (SIZE // (64 * 1024))
+    try:
+        assert receive(turn) == len(data)
+    finally:
+        sender.join(TIMEOUT)
+    return held
+
+
+def test_spliced_body_waits_for_the_client_outside_its_turn(body_pair):
+    """A body that comes in pieces: every turn starts with bytes in hand,
+    none waits for the client."""
+    client, conn, pipe, fd = body_pair
+    data = os.urandom(SIZE)
+    conn.start_body(SIZE, expect_continue=False)
+    held = sent_slowly(client, data, 64 * 1024,
+                       lambda turn: conn.splice_body(fd, 0, SIZE, pipe, turn))
+    assert held == [False] * (SIZE // (64 * 1024))
     assert os.pread(fd, SIZE, 0) == data
 
 
@@ -214,8 +240,8 @@ def tls_pair(pki):
 
 def test_tls_body_decrypts_what_came_in_one_turn(tls_pair):
     """Eight records wait in the socket: the first is received outside
-    any turn, the others but the last in one turn (the last is smaller
-    than the largest record, so it might not be whole)."""
+    any turn, the next six in one turn, the last outside again (it is
+    smaller than the largest record, so it might not be whole)."""
     client, conn = tls_pair
     size = 8 * 16384
     data = os.urandom(size)
@@ -233,7 +259,7 @@ def test_tls_body_decrypts_what_came_in_one_turn(tls_pair):
     assert conn.readinto_full(memoryview(buf), turn) == size
     assert bytes(buf) == data
     assert conn.body_left == 0
-    assert turns == [size - 16384, 0]
+    assert turns == [size - 16384]
 
 
 def test_tls_body_waits_for_the_client_outside_its_turn(tls_pair):
@@ -241,26 +267,8 @@ def test_tls_body_waits_for_the_client_outside_its_turn(tls_pair):
     size = 16 * 16384
     data = os.urandom(size)
     conn.start_body(size, expect_continue=False)
-    in_turn = threading.Event()
-
-    @contextlib.contextmanager
-    def turn():
-        in_turn.set()
-        yield
-        in_turn.clear()
-
-    held_while_waiting = []
-
-    def send_slowly():
-        for i in range(0, size, 32768):
-            time.sleep(0.02)
-            held_while_waiting.append(in_turn.is_set())
-            client.sendall(data[i:i + 32768])
-
-    sender = threading.Thread(target=send_slowly)
-    sender.start()
     buf = bytearray(size)
-    assert conn.readinto_full(memoryview(buf), turn) == size
-    sender.join(TIMEOUT)
+    held = sent_slowly(client, data, 32768,
+                       lambda turn: conn.readinto_full(memoryview(buf), turn))
+    assert held == [False] * (size // 32768)
     assert bytes(buf) == data
-    assert held_while_waiting == [False] * (size // 32768)

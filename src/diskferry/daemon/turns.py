@@ -44,7 +44,8 @@ from contextlib import AbstractContextManager
 from typing import TypeAlias
 
 #: What takes a turn for the body of a ``with`` statement (``Turns.turn``,
-#: or ``contextlib.nullcontext`` for none).
+#: or ``contextlib.nullcontext`` for none); its value is true if the turn
+#: was waited for.
 Turn: TypeAlias = Callable[[], AbstractContextManager[object]]
 
 
@@ -72,23 +73,26 @@ class Turns:
         return len(self._waiters)
 
     @contextlib.contextmanager
-    def turn(self) -> Iterator[None]:
-        """Hold a turn for the body of the ``with`` statement."""
-        self._acquire()
+    def turn(self) -> Iterator[bool]:
+        """Hold a turn for the body of the ``with`` statement; ``as``
+        gives True if it had to wait for it (more may have come in the
+        meantime)."""
+        waited = self._acquire()
         try:
-            yield
+            yield waited
         finally:
             self._release()
 
-    def _acquire(self) -> None:
+    def _acquire(self) -> bool:
         with self._mutex:
             if self._free and not self._waiters:
                 self._free -= 1
-                return
+                return False
             handed = threading.Lock()
             handed.acquire()
             self._waiters.append(handed)
         handed.acquire()
+        return True
 
     def _release(self) -> None:
         with self._mutex:

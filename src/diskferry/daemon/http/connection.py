@@ -331,25 +331,28 @@ class Connection:
         return got
 
     def _readinto_in_turns(self, view: memoryview, turn: Turn) -> int:
-        """Fill ``view``: wait for the client outside any turn, then in a
-        turn receive (decrypt, under TLS) what came meanwhile."""
+        """Fill ``view``: wait for the client outside any turn; when more
+        came meanwhile, receive it (decrypt, under TLS) in a turn."""
         got = 0
+        whole = MAX_TLS_RECORD if self.tls else 1
         while got < len(view):
             got += self.readinto(view[got:])
-            with turn():
-                got += self._readinto_queued(view[got:])
+            if got == len(view) or self.chunked or self._buf:
+                continue
+            queued = _queued(self.sock.fileno())
+            if queued >= whole or _decrypted(self.sock):
+                with turn():
+                    got += self._readinto_queued(view[got:], queued, whole)
         return got
 
-    def _readinto_queued(self, view: memoryview) -> int:
-        """Receive into ``view`` the body bytes already here, never waiting
-        for the client: under TLS, while a whole record is."""
-        if self.chunked or self._buf:
-            return 0
-        whole = MAX_TLS_RECORD if self.tls else 1
+    def _readinto_queued(self, view: memoryview, queued: int,
+                         whole: int) -> int:
+        """Receive into ``view`` body bytes already here, never waiting for
+        the client: while the socket holds ``whole`` bytes (a whole TLS
+        record), of the ``queued`` it held, or decrypted bytes wait."""
         fd = self.sock.fileno()
         recv_into = self.sock.recv_into
         got, want = 0, min(len(view), self.body_left)
-        queued = _queued(fd)
         try:
             while got < want and (queued >= whole or _decrypted(self.sock)):
                 n = recv_into(view[got:want])
@@ -453,8 +456,8 @@ class Connection:
         socket -> pipe -> file with ``os.splice``: the bytes are never
         copied to user space. ``pipe`` is a ``diskferry.pipe.Pipe``. Each
         step waits for the client with no ``turn`` held, then, in its
-        ``turn`` (``diskferry.daemon.turns``), adds what came meanwhile
-        and writes the pipe out.
+        ``turn`` (``diskferry.daemon.turns``), adds what came while it
+        waited for the turn and writes the pipe out.
         """
         self._send_continue()
         done = 0
@@ -467,8 +470,9 @@ class Connection:
         while done < count:
             want = min(pipe.size, count - done)
             n = self._receive_body(os.splice, sockfd, w, want)
-            with turn():
-                n += self._splice_queued(sockfd, w, want - n)
+            with turn() as waited:
+                if waited:
+                    n += self._splice_queued(sockfd, w, want - n)
                 left = n
                 while left:
                     left -= os.splice(r, fd, left,
