@@ -331,16 +331,33 @@ class Connection:
         return got
 
     def _readinto_in_turns(self, view: memoryview, turn: Turn) -> int:
-        """Fill ``view``: wait for the client outside any turn; when more
-        came meanwhile, receive it (decrypt, under TLS) in a turn."""
-        got = 0
+        """Fill ``view``: wait for the client outside any turn; when a
+        whole TLS record (any byte, on a plain socket) came meanwhile,
+        receive what is here (decrypting it) in a turn.
+
+        Runs once per record when the client is the slower side, so it
+        checks as little as it can (bench/results/20261208-turns.md).
+        """
+        if self.chunked or self._buf:
+            got = 0
+            while got < len(view):
+                got += self.readinto(view[got:])
+            return got
+        self._send_continue()
         whole = MAX_TLS_RECORD if self.tls else 1
-        while got < len(view):
-            got += self.readinto(view[got:])
-            if got == len(view) or self.chunked or self._buf:
-                continue
-            queued = _queued(self.sock.fileno())
-            if queued >= whole or _decrypted(self.sock):
+        fd = self.sock.fileno()
+        recv_into = self.sock.recv_into
+        got, want = 0, len(view)
+        while got < want:
+            try:
+                n = recv_into(view[got:])
+            except PEER_ERRORS as e:
+                raise _receive_failed(e) from e
+            if not n:
+                raise self._peer_closed()
+            got += n
+            self.body_left -= n
+            if got < want and (queued := _queued(fd)) >= whole:
                 with turn():
                     got += self._readinto_queued(view[got:], queued, whole)
         return got
@@ -349,13 +366,13 @@ class Connection:
                          whole: int) -> int:
         """Receive into ``view`` body bytes already here, never waiting for
         the client: while the socket holds ``whole`` bytes (a whole TLS
-        record), of the ``queued`` it held, or decrypted bytes wait."""
+        record) of the ``queued`` it held."""
         fd = self.sock.fileno()
         recv_into = self.sock.recv_into
-        got, want = 0, min(len(view), self.body_left)
+        got, want = 0, len(view)
         try:
-            while got < want and (queued >= whole or _decrypted(self.sock)):
-                n = recv_into(view[got:want])
+            while got < want and queued >= whole:
+                n = recv_into(view[got:])
                 if not n:
                     break
                 got += n
@@ -693,11 +710,6 @@ def _queued(fd: int) -> int:
     count: int = struct.unpack(
         "i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
     return count
-
-
-def _decrypted(sock: socket.socket) -> bool:
-    """True if a TLS socket holds decrypted bytes not yet read."""
-    return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 def _receive_failed(error: Exception) -> ConnectionGone:
