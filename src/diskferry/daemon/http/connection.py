@@ -309,14 +309,14 @@ class Connection:
         """
         if len(view) > self.body_left:
             raise ValueError("Reading past the end of the body")
-        if turn is not None:
-            return self._readinto_in_turns(view, turn)
         if self.chunked or self._buf:
             got = 0
             while got < len(view):
                 got += self.readinto(view[got:])
             return got
         self._send_continue()
+        if turn is not None:
+            return self._readinto_in_turns(view, turn)
         recv_into = self.sock.recv_into
         got, want = 0, len(view)
         try:
@@ -338,12 +338,6 @@ class Connection:
         Runs once per record when the client is the slower side, so it
         checks as little as it can (bench/results/20261208-turns.md).
         """
-        if self.chunked or self._buf:
-            got = 0
-            while got < len(view):
-                got += self.readinto(view[got:])
-            return got
-        self._send_continue()
         whole = MAX_TLS_RECORD if self.tls else 1
         fd = self.sock.fileno()
         recv_into = self.sock.recv_into
