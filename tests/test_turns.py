@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from diskferry.daemon.http import connection
 from diskferry.daemon.http.connection import Connection
 from diskferry.daemon.turns import Turns, default_slots
 from diskferry.pipe import Pipe
@@ -272,3 +273,29 @@ def test_tls_body_waits_for_the_client_outside_its_turn(tls_pair):
                        lambda turn: conn.readinto_full(memoryview(buf), turn))
     assert held == [False] * (size // 32768)
     assert bytes(buf) == data
+
+
+def test_tls_turn_moves_at_most_its_share(tls_pair, monkeypatch):
+    """However much the socket holds, a turn takes at most
+    TLS_TURN_BYTES: a connection whose socket buffer grew large must not
+    take whole bodies per turn while others take a little."""
+    monkeypatch.setattr(connection, "TLS_TURN_BYTES", 2 * 16384)
+    client, conn = tls_pair
+    size = 8 * 16384
+    data = os.urandom(size)
+    client.sendall(data)
+    wait_until(lambda: _queued(conn.sock) >= size, "the records")
+    conn.start_body(size, expect_continue=False)
+    moved = []
+
+    @contextlib.contextmanager
+    def turn():
+        before = conn.body_left
+        yield
+        moved.append(before - conn.body_left)
+
+    buf = bytearray(size)
+    assert conn.readinto_full(memoryview(buf), turn) == size
+    assert bytes(buf) == data
+    # Without the bound: one turn of six records.
+    assert moved == [2 * 16384, 2 * 16384]

@@ -107,6 +107,12 @@ HELD_HEAD_BODY = 64 * 1024
 #: with at least this much received, a whole record is here.
 MAX_TLS_RECORD = 5 + 2**14 + 2048
 
+#: The most a TLS body receives in one turn. A socket's buffer grows with
+#: what its reader takes, so without a bound a few connections took whole
+#: bodies each turn while others took 64 KiB: 256 TLS uploads, PUT p99
+#: 15-20 s against 3.3 s with this bound (bench/results/20261208-turns.md).
+TLS_TURN_BYTES = 256 * 1024
+
 #: What a response body is sent from.
 Readable: TypeAlias = bytes | bytearray | memoryview
 
@@ -353,7 +359,8 @@ class Connection:
             self.body_left -= n
             if got < want and (queued := _queued(fd)) >= whole:
                 with turn():
-                    got += self._readinto_queued(view[got:], queued, whole)
+                    got += self._readinto_queued(
+                        view[got:got + TLS_TURN_BYTES], queued, whole)
         return got
 
     def _readinto_queued(self, view: memoryview, queued: int,
