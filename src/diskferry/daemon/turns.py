@@ -27,7 +27,11 @@ Rules that keep a turn from being hoarded:
   waiter on release: an upload that finishes one step and asks again
   goes behind the others, whose sockets filled meanwhile, so every turn
   moves a full step and no upload starves.
-- A turn lasts one step (at most a pipe or a buffer), never a request.
+- A turn moves one step, never a request: at most a pipe (1 MiB) of a
+  spliced body, 256 KiB of a TLS body. Turns are fair by count, not by
+  bytes, and a TCP socket's buffer grows with what its reader takes: a
+  larger step let a few TLS uploads take whole bodies per turn while
+  others took 64 KiB.
 
 A spliced step's turn may still wait on the storage (a slow disk, a hung
 NFS server); turns bound the CPU, not the storage.
