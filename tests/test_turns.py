@@ -239,28 +239,38 @@ def tls_pair(pki):
         client.close()
 
 
+RECORDS = 8 * 16384
+
+
+def read_queued_records(client, conn):
+    """Eight whole TLS records wait in the socket, then the body is read
+    with a turn that notes how much of the body was left, and how much
+    each turn moved; both lists."""
+    data = os.urandom(RECORDS)
+    client.sendall(data)
+    wait_until(lambda: _queued(conn.sock) >= RECORDS, "the records")
+    conn.start_body(RECORDS, expect_continue=False)
+    left, moved = [], []
+
+    @contextlib.contextmanager
+    def turn():
+        left.append(conn.body_left)
+        yield
+        moved.append(left[-1] - conn.body_left)
+
+    buf = bytearray(RECORDS)
+    assert conn.readinto_full(memoryview(buf), turn) == RECORDS
+    assert bytes(buf) == data
+    assert conn.body_left == 0
+    return left, moved
+
+
 def test_tls_body_decrypts_what_came_in_one_turn(tls_pair):
     """Eight records wait in the socket: the first is received outside
     any turn, the next six in one turn, the last outside again (it is
     smaller than the largest record, so it might not be whole)."""
-    client, conn = tls_pair
-    size = 8 * 16384
-    data = os.urandom(size)
-    client.sendall(data)
-    wait_until(lambda: _queued(conn.sock) >= size, "the records")
-    conn.start_body(size, expect_continue=False)
-    turns = []
-
-    @contextlib.contextmanager
-    def turn():
-        turns.append(conn.body_left)
-        yield
-
-    buf = bytearray(size)
-    assert conn.readinto_full(memoryview(buf), turn) == size
-    assert bytes(buf) == data
-    assert conn.body_left == 0
-    assert turns == [size - 16384]
+    left, moved = read_queued_records(*tls_pair)
+    assert (left, moved) == ([RECORDS - 16384], [6 * 16384])
 
 
 def test_tls_body_waits_for_the_client_outside_its_turn(tls_pair):
@@ -280,22 +290,6 @@ def test_tls_turn_moves_at_most_its_share(tls_pair, monkeypatch):
     TLS_TURN_BYTES: a connection whose socket buffer grew large must not
     take whole bodies per turn while others take a little."""
     monkeypatch.setattr(connection, "TLS_TURN_BYTES", 2 * 16384)
-    client, conn = tls_pair
-    size = 8 * 16384
-    data = os.urandom(size)
-    client.sendall(data)
-    wait_until(lambda: _queued(conn.sock) >= size, "the records")
-    conn.start_body(size, expect_continue=False)
-    moved = []
-
-    @contextlib.contextmanager
-    def turn():
-        before = conn.body_left
-        yield
-        moved.append(before - conn.body_left)
-
-    buf = bytearray(size)
-    assert conn.readinto_full(memoryview(buf), turn) == size
-    assert bytes(buf) == data
+    _, moved = read_queued_records(*tls_pair)
     # Without the bound: one turn of six records.
     assert moved == [2 * 16384, 2 * 16384]
